@@ -1,0 +1,26 @@
+"""SpinScope entry point: page config, the shared sidebar and navigation. No logic lives here."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit run app/streamlit_app.py` from anywhere
+
+import streamlit as st  # noqa: E402
+
+from app import state  # noqa: E402
+
+st.set_page_config(page_title="SpinScope", page_icon="🌀", layout="wide")
+state.init()
+
+with st.sidebar:
+    st.markdown("### Model")
+    st.text_input("Model", key=state.MODEL_NAME,
+                  help="'default' = SmolLM2-135M-Instruct shipped offline; or a local model directory, "
+                       "or a Hugging Face id already in the local cache (no network here).")
+    st.selectbox("Precision", ["float32", "bfloat16", "float16"], key=state.MODEL_DTYPE,
+                 help="float32 is exact enough for equivalence checks; 16-bit halves memory.")
+
+pages = [
+    st.Page("views/home.py", title="Home", icon="🏠", default=True),
+    st.Page("views/explore.py", title="Explore", icon="🔎"),
+]
+st.navigation(pages).run()

@@ -1,0 +1,111 @@
+"""Explore: capture activations of the loaded model and see where the outliers live."""
+import numpy as np
+import streamlit as st
+
+from app import charts, progress, state
+from engine.capture import SITES, CaptureConfig, capture_job
+from engine.data import WIKI, WIKI_LABEL
+from engine.stats import SURFACE_CHANNELS
+
+st.title("Explore activation outliers")
+st.caption("Run the model on text, with hooks at every site the rotations touch, and look at the statistics.")
+
+handle = state.model()
+if handle is None:
+    st.stop()
+
+with st.form("capture"):
+    c1, c2, c3 = st.columns([2, 1, 1])
+    corpus_choice = c1.radio("Corpus", ["Wikipedia sample (default)", "My text file or WikiText-2 directory"],
+                             help=WIKI_LABEL, horizontal=True)
+    corpus_path = c1.text_input("Path (for your own text)", placeholder="/path/to/text.txt or /path/to/wikitext-2")
+    tokens = c2.number_input("Token budget", min_value=1, max_value=1_000_000, value=2048, step=512,
+                             help="Tokens captured, from the calibration split (whole articles).")
+    window = c3.number_input("Window length", min_value=2, max_value=handle.max_length, value=512, step=128,
+                             help="Tokens per forward pass; the first token of each window is an attention sink.")
+    submitted = st.form_submit_button("Capture", type="primary")
+
+if submitted:
+    corpus = WIKI if corpus_choice.startswith("Wikipedia") else corpus_path.strip()
+    st.session_state[state.CAPTURE] = None
+    live = st.empty()
+
+    def show_partial(partial):
+        t = partial[partial.site == "resid_attn"].set_index("layer")
+        live.plotly_chart(charts.kurtosis_by_layer(t, "Residual stream kurtosis so far"), key=None)
+
+    st.button("Stop", help="Stops the capture; nothing partial is kept or cached.")
+    st.session_state[state.CAPTURE_STOPPED] = True  # still True on the rerun that a Stop press causes
+    try:
+        cfg = CaptureConfig(tokens=int(tokens), window=int(window))
+        done = progress.run(capture_job(handle, corpus, cfg), "Capturing", on_partial=show_partial)
+        st.session_state[state.CAPTURE] = done.result
+        live.empty()
+    except ValueError as e:
+        st.error(str(e))
+    st.session_state[state.CAPTURE_STOPPED] = False
+elif st.session_state[state.CAPTURE_STOPPED]:
+    st.session_state[state.CAPTURE_STOPPED] = False
+    st.warning("Capture stopped. Nothing partial was kept or cached; press Capture to start again.")
+
+res = st.session_state[state.CAPTURE]
+if res is None:
+    st.info("Choose a corpus and a token budget, then press **Capture** (2048 tokens take about 15 s here).")
+    st.stop()
+
+meta = res.meta
+st.success(f"{meta['tokens']} tokens in {meta['n_windows']} windows of {meta['window']} from "
+           f"{meta['corpus_label']}. Model: {meta['model_note']}")
+
+# ---- kurtosis per layer -------------------------------------------------------------------------------------
+st.header("Kurtosis per layer")
+site = st.selectbox("Site", list(SITES), format_func=lambda s: f"{s}: {SITES[s]}", key="explore_site")
+st.plotly_chart(charts.kurtosis_by_layer(res.site_table(site), f"Kurtosis per layer: {site}"))
+st.caption("Notice the two scales: per-token kurtosis (blue) measures channel outliers inside each token, which "
+           "a rotation can spread; whole-tensor kurtosis (red) is dominated by a few massive tokens, which no "
+           "rotation of channels can spread. The dashed line is a Gaussian (3).")
+
+# ---- one layer, one site ------------------------------------------------------------------------------------
+st.header("One layer up close")
+c1, c2, c3 = st.columns([1, 2, 1])
+layer = c1.number_input("Layer", 0, meta["n_layers"] - 1, value=min(5, meta["n_layers"] - 1), key="explore_layer")
+site2 = c2.selectbox("Site ", list(SITES), format_func=lambda s: f"{s}: {SITES[s]}", key="explore_site2")
+with_sink = c3.toggle("Include the sink token", value=False, key="explore_sink",
+                      help="The first token of each window often carries massive activations (an attention sink).")
+
+absmax = res.array(layer, site2, "absmax" if with_sink else "absmax_nosink").numpy()
+outliers = res.outlier_channels(layer, site2, include_sink=with_sink)
+st.plotly_chart(charts.channel_absmax(absmax, outliers, f"Per-channel max |x|, layer {layer}, {site2}"
+                                      + (" (sink included)" if with_sink else " (sink excluded)")))
+st.caption(f"{len(outliers)} outlier channels (red: max above 6x the median channel): "
+           f"{', '.join(map(str, outliers[:20]))}{' ...' if len(outliers) > 20 else ''}. "
+           "A few channels holding most of the range is what makes per-token 4-bit quantization fail.")
+
+surf = res.array(layer, site2, "surface").float().numpy()
+first = 0 if with_sink else 1
+bin_width = int(np.ceil(res.array(layer, site2, "absmax").numel() / SURFACE_CHANNELS)) if surf.shape[1] else 1
+st.plotly_chart(charts.surface(surf[first:], f"|x| over tokens and channels, layer {layer}, {site2} "
+                               f"(first {surf.shape[0]} tokens of window 0)", first_token=first,
+                               channel_bin=max(bin_width, 1)))
+st.caption("As in SpinQuant's Figure 2: ridges along the token axis are outlier channels (fixed channels, every "
+           "token); a spike at one token is a massive activation. Drag to rotate."
+           + (f" Channels are max-pooled in bins of {bin_width}." if bin_width > 1 else ""))
+
+samples = res.array(layer, site2, "samples").numpy()
+vals = samples[:, :-1] if with_sink else samples[samples[:, -1] == 0, :-1]
+st.plotly_chart(charts.histogram_vs_gaussian(vals.ravel(), f"Distribution of values, layer {layer}, {site2}"))
+st.caption(f"{vals.shape[0]} randomly sampled tokens x {vals.shape[1]} channels. Heavy tails far above the red "
+           "Gaussian of the same variance are the outliers that a 4-bit grid cannot cover.")
+
+# ---- massive tokens -----------------------------------------------------------------------------------------
+st.header("Massive-activation tokens")
+top = res.array(layer, site2, "top_tokens").numpy()
+rows = [{"token norm": round(float(r[0]), 1), "max |x|": round(float(r[1]), 1), "window": int(r[2]),
+         "position": int(r[3]), "token": handle.tokenizer.decode([int(r[4])])} for r in top]
+st.table(rows)
+row = res.site_table(site2).loc[layer]
+st.caption(f"Largest token norms at layer {layer}, {site2}. Median token norm {row.median_token_norm:.1f}; the "
+           f"largest is {row.massive_ratio:.0f}x the median. Position 0 is the attention sink.")
+
+st.download_button("Download the per-layer table (CSV)", res.table.to_csv(index=False).encode(),
+                   file_name="spinscope_capture.csv", mime="text/csv")

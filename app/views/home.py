@@ -1,0 +1,44 @@
+"""Home: what SpinScope is, the loaded model, and what each page does."""
+import streamlit as st
+
+from app import state
+
+st.title("SpinScope")
+st.markdown(
+    "Explore **activation outliers** in large language models and the **rotation-based quantization** methods "
+    "that remove them (QuaRot, SpinQuant, FLRot) beside QRazor's significant-data razoring. Every number here "
+    "is computed live on this machine by the same engine that `python -m engine` runs."
+)
+
+handle = state.model()
+if handle is not None:
+    a = handle.arch
+    st.subheader("Loaded model")
+    st.info(handle.note)
+    cols = st.columns(5)
+    cols[0].metric("Architecture", a.name.replace("ForCausalLM", ""))
+    cols[1].metric("Decoder layers", a.n_layers)
+    cols[2].metric("Hidden width", a.hidden)
+    cols[3].metric("MLP width", a.intermediate)
+    cols[4].metric("Heads (query / KV)", f"{a.n_heads} / {a.n_kv_heads}")
+    st.caption(f"head_dim {a.head_dim} · vocabulary {a.vocab} · tied embeddings: {a.tied_embeddings} · "
+               f"{handle.dtype} on {handle.device}")
+
+st.subheader("Pages")
+st.markdown(
+    "- **Explore**: capture activations on a text corpus and see where outliers live: kurtosis per layer for "
+    "every site the rotations touch, per-channel maxima with the outlier channels marked, a 3D tokens x channels "
+    "surface, and the value distribution against a Gaussian. The first token of each window (the *attention "
+    "sink*) carries a few *massive activations*; every view can include or exclude it."
+)
+st.subheader("Words used on these pages")
+st.markdown(
+    "- **Kurtosis** (Pearson): E[(x-mu)^4] / sigma^4. A Gaussian gives 3, a Laplace 6, a uniform 1.8; outliers "
+    "push it into the tens or thousands. *Per token* = across the channels of one token, then averaged over "
+    "tokens: what a per-token activation quantizer sees. *Whole tensor* = all values together.\n"
+    "- **Sites**: the residual stream entering attention and the MLP, the inputs of q/k/v, o_proj, gate/up and "
+    "down_proj, and the queries, keys (after RoPE) and values: the places rotations R1-R4 act on.\n"
+    "- **Rotations**: R1 rotates the residual stream, R2 the values per head, R3 queries and keys, R4 the "
+    "down_proj input. An orthogonal rotation leaves the network's output unchanged but spreads outliers across "
+    "channels, which makes 4-bit quantization work."
+)

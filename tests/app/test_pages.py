@@ -1,0 +1,78 @@
+"""AppTest runs of each page, as a user would click them (the real default model; its conversion is cached)."""
+import json
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from pathlib import Path
+
+APP = str(Path(__file__).resolve().parents[2] / "app" / "streamlit_app.py")
+TIMEOUT = 300
+
+
+def _app(page: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception, at.exception
+    if page != "home":
+        at.switch_page(f"views/{page}.py").run()
+        assert not at.exception, at.exception
+    return at
+
+
+def decode(arr):
+    """Plotly 6+ ships numeric arrays as {'dtype', 'bdata'}: turn them back into a list."""
+    if isinstance(arr, dict) and "bdata" in arr:
+        import base64
+
+        import numpy as np
+        return np.frombuffer(base64.b64decode(arr["bdata"]), dtype=np.dtype(arr["dtype"])).tolist()
+    return list(arr)
+
+
+def _figures(at: AppTest) -> list[dict]:
+    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def test_home_shows_model_and_pages():
+    at = _app("home")
+    text = " ".join(m.value for m in at.markdown)
+    assert "Explore" in text and "Kurtosis" in text
+    assert any("4-bit" in i.value for i in at.info), "the UI must say the default weights come from a 4-bit file"
+    assert [m.value for m in at.metric][:3] == ["Llama", "30", "576"]
+
+
+def test_home_unknown_model_shows_clear_error():
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["model_name"] = "nobody/no-such-model"
+    at.run()
+    assert not at.exception
+    assert any("not found" in e.value for e in at.error)
+
+
+def test_explore_capture_shows_all_charts():
+    at = _app("explore")
+    at.number_input[0].set_value(256)
+    at.number_input[1].set_value(128)
+    at.button[0].click().run()  # the form's Capture button
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    figs = _figures(at)
+    titles = [f["layout"]["title"]["text"] for f in figs]
+    assert any(t.startswith("Kurtosis per layer") for t in titles)
+    assert any(t.startswith("Per-channel max") for t in titles)
+    assert any(t.startswith("|x| over tokens") for t in titles)
+    assert any(t.startswith("Distribution of values") for t in titles)
+    kurt = figs[titles.index(next(t for t in titles if t.startswith("Kurtosis per layer")))]
+    assert decode(kurt["data"][0]["x"]) == list(range(30))  # one point per layer
+    assert at.table, "massive-token table"
+    assert at.get("download_button")
+
+
+def test_explore_bad_budget_message():
+    at = _app("explore")
+    at.radio[0].set_value("My text file or WikiText-2 directory")
+    at.text_input[1].set_value("/no/such/file.txt")
+    at.button[0].click().run()
+    assert not at.exception
+    assert any("not found" in e.value for e in at.error)
