@@ -10,8 +10,9 @@ MODEL_NAME = "model_name"
 MODEL_DTYPE = "model_dtype"
 CAPTURE = "capture_result"
 CAPTURE_STOPPED = "capture_stopped"
+COMPARE = "rotate_comparison"
 
-DEFAULTS = {MODEL_NAME: "default", MODEL_DTYPE: "float32", CAPTURE: None, CAPTURE_STOPPED: False}
+DEFAULTS = {MODEL_NAME: "default", MODEL_DTYPE: "float32", CAPTURE: None, CAPTURE_STOPPED: False, COMPARE: None}
 
 
 def init() -> None:

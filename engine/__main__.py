@@ -59,6 +59,85 @@ def cmd_capture(args) -> int:
     return 0
 
 
+def cmd_rotate(args) -> int:
+    import pandas as pd
+
+    from engine.capture import CaptureConfig
+    from engine.compare import compare_job
+    from engine.models import load_model
+    from engine.rotation import RotationConfig, equivalence, rotate
+
+    rot = RotationConfig.from_names(args.rotations.split(","), args.kind, seed=args.seed, file=args.file)
+    cap = CaptureConfig(tokens=args.tokens, window=args.window, sqnr_bits=(4, 8))
+    handle = load_model(args.model, dtype=args.dtype)
+    if args.check:  # each rotation alone, then all together
+        from engine.data import load_corpus, windows
+
+        ids = windows(load_corpus(args.corpus), handle.tokenizer, 256, 256, "eval")
+        rows = []
+        singles = [r for r in ("r1", "r2", "r3", "r4") if getattr(rot, r) != "none"]
+        for name in singles + (["all"] if len(singles) > 1 else []):
+            cfg = rot if name == "all" else RotationConfig(**{name: getattr(rot, name)}, seed=rot.seed, file=rot.file)
+            e = equivalence(handle.model, rotate(handle.model, handle.arch, cfg), ids)
+            rows.append({"rotation": cfg.tag(), "max_abs_logit_diff": e["max_abs_logit_diff"], "kl_nats": e["kl"]})
+        print(f"Equivalence on {ids.numel()} evaluation tokens ({handle.dtype}); max |logit| "
+              f"{e['max_abs_logit']:.1f}:")
+        print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    done = drain(compare_job(handle, args.corpus, rot, cap))
+    c = done.result
+    b = c.before.table.set_index(["layer", "site"])
+    a = c.after.table.set_index(["layer", "site"])
+    res = pd.DataFrame({
+        "tok_kurt_before": b.xs("resid_attn", level="site").kurt_token_mean_nosink,
+        "tok_kurt_after": a.xs("resid_attn", level="site").kurt_token_mean_nosink,
+        "tensor_kurt_before": b.xs("resid_attn", level="site").kurt_tensor_nosink,
+        "tensor_kurt_after": a.xs("resid_attn", level="site").kurt_tensor_nosink,
+        "down_in_sqnr4_before": b.xs("down_in", level="site").sqnr4,
+        "down_in_sqnr4_after": a.xs("down_in", level="site").sqnr4,
+    })
+    print(f"Rotation {rot.tag()}: max |logit diff| {c.check['max_abs_logit_diff']:.2e}, KL {c.check['kl']:.2e} nats")
+    print("Residual stream entering attention (sink excluded): per-token kurtosis (mean over tokens) and "
+          "whole-tensor kurtosis; down_proj input 4-bit per-token RTN SQNR in dB.")
+    with pd.option_context("display.width", 200, "display.max_rows", 500):
+        print(res.to_string(float_format=lambda v: f"{v:.1f}"))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import pandas as pd
+
+    from engine.evaluate import EvalConfig, eval_job
+    from engine.models import load_model
+    from engine.recipes import Bits, get_recipe
+
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else ()
+    if tasks:
+        from engine.tasks import check_tasks
+
+        check_tasks(tasks)
+    cfg = EvalConfig(tokens=args.tokens, window=args.window, tasks=tasks, limit=args.limit, seed=args.seed,
+                     calib_tokens=args.calib_tokens, corpus=args.corpus)
+    runs = [(get_recipe(r, weights=args.weights, rotation_file=args.rotation_file), Bits.parse(b))
+            for r in args.recipe.split(",") for b in args.bits.split(",")]  # all validated before the model loads
+    handle = load_model(args.model, dtype=args.dtype)
+    rows = []
+    for recipe, bits in runs:
+        done = drain(eval_job(handle, recipe, bits, cfg, use_cache=not args.no_cache))
+        r = done.result
+        row = {"recipe": r["recipe"], "weights": r["weights"], "bits": r["bits"], "ppl": r["ppl"],
+               "seconds": r["seconds"], "cached": done.cached}
+        for task, m in r["tasks"].items():
+            row[f"{task}_acc"] = m.get("acc")
+            if m.get("acc_norm") is not None:
+                row[f"{task}_acc_norm"] = m.get("acc_norm")
+        rows.append(row)
+        print(pd.DataFrame([row]).to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
+    print(f"\nperplexity on {r['tokens']} evaluation tokens of {r['corpus']} (windows of {r['window']}); "
+          f"zero-shot limit {cfg.limit} documents per task")
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0
+
+
 def cmd_prepare(args) -> int:
     """Make the offline assets ready: the default model converted to safetensors, the corpus readable."""
     from engine.data import WIKI, load_corpus
@@ -85,6 +164,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", help="also write the full table and metadata to this file")
     c.add_argument("--no-cache", action="store_true", help="recompute even if cached")
     c.set_defaults(func=cmd_capture)
+    r = sub.add_parser("rotate", help="rotate, check equivalence, and print before/after kurtosis and SQNR")
+    r.add_argument("--model", default="default")
+    r.add_argument("--corpus", default="wiki")
+    r.add_argument("--rotations", default="R1,R2,R3,R4", help="comma-separated subset of R1,R2,R3,R4")
+    r.add_argument("--kind", default="hadamard", choices=["hadamard", "orthogonal", "file"])
+    r.add_argument("--file", help="rotation file (SpinQuant layout) for --kind file")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--tokens", type=int, default=2048)
+    r.add_argument("--window", type=int, default=512)
+    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    r.add_argument("--check", action="store_true", help="also check each rotation alone")
+    r.set_defaults(func=cmd_rotate)
+    e = sub.add_parser("eval", help="perplexity (and zero-shot tasks) of recipes at W-A-KV bit settings")
+    e.add_argument("--model", default="default")
+    e.add_argument("--corpus", default="wiki")
+    e.add_argument("--recipe", default="fp", help="comma-separated: fp, rtn, quarot, rotated, qrazor")
+    e.add_argument("--bits", default="16-16-16", help="comma-separated W-A-KV, e.g. 4-4-4,4-16-16")
+    e.add_argument("--weights", choices=["rtn", "gptq"], help="weight quantizer (default: the recipe's, RTN)")
+    e.add_argument("--rotation-file", help="for recipe 'rotated': a SpinQuant-layout rotation file")
+    e.add_argument("--tokens", type=int, default=16384, help="evaluation tokens for perplexity")
+    e.add_argument("--window", type=int, default=2048)
+    e.add_argument("--tasks", default="", help="comma-separated zero-shot tasks, e.g. piqa,arc_easy")
+    e.add_argument("--limit", type=int, default=200, help="documents per task")
+    e.add_argument("--calib-tokens", type=int, default=8192, help="GPTQ calibration tokens")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--no-cache", action="store_true")
+    e.set_defaults(func=cmd_eval)
     sub.add_parser("prepare", help="convert the default model once and check the offline corpus").set_defaults(
         func=cmd_prepare)
     return p

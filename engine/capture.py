@@ -40,6 +40,7 @@ class CaptureConfig:
     split: str = "calib"
     sites: tuple = tuple(SITES)
     rotation: str = "none"   # tag of the rotation applied to the model (part of the cache key)
+    sqnr_bits: tuple = ()    # also measure per-token RTN quantization SQNR (dB) at these bit widths
 
     def __post_init__(self):
         if self.tokens <= 0:
@@ -90,7 +91,7 @@ def _flat_heads(t: torch.Tensor) -> torch.Tensor:
 class _Hooks:
     """Installs forward hooks feeding one SiteAccumulator per (layer, site); remove() restores the model."""
 
-    def __init__(self, model: nn.Module, arch: ArchInfo, sites: tuple, seed: int = 0):
+    def __init__(self, model: nn.Module, arch: ArchInfo, sites: tuple, seed: int = 0, sqnr_bits: tuple = ()):
         self.acc: dict[tuple[int, str], SiteAccumulator] = {}
         self.handles = []
         self.qkv_hooks = []
@@ -98,6 +99,7 @@ class _Hooks:
         self.window_index = 0
         self.sites = sites
         self.seed = seed
+        self.sqnr_bits = tuple(sqnr_bits)
         attention.install(model)
         for i in range(arch.n_layers):
             self._layer(model, arch, i)
@@ -105,7 +107,8 @@ class _Hooks:
     def _feed(self, layer: int, site: str, x: torch.Tensor) -> None:
         key = (layer, site)
         if key not in self.acc:
-            self.acc[key] = SiteAccumulator(x.shape[-1], seed=self.seed + 7919 * layer + list(SITES).index(site))
+            self.acc[key] = SiteAccumulator(x.shape[-1], seed=self.seed + 7919 * layer + list(SITES).index(site),
+                                            sqnr_bits=self.sqnr_bits)
         self.acc[key].update(x, self.ids, self.window_index)
 
     def _layer(self, model, arch, i):
@@ -155,7 +158,8 @@ def _result(hooks: _Hooks, meta: dict) -> CaptureResult:
 
 def cache_key(model_fingerprint: str, corpus_fingerprint: str, cfg: CaptureConfig) -> str:
     return store.make_key(kind="capture", model=model_fingerprint, corpus=corpus_fingerprint, tokens=cfg.tokens,
-                          window=cfg.window, split=cfg.split, sites=list(cfg.sites), rotation=cfg.rotation)
+                          window=cfg.window, split=cfg.split, sites=list(cfg.sites), rotation=cfg.rotation,
+                          sqnr=list(cfg.sqnr_bits))
 
 
 def load_cached(key: str) -> CaptureResult | None:
@@ -182,7 +186,7 @@ def capture(model: nn.Module, arch: ArchInfo, windows: torch.Tensor, cfg: Captur
             yield Done(hit, cached=True)
             return
     device = next(model.parameters()).device
-    hooks = _Hooks(model, arch, cfg.sites, seed)
+    hooks = _Hooks(model, arch, cfg.sites, seed, cfg.sqnr_bits)
     t0 = time.perf_counter()
     n = windows.shape[0]
     try:
@@ -208,8 +212,9 @@ def capture(model: nn.Module, arch: ArchInfo, windows: torch.Tensor, cfg: Captur
     yield Done(result, seconds=seconds)
 
 
-def capture_job(handle, corpus_name: str, cfg: CaptureConfig, use_cache: bool = True):
-    """Capture on a loaded model (engine.models.ModelHandle) over a named corpus: windows, cache key and meta."""
+def capture_job(handle, corpus_name: str, cfg: CaptureConfig, use_cache: bool = True, model: nn.Module | None = None):
+    """Capture on a loaded model (engine.models.ModelHandle) over a named corpus: windows, cache key and meta.
+    `model` overrides handle.model (a rotated copy); cfg.rotation must then name its rotation."""
     from engine.data import load_corpus, windows as make_windows
 
     corpus = load_corpus(corpus_name)
@@ -217,4 +222,4 @@ def capture_job(handle, corpus_name: str, cfg: CaptureConfig, use_cache: bool = 
     meta = {"model": handle.name, "model_note": handle.note, "corpus": corpus.name, "corpus_label": corpus.label,
             "dtype": handle.dtype}
     key = cache_key(handle.fingerprint, corpus.fingerprint, cfg) if use_cache else None
-    yield from capture(handle.model, handle.arch, wins, cfg, meta=meta, key=key)
+    yield from capture(model if model is not None else handle.model, handle.arch, wins, cfg, meta=meta, key=key)

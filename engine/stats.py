@@ -7,6 +7,7 @@ with and without them. Kurtosis is Pearson's: a Gaussian gives 3, a Laplace 6, a
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -134,8 +135,10 @@ class _Reservoir:
 class SiteAccumulator:
     """Everything SpinScope keeps about one activation site of one layer, updated one window batch at a time."""
 
-    def __init__(self, channels: int, seed: int = 0):
+    def __init__(self, channels: int, seed: int = 0, sqnr_bits: tuple = ()):
         self.c = channels
+        # per-token asymmetric RTN error at these bit widths: bits -> [signal power, noise power] (sink excluded)
+        self.sqnr = {b: [0.0, 0.0] for b in sqnr_bits}
         self.body = empty_moments(channels)   # tokens at positions >= 1
         self.sink = empty_moments(channels)   # tokens at position 0 of each window
         self.absmax_body = torch.zeros(channels, dtype=torch.float64)
@@ -191,6 +194,13 @@ class SiteAccumulator:
         cand = torch.cat([self.top, cand])
         self.top = cand[cand[:, 0].topk(min(TOP_TOKENS, cand.shape[0])).indices]
         self.samples.add(flat, self.gen, flags=is_sink)
+        if self.sqnr and body.numel():
+            from engine.quantizers import quantize_activation
+
+            power = float(body.square().sum())
+            for bits, acc in self.sqnr.items():
+                acc[0] += power
+                acc[1] += float((body - quantize_activation(body, bits)).square().sum())
         if self.surface is None:
             self.surface = pool_channels(x[0, :SURFACE_TOKENS].abs()).to(torch.bfloat16)
 
@@ -216,6 +226,8 @@ class SiteAccumulator:
         out["max_token_norm"] = float(self.top[0, 0]) if self.top.numel() else 0.0
         out["sink_norm_mean"] = self.norm_sum["sink"] / max(self.tk_n["sink"], 1)
         out["massive_ratio"] = out["max_token_norm"] / med if med > 0 else float("nan")
+        for bits, (signal, noise) in self.sqnr.items():
+            out[f"sqnr{bits}"] = 10 * math.log10(signal / noise) if noise > 0 else float("inf")
         return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
