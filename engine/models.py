@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from engine import store
@@ -155,11 +156,15 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
         raise ModelLoadError(f"cannot read the config of {name!r}: {e}") from e
     check_config_supported(config)
     dev = pick_device(device)
-    try:
+    try:  # a damaged weight file raises SafetensorError (safetensors) or RuntimeError (torch.load)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], trust_remote_code=False, **kw)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise ModelLoadError(f"cannot load the weights of {name!r}: {e}") from e
+    try:
         tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=False, **kw)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load the weights of {name!r}: {e}") from e
+        raise ModelLoadError(f"cannot load the tokenizer of {name!r} (put its tokenizer files, e.g. "
+                             f"tokenizer.json, next to config.json): {e}") from e
     model.to(dev).eval().requires_grad_(False)
     arch = resolve(model)
     fp = _dir_fingerprint(Path(src)) if Path(src).is_dir() else hashlib.sha256(src.encode()).hexdigest()[:16]
