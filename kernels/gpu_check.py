@@ -1,0 +1,344 @@
+"""One GPU run for issue 7: check every kernel, sweep tile shapes, run the benchmark, print the verdicts.
+
+    python -m kernels.gpu_check --out DIR [--fht-src DIR] [--no-sweep] [--d ...] [--L ...]
+
+--fht-src: a checkout of Dao-AILab/fast-hadamard-transform (csrc/ and fast_hadamard_transform/); it is built
+for this GPU with torch's extension loader (for a machine without network; users with one pip-install
+requirements-gpu.txt instead). Results go to DIR as CSV files and a markdown table for docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import math
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+from triton.runtime.errors import OutOfResources
+
+from kernels import bench, hadamard
+from kernels.blockdiag import (SUPPORTED_BLOCKS, TileConfig, blockdiag_matmul_reference, blockdiag_matmul_triton,
+                               blockdiag_rotate, tile_configs)
+from kernels.rotate_quant import rotate_quantize, rotate_quantize_reference, unpack_int4
+
+# The brief's H100 numbers for Dao's FHT at d = 11008 (padded to 16384), fp16, microseconds
+BRIEF_FHT_11008 = {1: 9.0, 512: 22.2, 2048: 66.6, 8192: 240.7}
+EXTRA_SWEEP_TILES = (
+    TileConfig(128, 128, 16, 8, 4), TileConfig(128, 128, 32, 8, 3), TileConfig(64, 128, 32, 4, 4),
+    TileConfig(32, 128, 4, 4, 3), TileConfig(64, 128, 8, 4, 2),
+    TileConfig(128, 128, 8, 4, 3), TileConfig(128, 128, 2, 8, 3),
+)
+
+
+def build_fast_hadamard_transform(src: str) -> str:
+    """Compile the package's CUDA extension for this GPU and make `import fast_hadamard_transform` work."""
+    from torch.utils.cpp_extension import load
+    major, minor = torch.cuda.get_device_capability()
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
+    flags = ["-O3", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "--use_fast_math"]
+    build_dir = os.path.join(src, "build_jit")
+    os.makedirs(build_dir, exist_ok=True)
+    module = load("fast_hadamard_transform_cuda",
+                  sources=[os.path.join(src, "csrc", "fast_hadamard_transform.cpp"),
+                           os.path.join(src, "csrc", "fast_hadamard_transform_cuda.cu")],
+                  extra_cflags=["-O3"], extra_cuda_cflags=flags, build_directory=build_dir, verbose=False)
+    sys.modules["fast_hadamard_transform_cuda"] = module
+    sys.path.insert(0, src)
+    importlib.import_module("fast_hadamard_transform")
+    return hadamard.backend()
+
+
+def _poison_next_allocation(numel: int) -> None:
+    """Fill the allocator's next block with NaN so an output element the kernel never writes shows up."""
+    poison = torch.full((numel,), float("nan"), dtype=torch.float16, device="cuda")
+    del poison
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float(), ref.float()
+    if not torch.isfinite(out).all():
+        return math.inf
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def check_correctness() -> list[str]:
+    """Every kernel against its reference on fresh random inputs; returns failure messages.
+
+    Autotuning is exercised on the benchmark's path (fp16, b = 128); elsewhere a fixed tile keeps compiles few.
+    """
+    failures = []
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+    fixed = TileConfig(64, 128, 4, 4, 3)
+    for b in SUPPORTED_BLOCKS:
+        for dtype in (torch.float16, torch.bfloat16):
+            for shape in ((1, 11008), (3, 5, 11008), (1000, 11008), (4097, 4096), (7, 2 * b)):
+                x = torch.randn(*shape, dtype=dtype, device="cuda")
+                blocks = torch.linalg.qr(torch.randn(shape[-1] // b, b, b, device="cuda"))[0].to(dtype)
+                config = None if (b == 128 and dtype == torch.float16) else fixed
+                _poison_next_allocation(x.numel())
+                error = _rel(blockdiag_matmul_triton(x, blocks, config=config), blockdiag_matmul_reference(x, blocks))
+                if not error <= tol[dtype]:
+                    failures.append(f"blockdiag b={b} {dtype} {shape} {config}: rel error {error:.3g}")
+        # every autotune candidate, not only the winner, must compute the same function
+        x = torch.randn(300, 4 * b, dtype=torch.float16, device="cuda")
+        blocks = torch.randn(4, b, b, device="cuda").half() / math.sqrt(b)
+        ref = blockdiag_matmul_reference(x, blocks)
+        for config in tile_configs(b):
+            _poison_next_allocation(x.numel())
+            try:
+                error = _rel(blockdiag_matmul_triton(x, blocks, config=config), ref)
+            except OutOfResources as err:
+                print(f"  b={b} {_tile_name(config)}: {err}")  # the autotuner skips these itself
+                continue
+            if not error <= tol[torch.float16]:
+                failures.append(f"blockdiag b={b} fp16 {config}: rel error {error:.3g}")
+    # a strided input (row stride > d)
+    big = torch.randn(64, 1024, dtype=torch.float16, device="cuda")
+    x, blocks = big[:, :512], torch.randn(4, 128, 128, device="cuda").half() / 11.3
+    error = _rel(blockdiag_matmul_triton(x, blocks), blockdiag_matmul_reference(x, blocks))
+    if not error <= 2e-3:
+        failures.append(f"blockdiag strided input: rel error {error:.3g}")
+
+    cases = [(bits, dtype, 128, shape, chunk, None if dtype == torch.float16 and bits == 4 else fixed)
+             for bits in (4, 8) for dtype in (torch.float16, torch.bfloat16)
+             for shape, chunk in (((1, 11008), None), ((3, 37, 11008), 16), ((5000, 11008), None))]
+    cases += [(4, torch.float16, 32, (513, 4096), 128, fixed), (4, torch.float16, 256, (2048, 14336), 1024, fixed)]
+    for bits, dtype, b, shape, chunk, config in cases:
+        x = torch.randn(*shape, dtype=dtype, device="cuda")
+        x[..., 7] *= 40.0  # an outlier channel, as in real activations
+        blocks = torch.linalg.qr(torch.randn(shape[-1] // b, b, b, device="cuda"))[0].to(dtype)
+        q, s = rotate_quantize(x, blocks, bits, chunk_rows=chunk, config=config)
+        q_ref, s_ref = rotate_quantize_reference(x, blocks, bits)
+        if bits == 4:
+            q, q_ref = unpack_int4(q), unpack_int4(q_ref)
+        diff = (q.int() - q_ref.int()).abs()
+        off = float((diff > 0).float().mean())
+        if diff.max() > 1 or off > 1e-3 or _rel(s, s_ref) > 1e-5:
+            failures.append(f"rotate_quant int{bits} {dtype} b={b} {shape} {config}: max diff {int(diff.max())}, "
+                            f"{off:.2e} off by one, scale rel {_rel(s, s_ref):.2e}")
+
+    # the engine hook's gradients against autograd through the fp32 reference
+    x = torch.randn(4, 33, 1024, device="cuda", dtype=torch.float16, requires_grad=True)
+    blocks = torch.linalg.qr(torch.randn(8, 128, 128, device="cuda"))[0].requires_grad_(True)
+    grad_out = torch.randn(4, 33, 1024, device="cuda", dtype=torch.float16)
+    (blockdiag_rotate(x, blocks) * grad_out).sum().backward()
+    x_ref, blocks_ref = x.detach().float().requires_grad_(True), blocks.detach().clone().requires_grad_(True)
+    (blockdiag_matmul_reference(x_ref, blocks_ref) * grad_out.float()).sum().backward()
+    for name, got, want in (("dx", x.grad, x_ref.grad), ("dB", blocks.grad, blocks_ref.grad)):
+        if not _rel(got, want) <= 3e-3:
+            failures.append(f"blockdiag_rotate {name}: rel error {_rel(got, want):.3g}")
+
+    for d in (576, 1536, 4096, 11008, 14336):
+        x = torch.randn(64, d, device="cuda", dtype=torch.float16)
+        names = ["torch"] + (["fast_hadamard_transform"] if hadamard.backend() != "torch" else [])
+        try:
+            ref = hadamard.hadamard_transform_reference(x)
+            for name in names:
+                error = _rel(hadamard.hadamard_transform(x, backend_name=name), ref)
+                if not error <= 2e-3:
+                    failures.append(f"hadamard_transform d={d} backend {name}: rel error {error:.3g}")
+        except Exception as err:  # noqa: BLE001 - report and go on with the other checks
+            failures.append(f"hadamard_transform d={d}: {err!r:.300}")
+    return failures
+
+
+def sweep(out_dir: str, d: int = 11008, ls=(1, 512, 2048, 8192), ops=("blockdiag", "rotate")) -> list[dict]:
+    """Time fixed tile shapes of the block-diagonal kernel (b = 128, fp16) and rotate+int4 chunkings."""
+    import triton.testing
+    rows = []
+    tiles = list(dict.fromkeys(tile_configs(128) + list(EXTRA_SWEEP_TILES)))
+    for tokens in ls:
+        x = torch.randn(tokens, d, dtype=torch.float16, device="cuda")
+        blocks = torch.linalg.qr(torch.randn(d // 128, 128, 128, device="cuda"))[0].half().contiguous()
+        memcpy = 1e3 * triton.testing.do_bench(x.clone, return_mode="median")
+        rows.append({"op": "memcpy", "L": tokens, "tile": "", "us": memcpy})
+        for tile in tiles if "blockdiag" in ops else ():
+            try:
+                us = 1e3 * triton.testing.do_bench(lambda: blockdiag_matmul_triton(x, blocks, config=tile),
+                                                   warmup=10, rep=40, return_mode="median")
+            except (OutOfResources, ValueError):  # a tile too large for shared memory
+                continue
+            rows.append({"op": "blockdiag", "L": tokens, "tile": _tile_name(tile), "us": us})
+        if tokens >= 2048 and "rotate" in ops:
+            q_ref, _ = rotate_quantize_reference(x, blocks, 4)
+            q_ref = unpack_int4(q_ref).int()
+            for chunk_mib in (4, 8, 12, 16, 24, 1 << 20):
+                chunk = max(128, (chunk_mib << 20) // (d * 2) // 128 * 128)
+                for tile in (None, TileConfig(64, 128, 4, 4, 3), TileConfig(128, 128, 4, 8, 3),
+                             TileConfig(64, 128, 16, 4, 3)):
+                    try:
+                        diff = (unpack_int4(rotate_quantize(x, blocks, 4, chunk_rows=chunk, config=tile)[0]).int()
+                                - q_ref).abs()
+                        if diff.max() > 1 or (diff > 0).float().mean() > 1e-3:
+                            print(f"  FAIL rotate int4 chunk {chunk} {tile}: max diff {int(diff.max())}")
+                            continue
+                        us = 1e3 * triton.testing.do_bench(
+                            lambda: rotate_quantize(x, blocks, 4, chunk_rows=chunk, config=tile),
+                            warmup=10, rep=40, return_mode="median")
+                    except (OutOfResources, ValueError):
+                        continue
+                    rows.append({"op": f"rotate_int4_chunk{chunk_mib}MiB", "L": tokens,
+                                 "tile": "autotune" if tile is None else _tile_name(tile), "us": us})
+    with open(os.path.join(out_dir, "sweep.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["op", "L", "tile", "us"])
+        writer.writeheader()
+        writer.writerows(rows)
+    print("\n== sweep (d = 11008, fp16; best 4 per op and L)")
+    for tokens in ls:
+        memcpy = next(r["us"] for r in rows if r["op"] == "memcpy" and r["L"] == tokens)
+        for op in dict.fromkeys(r["op"] for r in rows if r["L"] == tokens and r["op"] != "memcpy"):
+            best = sorted((r for r in rows if r["op"] == op and r["L"] == tokens), key=lambda r: r["us"])[:4]
+            print(f"L={tokens:<5} {op:<26} memcpy {memcpy:7.1f} | "
+                  + " | ".join(f"{r['tile']} {r['us']:.1f}" for r in best))
+    return rows
+
+
+def profile(d: int = 11008, ls=(1, 512, 2048, 8192), with_rotate: bool = True) -> None:
+    """Device time per kernel (torch profiler, L2 flushed before each call as do_bench does) and host time per call."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    print(f"\n== profile (d = {d}, fp16): host us per call (no sync) | device us per call of each kernel")
+    for tokens in ls:
+        x = torch.randn(tokens, d, dtype=torch.float16, device="cuda")
+        blocks = torch.linalg.qr(torch.randn(d // 128, 128, 128, device="cuda"))[0].half().contiguous()
+        fns = {"memcpy": x.clone, "triton_blockdiag": lambda: blockdiag_matmul_triton(x, blocks),
+               "fht_padded": lambda: hadamard.hadamard_transform_padded(x),
+               "rotate_quant_int4": lambda: rotate_quantize(x, blocks, 4)}
+        if not with_rotate:
+            del fns["rotate_quant_int4"]
+        for name, fn in fns.items():
+            fn()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(50):
+                fn()
+            host_us = (time.perf_counter() - start) / 50 * 1e6
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    flush.zero_()
+                    fn()
+                torch.cuda.synchronize()
+            parts = []
+            for event in prof.key_averages():
+                total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+                if event.count and total:
+                    parts.append(f"{event.key[:38]} x{event.count} {total / event.count:.1f}")
+            print(f"L={tokens:<5} {name:<18} host {host_us:6.1f} | " + " | ".join(parts), flush=True)
+
+
+def _tile_name(tile: TileConfig) -> str:
+    return f"m{tile.block_m}n{tile.block_n}r{tile.row_tiles}w{tile.num_warps}s{tile.num_stages}"
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """Issue 7's acceptance lines at d = 11008, fp16, from benchmark rows."""
+    def us(kernel, tokens):
+        hit = [r for r in rows if r["kernel"] == kernel and r["L"] == tokens and r["d"] == 11008]
+        return hit[0]["median_us"] if hit else None
+
+    lines = []
+    for tokens in sorted({r["L"] for r in rows if r["d"] == 11008}):
+        tri, mem = us("triton_blockdiag", tokens), us("memcpy", tokens)
+        if tri is None or mem is None:
+            continue
+        fht_pad, fht_exact = us("fht_padded", tokens), us("fht_exact", tokens)
+        quant = us("rotate_quant_int4", tokens)
+        parts = [f"L={tokens}: triton {tri} us = {tri / mem:.2f}x memcpy"]
+        if tokens >= 512:
+            parts.append("PASS" if tri <= 1.15 * mem else "FAIL" + " (<= 1.15x memcpy)")
+        for name, ref in (("FHT padded (here)", fht_pad), ("FHT exact (here)", fht_exact),
+                          ("FHT Dao (brief)", BRIEF_FHT_11008.get(tokens))):
+            if ref:
+                parts.append(f"{name} {ref} us: {ref / tri:.2f}x faster")
+        if quant is not None:
+            parts.append(f"rotate+int4 {quant} us = {quant / mem:.2f}x memcpy"
+                         + (" PASS" if quant < mem else " FAIL") * (tokens >= 2048))
+        lines.append("; ".join(parts))
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kernels.gpu_check")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--fht-src", default=None)
+    parser.add_argument("--no-checks", action="store_true")
+    parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--sweep", default="blockdiag,rotate", help="which sweeps: blockdiag,rotate")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--no-bench", action="store_true")
+    parser.add_argument("--d", default="4096,11008,14336")
+    parser.add_argument("--L", default="1,16,128,512,2048,8192")
+    parser.add_argument("--kernels", default=",".join(bench.KERNELS))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA GPU visible: nothing to check here (this script is for the GPU machine)")
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    import triton
+    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC | {torch.cuda.get_device_name()} | torch "
+          f"{torch.__version__} | triton {triton.__version__} | python {platform.python_version()}", flush=True)
+
+    kernels = args.kernels.split(",")
+    try:  # the fused kernel compiles first, so that a compiler failure still leaves the other results
+        small = torch.randn(300, 11008, dtype=torch.float16, device="cuda")
+        small_blocks = torch.linalg.qr(torch.randn(86, 128, 128, device="cuda"))[0].half().contiguous()
+        got = rotate_quantize(small, small_blocks, 4, chunk_rows=128)[0]
+        want = rotate_quantize_reference(small, small_blocks, 4)[0]
+        print(f"rotate_quantize compiles; int4 bytes equal to the reference: {float((got == want).float().mean()):.5f}")
+        rotate_ok = True
+    except Exception as err:  # noqa: BLE001
+        print(f"rotate_quantize FAILED to compile or run: {err!r:.2000}")
+        kernels = [k for k in kernels if not k.startswith("rotate_quant")]
+        rotate_ok = False
+    start = time.time()
+    failures = [] if args.no_checks else check_correctness()
+    verdict = "skipped" if args.no_checks else f"{len(failures)} FAILED" if failures else "all passed"
+    print(f"correctness: {verdict} ({time.time() - start:.0f} s)", flush=True)
+    for line in failures:
+        print("  FAIL", line)
+    if not args.no_sweep:
+        start = time.time()
+        sweep(args.out, ops=[op for op in args.sweep.split(",") if rotate_ok or op != "rotate"])
+        print(f"sweep took {time.time() - start:.0f} s", flush=True)
+    if args.fht_src:
+        start = time.time()
+        try:
+            print(f"fast_hadamard_transform built: backend {build_fast_hadamard_transform(args.fht_src)} "
+                  f"({time.time() - start:.0f} s)", flush=True)
+        except Exception as err:  # noqa: BLE001 - the package is optional; say why and go on with ours
+            print(f"fast_hadamard_transform build failed after {time.time() - start:.0f} s: {err!r:.500}")
+    print(f"Hadamard backend: {hadamard.backend()}", flush=True)
+    if args.profile:
+        profile(with_rotate=rotate_ok)
+    if args.no_bench:
+        return 1 if failures else 0
+    start = time.time()
+    rows = []
+    print("\n== benchmark\n" + bench.HEADER, flush=True)
+    for row in bench.run_benchmark(bench._parse_ints(args.d, "d"), bench._parse_ints(args.L, "L"), "fp16", kernels):
+        rows.append(row)
+        print(bench.format_row(row), flush=True)
+    print(f"benchmark took {time.time() - start:.0f} s")
+    with open(os.path.join(args.out, "bench.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=bench.ROW_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(bench.markdown_table(rows) + "\n")
+    print("\n== acceptance (d = 11008, fp16, block 128)")
+    for line in verdicts(rows):
+        print(line)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""kernels.rotate_quant: int4 packing, the per-token quantizer, and the fused kernel (interpreted on the CPU)."""
+
+import os
+
+import pytest
+import torch
+
+from kernels.blockdiag import SUPPORTED_BLOCKS, TileConfig
+from kernels.rotate_quant import (QMAX, chunk_rows_for, dequantize, pack_int4, quantize_per_token_reference,
+                                  rotate_quantize, rotate_quantize_reference, unpack_int4)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETED,
+                                 reason="runs the kernel in Triton's CPU interpreter (TRITON_INTERPRET=1)")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED,
+                               reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+
+
+def random_blocks(n, b, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, b, b, generator=g))[0].to(dtype)
+
+
+def test_int4_nibble_order_low_then_high():
+    packed = pack_int4(torch.tensor([1, -2, 7, -8], dtype=torch.int8))
+    assert packed.dtype == torch.uint8
+    assert packed.tolist() == [0x01 | 0xE0, 0x07 | 0x80]  # element 2k low nibble, 2k+1 high (two's complement)
+
+
+def test_int4_round_trip_every_value_and_shape():
+    values = torch.arange(-8, 8, dtype=torch.int8)
+    q = values[torch.randint(0, 16, (3, 5, 64))]
+    packed = pack_int4(q)
+    assert packed.shape == (3, 5, 32)
+    assert torch.equal(unpack_int4(packed), q)
+    all_bytes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    assert torch.equal(pack_int4(unpack_int4(all_bytes)), all_bytes)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.zeros(3, dtype=torch.int8), "even"),
+    (torch.tensor([8, 0], dtype=torch.int8), r"\[-8, 7\]"),
+    (torch.zeros(2, dtype=torch.int32), "int8"),
+])
+def test_pack_rejects_bad_input(bad, match):
+    with pytest.raises(ValueError, match=match):
+        pack_int4(bad)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_reference_quantizer_is_symmetric_per_token(bits):
+    y = torch.randn(6, 256) * torch.logspace(-2, 2, 6)[:, None]  # rows of very different scale
+    y[2] = 0.0
+    q, scales = quantize_per_token_reference(y, bits)
+    qmax = QMAX[bits]
+    assert q.dtype == torch.int8 and scales.shape == (6, 1)
+    nonzero = [0, 1, 3, 4, 5]
+    assert torch.equal(q[nonzero].abs().amax(dim=1), torch.full((5,), qmax, dtype=torch.int8))
+    assert torch.equal(q[2], torch.zeros(256, dtype=torch.int8)) and torch.isfinite(scales).all()
+    # round to nearest: dequantization error at most half a step
+    assert ((q.float() * scales - y).abs() <= scales / 2 + 1e-6).all()
+
+
+def test_quantizer_rejects_other_bit_widths():
+    with pytest.raises(ValueError, match="4 or 8"):
+        quantize_per_token_reference(torch.randn(2, 8), 3)
+
+
+@interpreted
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])  # bf16 dot upcast in the interpreter only
+@pytest.mark.parametrize("block", SUPPORTED_BLOCKS)
+def test_fused_kernel_equals_reference_quantization_of_reference_rotation(block, dtype, bits):
+    torch.manual_seed(block + bits)
+    x = torch.randn(3, 5, 2 * block).to(dtype)
+    x[1, 2, 3] = 60.0  # an outlier token
+    blocks = random_blocks(2, block, dtype)
+    q, scales = rotate_quantize(x, blocks, bits, chunk_rows=8)  # 15 tokens: two chunks
+    q_ref, scales_ref = rotate_quantize_reference(x, blocks, bits)
+    assert q.shape == q_ref.shape == (3, 5, block if bits == 4 else 2 * block)
+    assert q.dtype == (torch.uint8 if bits == 4 else torch.int8)
+    assert scales.shape == (3, 5, 1)
+    assert torch.allclose(scales, scales_ref, rtol=1e-6, atol=0)
+    values, values_ref = (unpack_int4(q), unpack_int4(q_ref)) if bits == 4 else (q, q_ref)
+    diff = (values.int() - values_ref.int()).abs()
+    # fp32 accumulation order may tip a value sitting on a rounding boundary by one step: allow 1 %
+    assert diff.max() <= 1 and (diff > 0).float().mean() <= 0.01
+
+
+@interpreted
+def test_fused_kernel_zero_token_and_fixed_tile():
+    x = torch.randn(20, 256, dtype=torch.float16)
+    x[4] = 0.0
+    blocks = random_blocks(2, 128, torch.float16)
+    q, scales = rotate_quantize(x, blocks, 8, config=TileConfig(16, 64, 2))
+    assert torch.equal(q[4], torch.zeros(256, dtype=torch.int8))
+    assert torch.isfinite(scales).all() and scales[4, 0] > 0
+    y = (x.float() @ torch.block_diag(*blocks.float().unbind(0)))
+    err = (dequantize(q, scales, 8) - y).abs()
+    assert (err <= scales / 2 + 1e-3).all()
+
+
+def test_chunk_rows_keep_x_within_the_l2_budget():
+    rows = chunk_rows_for(11008, 2)
+    assert rows % 128 == 0 and rows * 11008 * 2 <= 16 << 20 < (rows + 128) * 11008 * 2
+    assert chunk_rows_for(1 << 20, 2) == 128  # never below one 128-row tile group
+
+
+@needs_gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gpu_kernel_matches_reference(bits):
+    x = torch.randn(2, 1500, 11008, dtype=torch.float16, device="cuda")
+    blocks = random_blocks(86, 128, torch.float16).cuda()
+    q, scales = rotate_quantize(x, blocks, bits)
+    q_ref, scales_ref = rotate_quantize_reference(x, blocks, bits)
+    values, values_ref = (unpack_int4(q), unpack_int4(q_ref)) if bits == 4 else (q, q_ref)
+    diff = (values.int() - values_ref.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() <= 1e-3
+    assert torch.allclose(scales, scales_ref, rtol=1e-5)
