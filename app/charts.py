@@ -13,9 +13,17 @@ COLORS = {"token": "#4b3fb5", "token_sink": "#9d95e0", "tensor": "#d1495b", "ten
 
 
 def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 380) -> go.Figure:
-    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, height=height, margin=dict(l=60, r=20, t=60, b=50),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0))
+    # The title pushes the top margin (automargin) and the legend sits between it and the plot: a legend that wraps
+    # to two rows in a narrow column then grows the margin instead of covering the title.
+    fig.update_layout(title=dict(text=title, automargin=True, yref="container", y=0.98, yanchor="top"),
+                      xaxis_title=x, yaxis_title=y, height=height, margin=dict(l=60, r=20, t=40, b=50),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0, font=dict(size=11)))
     return fig
+
+
+def _log_y(fig: go.Figure, **kw) -> None:
+    """Log y axis labelled and gridded at decades only (plotly's default 2 and 5 between decades crowd the axis)."""
+    fig.update_yaxes(type="log", dtick=1, **kw)
 
 
 def kurtosis_by_layer(site_table: pd.DataFrame, title: str) -> go.Figure:
@@ -23,18 +31,21 @@ def kurtosis_by_layer(site_table: pd.DataFrame, title: str) -> go.Figure:
     t = site_table.sort_index()
     fig = go.Figure()
     series = [
-        ("kurt_token_mean_nosink", "per token, mean over tokens (sink excluded)", "token", "solid"),
-        ("kurt_token_mean", "per token, mean over tokens (with sink)", "token_sink", "dot"),
-        ("kurt_tensor_nosink", "whole tensor (sink excluded)", "tensor", "solid"),
-        ("kurt_tensor", "whole tensor (with sink)", "tensor_sink", "dot"),
+        # Short names keep the legend on one row (two in a half-width column); Home defines "per token".
+        ("kurt_token_mean_nosink", "per token, sink excluded", "token", "solid"),
+        ("kurt_token_mean", "per token, with sink", "token_sink", "dot"),
+        ("kurt_tensor_nosink", "whole tensor, sink excluded", "tensor", "solid"),
+        ("kurt_tensor", "whole tensor, with sink", "tensor_sink", "dot"),
     ]
     for col, name, color, dash in series:
         if col in t:
             fig.add_trace(go.Scatter(x=t.index, y=t[col], mode="lines+markers", name=name,
                                      line=dict(color=COLORS[color], dash=dash)))
-    fig.add_hline(y=GAUSSIAN_KURTOSIS, line_dash="dash", line_color=COLORS["normal"],
-                  annotation_text="Gaussian (3)", annotation_position="bottom right")
-    fig.update_yaxes(type="log")
+    fig.add_hline(y=GAUSSIAN_KURTOSIS, line_dash="dash", line_color=COLORS["normal"])
+    # Not add_hline's annotation_text: on a log axis plotly places that label at 10**3 instead of 3.
+    fig.add_annotation(x=1, xref="paper", y=math.log10(GAUSSIAN_KURTOSIS), yref="y", text="Gaussian (3)",
+                       showarrow=False, xanchor="right", yanchor="bottom", font=dict(color=COLORS["normal"]))
+    _log_y(fig)
     return _layout(fig, title, "decoder layer", "kurtosis (Pearson, log scale)")
 
 
@@ -47,8 +58,11 @@ def channel_absmax(absmax: np.ndarray, outliers: list[int], title: str, y_label:
     if outliers:
         fig.add_trace(go.Scatter(x=outliers, y=absmax[outliers], mode="markers", name="outlier channel",
                                  marker=dict(color=COLORS["outlier"], size=7, symbol="triangle-down")))
-    fig.add_hline(y=float(np.median(absmax)), line_dash="dot", line_color=COLORS["normal"],
-                  annotation_text="median channel", annotation_position="top left")
+    # The median goes in the legend: a label on the line itself sits on top of the bars and cannot be read.
+    median = float(np.median(absmax))
+    fig.add_trace(go.Scatter(x=[0, absmax.size - 1], y=[median, median], mode="lines",
+                             name=f"median channel ({median:.3g})", line=dict(color=COLORS["normal"], dash="dot"),
+                             hoverinfo="skip"))
     return _layout(fig, title, "channel index", y_label)
 
 
@@ -57,9 +71,11 @@ def surface(mat: np.ndarray, title: str, first_token: int = 0, channel_bin: int 
     tokens = np.arange(first_token, first_token + mat.shape[0])
     channels = np.arange(mat.shape[1]) * channel_bin
     fig = go.Figure(go.Surface(z=mat, x=channels, y=tokens, colorscale="Viridis", colorbar=dict(title="|x|")))
+    # A wide, flat box fills the page's width; the default cube leaves most of it empty.
     fig.update_layout(title=title, height=520, margin=dict(l=10, r=10, t=60, b=10),
                       scene=dict(xaxis_title="channel", yaxis_title="token position", zaxis_title="|activation|",
-                                 camera=dict(eye=dict(x=1.6, y=-1.6, z=0.9))))
+                                 aspectmode="manual", aspectratio=dict(x=2.0, y=1.0, z=0.7),
+                                 camera=dict(eye=dict(x=1.5, y=-2.0, z=1.0))))
     return fig
 
 
@@ -75,6 +91,6 @@ def histogram_vs_gaussian(values: np.ndarray, title: str, bins: int = 120) -> go
     pdf = np.exp(-0.5 * ((xs - mu) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
     fig.add_trace(go.Scatter(x=xs, y=pdf, mode="lines", name="Gaussian, same variance",
                              line=dict(color=COLORS["outlier"], width=2)))
-    fig.update_yaxes(type="log", range=[math.log10(max(counts[counts > 0].min(), 1e-12) / 3),
-                                        math.log10(max(counts.max(), pdf.max()) * 2)])
+    _log_y(fig, exponentformat="power", range=[math.log10(max(counts[counts > 0].min(), 1e-12) / 3),
+                                               math.log10(max(counts.max(), pdf.max()) * 2)])
     return _layout(fig, title, "activation value", "density (log scale)")

@@ -1,5 +1,6 @@
 """Explore: capture activations of the loaded model and see where the outliers live."""
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from app import charts, progress, state
@@ -34,7 +35,8 @@ if submitted:
         t = partial[partial.site == "resid_attn"].set_index("layer")
         live.plotly_chart(charts.kurtosis_by_layer(t, "Residual stream kurtosis so far"), key=None)
 
-    st.button("Stop", help="Stops the capture; nothing partial is kept or cached.")
+    stop_slot = st.empty()  # the Stop button shows only while the capture runs
+    stop_slot.button("Stop", help="Stops the capture; nothing partial is kept or cached.")
     st.session_state[state.CAPTURE_STOPPED] = True  # still True on the rerun that a Stop press causes
     try:
         cfg = CaptureConfig(tokens=int(tokens), window=int(window))
@@ -43,6 +45,7 @@ if submitted:
         live.empty()
     except ValueError as e:
         st.error(str(e))
+    stop_slot.empty()
     st.session_state[state.CAPTURE_STOPPED] = False
 elif st.session_state[state.CAPTURE_STOPPED]:
     st.session_state[state.CAPTURE_STOPPED] = False
@@ -85,7 +88,7 @@ surf = res.array(layer, site2, "surface").float().numpy()
 first = 0 if with_sink else 1
 bin_width = int(np.ceil(res.array(layer, site2, "absmax").numel() / SURFACE_CHANNELS)) if surf.shape[1] else 1
 st.plotly_chart(charts.surface(surf[first:], f"|x| over tokens and channels, layer {layer}, {site2} "
-                               f"(first {surf.shape[0]} tokens of window 0)", first_token=first,
+                               f"(positions {first}-{surf.shape[0] - 1} of window 0)", first_token=first,
                                channel_bin=max(bin_width, 1)))
 st.caption("As in SpinQuant's Figure 2: ridges along the token axis are outlier channels (fixed channels, every "
            "token); a spike at one token is a massive activation. Drag to rotate."
@@ -98,11 +101,12 @@ st.caption(f"{vals.shape[0]} randomly sampled tokens x {vals.shape[1]} channels.
            "Gaussian of the same variance are the outliers that a 4-bit grid cannot cover.")
 
 # ---- massive tokens -----------------------------------------------------------------------------------------
-st.header("Massive-activation tokens")
+st.header("Tokens with the largest norms (massive activations)")
 top = res.array(layer, site2, "top_tokens").numpy()
 rows = [{"token norm": round(float(r[0]), 1), "max |x|": round(float(r[1]), 1), "window": int(r[2]),
          "position": int(r[3]), "token": handle.tokenizer.decode([int(r[4])])} for r in top]
-st.table(rows)
+# st.table would print every float with 4 decimals; the Styler keeps one.
+st.table(pd.DataFrame(rows).style.format({"token norm": "{:.1f}", "max |x|": "{:.1f}"}).hide(axis="index"))
 row = res.site_table(site2).loc[layer]
 st.caption(f"Largest token norms at layer {layer}, {site2}. Median token norm {row.median_token_norm:.1f}; the "
            f"largest is {row.massive_ratio:.0f}x the median. Position 0 is the attention sink.")

@@ -33,9 +33,9 @@ st.markdown(
 )
 st.subheader("Words used on these pages")
 st.markdown(
-    "- **Kurtosis** (Pearson): E[(x-mu)^4] / sigma^4. A Gaussian gives 3, a Laplace 6, a uniform 1.8; outliers "
-    "push it into the tens or thousands. *Per token* = across the channels of one token, then averaged over "
-    "tokens: what a per-token activation quantizer sees. *Whole tensor* = all values together.\n"
+    "- **Kurtosis** (Pearson): $\\mathbb{E}[(x-\\mu)^4] / \\sigma^4$. A Gaussian gives 3, a Laplace 6, a uniform "
+    "1.8; outliers push it into the tens or thousands. *Per token* = across the channels of one token, then averaged "
+    "over tokens: what a per-token activation quantizer sees. *Whole tensor* = all values together.\n"
     "- **Sites**: the residual stream entering attention and the MLP, the inputs of q/k/v, o_proj, gate/up and "
     "down_proj, and the queries, keys (after RoPE) and values: the places rotations R1-R4 act on.\n"
     "- **Rotations**: R1 rotates the residual stream, R2 the values per head, R3 queries and keys, R4 the "
