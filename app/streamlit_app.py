@@ -8,7 +8,7 @@ import streamlit as st  # noqa: E402
 
 from app import state  # noqa: E402
 
-st.set_page_config(page_title="SpinScope", page_icon="🌀", layout="wide")
+st.set_page_config(page_title="SpinScope", page_icon=":material/360:", layout="wide")
 state.init()
 
 with st.sidebar:
@@ -20,7 +20,11 @@ with st.sidebar:
                  help="float32 is exact enough for equivalence checks; 16-bit halves memory.")
 
 pages = [
-    st.Page("views/home.py", title="Home", icon="🏠", default=True),
-    st.Page("views/explore.py", title="Explore", icon="🔎"),
+    st.Page("views/home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("views/explore.py", title="Explore", icon=":material/search:"),
+    st.Page("views/rotate.py", title="Rotate", icon=":material/360:"),
+    st.Page("views/evaluate.py", title="Evaluate", icon=":material/bar_chart:"),
+    st.Page("views/qrazor.py", title="QRazor", icon=":material/content_cut:"),
+    st.Page("views/kernels.py", title="Kernels", icon=":material/memory:"),
 ]
 st.navigation(pages).run()

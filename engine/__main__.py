@@ -112,9 +112,9 @@ def cmd_eval(args) -> int:
 
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else ()
     if tasks:
-        from engine.tasks import check_tasks
+        from engine.tasks import check_request
 
-        check_tasks(tasks)
+        check_request(list(tasks), args.limit)
     cfg = EvalConfig(tokens=args.tokens, window=args.window, tasks=tasks, limit=args.limit, seed=args.seed,
                      calib_tokens=args.calib_tokens, corpus=args.corpus)
     runs = [(get_recipe(r, weights=args.weights, rotation_file=args.rotation_file), Bits.parse(b))

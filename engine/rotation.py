@@ -211,6 +211,8 @@ def _from_file(data: dict, key: str, fallback: str | None, n: int, what: str) ->
     t = data.get(key, data.get(fallback) if fallback else None)
     if t is None:
         raise ValueError(f"rotation file has no {what} (key {key!r})")
+    if t.dim() == 3:  # a block-diagonal rotation stored as its blocks [n_blocks, b, b] (FLRot's R4)
+        t = torch.block_diag(*t.unbind(0))
     if tuple(t.shape) != (n, n):
         raise ValueError(f"{what} in the rotation file is {tuple(t.shape)}, expected ({n}, {n})")
     err = (t.double() @ t.double().T - torch.eye(n, dtype=torch.float64)).abs().max()

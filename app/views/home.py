@@ -29,7 +29,18 @@ st.markdown(
     "- **Explore**: capture activations on a text corpus and see where outliers live: kurtosis per layer for "
     "every site the rotations touch, per-channel maxima with the outlier channels marked, a 3D tokens x channels "
     "surface, and the value distribution against a Gaussian. The first token of each window (the *attention "
-    "sink*) carries a few *massive activations*; every view can include or exclude it."
+    "sink*) carries a few *massive activations*; every view can include or exclude it.\n"
+    "- **Rotate**: apply R1-R4 (random Hadamard, random orthogonal, or from a file), check that the rotated "
+    "network computes the same logits, and compare kurtosis, per-channel maxima, surfaces, histograms and 4/8-bit "
+    "quantization SQNR before and after, layer by layer.\n"
+    "- **Evaluate**: perplexity and zero-shot accuracy of recipes (fp, rtn, quarot, rotated, qrazor) at W-A-KV bit "
+    "settings such as 4-4-4, with RTN or GPTQ weights; results are cached and exportable.\n"
+    "- **Optimize**: learn rotations with Cayley SGD (SpinQuant R1/R2, FLRot R3/R4 too) and watch the loss and "
+    "kurtosis fall; compare with the spread of random rotations.\n"
+    "- **QRazor**: significant data razoring bit by bit: one group's integers in binary, the razoring point, kept "
+    "and dropped bits, and the error against 4-bit RTN with and without a Hadamard rotation.\n"
+    "- **Kernels**: time the online-rotation kernels (Triton block-diagonal, FHT, fused rotate-and-quantize) "
+    "against a memcpy floor on a GPU; without one, the latest recorded GPU run."
 )
 st.subheader("Words used on these pages")
 st.markdown(

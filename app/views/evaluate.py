@@ -1,0 +1,118 @@
+"""Evaluate: recipes x bit settings on the same perplexity and zero-shot numbers; results fill in live."""
+import json
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from app import charts, progress, state
+from engine.evaluate import EvalConfig, eval_job
+from engine.recipes import PRESETS, RECIPES, Bits, get_recipe
+
+st.title("Evaluate quantized models")
+st.caption("What does W4A4KV4 cost with RTN, with random Hadamard rotations (QuaRot), with learned rotations, "
+           "with QRazor? Every row is built from the same model, corpus and tasks. Runs are cached: asking for the "
+           "same run again returns at once.")
+
+handle = state.model()
+if handle is None:
+    st.stop()
+
+MODES = {"quick": dict(tokens=4096, window=1024, limit=50, calib_tokens=2048),
+         "full": dict(tokens=16384, window=2048, limit=200, calib_tokens=8192)}
+try:
+    from engine.tasks import TASKS
+except ImportError:  # zero-shot support missing: perplexity only
+    TASKS = {}
+
+with st.form("evaluate"):
+    c1, c2 = st.columns(2)
+    recipes = c1.multiselect("Recipes", list(RECIPES), default=["fp", "rtn", "quarot"],
+                             format_func=lambda r: f"{r}: {RECIPES[r].description}")
+    presets = c2.multiselect("Bits (W-A-KV)", PRESETS, default=["4-4-4"],
+                             help="16 = floating point. 4-4-16: 4-bit weights and activations, 16-bit KV cache.")
+    c3, c4, c5 = st.columns(3)
+    weights = c3.radio("Weight quantizer", ["rtn", "gptq"], horizontal=True,
+                       help="RTN with clipping search, or GPTQ (calibrated on the calibration split).")
+    mode = c4.radio("Mode", list(MODES), horizontal=True,
+                    help="quick: 4096 tokens, 50 documents per task; full: 16384 tokens, 200 documents.")
+    rotation_file = c5.text_input("Rotation file (recipe 'rotated')", placeholder="cache/rotations/....bin")
+    c6, c7 = st.columns([3, 1])
+    tasks = c6.multiselect("Zero-shot tasks (optional; minutes each on a CPU)", list(TASKS), default=[])
+    custom_tokens = c7.number_input("Perplexity tokens (0 = the mode's)", 0, 1_000_000, 0, step=1024,
+                                    help="Override the mode's evaluation token budget.")
+    run = st.form_submit_button("Run", type="primary")
+
+if "eval_rows" not in st.session_state:
+    st.session_state["eval_rows"] = []
+
+if run:
+    st.session_state["eval_rows"] = []
+    m = MODES[mode]
+    try:
+        tok = int(custom_tokens) or m["tokens"]
+        cfg = EvalConfig(tokens=tok, window=min(m["window"], tok), tasks=tuple(tasks), limit=m["limit"],
+                         calib_tokens=m["calib_tokens"])
+        jobs = [(get_recipe(r, weights=weights, rotation_file=rotation_file.strip() or None), Bits.parse(b))
+                for r in recipes for b in (presets if r != "fp" else ["16-16-16"])]
+    except ValueError as e:
+        st.error(str(e))
+        jobs = []
+    table = st.empty()
+    st.button("Stop", help="Stops after the current step; finished runs stay cached.")
+    for i, (recipe, bits) in enumerate(jobs):
+        try:
+            done = progress.run(eval_job(handle, recipe, bits, cfg),
+                                f"Run {i + 1}/{len(jobs)}: {recipe.name} {bits} ({recipe.weights} weights)")
+        except ValueError as e:
+            st.error(str(e))
+            break
+        st.session_state["eval_rows"].append(done.result)
+        table.table(pd.DataFrame([{"recipe": r["recipe"], "weights": r["weights"], "bits": r["bits"],
+                                   "perplexity": round(r["ppl"], 3)} for r in st.session_state["eval_rows"]]))
+
+rows = st.session_state["eval_rows"]
+if not rows:
+    st.info("Pick recipes and bit settings and press **Run**. A quick 4-4-4 comparison of fp, rtn and quarot "
+            "takes a few minutes on a laptop CPU.")
+    st.stop()
+
+flat = []
+for r in rows:
+    row = {"recipe": r["recipe"], "weights": r["weights"], "bits": r["bits"], "perplexity": r["ppl"],
+           "tokens": r["tokens"], "seconds": round(r.get("seconds", 0.0), 1)}
+    for t, m in r["tasks"].items():
+        row[f"{t} acc"] = m.get("acc")
+        if m.get("acc_norm") is not None:
+            row[f"{t} acc_norm"] = m.get("acc_norm")
+    flat.append(row)
+df = pd.DataFrame(flat)
+st.header("Results")
+st.table(df.round(4))
+
+fp = next((r["ppl"] for r in rows if r["recipe"] == "fp"), None)
+labels = [f"{r['recipe']} {r['bits']}" + (f" ({r['weights']})" if r["weights"] not in ("-", "rtn") else "")
+          for r in rows]
+fig = go.Figure(go.Bar(x=labels, y=[r["ppl"] for r in rows], marker_color=charts.COLORS["token"],
+                       text=[f"{r['ppl']:.1f}" for r in rows], textposition="outside", name="perplexity"))
+if fp:
+    fig.add_hline(y=fp, line_dash="dash", line_color=charts.COLORS["outlier"], annotation_text=f"fp {fp:.2f}")
+fig.update_yaxes(type="log")
+st.plotly_chart(charts._layout(fig, f"Perplexity on {rows[0]['tokens']} evaluation tokens",
+                               "recipe and bits (W-A-KV)", "perplexity (log scale, lower is better)"))
+st.caption(f"Corpus: {rows[0]['corpus']}. The dashed line is the floating-point model: the closer a bar comes to "
+           "it, the less its quantization costs.")
+
+task_cols = [c for c in df.columns if c.endswith(" acc")]
+if task_cols:
+    tfig = go.Figure()
+    for lab, (_, r) in zip(labels, df.iterrows()):
+        tfig.add_trace(go.Bar(x=[c.removesuffix(" acc") for c in task_cols], y=[r[c] for c in task_cols], name=lab))
+    st.plotly_chart(charts._layout(tfig, "Zero-shot accuracy per task", "task", "accuracy (acc, 0-1)"))
+    st.caption(f"lm-eval acc on {rows[0]['limit']} documents per task from local copies of the task data "
+               "(no network). Chance is 0.5 for two-choice tasks and 0.25 for four-choice ones.")
+
+c1, c2 = st.columns(2)
+c1.download_button("Download CSV", df.to_csv(index=False).encode(), "spinscope_eval.csv", "text/csv")
+c2.download_button("Download JSON", json.dumps(rows, indent=1, default=str).encode(), "spinscope_eval.json",
+                   "application/json")

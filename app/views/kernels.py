@@ -1,0 +1,85 @@
+"""Kernels: online-rotation kernels timed on this machine's GPU, or the latest recorded GPU run without one."""
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from app import charts
+from kernels.bench import KERNEL_LABELS, KERNELS, NoGPUError, gpu_available, run_benchmark
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+RECORDED = ("bench_h100_2026-11-23.csv", "NVIDIA H100 80GB, 2026-11-23 (torch 2.11, triton 3.6; FHT rows: our "
+            "torch implementation)")
+RECORDED_FHT = "bench_h100_fht_package_2026-11-23.csv"
+
+st.title("Online-rotation kernels")
+st.caption("FLRot's claim: a learned block-diagonal R4, run as a Triton matmul of 128x128 blocks, costs no more than "
+           "the Fast Hadamard Transform. A plain copy of the activations (memcpy) is the floor for any online "
+           "rotation: every kernel must read and write the same bytes.")
+
+
+def latency_figure(rows: pd.DataFrame, d: int, title: str) -> go.Figure:
+    fig = go.Figure()
+    sub = rows[rows.d == d]
+    for kernel in sub.kernel.unique():
+        k = sub[sub.kernel == kernel].sort_values("L")
+        style = dict(dash="dash", color="black", width=3) if kernel == "memcpy" else {}
+        fig.add_trace(go.Scatter(x=k.L, y=k.median_us, mode="lines+markers", line=style,
+                                 name=KERNEL_LABELS.get(kernel, kernel) + (" (floor)" if kernel == "memcpy" else "")))
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(type="log")
+    return charts._layout(fig, title, "tokens L (log scale)", "median time (microseconds, log scale)", height=460)
+
+
+def recorded_rows() -> pd.DataFrame:
+    rows = pd.read_csv(DOCS / RECORDED[0])
+    pkg = DOCS / RECORDED_FHT
+    if pkg.exists():
+        fht = pd.read_csv(pkg)
+        fht["kernel"] = "fht_padded_package"
+        rows = pd.concat([rows, fht], ignore_index=True)
+    return rows
+
+
+KERNEL_LABELS.setdefault("fht_padded_package", "FHT, padded (fast-hadamard-transform package)")
+
+if not gpu_available():
+    st.warning("No CUDA GPU on this machine, so nothing can be timed here. Below: the latest recorded GPU run "
+               f"({RECORDED[1]}). Full tables and the commands: docs/BENCHMARKS.md.")
+    rows = recorded_rows()
+    d = st.selectbox("Width d", sorted(rows.d.unique()), index=1, key="kern_rec_d")
+    st.plotly_chart(latency_figure(rows, d, f"Recorded latency vs tokens, d = {d}, fp16, block 128"))
+    st.caption("Lines that hug the dashed memcpy floor cost no more than copying the activations once. The padded "
+               "FHT at widths that are not a power of two transforms a zero-padded vector: fast, but not an "
+               "orthogonal transform of the d values.")
+    st.table(rows[rows.d == d].pivot_table(index="L", columns="kernel", values="median_us").round(1))
+    st.stop()
+
+with st.form("bench"):
+    c1, c2, c3 = st.columns(3)
+    ds = c1.multiselect("Widths d", [4096, 8192, 11008, 14336, 16384], default=[11008])
+    ls = c2.multiselect("Tokens L", [1, 16, 128, 512, 2048, 8192], default=[1, 128, 512, 2048, 8192])
+    dtype = c3.radio("dtype", ["fp16", "bf16"], horizontal=True)
+    kernels = st.multiselect("Kernels", list(KERNELS), default=list(KERNELS), format_func=KERNEL_LABELS.get)
+    run = st.form_submit_button("Run benchmark", type="primary")
+
+if run:
+    rows = []
+    chart = st.empty()
+    bar = st.progress(0, text="checking and timing")
+    total = len(ds) * len(ls) * len(set(kernels) | {"memcpy"})
+    try:
+        for row in run_benchmark(ds, ls, dtype, kernels):
+            rows.append(row)
+            bar.progress(len(rows) / total, text=f"{row['kernel']} d={row['d']} L={row['L']}: {row['median_us']:.1f} us")
+            df = pd.DataFrame(rows)
+            chart.plotly_chart(latency_figure(df, row["d"], f"Latency vs tokens, d = {row['d']}, {dtype}"))
+    except (ValueError, NoGPUError, AssertionError) as e:
+        st.error(str(e))
+    if rows:
+        df = pd.DataFrame(rows)
+        st.caption("Every kernel was checked against its reference before it was timed. Times: median of "
+                   "triton.testing.do_bench; 'over_memcpy' = time / memcpy time at the same d and L.")
+        st.table(df[["kernel", "d", "L", "median_us", "gbps", "over_memcpy", "backend"]].round(2))
+        st.download_button("Download CSV", df.to_csv(index=False).encode(), "spinscope_kernels.csv", "text/csv")

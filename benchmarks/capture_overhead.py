@@ -1,0 +1,59 @@
+"""Capture and perplexity evaluation vs a plain forward pass on the same tokens, measured side by side.
+
+    python -m benchmarks.capture_overhead [--tokens 2048] [--window 512] [--repeats 2]
+
+Prints a table of seconds and ratios (targets: capture <= 1.5x, fp perplexity evaluation <= 1.3x).
+Runs alternate (forward, capture, eval, forward, ...) so machine load affects all alike; medians are reported.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from engine.capture import CaptureConfig, capture
+from engine.data import load_corpus, windows
+from engine.evaluate import perplexity
+from engine.events import run_to_end
+from engine.models import load_model
+
+
+def plain_forward(model, wins):
+    with torch.no_grad():
+        for w in wins:
+            model(w.unsqueeze(0), use_cache=False)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="default")
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args(argv)
+    h = load_model(args.model)
+    wins = windows(load_corpus("wiki"), h.tokenizer, args.tokens, args.window, "eval")
+    cfg = CaptureConfig(tokens=args.tokens, window=args.window)
+    plain_forward(h.model, wins[:1])  # warm-up
+    times = {"forward": [], "capture": [], "perplexity": []}
+    for _ in range(args.repeats):
+        for name, fn in (("forward", lambda: plain_forward(h.model, wins)),
+                         ("capture", lambda: run_to_end(capture(h.model, h.arch, wins, cfg))),
+                         ("perplexity", lambda: run_to_end(perplexity(h.model, wins)))):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["forward"])
+    print(f"model {h.name}, {wins.numel()} tokens in windows of {args.window}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}")
+    print(f"{'job':<12}{'seconds':>10}{'x forward':>12}  target")
+    for name, target in (("forward", ""), ("capture", "<= 1.5"), ("perplexity", "<= 1.3")):
+        t = statistics.median(times[name])
+        print(f"{name:<12}{t:>10.2f}{t / base:>12.2f}  {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""Evaluate a recipe at a bit setting: build the model (rotate, quantize), perplexity, optional zero-shot tasks.
+
+Every run is saved under cache/eval/ keyed by everything that determines it; the same run again is a cache hit.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine import store
+from engine.data import load_corpus, windows
+from engine.events import Done, Progress
+from engine.quantize_model import quantize_model
+from engine.recipes import Bits, Recipe, get_recipe
+from engine.rotation import rotate
+
+CODE_VERSION = "eval-1"  # bump when a change alters evaluation numbers: old cache entries stop matching
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    tokens: int = 16384           # evaluation-split tokens for perplexity
+    window: int = 2048            # perplexity window (or the model's limit)
+    tasks: tuple = ()             # zero-shot task names (engine.tasks)
+    limit: int | None = 200       # documents per task
+    seed: int = 0
+    calib_tokens: int = 8192      # GPTQ calibration tokens (calibration split)
+    calib_window: int = 512
+    corpus: str = "wiki"
+
+    def __post_init__(self):
+        if self.tokens <= 0:
+            raise ValueError(f"token budget must be positive, got {self.tokens}")
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"task document limit must be positive, got {self.limit}")
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, wins: torch.Tensor, batch: int = 1):
+    """Generator over windows [N, T]: Progress per batch, then Done(ppl). Next-token NLL over each window."""
+    device = next(model.parameters()).device
+    nll, count, t0 = 0.0, 0, time.perf_counter()
+    for s in range(0, wins.shape[0], batch):
+        ids = wins[s:s + batch].to(device)
+        logits = model(ids, use_cache=False).logits[:, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                       reduction="sum"))
+        count += ids[:, 1:].numel()
+        yield Progress("perplexity", min(s + batch, wins.shape[0]), wins.shape[0], time.perf_counter() - t0,
+                       f"ppl so far {math.exp(nll / count):.2f}")
+    yield Done(math.exp(nll / count), seconds=time.perf_counter() - t0)
+
+
+def build_model(handle, recipe: Recipe, bits: Bits, cfg: EvalConfig, seed: int):
+    """Generator: a rotated, fake-quantized copy of handle.model (Done(model)); the original is untouched."""
+    t0 = time.perf_counter()
+    rot = recipe.rotation
+    if rot.active:
+        from dataclasses import replace
+
+        yield Progress("build", 0, 1, 0.0, f"rotating ({rot.tag()})")
+        model = rotate(handle.model, handle.arch, replace(rot, seed=seed))
+    else:
+        model = copy.deepcopy(handle.model)
+    calib = None
+    if recipe.weights == "gptq" and bits.w < 16:
+        corpus = load_corpus(cfg.corpus)
+        calib = windows(corpus, handle.tokenizer, cfg.calib_tokens, cfg.calib_window, "calib", seed=seed)
+    yield from quantize_model(model, handle.arch, bits, recipe, calib)
+    yield Done(model, seconds=time.perf_counter() - t0)
+
+
+def run_key(handle, recipe: Recipe, bits: Bits, cfg: EvalConfig) -> str:
+    corpus = load_corpus(cfg.corpus)
+    return store.make_key(kind="eval", model=handle.fingerprint, recipe=recipe.to_dict(), bits=str(bits),
+                          corpus=corpus.fingerprint, tokens=cfg.tokens, window=cfg.window, tasks=list(cfg.tasks),
+                          limit=cfg.limit, seed=cfg.seed, calib=(cfg.calib_tokens, cfg.calib_window),
+                          code=CODE_VERSION)
+
+
+def eval_job(handle, recipe: Recipe | str, bits: Bits | str, cfg: EvalConfig, use_cache: bool = True):
+    """Generator: Progress through build, perplexity and tasks; Done(result dict). Cached per run."""
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    bits = Bits.parse(bits) if isinstance(bits, str) else bits
+    key = run_key(handle, recipe, bits, cfg)
+    if use_cache:
+        hit = store.load("eval", key)
+        if hit is not None:
+            yield Done(hit[0], cached=True)
+            return
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    model = None
+    for ev in build_model(handle, recipe, bits, cfg, cfg.seed):
+        if isinstance(ev, Done):
+            model = ev.result
+        else:
+            yield ev
+    corpus = load_corpus(cfg.corpus)
+    win = min(cfg.window, handle.max_length, cfg.tokens)
+    wins = windows(corpus, handle.tokenizer, cfg.tokens, win, "eval")
+    ppl = None
+    for ev in perplexity(model, wins):
+        if isinstance(ev, Done):
+            ppl = ev.result
+        else:
+            yield ev
+    result = {"model": handle.name, "recipe": recipe.name, "weights": recipe.weights if recipe.quantize else "-",
+              "bits": str(bits) if recipe.quantize else "16-16-16", "bits_requested": str(bits),
+              "ppl": ppl, "tokens": int(wins.numel()), "window": win, "corpus": corpus.label, "seed": cfg.seed,
+              "tasks": {}, "limit": cfg.limit, "code": CODE_VERSION}
+    if cfg.tasks:
+        from engine.tasks import zero_shot
+
+        for ev in zero_shot(model, handle.tokenizer, list(cfg.tasks), cfg.limit):
+            if isinstance(ev, Done):
+                result["tasks"] = ev.result
+            else:
+                yield ev
+    result["seconds"] = time.perf_counter() - t0
+    store.save_json("eval", key, result)
+    del model
+    yield Done(result, seconds=result["seconds"])
+
+
+def cached_runs() -> list[dict]:
+    """Every saved evaluation (for the page's history table)."""
+    out = []
+    for key in store.entries("eval"):
+        hit = store.load("eval", key)
+        if hit is not None:
+            out.append(hit[0])
+    return out
