@@ -139,6 +139,11 @@ class BlockDiagonalRotation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., width] -> x @ blockdiag [..., width]."""
         self._check_width(x)
+        if x.is_cuda:  # the Triton kernel (fp16/bf16) with autograd; it falls back to torch elsewhere
+            from kernels.blockdiag import blockdiag_rotate, kernel_applies
+
+            if kernel_applies(x, self.blocks):
+                return blockdiag_rotate(x, self.blocks)
         grouped = x.reshape(*x.shape[:-1], self.n_blocks, self.block)  # [..., nb, b]
         rotated = torch.einsum("...nb,nbc->...nc", grouped, self.blocks.to(x.dtype))
         return rotated.reshape(x.shape)

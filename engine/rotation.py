@@ -68,17 +68,24 @@ class RotationConfig:
 
 
 class OnlineRotation(nn.Module):
-    """x -> x @ R on the last dim, computed in float32 at least. A random Hadamard H diag(s) runs as a fast
-    transform (O(n log n)) followed by the signs; anything else as a dense matmul."""
+    """x -> x @ R on the last dim. Three forms: a dense matrix (float32 matmul), a random Hadamard H diag(s) as a
+    fast transform (O(n log n)), or block-diagonal blocks [nb, b, b] (FLRot), which run through the Triton kernel
+    on a GPU in fp16/bf16 and a batched matmul elsewhere."""
 
-    def __init__(self, matrix: torch.Tensor | None = None, hadamard_signs: torch.Tensor | None = None):
+    def __init__(self, matrix: torch.Tensor | None = None, hadamard_signs: torch.Tensor | None = None,
+                 blocks: torch.Tensor | None = None):
         super().__init__()
-        if (matrix is None) == (hadamard_signs is None):
-            raise ValueError("give exactly one of matrix or hadamard_signs")
+        if sum(t is not None for t in (matrix, hadamard_signs, blocks)) != 1:
+            raise ValueError("give exactly one of matrix, hadamard_signs or blocks")
         self.register_buffer("matrix", None if matrix is None else matrix.float())
         self.register_buffer("signs", None if hadamard_signs is None else hadamard_signs.float())
+        self.register_buffer("blocks", None if blocks is None else blocks.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blocks is not None:
+            from kernels.blockdiag import blockdiag_rotate
+
+            return blockdiag_rotate(x, self.blocks)
         dtype = x.dtype
         xf = x.float()
         y = xf @ self.matrix if self.matrix is not None else apply_hadamard(xf) * self.signs
@@ -88,9 +95,24 @@ class OnlineRotation(nn.Module):
         """The matrix R (float64)."""
         if self.matrix is not None:
             return self.matrix.double()
+        if self.blocks is not None:
+            return torch.block_diag(*self.blocks.double())
         from engine.hadamard import hadamard_matrix
 
         return hadamard_matrix(self.signs.numel()) * self.signs.double()
+
+
+def as_blocks(r: torch.Tensor, sizes: tuple = (32, 64, 128, 256)) -> torch.Tensor | None:
+    """[nb, b, b] if R is block-diagonal with one of these block sizes (the finest that fits), else None."""
+    n = r.shape[0]
+    for b in sizes:
+        if n % b or n == b:
+            continue
+        blocks = r.reshape(n // b, b, n // b, b).permute(0, 2, 1, 3)  # [i, j, b, b]
+        eye = torch.eye(n // b, dtype=torch.bool)
+        if blocks[~eye].abs().max() == 0:
+            return blocks[eye]
+    return None
 
 
 def _matrix(kind: str, n: int, seed: int) -> torch.Tensor:
@@ -103,7 +125,8 @@ def _matrix(kind: str, n: int, seed: int) -> torch.Tensor:
 
 def _online(kind: str, n: int, seed: int, loaded: torch.Tensor | None) -> OnlineRotation:
     if kind == "file":
-        return OnlineRotation(matrix=loaded)
+        blocks = as_blocks(loaded)
+        return OnlineRotation(blocks=blocks) if blocks is not None else OnlineRotation(matrix=loaded)
     if kind == "hadamard" and n > DENSE_ONLINE_MAX:
         g = torch.Generator().manual_seed(seed)
         signs = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
