@@ -92,12 +92,15 @@ def cmd_rotate(args) -> int:
         "tok_kurt_after": a.xs("resid_attn", level="site").kurt_token_mean_nosink,
         "tensor_kurt_before": b.xs("resid_attn", level="site").kurt_tensor_nosink,
         "tensor_kurt_after": a.xs("resid_attn", level="site").kurt_tensor_nosink,
+        "tensor_kurt_sink_before": b.xs("resid_attn", level="site").kurt_tensor,
+        "tensor_kurt_sink_after": a.xs("resid_attn", level="site").kurt_tensor,
         "down_in_sqnr4_before": b.xs("down_in", level="site").sqnr4,
         "down_in_sqnr4_after": a.xs("down_in", level="site").sqnr4,
     })
     print(f"Rotation {rot.tag()}: max |logit diff| {c.check['max_abs_logit_diff']:.2e}, KL {c.check['kl']:.2e} nats")
-    print("Residual stream entering attention (sink excluded): per-token kurtosis (mean over tokens) and "
-          "whole-tensor kurtosis; down_proj input 4-bit per-token RTN SQNR in dB.")
+    print("Residual stream entering attention: per-token kurtosis (mean over tokens, sink excluded), whole-tensor "
+          "kurtosis without and with the sink tokens; down_proj input 4-bit per-token RTN SQNR in dB. A rotation "
+          "mixes channels, not tokens: massive tokens keep the whole-tensor kurtosis high.")
     with pd.option_context("display.width", 200, "display.max_rows", 500):
         print(res.to_string(float_format=lambda v: f"{v:.1f}"))
     return 0

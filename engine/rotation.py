@@ -170,7 +170,7 @@ def fold_norms(model: nn.Module, arch: ArchInfo) -> None:
 
 def fuse_r1(model: nn.Module, arch: ArchInfo, r1: torch.Tensor) -> None:
     """Residual stream x -> x @ R1: readers W <- W R1, writers W <- R1^T W (bias b <- b R1), embeddings E <- E R1."""
-    r1 = r1.double()
+    r1 = r1.double().to(arch.module(model, 'embed').weight.device)
     emb = arch.module(model, "embed")
     _set(emb, emb.weight.double() @ r1)
     head = arch.module(model, "lm_head")
@@ -188,7 +188,7 @@ def fuse_r1(model: nn.Module, arch: ArchInfo, r1: torch.Tensor) -> None:
 
 def fuse_r2(model: nn.Module, arch: ArchInfo, layer: int, r2: torch.Tensor) -> None:
     """Values per KV head v -> v @ R2 (v_proj rows W_v,h <- R2^T W_v,h); o_proj columns W_o,h <- W_o,h R2."""
-    r2, hd = r2.double(), arch.head_dim
+    r2, hd = r2.double().to(arch.module(model, 'v', layer).weight.device), arch.head_dim
     v = arch.module(model, "v", layer)
     wv = v.weight.double().reshape(arch.n_kv_heads, hd, -1)             # [kv, hd, hidden]
     _set(v, torch.einsum("dc,kdh->kch", r2, wv).reshape(arch.n_kv_heads * hd, -1))
@@ -202,7 +202,7 @@ def fuse_r2(model: nn.Module, arch: ArchInfo, layer: int, r2: torch.Tensor) -> N
 def install_r3(model: nn.Module, arch: ArchInfo, layer: int, rot: OnlineRotation) -> None:
     """q -> q R3 and k -> k R3 after RoPE, so q k^T is unchanged and the K cache is stored rotated."""
     attn = arch.module(model, "attn", layer)
-    attn.spinscope_r3 = rot
+    attn.spinscope_r3 = rot.to(next(attn.parameters()).device)
 
     def hook(module, q, k, v):
         return module.spinscope_r3(q), module.spinscope_r3(k), v
@@ -214,7 +214,8 @@ def install_r3(model: nn.Module, arch: ArchInfo, layer: int, rot: OnlineRotation
 def install_r4(model: nn.Module, arch: ArchInfo, layer: int, rot: OnlineRotation) -> None:
     """down_proj input x -> x R4 online, and W_down <- W_down R4 so the product is unchanged."""
     down = arch.module(model, "down", layer)
-    _set(down, down.weight.double() @ rot.dense())
+    rot.to(down.weight.device)
+    _set(down, down.weight.double() @ rot.dense().to(down.weight.device))
     down.spinscope_r4 = rot
     down.register_forward_pre_hook(lambda m, args: (m.spinscope_r4(args[0]), *args[1:]))
 
