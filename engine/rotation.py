@@ -99,7 +99,7 @@ class OnlineRotation(nn.Module):
             return torch.block_diag(*self.blocks.double())
         from engine.hadamard import hadamard_matrix
 
-        return hadamard_matrix(self.signs.numel()) * self.signs.double()
+        return hadamard_matrix(self.signs.numel()).to(self.signs.device) * self.signs.double()
 
 
 def as_blocks(r: torch.Tensor, sizes: tuple = (32, 64, 128, 256)) -> torch.Tensor | None:
