@@ -13,17 +13,61 @@ COLORS = {"token": "#4b3fb5", "token_sink": "#9d95e0", "tensor": "#d1495b", "ten
 
 
 def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 380) -> go.Figure:
-    # The title pushes the top margin (automargin) and the legend sits between it and the plot: a legend that wraps
-    # to two rows in a narrow column then grows the margin instead of covering the title.
+    # Title and legend both hang from the top of the figure (container coordinates), the legend 30 px under the
+    # title, and both push the plot down (automargin). Anchored to the plot instead, a legend sat on the title, and
+    # one that wraps to two rows in a narrow column covered it.
     fig.update_layout(title=dict(text=title, automargin=True, yref="container", y=0.98, yanchor="top"),
                       xaxis_title=x, yaxis_title=y, height=height, margin=dict(l=60, r=20, t=40, b=50),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0, font=dict(size=11)))
+                      legend=dict(orientation="h", yref="container", yanchor="top", y=1 - 30 / height, x=0,
+                                  font=dict(size=11)))
     return fig
 
 
 def _log_y(fig: go.Figure, **kw) -> None:
     """Log y axis labelled and gridded at decades only (plotly's default 2 and 5 between decades crowd the axis)."""
     fig.update_yaxes(type="log", dtick=1, **kw)
+
+
+def share_axes(*figs: go.Figure) -> None:
+    """Give figures shown side by side (before / after) one range per axis, so heights compare at a glance: each
+    chart autoscaled to its own data would draw a 100x smaller outlier just as tall. Surfaces share z and colours."""
+    if all(any(t.type == "surface" for t in f.data) for f in figs):
+        top = max(float(np.nanmax(np.asarray(t.z, dtype=float))) for f in figs for t in f.data if t.type == "surface")
+        for f in figs:
+            f.update_layout(scene_zaxis_range=[0, top])
+            f.update_traces(cmin=0, cmax=top, selector=dict(type="surface"))
+        return
+    for axis in ("x", "y"):
+        extents = [_extent(f, axis) for f in figs]
+        if any(e is None for e in extents):
+            continue
+        common = [min(e[0] for e in extents), max(e[1] for e in extents)]
+        for f in figs:
+            f.update_layout({f"{axis}axis_range": common})
+
+
+def _extent(fig: go.Figure, axis: str) -> tuple[float, float] | None:
+    """(low, high) of a figure's axis in plotly's range units (log10 on a log axis): its explicit range if set, else
+    its traces and lines padded by 3%; None for a categorical axis."""
+    ax = fig.layout[f"{axis}axis"]
+    if ax.range is not None:
+        return float(ax.range[0]), float(ax.range[1])
+    try:
+        parts = [np.asarray(getattr(t, axis), dtype=float).ravel() for t in fig.data if getattr(t, axis) is not None]
+        parts += [np.asarray([sh[f"{axis}0"], sh[f"{axis}1"]], dtype=float) for sh in fig.layout.shapes
+                  if sh[f"{axis}ref"] == axis]
+    except (TypeError, ValueError):  # category labels
+        return None
+    v = np.concatenate(parts) if parts else np.empty(0)
+    v = v[np.isfinite(v)]
+    if ax.type == "log":
+        v = np.log10(v[v > 0])
+    if v.size == 0:
+        return None
+    low, high = float(v.min()), float(v.max())
+    pad = 0.03 * (high - low) or 0.5
+    bars_from_zero = axis == "y" and ax.type != "log" and low >= 0 and any(t.type == "bar" for t in fig.data)
+    return (0.0 if bars_from_zero else low - pad), high + pad
 
 
 def kurtosis_by_layer(site_table: pd.DataFrame, title: str) -> go.Figure:

@@ -1,5 +1,6 @@
 """Evaluate: recipes x bit settings on the same perplexity and zero-shot numbers; results fill in live."""
 import json
+import math
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -27,8 +28,9 @@ except ImportError:  # zero-shot support missing: perplexity only
 
 with st.form("evaluate"):
     c1, c2 = st.columns(2)
+    # Names only on the chips: "name: description" chips are cut off in a half-width column.
     recipes = c1.multiselect("Recipes", list(RECIPES), default=["fp", "rtn", "quarot"],
-                             format_func=lambda r: f"{r}: {RECIPES[r].description}")
+                             help="\n".join(f"- **{r}**: {RECIPES[r].description}" for r in RECIPES))
     presets = c2.multiselect("Bits (W-A-KV)", PRESETS, default=["4-4-4"],
                              help="16 = floating point. 4-4-16: 4-bit weights and activations, 16-bit KV cache.")
     c3, c4, c5 = st.columns(3)
@@ -42,6 +44,12 @@ with st.form("evaluate"):
     custom_tokens = c7.number_input("Perplexity tokens (0 = the mode's)", 0, 1_000_000, 0, step=1024,
                                     help="Override the mode's evaluation token budget.")
     run = st.form_submit_button("Run", type="primary")
+
+
+def _weights(row) -> str:
+    # fp rows store "-", which st.table's markdown would draw as a list bullet.
+    return "none (fp)" if row["weights"] == "-" else row["weights"]
+
 
 if "eval_rows" not in st.session_state:
     st.session_state["eval_rows"] = []
@@ -58,18 +66,21 @@ if run:
     except ValueError as e:
         st.error(str(e))
         jobs = []
-    table = st.empty()
-    st.button("Stop", help="Stops after the current step; finished runs stay cached.")
+    table = st.empty()  # live results while the runs go on; the Results section below replaces it at the end
+    stop_slot = st.empty()  # the Stop button shows only while runs go on
+    stop_slot.button("Stop", help="Stops after the current step; finished runs stay cached.")
     for i, (recipe, bits) in enumerate(jobs):
+        what = f"{recipe.name} {bits} ({recipe.weights} weights)" if recipe.quantize else f"{recipe.name} (unquantized)"
         try:
-            done = progress.run(eval_job(handle, recipe, bits, cfg),
-                                f"Run {i + 1}/{len(jobs)}: {recipe.name} {bits} ({recipe.weights} weights)")
+            done = progress.run(eval_job(handle, recipe, bits, cfg), f"Run {i + 1}/{len(jobs)}: {what}")
         except ValueError as e:
             st.error(str(e))
             break
         st.session_state["eval_rows"].append(done.result)
-        table.table(pd.DataFrame([{"recipe": r["recipe"], "weights": r["weights"], "bits": r["bits"],
-                                   "perplexity": round(r["ppl"], 3)} for r in st.session_state["eval_rows"]]))
+        table.table(pd.DataFrame([{"recipe": r["recipe"], "weights": _weights(r), "bits": r["bits"],
+                                   "perplexity": f"{r['ppl']:.2f}"} for r in st.session_state["eval_rows"]]))
+    table.empty()
+    stop_slot.empty()
 
 rows = st.session_state["eval_rows"]
 if not rows:
@@ -88,16 +99,23 @@ for r in rows:
     flat.append(row)
 df = pd.DataFrame(flat)
 st.header("Results")
-st.table(df.round(4))
+acc_format = {c: "{:.3f}" for c in df.columns if c.endswith((" acc", " acc_norm"))}
+st.table(df.assign(weights=[_weights(r) for r in rows]).style.hide(axis="index")
+         .format({"perplexity": "{:.2f}", "seconds": "{:.1f}", **acc_format}, na_rep="-"))
 
 fp = next((r["ppl"] for r in rows if r["recipe"] == "fp"), None)
 labels = [f"{r['recipe']} {r['bits']}" + (f" ({r['weights']})" if r["weights"] not in ("-", "rtn") else "")
           for r in rows]
 fig = go.Figure(go.Bar(x=labels, y=[r["ppl"] for r in rows], marker_color=charts.COLORS["token"],
                        text=[f"{r['ppl']:.1f}" for r in rows], textposition="outside", name="perplexity"))
+# From perplexity 1 (a perfect model): on a log axis a bar has no natural base, and plotly's would hide the fp bar.
+top = max((r["ppl"] for r in rows if math.isfinite(r["ppl"])), default=10.0)
+charts._log_y(fig, range=[0, math.log10(max(top, 10.0)) + 0.35])
 if fp:
-    fig.add_hline(y=fp, line_dash="dash", line_color=charts.COLORS["outlier"], annotation_text=f"fp {fp:.2f}")
-fig.update_yaxes(type="log")
+    fig.add_hline(y=fp, line_dash="dash", line_color=charts.COLORS["outlier"])
+    # Not add_hline's annotation_text: on a log axis plotly places that label at 10**fp and stretches the axis.
+    fig.add_annotation(x=1, xref="paper", y=math.log10(fp), yref="y", text=f"fp {fp:.2f}", showarrow=False,
+                       xanchor="right", yanchor="bottom", font=dict(color=charts.COLORS["outlier"]))
 st.plotly_chart(charts._layout(fig, f"Perplexity on {rows[0]['tokens']} evaluation tokens",
                                "recipe and bits (W-A-KV)", "perplexity (log scale, lower is better)"))
 st.caption(f"Corpus: {rows[0]['corpus']}. The dashed line is the floating-point model: the closer a bar comes to "

@@ -72,7 +72,7 @@ st.caption("Notice the two scales: per-token kurtosis (blue) measures channel ou
 st.header("One layer up close")
 c1, c2, c3 = st.columns([1, 2, 1])
 layer = c1.number_input("Layer", 0, meta["n_layers"] - 1, value=min(5, meta["n_layers"] - 1), key="explore_layer")
-site2 = c2.selectbox("Site ", list(SITES), format_func=lambda s: f"{s}: {SITES[s]}", key="explore_site2")
+site2 = c2.selectbox("Site for this layer", list(SITES), format_func=lambda s: f"{s}: {SITES[s]}", key="explore_site2")
 with_sink = c3.toggle("Include the sink token", value=False, key="explore_sink",
                       help="The first token of each window often carries massive activations (an attention sink).")
 

@@ -25,6 +25,8 @@ if handle is not None:
                f"{handle.dtype} on {handle.device}")
 
 st.subheader("Pages")
+st.caption("In the sidebar's order. New here? Start with **Explore** (where the outliers are), then **Rotate** "
+           "(how a rotation removes them).")
 st.markdown(
     "- **Explore**: capture activations on a text corpus and see where outliers live: kurtosis per layer for "
     "every site the rotations touch, per-channel maxima with the outlier channels marked, a 3D tokens x channels "
@@ -33,10 +35,10 @@ st.markdown(
     "- **Rotate**: apply R1-R4 (random Hadamard, random orthogonal, or from a file), check that the rotated "
     "network computes the same logits, and compare kurtosis, per-channel maxima, surfaces, histograms and 4/8-bit "
     "quantization SQNR before and after, layer by layer.\n"
-    "- **Evaluate**: perplexity and zero-shot accuracy of recipes (fp, rtn, quarot, rotated, qrazor) at W-A-KV bit "
-    "settings such as 4-4-4, with RTN or GPTQ weights; results are cached and exportable.\n"
     "- **Optimize**: learn rotations with Cayley SGD (SpinQuant R1/R2, FLRot R3/R4 too) and watch the loss and "
     "kurtosis fall; compare with the spread of random rotations.\n"
+    "- **Evaluate**: perplexity and zero-shot accuracy of recipes (fp, rtn, quarot, rotated, qrazor) at W-A-KV bit "
+    "settings such as 4-4-4, with RTN or GPTQ weights; results are cached and exportable.\n"
     "- **QRazor**: significant data razoring bit by bit: one group's integers in binary, the razoring point, kept "
     "and dropped bits, and the error against 4-bit RTN with and without a Hadamard rotation.\n"
     "- **Kernels**: time the online-rotation kernels (Triton block-diagonal, FHT, fused rotate-and-quantize) "

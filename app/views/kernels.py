@@ -27,8 +27,8 @@ def latency_figure(rows: pd.DataFrame, d: int, title: str) -> go.Figure:
         style = dict(dash="dash", color="black", width=3) if kernel == "memcpy" else {}
         fig.add_trace(go.Scatter(x=k.L, y=k.median_us, mode="lines+markers", line=style,
                                  name=KERNEL_LABELS.get(kernel, kernel) + (" (floor)" if kernel == "memcpy" else "")))
-    fig.update_xaxes(type="log")
-    fig.update_yaxes(type="log")
+    fig.update_xaxes(type="log", dtick=1)  # decades only: plotly's 2 and 5 between them crowd the axis
+    charts._log_y(fig)
     return charts._layout(fig, title, "tokens L (log scale)", "median time (microseconds, log scale)", height=460)
 
 
@@ -53,7 +53,11 @@ if not gpu_available():
     st.caption("Lines that hug the dashed memcpy floor cost no more than copying the activations once. The padded "
                "FHT at widths that are not a power of two transforms a zero-padded vector: fast, but not an "
                "orthogonal transform of the d values.")
-    st.table(rows[rows.d == d].pivot_table(index="L", columns="kernel", values="median_us").round(1))
+    # Kernels as rows (readable names), token counts as columns: the other way round is wider than the page.
+    table = rows[rows.d == d].pivot_table(index="kernel", columns="L", values="median_us")
+    table = table.rename(index=lambda k: KERNEL_LABELS.get(k, k), columns=lambda n: f"L = {n}")
+    st.table(table.style.format("{:.1f}"))
+    st.caption(f"Median time in microseconds at d = {d}, per kernel and number of tokens L.")
     st.stop()
 
 with st.form("bench"):
@@ -81,5 +85,6 @@ if run:
         df = pd.DataFrame(rows)
         st.caption("Every kernel was checked against its reference before it was timed. Times: median of "
                    "triton.testing.do_bench; 'over_memcpy' = time / memcpy time at the same d and L.")
-        st.table(df[["kernel", "d", "L", "median_us", "gbps", "over_memcpy", "backend"]].round(2))
+        st.table(df[["kernel", "d", "L", "median_us", "gbps", "over_memcpy", "backend"]].style
+                 .format(precision=2).hide(axis="index"))
         st.download_button("Download CSV", df.to_csv(index=False).encode(), "spinscope_kernels.csv", "text/csv")

@@ -96,12 +96,12 @@ for c in results:
         centers = np.sqrt(edges[:-1] * edges[1:])
         fig.add_trace(go.Scatter(x=centers, y=100 * counts / err.size, mode="lines", name=c.method,
                                  line=dict(color=METHOD_COLORS[_short(c.method)], width=2)))
-fig.update_xaxes(type="log", exponentformat="power")
+fig.update_xaxes(type="log", exponentformat="power", dtick=1)  # decades only: the 2 and 5 between them crowd
 units = "weight" if tensor.role == "weight" else "activation"
 grid_cost = "fp16 scale, symmetric" if tensor.role == "weight" else "fp16 scale + 4-bit zero point, asymmetric"
 st.plotly_chart(charts._layout(fig, f"|quantization error| of every value: {tensor.label}",
                                f"|x_hat - x| ({units} units, log scale)", "share of values (% per bin)"))
-st.caption(f"Same effective bits: RTN gets the finest grids ({grid_cost}, "
+st.caption(f"A curve further left means smaller errors. Same effective bits: RTN gets the finest grids ({grid_cost}, "
            "per grid) that cost no more bits per value than SDR's flags, i.e. the smallest divisor of the row "
            "length whose overhead fits; the Hadamard variant rotates each row first (QuaRot, random signs"
            f"{', one Hadamard per head' if tensor.role == 'kv' else ''}). Exactly zero errors, not drawn: "

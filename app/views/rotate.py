@@ -49,10 +49,12 @@ if go_button:
         def on_metric(m: Metric):
             metrics[m.name] = m.value
 
-        st.button("Stop", help="Stops the job; nothing partial is kept or cached.")
+        stop_slot = st.empty()  # the Stop button shows only while the job runs
+        stop_slot.button("Stop", help="Stops the job; nothing partial is kept or cached.")
         done = progress.run(compare_job(handle, "wiki", rot, cap), "Rotating and capturing",
                             on_partial=show_partial, on_metric=on_metric)
         live.empty()
+        stop_slot.empty()
         st.session_state[state.COMPARE] = done.result
     except ValueError as e:
         st.error(str(e))
@@ -76,12 +78,12 @@ site = st.selectbox("Site", list(SITES), format_func=lambda s: f"{s}: {SITES[s]}
 
 
 def pair(make, caption: str):
-    left, right = st.columns(2)
-    with left:
-        st.plotly_chart(make(before, "before"), key=None)
-    with right:
-        st.plotly_chart(make(after, "after"), key=None)
-    st.caption(caption)
+    figs = make(before, "before"), make(after, "after")
+    charts.share_axes(*figs)  # one scale for both, so the drop in height is what the eye reads
+    for col, fig in zip(st.columns(2), figs):
+        with col:
+            st.plotly_chart(fig, key=None)
+    st.caption(caption + " Both charts share one scale.")
 
 
 # ---- kurtosis -----------------------------------------------------------------------------------------------
@@ -119,8 +121,19 @@ layer = st.slider("Layer", 0, before.meta["n_layers"] - 1, min(5, before.meta["n
 pair(lambda r, tag: charts.channel_absmax(r.array(layer, site, "absmax_nosink").numpy(),
                                           r.outlier_channels(layer, site), f"Per-channel max |x|, {tag}"),
      "Outlier channels (red, above 6x the median) before; after rotation their energy is spread over all channels.")
-pair(lambda r, tag: charts.surface(r.array(layer, site, "surface").float().numpy()[1:],
-                                   f"|x| tokens x channels, {tag}", first_token=1),
+
+
+def surface(r, tag):
+    fig = charts.surface(r.array(layer, site, "surface").float().numpy()[1:], f"|x| tokens x channels, {tag}",
+                         first_token=1)
+    # In a half-width column the full-width box and camera cut off the token and z axes: a squarer box seen from
+    # further back, with the colour bar below the scene instead of beside it.
+    fig.update_layout(scene_aspectratio=dict(x=1.5, y=1.0, z=0.7), scene_camera_eye=dict(x=1.5, y=-2.3, z=1.2))
+    fig.update_traces(colorbar=dict(orientation="h", y=0, yanchor="top", len=0.6, thickness=12))
+    return fig
+
+
+pair(surface,
      "The sink token (position 0) is left out. Ridges along tokens (outlier channels) vanish after rotation.")
 
 
