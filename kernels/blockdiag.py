@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 SUPPORTED_BLOCKS = (32, 64, 128, 256)
+X_EVICTION_POLICY = "evict_first"  # L2 hint for the x tiles, read once; the B tiles are marked evict_last
 DEFAULT_BLOCK = 128
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -55,16 +56,22 @@ class TileConfig:
     def meta(self) -> dict[str, int]:
         return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "ROW_TILES": self.row_tiles}
 
+    def launch_kwargs(self) -> dict[str, int]:
+        """The tile's constexprs plus num_warps and num_stages, as a kernel launch takes them."""
+        return {**self.meta(), "num_warps": self.num_warps, "num_stages": self.num_stages}
+
     def to_triton(self) -> triton.Config:
         return triton.Config(self.meta(), num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-# Autotune candidates (block_m, row_tiles, num_warps, num_stages). The H100 sweep (kernels/gpu_check.py,
+# Autotune candidates (block_m, row_tiles, num_warps, num_stages). The first H100 sweep (kernels/gpu_check.py,
 # docs/BENCHMARKS.md) found (64, 4, 4, 3) fastest from L = 512 to 8192 at d = 11008, b = 128; the others
-# cover small L (one program per block) and the other block sizes.
+# cover small L (one program per block), grids near a multiple of the SM count at mid L (2 or 3 programs per
+# column tile at L = 512), and the other block sizes.
 _TILE_CANDIDATES = (
     (16, 1, 4, 2), (32, 1, 4, 2), (64, 1, 4, 3), (64, 4, 4, 3), (64, 16, 4, 3),
     (128, 1, 8, 3), (128, 4, 8, 3), (128, 8, 8, 3), (64, 8, 8, 3), (128, 4, 4, 3),
+    (64, 2, 4, 3), (64, 3, 4, 3), (32, 4, 4, 3), (32, 8, 4, 3),
 )
 INTERPRETER_TILE = TileConfig(block_m=16, block_n=64, row_tiles=2, num_warps=4, num_stages=1)
 
@@ -117,8 +124,23 @@ def check_interpreter_active() -> None:
 
 
 def autotune_do_bench(fn, quantiles=None):
-    """Shorter timing than do_bench's default (25/100 ms) so a sweep of widths and L tunes in seconds."""
-    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+    """do_bench (L2 flushed before each run) of a CUDA graph of one trial run, shorter than the default.
+
+    Replaying a graph keeps the autotuner's Python (80 to 180 us per launch on the H100 machine, longer than
+    the flush) out of the timings, which otherwise ranked the candidates by host noise at small L.
+    """
+    graph = None
+    if torch.cuda.is_available():
+        try:
+            fn()  # compile and warm up outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+        except Exception:  # noqa: BLE001 - a launch that cannot be captured is timed the plain way
+            graph = None
+    return triton.testing.do_bench(graph.replay if graph is not None else fn, warmup=5, rep=25,
+                                   quantiles=quantiles)
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,34 +155,78 @@ def jit_kernel(fn):
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(fn, block: int, key: tuple[str, ...], reset_to_zero: tuple[str, ...]):
-    return triton.autotune(configs=blockdiag_autotune_configs(block), key=list(key),
-                           reset_to_zero=list(reset_to_zero) or None, do_bench=autotune_do_bench)(_jit(fn, False))
+def _autotuned(fn, block: int, key: tuple[str, ...], reset_to_zero: tuple[str, ...],
+               configs: tuple[TileConfig, ...] | None):
+    candidates = [c.to_triton() for c in configs] if configs else blockdiag_autotune_configs(block)
+    return triton.autotune(configs=candidates, key=list(key), reset_to_zero=list(reset_to_zero) or None,
+                           do_bench=autotune_do_bench)(_jit(fn, False))
 
 
 def autotuned_kernel(fn, block: int, key: tuple[str, ...] = ("M_BUCKET", "D", "BLOCK"),
-                     reset_to_zero: tuple[str, ...] = ()):
-    """The autotuned kernel for block size b; reset_to_zero names buffers to zero before each trial run."""
-    return _autotuned(fn, block, key, reset_to_zero)
+                     reset_to_zero: tuple[str, ...] = (), configs: tuple[TileConfig, ...] | None = None):
+    """The autotuned kernel for block size b; reset_to_zero names buffers to zero before each trial run;
+    configs: the candidates (None: tile_configs(block))."""
+    return _autotuned(fn, block, key, reset_to_zero, configs)
 
 
 _TUNED: dict[tuple, dict] = {}  # (kernel, shape key) -> the winning config's launch kwargs
+_COMPILED: dict[tuple, object] = {}  # launch specialization -> Triton's CompiledKernel
+FAST_LAUNCH = True  # False: every launch goes through triton.jit's full dispatch
+_OPTION_NAMES = frozenset(("num_warps", "num_ctas", "num_stages", "maxnreg", "ir_override", "enable_fp_fusion"))
+
+
+def _specialization(arg):
+    """What Triton specializes a runtime argument on: dtype and 16-byte alignment, or == 1 and % 16 == 0."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, bool) or not isinstance(arg, int):
+        return arg
+    return arg == 1, arg % 16 == 0, -(1 << 31) <= arg < (1 << 31)  # the last: i32 or i64
+
+
+@functools.lru_cache(maxsize=None)
+def _constexpr_names(fn) -> tuple[str, ...]:
+    """The kernel's tl.constexpr parameters, in order (our kernels list them after every runtime argument)."""
+    jitted = jit_kernel(fn)
+    return tuple(p.name for p in jitted.params if p.is_constexpr)
+
+
+def launch(fn, grid: int, args: tuple, meta: dict) -> None:
+    """jit launch of `fn` over `grid` programs; args: the runtime arguments in order, meta: constexprs and options.
+
+    On CUDA, the first launch of a specialization goes through triton.jit; later ones call the compiled kernel
+    directly, skipping Triton's argument binding and cache lookup (most of the 80 to 180 us of Python a launch
+    cost on the H100 machine, more than do_bench's L2 flush, so it leaked into the timings). The key holds
+    everything Triton specializes on, so the compiled kernel is the one triton.jit would pick.
+    """
+    if not FAST_LAUNCH or triton_interpret_requested():
+        jit_kernel(fn)[(grid,)](*args, **meta)
+        return
+    key = (fn, tuple(_specialization(a) for a in args), tuple(sorted(meta.items())))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        _COMPILED[key] = jit_kernel(fn)[(grid,)](*args, **meta)
+    else:
+        constexprs = [meta[name] for name in _constexpr_names(fn)]
+        compiled[(grid, 1, 1)](*args, *constexprs)
 
 
 def launch_tuned(fn, block: int, grid, args: tuple, meta: dict, tune_key: tuple,
-                 key: tuple[str, ...] = ("M_BUCKET", "D", "BLOCK"), reset_to_zero: tuple[str, ...] = ()) -> None:
-    """Autotune on the first call for tune_key, then launch the winner directly.
+                 key: tuple[str, ...] = ("M_BUCKET", "D", "BLOCK"), reset_to_zero: tuple[str, ...] = (),
+                 configs: tuple[TileConfig, ...] | None = None) -> None:
+    """Autotune on the first call for tune_key, then launch the winner through `launch` (no autotune wrapper).
 
-    Skipping triton.autotune's wrapper on later calls saves host time: on the H100 machine a whole launch cost
-    80 to 150 us of Python, about as long as do_bench's L2 flush, so host time leaks into small-L timings.
+    configs: the candidates (None: tile_configs(block)). Host time matters: on the H100 machine a Triton launch
+    cost 70 to 180 us of Python, about as long as do_bench's L2 flush, so it leaks into small-L timings.
     """
+    tune_key = (*tune_key, tuple(sorted(meta.items())), configs)
     best = _TUNED.get((fn, tune_key))
     if best is None:
-        tuner = autotuned_kernel(fn, block, key, reset_to_zero)
+        tuner = autotuned_kernel(fn, block, key, reset_to_zero, configs)
         tuner[grid](*args, **meta)
         _TUNED[(fn, tune_key)] = tuner.best_config.all_kwargs()
     else:
-        jit_kernel(fn)[grid](*args, **meta, **best)
+        launch(fn, grid(best)[0], args, {**meta, **best})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,6 +238,7 @@ def _blockdiag_kernel(
     M_BUCKET,  # autotune key only
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr,
     DOT_FP32: tl.constexpr,  # the interpreter's dot cannot read bf16: upcast there (exact products)
+    X_EVICTION: tl.constexpr,  # L2 hint for x, streamed once (X_EVICTION_POLICY); "" for the default policy
 ):
     pid = tl.program_id(0)
     n_col_tiles = D // BLOCK_N
@@ -183,7 +250,8 @@ def _blockdiag_kernel(
     offs_n = tl.arange(0, BLOCK_N)
 
     # B_j[:, col0-k0 : col0-k0+BLOCK_N]  [BLOCK, BLOCK_N], read once, reused for every row tile
-    w = tl.load(w_ptr + (k0 // BLOCK) * BLOCK * BLOCK + offs_k[:, None] * BLOCK + (col0 - k0) + offs_n[None, :])
+    w = tl.load(w_ptr + (k0 // BLOCK) * BLOCK * BLOCK + offs_k[:, None] * BLOCK + (col0 - k0) + offs_n[None, :],
+                eviction_policy="evict_last")  # every row group reads it
     if DOT_FP32:
         w = w.to(tl.float32)
 
@@ -193,7 +261,8 @@ def _blockdiag_kernel(
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < M
         rows64 = rows.to(tl.int64)  # M * D can pass 2^31
-        x = tl.load(x_ptr + rows64[:, None] * stride_xm + k0 + offs_k[None, :], mask=row_mask[:, None], other=0.0)
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + k0 + offs_k[None, :], mask=row_mask[:, None], other=0.0,
+                    eviction_policy=X_EVICTION)
         if DOT_FP32:
             acc = tl.dot(x.to(tl.float32), w, input_precision="ieee")
         else:
@@ -261,16 +330,15 @@ def blockdiag_matmul_triton(x: torch.Tensor, blocks: torch.Tensor, *, config: Ti
     args = (x2, w, y, m, d, x2.stride(0), y.stride(0), m_bucket(m))
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"] * meta["ROW_TILES"]) * (d // meta["BLOCK_N"]),)
+        return triton.cdiv(m, meta["BLOCK_M"] * meta["ROW_TILES"]) * (d // meta["BLOCK_N"])
 
-    dot_fp32 = interpret and x.dtype == torch.bfloat16
+    meta = dict(BLOCK=b, DOT_FP32=interpret and x.dtype == torch.bfloat16, X_EVICTION=X_EVICTION_POLICY)
     if config is None:
-        launch_tuned(_blockdiag_kernel, b, grid, args, dict(BLOCK=b, DOT_FP32=dot_fp32),
+        launch_tuned(_blockdiag_kernel, b, lambda meta: (grid(meta),), args, meta,
                      (m_bucket(m), d, b, x.dtype, x.device))
     else:
         config = _fit_config(config, b)
-        jit_kernel(_blockdiag_kernel)[grid](*args, BLOCK=b, DOT_FP32=dot_fp32, **config.meta(),
-                                            num_warps=config.num_warps, num_stages=config.num_stages)
+        launch(_blockdiag_kernel, grid(config.meta()), args, {**meta, **config.launch_kwargs()})
     return y.reshape(x.shape)
 
 

@@ -1,6 +1,9 @@
 """One GPU run for issue 7: check every kernel, sweep tile shapes, run the benchmark, print the verdicts.
 
-    python -m kernels.gpu_check --out DIR [--fht-src DIR] [--no-sweep] [--d ...] [--L ...]
+    python -m kernels.gpu_check --out DIR [--fht-src DIR] [--no-sweep] [--profile] [--d ...] [--L ...]
+
+Order: a smoke test of the fused rotate-quantize launch in a child process (a hang there is killed and the run
+goes on with the two-launch fallback), correctness checks, the benchmark, the profile, the tile sweeps.
 
 --fht-src: a checkout of Dao-AILab/fast-hadamard-transform (csrc/ and fast_hadamard_transform/); it is built
 for this GPU with torch's extension loader (for a machine without network; users with one pip-install
@@ -15,6 +18,7 @@ import importlib
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -22,17 +26,23 @@ from datetime import datetime, timezone
 import torch
 from triton.runtime.errors import OutOfResources
 
-from kernels import bench, hadamard
+from kernels import bench, blockdiag, hadamard, rotate_quant
 from kernels.blockdiag import (SUPPORTED_BLOCKS, TileConfig, blockdiag_matmul_reference, blockdiag_matmul_triton,
                                blockdiag_rotate, tile_configs)
-from kernels.rotate_quant import rotate_quantize, rotate_quantize_reference, unpack_int4
+from kernels.rotate_quant import (SPLIT_TILE, rotate_quant_configs, rotate_quantize, rotate_quantize_reference,
+                                  sync_buffer, unpack_int4)
 
 # The brief's H100 numbers for Dao's FHT at d = 11008 (padded to 16384), fp16, microseconds
 BRIEF_FHT_11008 = {1: 9.0, 512: 22.2, 2048: 66.6, 8192: 240.7}
-EXTRA_SWEEP_TILES = (
-    TileConfig(128, 128, 16, 8, 4), TileConfig(128, 128, 32, 8, 3), TileConfig(64, 128, 32, 4, 4),
-    TileConfig(32, 128, 4, 4, 3), TileConfig(64, 128, 8, 4, 2),
-    TileConfig(128, 128, 8, 4, 3), TileConfig(128, 128, 2, 8, 3),
+EXTRA_SWEEP_TILES = (  # block-diagonal tiles beyond the autotune candidates (b = 128)
+    TileConfig(128, 128, 16, 8, 4), TileConfig(64, 128, 32, 4, 4), TileConfig(128, 128, 2, 8, 3),
+    TileConfig(32, 128, 6, 4, 3), TileConfig(16, 128, 8, 4, 3), TileConfig(16, 128, 4, 4, 3),
+    TileConfig(64, 128, 4, 4, 2), TileConfig(64, 128, 4, 4, 4), TileConfig(64, 128, 2, 4, 2),
+    TileConfig(64, 64, 4, 4, 3), TileConfig(128, 64, 2, 4, 3), TileConfig(32, 64, 4, 4, 3),
+)
+EXTRA_ROTATE_TILES = (  # fused rotate-quantize tiles beyond its autotune candidates
+    TileConfig(64, 128, 1, 8, 1), TileConfig(32, 128, 1, 2, 1), TileConfig(32, 128, 2, 4, 2),
+    TileConfig(32, 128, 4, 4, 3), TileConfig(64, 128, 8, 4, 3), TileConfig(64, 128, 4, 8, 3),
 )
 
 
@@ -86,11 +96,13 @@ def check_correctness() -> list[str]:
                 error = _rel(blockdiag_matmul_triton(x, blocks, config=config), blockdiag_matmul_reference(x, blocks))
                 if not error <= tol[dtype]:
                     failures.append(f"blockdiag b={b} {dtype} {shape} {config}: rel error {error:.3g}")
-        # every autotune candidate, not only the winner, must compute the same function
+        if b != 128:  # the other blocks' candidates share the kernel body; compiling them all costs a minute
+            continue
+        # every autotune candidate and sweep tile, not only the winner, must compute the same function
         x = torch.randn(300, 4 * b, dtype=torch.float16, device="cuda")
         blocks = torch.randn(4, b, b, device="cuda").half() / math.sqrt(b)
         ref = blockdiag_matmul_reference(x, blocks)
-        for config in tile_configs(b):
+        for config in dict.fromkeys(tile_configs(b) + list(EXTRA_SWEEP_TILES)):
             _poison_next_allocation(x.numel())
             try:
                 error = _rel(blockdiag_matmul_triton(x, blocks, config=config), ref)
@@ -106,23 +118,7 @@ def check_correctness() -> list[str]:
     if not error <= 2e-3:
         failures.append(f"blockdiag strided input: rel error {error:.3g}")
 
-    cases = [(bits, dtype, 128, shape, chunk, None if dtype == torch.float16 and bits == 4 else fixed)
-             for bits in (4, 8) for dtype in (torch.float16, torch.bfloat16)
-             for shape, chunk in (((1, 11008), None), ((3, 37, 11008), 16), ((5000, 11008), None))]
-    cases += [(4, torch.float16, 32, (513, 4096), 128, fixed), (4, torch.float16, 256, (2048, 14336), 1024, fixed)]
-    for bits, dtype, b, shape, chunk, config in cases:
-        x = torch.randn(*shape, dtype=dtype, device="cuda")
-        x[..., 7] *= 40.0  # an outlier channel, as in real activations
-        blocks = torch.linalg.qr(torch.randn(shape[-1] // b, b, b, device="cuda"))[0].to(dtype)
-        q, s = rotate_quantize(x, blocks, bits, chunk_rows=chunk, config=config)
-        q_ref, s_ref = rotate_quantize_reference(x, blocks, bits)
-        if bits == 4:
-            q, q_ref = unpack_int4(q), unpack_int4(q_ref)
-        diff = (q.int() - q_ref.int()).abs()
-        off = float((diff > 0).float().mean())
-        if diff.max() > 1 or off > 1e-3 or _rel(s, s_ref) > 1e-5:
-            failures.append(f"rotate_quant int{bits} {dtype} b={b} {shape} {config}: max diff {int(diff.max())}, "
-                            f"{off:.2e} off by one, scale rel {_rel(s, s_ref):.2e}")
+    failures += check_rotate_quantize()
 
     # the engine hook's gradients against autograd through the fp32 reference
     x = torch.randn(4, 33, 1024, device="cuda", dtype=torch.float16, requires_grad=True)
@@ -149,58 +145,160 @@ def check_correctness() -> list[str]:
     return failures
 
 
-def sweep(out_dir: str, d: int = 11008, ls=(1, 512, 2048, 8192), ops=("blockdiag", "rotate")) -> list[dict]:
-    """Time fixed tile shapes of the block-diagonal kernel (b = 128, fp16) and rotate+int4 chunkings."""
+def _quant_mismatch(got, want, bits: int) -> str | None:
+    """None when the integers are within 1 (at most 0.1 % off by one) and the scales within 1e-5."""
+    (q, s), (q_ref, s_ref) = got, want
+    if bits == 4:
+        q, q_ref = unpack_int4(q), unpack_int4(q_ref)
+    diff = (q.int() - q_ref.int()).abs()
+    off = float((diff > 0).float().mean())
+    if diff.max() > 1 or off > 1e-3 or not _rel(s, s_ref) <= 1e-5:
+        return f"max diff {int(diff.max())}, {off:.2e} off by one, scale rel {_rel(s, s_ref):.2e}"
+    return None
+
+
+def check_fast_launch() -> bool:
+    """blockdiag.launch's direct calls of the compiled kernel give the same bytes as triton.jit's dispatch."""
+    x = torch.randn(1000, 11008, dtype=torch.float16, device="cuda")
+    blocks = torch.linalg.qr(torch.randn(86, 128, 128, device="cuda"))[0].half().contiguous()
+    try:
+        outputs = []
+        for fast in (False, True, True):  # the first fast call compiles, the second replays
+            blockdiag.FAST_LAUNCH = fast
+            outputs.append((blockdiag_matmul_triton(x, blocks, config=TileConfig(64, 128, 4, 4, 3)),
+                            rotate_quantize(x, blocks, 4, config=TileConfig(64, 128, 1, 4, 1))))
+        same = all(torch.equal(a, b) for out in outputs[1:] for a, b in zip(
+            (out[0], *out[1]), (outputs[0][0], *outputs[0][1])))
+    except Exception as err:  # noqa: BLE001
+        print(f"fast launch FAILED: {err!r:.1000}")
+        same = False
+    blockdiag.FAST_LAUNCH = same
+    print(f"fast launch {'matches' if same else 'DISABLED (differs from)'} triton.jit's dispatch", flush=True)
+    return same
+
+
+def check_rotate_quantize(quick: bool = False) -> list[str]:
+    """The fused kernel against the reference quantization of the reference rotation, each call twice (the
+    kernel re-zeroes its sync buffer: a stale maximum would shrink the second call's integers)."""
+    failures = []
+    hold = TileConfig(64, 128, 1, 4, 1)
+    cases = [(bits, torch.float16, 128, shape, None, None) for bits in (4, 8)
+             for shape in ((1, 11008), (3, 37, 11008), (5000, 11008))]  # autotuned, fused
+    if quick:
+        cases += [(4, torch.float16, 128, (1500, 11008), None, False), (4, torch.bfloat16, 128, (777, 4096), hold, None)]
+    cases += [] if quick else [(4, torch.float16, 128, (2048, 11008), config, None)
+                               for config in rotate_quant_configs(128) + list(EXTRA_ROTATE_TILES)]
+    cases += [] if quick else [(bits, torch.bfloat16, 128, shape, hold, None) for bits in (4, 8)
+                               for shape in ((3, 37, 11008), (777, 4096))]
+    cases += [] if quick else [(4, torch.float16, 128, (1500, 11008), None, False), (8, torch.float16, 128, (33, 4096), None, False),
+              (4, torch.float16, 32, (513, 4096), TileConfig(64, 32, 2, 4, 2), None),  # 128 column tiles: fused
+              (4, torch.float16, 32, (513, 11008), None, None),  # 344 column tiles: two launches
+              (4, torch.float16, 256, (1000, 14336), TileConfig(64, 128, 1, 8, 1), None),
+              (8, torch.float16, 64, (100, 4096), TileConfig(32, 64, 2, 4, 2), None)]
+    for bits, dtype, b, shape, config, fused in cases:
+        x = torch.randn(*shape, dtype=dtype, device="cuda")
+        x[..., 7] *= 40.0  # an outlier channel, as in real activations
+        blocks = torch.linalg.qr(torch.randn(shape[-1] // b, b, b, device="cuda"))[0].to(dtype).contiguous()
+        want = rotate_quantize_reference(x, blocks, bits)
+        for call in (1, 2):
+            try:
+                problem = _quant_mismatch(rotate_quantize(x, blocks, bits, config=config, fused=fused), want, bits)
+            except OutOfResources as err:
+                problem = f"out of resources: {err}"
+            if problem:
+                failures.append(f"rotate_quant int{bits} {dtype} b={b} {shape} {config} fused={fused} "
+                                f"call {call}: {problem}")
+    torch.cuda.synchronize()
+    if sync_buffer(torch.device("cuda", torch.cuda.current_device()), 1).any():
+        failures.append("rotate_quant left its sync buffer non-zero")
+    return failures
+
+
+def smoke_test_fused(timeout_s: int = 75) -> bool:
+    """Run every fused candidate once in a child process with a time limit: a bug in the cross-program wait
+    would hang the GPU, and a hung child can be killed where this process could not be."""
+    code = ("import torch; from kernels.rotate_quant import *; from kernels.gpu_check import EXTRA_ROTATE_TILES\n"
+            "x = torch.randn(2048, 11008, dtype=torch.float16, device='cuda')\n"
+            "b = torch.linalg.qr(torch.randn(86, 128, 128, device='cuda'))[0].half().contiguous()\n"
+            "for c in rotate_quant_configs(128) + list(EXTRA_ROTATE_TILES):\n"
+            "    rotate_quantize(x, b, 4, config=c, fused=True); torch.cuda.synchronize(); print('ok', c, flush=True)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], timeout=timeout_s, capture_output=True, text=True)
+    except subprocess.TimeoutExpired as err:
+        print(f"fused smoke test HUNG (> {timeout_s} s); output: {(err.stdout or b'')[-2000:]!r}")
+        return False
+    print(f"fused smoke test rc {done.returncode}: {done.stdout.count('ok')} configs ran" +
+          (f"; stderr: {done.stderr[-3000:]}" if done.returncode else ""), flush=True)
+    return done.returncode == 0
+
+
+def _time(fn, warmup: int = 10, rep: int = 40) -> float:
     import triton.testing
+    return 1e3 * triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def sweep(out_dir: str, d: int = 11008, ls=(512, 2048, 8192), ops=("blockdiag", "rotate"),
+          extra: bool = True) -> list[dict]:
+    """Time fixed tile shapes of the block-diagonal kernel and of the fused rotate + int4 (b = 128, fp16);
+    extra: also the tiles beyond the autotune candidates (each one more compile)."""
     rows = []
-    tiles = list(dict.fromkeys(tile_configs(128) + list(EXTRA_SWEEP_TILES)))
+    extra_tiles = list(EXTRA_SWEEP_TILES) if extra else []
+    extra_rotate = list(EXTRA_ROTATE_TILES) if extra else []
     for tokens in ls:
         x = torch.randn(tokens, d, dtype=torch.float16, device="cuda")
         blocks = torch.linalg.qr(torch.randn(d // 128, 128, 128, device="cuda"))[0].half().contiguous()
-        memcpy = 1e3 * triton.testing.do_bench(x.clone, return_mode="median")
-        rows.append({"op": "memcpy", "L": tokens, "tile": "", "us": memcpy})
-        for tile in tiles if "blockdiag" in ops else ():
+        rows.append({"op": "memcpy", "L": tokens, "tile": "", "us": _time(x.clone)})
+        if "blockdiag" in ops:
+            for tile in dict.fromkeys(tile_configs(128) + extra_tiles):
+                try:
+                    us = _time(lambda: blockdiag_matmul_triton(x, blocks, config=tile))
+                except (OutOfResources, ValueError):  # a tile too large for shared memory
+                    continue
+                rows.append({"op": "blockdiag", "L": tokens, "tile": _tile_name(tile), "us": us})
+            best = min((r for r in rows if r["op"] == "blockdiag" and r["L"] == tokens), key=lambda r: r["us"])
+            tile = next(t for t in dict.fromkeys(tile_configs(128) + extra_tiles) if _tile_name(t) == best["tile"])
+            blockdiag.X_EVICTION_POLICY = ""  # the same best tile without the L2 hints on x
             try:
-                us = 1e3 * triton.testing.do_bench(lambda: blockdiag_matmul_triton(x, blocks, config=tile),
-                                                   warmup=10, rep=40, return_mode="median")
-            except (OutOfResources, ValueError):  # a tile too large for shared memory
-                continue
-            rows.append({"op": "blockdiag", "L": tokens, "tile": _tile_name(tile), "us": us})
-        if tokens >= 2048 and "rotate" in ops:
-            q_ref, _ = rotate_quantize_reference(x, blocks, 4)
-            q_ref = unpack_int4(q_ref).int()
-            for chunk_mib in (4, 8, 12, 16, 24, 1 << 20):
-                chunk = max(128, (chunk_mib << 20) // (d * 2) // 128 * 128)
-                for tile in (None, TileConfig(64, 128, 4, 4, 3), TileConfig(128, 128, 4, 8, 3),
-                             TileConfig(64, 128, 16, 4, 3)):
-                    try:
-                        diff = (unpack_int4(rotate_quantize(x, blocks, 4, chunk_rows=chunk, config=tile)[0]).int()
-                                - q_ref).abs()
-                        if diff.max() > 1 or (diff > 0).float().mean() > 1e-3:
-                            print(f"  FAIL rotate int4 chunk {chunk} {tile}: max diff {int(diff.max())}")
-                            continue
-                        us = 1e3 * triton.testing.do_bench(
-                            lambda: rotate_quantize(x, blocks, 4, chunk_rows=chunk, config=tile),
-                            warmup=10, rep=40, return_mode="median")
-                    except (OutOfResources, ValueError):
+                us = _time(lambda: blockdiag_matmul_triton(x, blocks, config=tile))
+            finally:
+                blockdiag.X_EVICTION_POLICY = "evict_first"
+            rows.append({"op": "blockdiag_no_hint", "L": tokens, "tile": best["tile"], "us": us})
+            rows.append({"op": "blockdiag_autotuned", "L": tokens, "tile": "",
+                         "us": _time(lambda: blockdiag_matmul_triton(x, blocks))})
+        if "rotate" in ops and tokens >= 2048:
+            want = rotate_quantize_reference(x, blocks, 4)
+            variants = [(c, True) for c in rotate_quant_configs(128) + extra_rotate]
+            variants += [(SPLIT_TILE, False), (None, None)]
+            for tile, fused in variants:
+                try:
+                    problem = _quant_mismatch(rotate_quantize(x, blocks, 4, config=tile, fused=fused), want, 4)
+                    if problem:
+                        print(f"  FAIL rotate int4 L={tokens} {tile} fused={fused}: {problem}")
                         continue
-                    rows.append({"op": f"rotate_int4_chunk{chunk_mib}MiB", "L": tokens,
-                                 "tile": "autotune" if tile is None else _tile_name(tile), "us": us})
+                    us = _time(lambda: rotate_quantize(x, blocks, 4, config=tile, fused=fused))
+                except (OutOfResources, ValueError) as err:
+                    print(f"  rotate int4 {tile}: {err!r:.200}")
+                    continue
+                name = "autotuned" if tile is None else _tile_name(tile)
+                rows.append({"op": "rotate_int4_" + ("fused" if fused in (True, None) else "split"), "L": tokens,
+                             "tile": name, "us": us})
+        del x
+        torch.cuda.empty_cache()
     with open(os.path.join(out_dir, "sweep.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["op", "L", "tile", "us"])
         writer.writeheader()
         writer.writerows(rows)
-    print("\n== sweep (d = 11008, fp16; best 4 per op and L)")
+    print(f"\n== sweep (d = {d}, fp16; do_bench median us; best 5 per op and L)")
     for tokens in ls:
         memcpy = next(r["us"] for r in rows if r["op"] == "memcpy" and r["L"] == tokens)
         for op in dict.fromkeys(r["op"] for r in rows if r["L"] == tokens and r["op"] != "memcpy"):
-            best = sorted((r for r in rows if r["op"] == op and r["L"] == tokens), key=lambda r: r["us"])[:4]
-            print(f"L={tokens:<5} {op:<26} memcpy {memcpy:7.1f} | "
-                  + " | ".join(f"{r['tile']} {r['us']:.1f}" for r in best))
+            best = sorted((r for r in rows if r["op"] == op and r["L"] == tokens), key=lambda r: r["us"])[:5]
+            print(f"L={tokens:<5} {op:<20} memcpy {memcpy:6.1f} | "
+                  + " | ".join(f"{r['tile']} {r['us']:.1f} ({r['us'] / memcpy:.2f})" for r in best), flush=True)
     return rows
 
 
-def profile(d: int = 11008, ls=(1, 512, 2048, 8192), with_rotate: bool = True) -> None:
+def profile(d: int = 11008, ls=(1, 512, 2048, 8192)) -> None:
     """Device time per kernel (torch profiler, L2 flushed before each call as do_bench does) and host time per call."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -210,10 +308,7 @@ def profile(d: int = 11008, ls=(1, 512, 2048, 8192), with_rotate: bool = True) -
         x = torch.randn(tokens, d, dtype=torch.float16, device="cuda")
         blocks = torch.linalg.qr(torch.randn(d // 128, 128, 128, device="cuda"))[0].half().contiguous()
         fns = {"memcpy": x.clone, "triton_blockdiag": lambda: blockdiag_matmul_triton(x, blocks),
-               "fht_padded": lambda: hadamard.hadamard_transform_padded(x),
                "rotate_quant_int4": lambda: rotate_quantize(x, blocks, 4)}
-        if not with_rotate:
-            del fns["rotate_quant_int4"]
         for name, fn in fns.items():
             fn()
             torch.cuda.synchronize()
@@ -230,7 +325,7 @@ def profile(d: int = 11008, ls=(1, 512, 2048, 8192), with_rotate: bool = True) -
             parts = []
             for event in prof.key_averages():
                 total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-                if event.count and total:
+                if event.count and total and "fill" not in event.key.lower():
                     parts.append(f"{event.key[:38]} x{event.count} {total / event.count:.1f}")
             print(f"L={tokens:<5} {name:<18} host {host_us:6.1f} | " + " | ".join(parts), flush=True)
 
@@ -271,6 +366,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--fht-src", default=None)
     parser.add_argument("--no-checks", action="store_true")
+    parser.add_argument("--no-smoke", action="store_true", help="skip the fused launch's smoke test")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer compiles: rotate-quantize checks only, sweeps over the autotune candidates")
+    parser.add_argument("--sweep-L", default="512,2048,8192")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--sweep", default="blockdiag,rotate", help="which sweeps: blockdiag,rotate")
     parser.add_argument("--profile", action="store_true")
@@ -278,6 +377,8 @@ def main(argv=None) -> int:
     parser.add_argument("--d", default="4096,11008,14336")
     parser.add_argument("--L", default="1,16,128,512,2048,8192")
     parser.add_argument("--kernels", default=",".join(bench.KERNELS))
+    parser.add_argument("--warmup-ms", type=int, default=25, help="do_bench warmup per benchmark row")
+    parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per benchmark row")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA GPU visible: nothing to check here (this script is for the GPU machine)")
@@ -288,27 +389,17 @@ def main(argv=None) -> int:
           f"{torch.__version__} | triton {triton.__version__} | python {platform.python_version()}", flush=True)
 
     kernels = args.kernels.split(",")
-    try:  # the fused kernel compiles first, so that a compiler failure still leaves the other results
-        small = torch.randn(300, 11008, dtype=torch.float16, device="cuda")
-        small_blocks = torch.linalg.qr(torch.randn(86, 128, 128, device="cuda"))[0].half().contiguous()
-        got = rotate_quantize(small, small_blocks, 4, chunk_rows=128)[0]
-        want = rotate_quantize_reference(small, small_blocks, 4)[0]
-        print(f"rotate_quantize compiles; int4 bytes equal to the reference: {float((got == want).float().mean()):.5f}")
-        rotate_ok = True
-    except Exception as err:  # noqa: BLE001
-        print(f"rotate_quantize FAILED to compile or run: {err!r:.2000}")
-        kernels = [k for k in kernels if not k.startswith("rotate_quant")]
-        rotate_ok = False
+    if not args.no_smoke and not smoke_test_fused():
+        rotate_quant.FUSED_LAUNCH = False  # go on with two launches so the other results still come
+        print("fused launch DISABLED for this run: rotate_quant rows are the two-launch fallback", flush=True)
     start = time.time()
-    failures = [] if args.no_checks else check_correctness()
+    if torch.cuda.is_available():
+        check_fast_launch()
+    failures = [] if args.no_checks else check_rotate_quantize(quick=True) if args.quick else check_correctness()
     verdict = "skipped" if args.no_checks else f"{len(failures)} FAILED" if failures else "all passed"
     print(f"correctness: {verdict} ({time.time() - start:.0f} s)", flush=True)
     for line in failures:
         print("  FAIL", line)
-    if not args.no_sweep:
-        start = time.time()
-        sweep(args.out, ops=[op for op in args.sweep.split(",") if rotate_ok or op != "rotate"])
-        print(f"sweep took {time.time() - start:.0f} s", flush=True)
     if args.fht_src:
         start = time.time()
         try:
@@ -317,27 +408,39 @@ def main(argv=None) -> int:
         except Exception as err:  # noqa: BLE001 - the package is optional; say why and go on with ours
             print(f"fast_hadamard_transform build failed after {time.time() - start:.0f} s: {err!r:.500}")
     print(f"Hadamard backend: {hadamard.backend()}", flush=True)
+    if not args.no_bench:
+        run_bench(args, kernels)
     if args.profile:
-        profile(with_rotate=rotate_ok)
-    if args.no_bench:
-        return 1 if failures else 0
+        profile()
+    if not args.no_sweep:
+        start = time.time()
+        sweep(args.out, ls=bench._parse_ints(args.sweep_L, "sweep-L"), ops=args.sweep.split(","),
+              extra=not args.quick)
+        print(f"sweep took {time.time() - start:.0f} s", flush=True)
+    return 1 if failures else 0
+
+
+def run_bench(args, kernels: list[str]) -> list[dict]:
+    """kernels.bench rows, written to bench.csv as they come (a run cut short still leaves its rows)."""
     start = time.time()
     rows = []
     print("\n== benchmark\n" + bench.HEADER, flush=True)
-    for row in bench.run_benchmark(bench._parse_ints(args.d, "d"), bench._parse_ints(args.L, "L"), "fp16", kernels):
-        rows.append(row)
-        print(bench.format_row(row), flush=True)
-    print(f"benchmark took {time.time() - start:.0f} s")
     with open(os.path.join(args.out, "bench.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=bench.ROW_FIELDS)
         writer.writeheader()
-        writer.writerows(rows)
+        for row in bench.run_benchmark(bench._parse_ints(args.d, "d"), bench._parse_ints(args.L, "L"), "fp16",
+                                       kernels, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms):
+            rows.append(row)
+            writer.writerow(row)
+            f.flush()
+            print(bench.format_row(row), flush=True)
+    print(f"benchmark took {time.time() - start:.0f} s")
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(bench.markdown_table(rows) + "\n")
     print("\n== acceptance (d = 11008, fp16, block 128)")
     for line in verdicts(rows):
         print(line)
-    return 1 if failures else 0
+    return rows
 
 
 if __name__ == "__main__":

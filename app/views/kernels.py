@@ -9,7 +9,7 @@ from app import charts
 from kernels.bench import KERNEL_LABELS, KERNELS, NoGPUError, gpu_available, run_benchmark
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-RECORDED = ("bench_h100_2026-11-23.csv", "NVIDIA H100 80GB, 2026-11-23 (torch 2.11, triton 3.6; FHT rows: our "
+RECORDED = ("bench_h100_2026-11-23.csv", "NVIDIA H100 80GB, 2026-11-23 15:33 UTC (torch 2.11, triton 3.6; FHT rows: our "
             "torch implementation)")
 RECORDED_FHT = "bench_h100_fht_package_2026-11-23.csv"
 

@@ -137,3 +137,15 @@ def test_gpu_autotuned_kernel_matches_reference():
     blocks = random_blocks(86, 128, torch.float16).cuda()
     assert kernel_applies(x, blocks)
     assert rel_error(blockdiag_matmul(x, blocks), blockdiag_matmul_reference(x, blocks)) < 2e-3
+
+
+def test_fast_launch_key_separates_what_triton_specializes_on():
+    # blockdiag.launch replays a compiled kernel only for arguments Triton would compile the same way
+    from kernels.blockdiag import _specialization
+    base = torch.zeros(64, dtype=torch.float16)
+    assert _specialization(base) == _specialization(torch.ones(64, dtype=torch.float16))
+    assert _specialization(base) != _specialization(base[1:])  # 2-byte offset: not 16-byte aligned
+    assert _specialization(base) != _specialization(torch.zeros(64, dtype=torch.bfloat16))
+    assert _specialization(11008) == _specialization(4096) != _specialization(11009)  # % 16
+    assert _specialization(1) != _specialization(3)  # Triton turns an int equal to 1 into a constant
+    assert _specialization(1 << 31) != _specialization(1 << 30)  # i64 beyond int32

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kernels.blockdiag import SUPPORTED_BLOCKS, TileConfig
-from kernels.rotate_quant import (QMAX, chunk_rows_for, dequantize, pack_int4, quantize_per_token_reference,
-                                  rotate_quantize, rotate_quantize_reference, unpack_int4)
+from kernels.rotate_quant import (QMAX, dequantize, pack_int4, quantize_per_token_reference, rotate_quant_configs,
+                                  rotate_quantize, rotate_quantize_reference, sync_buffer, unpack_int4)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETED,
@@ -72,14 +72,14 @@ def test_quantizer_rejects_other_bit_widths():
 @pytest.mark.parametrize("block", SUPPORTED_BLOCKS)
 def test_fused_kernel_equals_reference_quantization_of_reference_rotation(block, dtype, bits):
     torch.manual_seed(block + bits)
-    x = torch.randn(3, 5, 2 * block).to(dtype)
+    x = torch.randn(3, 13, 2 * block).to(dtype)
     x[1, 2, 3] = 60.0  # an outlier token
     blocks = random_blocks(2, block, dtype)
-    q, scales = rotate_quantize(x, blocks, bits, chunk_rows=8)  # 15 tokens: two chunks
+    q, scales = rotate_quantize(x, blocks, bits)  # 39 tokens: two row groups of the interpreter's 32-row tiles
     q_ref, scales_ref = rotate_quantize_reference(x, blocks, bits)
-    assert q.shape == q_ref.shape == (3, 5, block if bits == 4 else 2 * block)
+    assert q.shape == q_ref.shape == (3, 13, block if bits == 4 else 2 * block)
     assert q.dtype == (torch.uint8 if bits == 4 else torch.int8)
-    assert scales.shape == (3, 5, 1)
+    assert scales.shape == (3, 13, 1)
     assert torch.allclose(scales, scales_ref, rtol=1e-6, atol=0)
     values, values_ref = (unpack_int4(q), unpack_int4(q_ref)) if bits == 4 else (q, q_ref)
     diff = (values.int() - values_ref.int()).abs()
@@ -100,10 +100,46 @@ def test_fused_kernel_zero_token_and_fixed_tile():
     assert (err <= scales / 2 + 1e-3).all()
 
 
-def test_chunk_rows_keep_x_within_the_l2_budget():
-    rows = chunk_rows_for(11008, 2)
-    assert rows % 128 == 0 and rows * 11008 * 2 <= 16 << 20 < (rows + 128) * 11008 * 2
-    assert chunk_rows_for(1 << 20, 2) == 128  # never below one 128-row tile group
+@interpreted
+def test_kernel_leaves_its_sync_buffer_zeroed_for_the_next_call():
+    # the kernel clears the row maxima and counters itself (no memset per call): a stale maximum from the first
+    # call would shrink the second call's integers, so run a large-valued input, then a small one
+    blocks = random_blocks(2, 64, torch.float16)
+    big = torch.randn(40, 128, dtype=torch.float16) * 100
+    small = torch.randn(40, 128, dtype=torch.float16)
+    rotate_quantize(big, blocks, 4)
+    assert not sync_buffer(big.device, 1).any()
+    q, scales = rotate_quantize(small, blocks, 4, config=TileConfig(16, 32, 1))
+    q_ref, scales_ref = rotate_quantize_reference(small, blocks, 4)
+    assert torch.allclose(scales, scales_ref, rtol=1e-6, atol=0)
+    assert (unpack_int4(q).int() - unpack_int4(q_ref).int()).abs().max() <= 1
+    assert not sync_buffer(big.device, 1).any()
+
+
+@interpreted
+def test_fixed_tile_wider_than_the_block_is_clipped():
+    x = torch.randn(21, 192, dtype=torch.float16)
+    blocks = random_blocks(3, 64, torch.float16)
+    q, scales = rotate_quantize(x, blocks, 4, config=TileConfig(16, 128, 1))  # 128 columns > b = 64
+    q_ref, scales_ref = rotate_quantize_reference(x, blocks, 4)
+    assert torch.allclose(scales, scales_ref, rtol=1e-6, atol=0)
+    assert (unpack_int4(q).int() - unpack_int4(q_ref).int()).abs().max() <= 1
+
+
+@interpreted
+def test_fused_launch_needs_cuda():
+    x = torch.randn(4, 128, dtype=torch.float16)
+    with pytest.raises(ValueError, match="fused=False"):
+        rotate_quantize(x, random_blocks(1, 128, torch.float16), 4, fused=True)
+
+
+@pytest.mark.parametrize("block", SUPPORTED_BLOCKS)
+def test_fused_candidates_fit_the_block_and_shared_memory(block):
+    configs = rotate_quant_configs(block)
+    assert configs and any(c.row_tiles == 1 for c in configs)  # the register-resident variant is tried
+    for config in configs:
+        assert config.block_n == min(block, 128) and block % config.block_n == 0
+        assert (block * config.block_n + config.num_stages * config.block_m * block) * 2 <= 200 * 1024
 
 
 @needs_gpu
