@@ -1,0 +1,120 @@
+"""AppTest of the Optimize page on a tiny random Llama directory (tests/conftest.py: tiny_model_dir), chosen in the
+sidebar as a user would choose any local model: train, see the curves, evaluate, run the random spread, and the
+page a Stop press leads to."""
+import json
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from tests.app.test_pages import decode
+
+APP = str(Path(__file__).resolve().parents[2] / "app" / "streamlit_app.py")
+TIMEOUT = 300
+
+pytestmark = pytest.mark.usefixtures("tmp_cache")
+
+
+def optimize_page(model_dir) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["model_name"] = str(model_dir)
+    at.run()
+    at.switch_page("views/optimize.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def button(at: AppTest, label: str):
+    return next(b for b in at.button if b.label.startswith(label))
+
+
+def figures(at: AppTest) -> dict:
+    out = {}
+    for el in at.get("plotly_chart"):
+        fig = json.loads(el.proto.spec)
+        out[fig["layout"]["title"]["text"]] = fig
+    return out
+
+
+def set_small_run(at: AppTest, method: str, steps: int = 3) -> None:
+    at.radio(key="opt_method").set_value(method)
+    at.number_input(key="opt_steps").set_value(steps)
+    at.number_input(key="opt_windows").set_value(3)
+    at.number_input(key="opt_window").set_value(32)
+    at.number_input(key="opt_every").set_value(1)
+
+
+def test_train_then_evaluate_then_random_spread(tiny_model_dir):
+    at = optimize_page(tiny_model_dir)
+    assert any("press **Start**" in i.value for i in at.info)
+    set_small_run(at, "flrot")
+    button(at, "Start").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    done = " ".join(s.value for s in at.success)
+    assert "3 of 3 steps" in done and ".bin" in done and "R3 and R4" in done
+    figs = figures(at)
+    loss = figs["Training loss and quick perplexity"]
+    assert decode(loss["data"][0]["x"]) == [1, 2, 3]                 # one loss point per step
+    assert decode(loss["data"][1]["x"]) == [0, 1, 2, 3]              # perplexity at the start and every step
+    heat = [f for t, f in figs.items() if t.startswith("Per-token kurtosis")]
+    assert len(heat) == 2                                            # q/k/v input and down_proj input
+    assert heat[0]["data"][0]["x"] == ["step 0", "step 1", "step 2", "step 3"]
+    assert len(heat[0]["data"][0]["z"]) == 2                         # one row per decoder layer
+    assert at.get("download_button")
+
+    at.number_input(key="opt_eval_tokens").set_value(256)  # also the random spread's budget
+    button(at, "Evaluate").click().run()
+    assert not at.exception, at.exception
+    table = at.table[0].value
+    assert list(table["recipe"]) == ["fp", "rtn", "quarot", "flrot (learned)"]
+    assert list(table["bits"]) == ["16-16-16", "4-4-4", "4-4-4", "4-4-4"]
+    assert (table["perplexity"].astype(float) > 1).all()
+
+    at.number_input(key="opt_spread_seeds").set_value(2)
+    button(at, "Run the random spread").click().run()
+    assert not at.exception, at.exception
+    spread = next(f for t, f in figures(at).items() if t.startswith("Perplexity of random rotations"))
+    boxes = [t for t in spread["data"] if t["type"] == "box"]
+    assert [b["name"] for b in boxes] == ["random hadamard", "random orthogonal"]
+    assert all(len(decode(b["y"])) == 2 for b in boxes)
+    marks = [a["text"] for a in spread["layout"]["annotations"]]
+    assert any(m.startswith("flrot (learned)") for m in marks)       # the learned result is marked
+    assert any("beats" in c for c in at.table[-1].value.columns)
+
+
+def test_a_stopped_run_is_shown_and_can_be_resumed(tiny_model_dir):
+    from engine.events import Metric
+    from engine.models import load_model
+    from engine.spinquant import TrainConfig, train_job
+
+    # Stop as the page does: the job generator closed between steps (Streamlit interrupts the script).
+    cfg = TrainConfig(method="spinquant", steps=3, windows=3, window=32, block=32, eval_every=1, checkpoint_every=5)
+    job = train_job(load_model(str(tiny_model_dir)), cfg)
+    for ev in job:
+        if isinstance(ev, Metric) and ev.name == "loss" and ev.step == 2:
+            break
+    job.close()
+
+    at = optimize_page(tiny_model_dir)
+    at.session_state["opt_config"] = cfg
+    at.session_state["opt_running"] = True  # the rerun after a Stop press
+    at.run()
+    assert not at.exception, at.exception
+    assert any("Stopped at step 2 of 3" in w.value for w in at.warning)
+    assert decode(figures(at)["Training loss and quick perplexity"]["data"][0]["x"]) == [1, 2]
+
+    set_small_run(at, "spinquant")
+    button(at, "Start").click().run()  # the same settings resume: only step 3 is left
+    assert not at.exception, at.exception
+    assert any("3 of 3 steps" in s.value for s in at.success)
+    assert decode(figures(at)["Training loss and quick perplexity"]["data"][0]["x"]) == [1, 2, 3]
+
+
+def test_bad_settings_show_a_clear_error(tiny_model_dir):
+    at = optimize_page(tiny_model_dir)
+    set_small_run(at, "flrot")
+    at.number_input(key="opt_block").set_value(5)
+    button(at, "Start").click().run()
+    assert not at.exception, at.exception
+    assert any("not divisible by block 5" in e.value for e in at.error)
