@@ -36,8 +36,19 @@ class EvalConfig:
     def __post_init__(self):
         if self.tokens <= 0:
             raise ValueError(f"token budget must be positive, got {self.tokens}")
+        # a window of one token predicts nothing (perplexity would divide by zero)
+        if self.tokens < 2 or self.window < 2:
+            raise ValueError(f"perplexity needs windows of at least 2 tokens; got a token budget of {self.tokens} "
+                             f"and a window of {self.window}")
+        if self.calib_tokens <= 0 or self.calib_window <= 0:
+            raise ValueError(f"GPTQ calibration tokens and window must be positive, got {self.calib_tokens} and "
+                             f"{self.calib_window}")
         if self.limit is not None and self.limit <= 0:
             raise ValueError(f"task document limit must be positive, got {self.limit}")
+        if self.tasks:  # refuse an unknown task now, not after minutes of perplexity
+            from engine.tasks import check_request
+
+            check_request(list(self.tasks), self.limit)
 
 
 @torch.no_grad()
