@@ -12,7 +12,7 @@ COLORS = {"token": "#4b3fb5", "token_sink": "#9d95e0", "tensor": "#d1495b", "ten
           "normal": "#7a7a7a", "outlier": "#d1495b", "channel": "#4b3fb5"}
 
 
-def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 380) -> go.Figure:
+def layout(fig: go.Figure, title: str, x: str, y: str, height: int = 380) -> go.Figure:
     # Title and legend both hang from the top of the figure (container coordinates), the legend 30 px under the
     # title, and both push the plot down (automargin). Anchored to the plot instead, a legend sat on the title, and
     # one that wraps to two rows in a narrow column covered it.
@@ -90,7 +90,7 @@ def kurtosis_by_layer(site_table: pd.DataFrame, title: str) -> go.Figure:
     fig.add_annotation(x=1, xref="paper", y=math.log10(GAUSSIAN_KURTOSIS), yref="y", text="Gaussian (3)",
                        showarrow=False, xanchor="right", yanchor="bottom", font=dict(color=COLORS["normal"]))
     _log_y(fig)
-    return _layout(fig, title, "decoder layer", "kurtosis (Pearson, log scale)")
+    return layout(fig, title, "decoder layer", "kurtosis (Pearson, log scale)")
 
 
 def channel_absmax(absmax: np.ndarray, outliers: list[int], title: str, y_label: str = "max |activation|") -> go.Figure:
@@ -107,7 +107,7 @@ def channel_absmax(absmax: np.ndarray, outliers: list[int], title: str, y_label:
     fig.add_trace(go.Scatter(x=[0, absmax.size - 1], y=[median, median], mode="lines",
                              name=f"median channel ({median:.3g})", line=dict(color=COLORS["normal"], dash="dot"),
                              hoverinfo="skip"))
-    return _layout(fig, title, "channel index", y_label)
+    return layout(fig, title, "channel index", y_label)
 
 
 def surface(mat: np.ndarray, title: str, first_token: int = 0, channel_bin: int = 1) -> go.Figure:
@@ -137,4 +137,4 @@ def histogram_vs_gaussian(values: np.ndarray, title: str, bins: int = 120) -> go
                              line=dict(color=COLORS["outlier"], width=2)))
     _log_y(fig, exponentformat="power", range=[math.log10(max(counts[counts > 0].min(), 1e-12) / 3),
                                                math.log10(max(counts.max(), pdf.max()) * 2)])
-    return _layout(fig, title, "activation value", "density (log scale)")
+    return layout(fig, title, "activation value", "density (log scale)")

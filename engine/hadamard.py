@@ -288,14 +288,12 @@ def random_hadamard(n: int, seed: Seed = None, dtype: torch.dtype = torch.float6
 
 
 def random_orthogonal(n: int, seed: Seed = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """(n, n) Haar-random orthogonal matrix: QR of a Gaussian, columns signed so that diag(R) > 0."""
+    """(n, n) Haar-random orthogonal matrix, seeded like random_hadamard (engine.orthogonal does the sampling)."""
+    from engine.orthogonal import random_orthogonal as haar
+
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive int; got {n!r}.")
-    gaussian = torch.randn(n, n, generator=_generator(seed), dtype=torch.float64)
-    q, r = torch.linalg.qr(gaussian)
-    signs = torch.sign(torch.diagonal(r))
-    signs[signs == 0] = 1  # without this fix Q is not Haar (LAPACK's R has a sign bias)
-    return (q * signs).to(dtype)
+    return haar(n, generator=_generator(seed), dtype=dtype)
 
 
 # ---------------------------------------------------------------- fast application

@@ -116,7 +116,7 @@ if fp:
     # Not add_hline's annotation_text: on a log axis plotly places that label at 10**fp and stretches the axis.
     fig.add_annotation(x=1, xref="paper", y=math.log10(fp), yref="y", text=f"fp {fp:.2f}", showarrow=False,
                        xanchor="right", yanchor="bottom", font=dict(color=charts.COLORS["outlier"]))
-st.plotly_chart(charts._layout(fig, f"Perplexity on {rows[0]['tokens']} evaluation tokens",
+st.plotly_chart(charts.layout(fig, f"Perplexity on {rows[0]['tokens']} evaluation tokens",
                                "recipe and bits (W-A-KV)", "perplexity (log scale, lower is better)"))
 st.caption(f"Corpus: {rows[0]['corpus']}. The dashed line is the floating-point model: the closer a bar comes to "
            "it, the less its quantization costs.")
@@ -126,7 +126,7 @@ if task_cols:
     tfig = go.Figure()
     for lab, (_, r) in zip(labels, df.iterrows()):
         tfig.add_trace(go.Bar(x=[c.removesuffix(" acc") for c in task_cols], y=[r[c] for c in task_cols], name=lab))
-    st.plotly_chart(charts._layout(tfig, "Zero-shot accuracy per task", "task", "accuracy (acc, 0-1)"))
+    st.plotly_chart(charts.layout(tfig, "Zero-shot accuracy per task", "task", "accuracy (acc, 0-1)"))
     st.caption(f"lm-eval acc on {rows[0]['limit']} documents per task from local copies of the task data "
                "(no network). Chance is 0.5 for two-choice tasks and 0.25 for four-choice ones.")
 

@@ -29,7 +29,7 @@ def latency_figure(rows: pd.DataFrame, d: int, title: str) -> go.Figure:
                                  name=KERNEL_LABELS.get(kernel, kernel) + (" (floor)" if kernel == "memcpy" else "")))
     fig.update_xaxes(type="log", dtick=1)  # decades only: plotly's 2 and 5 between them crowd the axis
     charts._log_y(fig)
-    return charts._layout(fig, title, "tokens L (log scale)", "median time (microseconds, log scale)", height=460)
+    return charts.layout(fig, title, "tokens L (log scale)", "median time (microseconds, log scale)", height=460)
 
 
 def recorded_rows() -> pd.DataFrame:

@@ -46,7 +46,7 @@ def loss_figure(history: list, ppl: list) -> go.Figure:
                                  line=dict(color=charts.COLORS["tensor"], dash="dot")))
         fig.update_layout(yaxis2=dict(title="perplexity", overlaying="y", side="right", showgrid=False))
     fig.update_xaxes(rangemode="tozero")
-    return charts._layout(fig, "Training loss and quick perplexity", "optimizer step",
+    return charts.layout(fig, "Training loss and quick perplexity", "optimizer step",
                           "cross-entropy (nats per token)")
 
 
@@ -54,7 +54,7 @@ def kurtosis_heatmap(kurtosis: list, site: str) -> go.Figure:
     z = [[k[site][layer] for k in kurtosis] for layer in range(arch.n_layers)]
     fig = go.Figure(go.Heatmap(z=z, x=[f"step {k['step']}" for k in kurtosis], y=list(range(arch.n_layers)),
                                colorscale="Viridis", colorbar=dict(title="kurtosis")))
-    return charts._layout(fig, f"Per-token kurtosis: {SITE_LABELS[site]}", "checkpoint", "decoder layer")
+    return charts.layout(fig, f"Per-token kurtosis: {SITE_LABELS[site]}", "checkpoint", "decoder layer")
 
 
 def draw_training(slots, history, ppl, kurtosis, tag: str) -> None:
@@ -228,7 +228,7 @@ if spread is not None:
         fig.add_hline(y=row.ppl, line_dash="dash", line_color=charts.COLORS["outlier"],
                       annotation_text=f"{row.label}: {row.ppl:.2f}", annotation_position="top left")
     quantizer = spread.weights + (" with clipping search" if spread.w_clip_search else "")
-    st.plotly_chart(charts._layout(fig, f"Perplexity of random rotations at {spread.bits} ({quantizer} weights)",
+    st.plotly_chart(charts.layout(fig, f"Perplexity of random rotations at {spread.bits} ({quantizer} weights)",
                                    "rotation family", "perplexity (lower is better)"), key="opt_spread_fig")
     st.caption("Each dot is one random rotation (a seed); the box spans the middle half, the line inside is the "
                "median. The dashed red line is the learned rotation. SpinQuant's Figure 1 makes the same point on "

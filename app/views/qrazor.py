@@ -99,7 +99,7 @@ for c in results:
 fig.update_xaxes(type="log", exponentformat="power", dtick=1)  # decades only: the 2 and 5 between them crowd
 units = "weight" if tensor.role == "weight" else "activation"
 grid_cost = "fp16 scale, symmetric" if tensor.role == "weight" else "fp16 scale + 4-bit zero point, asymmetric"
-st.plotly_chart(charts._layout(fig, f"|quantization error| of every value: {tensor.label}",
+st.plotly_chart(charts.layout(fig, f"|quantization error| of every value: {tensor.label}",
                                f"|x_hat - x| ({units} units, log scale)", "share of values (% per bin)"))
 st.caption(f"A curve further left means smaller errors. Same effective bits: RTN gets the finest grids ({grid_cost}, "
            "per grid) that cost no more bits per value than SDR's flags, i.e. the smallest divisor of the row "
@@ -128,5 +128,5 @@ for col, y, title, y_label, caption in (
     fig.add_vline(x=group_size, line_dash="dot", line_color=charts.COLORS["normal"])
     fig.update_xaxes(type="log", tickvals=list(qv.GROUP_SIZES), ticktext=[str(g) for g in qv.GROUP_SIZES])
     with col:
-        st.plotly_chart(charts._layout(fig, title, "SDR group size g (values per flag, log scale)", y_label))
+        st.plotly_chart(charts.layout(fig, title, "SDR group size g (values per flag, log scale)", y_label))
         st.caption(caption + f" The dotted line is the chosen g = {group_size}.")

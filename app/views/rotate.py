@@ -110,7 +110,7 @@ for res, tag, dash in ((before, "before", "dot"), (after, "after", "solid")):
     for bits, color in ((4, charts.COLORS["tensor"]), (8, charts.COLORS["token"])):
         fig.add_trace(go.Scatter(x=t.index, y=t[f"sqnr{bits}"], mode="lines+markers", name=f"{bits}-bit, {tag}",
                                  line=dict(color=color, dash=dash)))
-st.plotly_chart(charts._layout(fig, f"Activation quantization SQNR per layer: {site}", "decoder layer",
+st.plotly_chart(charts.layout(fig, f"Activation quantization SQNR per layer: {site}", "decoder layer",
                                "SQNR (dB, higher is better)"))
 st.caption("Per-token asymmetric round-to-nearest on this site's activations (sink excluded). Each 6 dB is one "
            "bit of precision: the gap between the dotted (before) and solid (after) lines is what rotation buys.")
