@@ -27,6 +27,34 @@ def drain(events):
     return done
 
 
+def load(args):
+    """load_model with the placement flags (--max-memory, --offload-disk); prints the plan when dispatched."""
+    from engine.models import load_model
+
+    handle = load_model(args.model, dtype=args.dtype, max_memory=getattr(args, "max_memory", None),
+                        offload_disk=getattr(args, "offload_disk", False))
+    if handle.dispatched:
+        print(f"placement: {handle.placement.summary()}", file=sys.stderr)
+        for note in handle.placement.notes:
+            print(f"  note: {note}", file=sys.stderr)
+    return handle
+
+
+def cmd_plan(args) -> int:
+    """Print where each block would go and the bytes per device, without loading any weight."""
+    import pandas as pd
+
+    from engine.models import plan_model
+
+    plan = plan_model(args.model, args.dtype, args.max_memory, args.offload_disk)
+    with pd.option_context("display.width", 200, "display.max_rows", 500):
+        print(pd.DataFrame(plan.rows()).to_string(index=False))
+    print(f"\n{plan.summary()}")
+    for note in plan.notes:
+        print(f"note: {note}")
+    return 0
+
+
 def cmd_capture(args) -> int:
     import pandas as pd
 
@@ -35,7 +63,7 @@ def cmd_capture(args) -> int:
 
     cfg = CaptureConfig(tokens=args.tokens, window=args.window)  # validates before the model loads
     t0 = time.perf_counter()
-    handle = load_model(args.model, dtype=args.dtype)
+    handle = load(args)
     print(f"model: {handle.name} ({handle.note}) loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     done = drain(capture_job(handle, args.corpus, cfg, use_cache=not args.no_cache))
     res = done.result
@@ -65,20 +93,22 @@ def cmd_rotate(args) -> int:
     from engine.capture import CaptureConfig
     from engine.compare import compare_job
     from engine.models import load_model
-    from engine.rotation import RotationConfig, equivalence, rotate
+    from engine.rotation import RotationConfig, equivalence, logits, rotate
 
     rot = RotationConfig.from_names(args.rotations.split(","), args.kind, seed=args.seed, file=args.file)
     cap = CaptureConfig(tokens=args.tokens, window=args.window, sqnr_bits=(4, 8))
-    handle = load_model(args.model, dtype=args.dtype)
+    handle = load(args)
     if args.check:  # each rotation alone, then all together
         from engine.data import load_corpus, windows
 
         ids = windows(load_corpus(args.corpus), handle.tokenizer, 256, 256, "eval")
         rows = []
         singles = [r for r in ("r1", "r2", "r3", "r4") if getattr(rot, r) != "none"]
+        ref = logits(handle.model, ids)
         for name in singles + (["all"] if len(singles) > 1 else []):
             cfg = rot if name == "all" else RotationConfig(**{name: getattr(rot, name)}, seed=rot.seed, file=rot.file)
-            e = equivalence(handle.model, rotate(handle.model, handle.arch, cfg), ids)
+            with handle.working_model() as model:  # a copy, or a dispatched model itself (reloaded after)
+                e = equivalence(None, rotate(model, handle.arch, cfg, inplace=True), ids, reference=ref)
             rows.append({"rotation": cfg.tag(), "max_abs_logit_diff": e["max_abs_logit_diff"], "kl_nats": e["kl"]})
         print(f"Equivalence on {ids.numel()} evaluation tokens ({handle.dtype}); max |logit| "
               f"{e['max_abs_logit']:.1f}:")
@@ -122,7 +152,7 @@ def cmd_eval(args) -> int:
                      calib_tokens=args.calib_tokens, corpus=args.corpus)
     runs = [(get_recipe(r, weights=args.weights, rotation_file=args.rotation_file), Bits.parse(b))
             for r in args.recipe.split(",") for b in args.bits.split(",")]  # all validated before the model loads
-    handle = load_model(args.model, dtype=args.dtype)
+    handle = load(args)
     rows = []
     for recipe, bits in runs:
         done = drain(eval_job(handle, recipe, bits, cfg, use_cache=not args.no_cache))
@@ -141,6 +171,51 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_optimize(args) -> int:
+    """Train rotations (SpinQuant or FLRot); under torchrun every process takes its share of each step's windows,
+    DDP averages the gradients, and only rank 0 prints and writes files."""
+    from engine import distributed
+
+    info = distributed.init_from_env()
+    say = print if info.is_main else (lambda *a, **k: None)
+    try:
+        from engine.events import Metric
+        from engine.models import load_model
+        from engine.spinquant import TrainConfig, train_job
+
+        cfg = TrainConfig(method=args.method, bits=args.bits, steps=args.steps, windows=args.windows,
+                          window=args.window, batch=args.batch, lr=args.lr, block=args.block, seed=args.seed,
+                          eval_every=args.eval_every, corpus=args.corpus)
+        distributed.local_batch(cfg.batch, info.world_size, info.rank)  # refuse before the model loads
+        t0 = time.perf_counter()
+        handle = load_model(args.model, dtype=args.dtype, device=info.device if info.distributed else None)
+        say(f"model: {handle.name} loaded in {time.perf_counter() - t0:.1f}s; {cfg.method} at {cfg.bits}, "
+            f"{cfg.steps} steps of {cfg.batch} windows x {cfg.window} tokens over {info.world_size} process(es)",
+            flush=True)
+        done, trained = None, 0
+        for ev in train_job(handle, cfg, resume=not args.no_resume):
+            if isinstance(ev, Metric) and ev.name == "loss":
+                trained += 1
+                say(f"step {ev.step}/{cfg.steps}  loss {ev.value:.4f}  lr {ev.extra['lr']:.4f}  "
+                    f"{ev.extra['seconds']:.1f}s", flush=True)
+            elif isinstance(ev, Metric) and ev.name == "ppl":
+                say(f"step {ev.step}/{cfg.steps}  quick perplexity {ev.value:.2f} ({cfg.eval_tokens} evaluation "
+                    "tokens)", flush=True)
+            elif isinstance(ev, Done):
+                done = ev
+        if not trained:
+            say(f"nothing to train: the checkpoint already holds all {cfg.steps} steps (--no-resume starts over)")
+        say(f"rotations: {done.result.path}")
+        return 0
+    except ValueError as e:  # rank 0's goes to main(); the others say theirs too, since torchrun stops every
+        if not info.is_main:  # process once one exits (rank 0 may not get to print) and an error may be one rank's
+            print(f"error on rank {info.rank}: {e}", file=sys.stderr)
+            return 2
+        raise
+    finally:
+        distributed.shutdown()
+
+
 def cmd_prepare(args) -> int:
     """Make the offline assets ready: the default model converted to safetensors, the corpus readable."""
     from engine.data import WIKI, load_corpus
@@ -155,6 +230,13 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def placement_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-memory", help="dispatch the model over devices within these budgets, e.g. "
+                        "cuda:0=20GiB,cuda:1=20GiB,cpu=64GiB (accelerate's device_map='auto')")
+    parser.add_argument("--offload-disk", action="store_true",
+                        help="let what does not fit the budgets go to disk (cache/offload; slow)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine", description="SpinScope engine")
     sub = p.add_subparsers(dest="command", required=True)
@@ -166,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     c.add_argument("--json", help="also write the full table and metadata to this file")
     c.add_argument("--no-cache", action="store_true", help="recompute even if cached")
+    placement_args(c)
     c.set_defaults(func=cmd_capture)
     r = sub.add_parser("rotate", help="rotate, check equivalence, and print before/after kurtosis and SQNR")
     r.add_argument("--model", default="default")
@@ -178,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--window", type=int, default=512)
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     r.add_argument("--check", action="store_true", help="also check each rotation alone")
+    placement_args(r)
     r.set_defaults(func=cmd_rotate)
     e = sub.add_parser("eval", help="perplexity (and zero-shot tasks) of recipes at W-A-KV bit settings")
     e.add_argument("--model", default="default")
@@ -194,7 +278,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.add_argument("--no-cache", action="store_true")
+    placement_args(e)
     e.set_defaults(func=cmd_eval)
+    o = sub.add_parser("optimize", help="learn rotations (SpinQuant R1/R2, FLRot also R3/R4) by Cayley SGD; "
+                                        "runs under torchrun --nproc-per-node N with DDP")
+    o.add_argument("--model", default="default")
+    o.add_argument("--corpus", default="wiki")
+    o.add_argument("--method", default="spinquant", help="spinquant (R1, R2) or flrot (R1-R4, R4 block-diagonal)")
+    o.add_argument("--bits", default="4-4-4", help="W-A-KV of the fake quantizers while training: 4-4-4 or 16-4-4")
+    o.add_argument("--steps", type=int, default=20)
+    o.add_argument("--windows", type=int, default=20, help="calibration windows")
+    o.add_argument("--window", type=int, default=256, help="tokens per window")
+    o.add_argument("--batch", type=int, default=1, help="windows per step, over all processes (a multiple of N)")
+    o.add_argument("--lr", type=float, default=1.5, help="Cayley SGD step cap, cosine-decayed")
+    o.add_argument("--block", type=int, default=128, help="FLRot's R4 block size")
+    o.add_argument("--eval-every", type=int, default=5, help="quick perplexity every N steps (0: never)")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    o.add_argument("--no-resume", action="store_true", help="start over instead of continuing a checkpoint")
+    o.set_defaults(func=cmd_optimize)
+    pl = sub.add_parser("plan", help="where each block of a model would go within memory budgets, before loading")
+    pl.add_argument("--model", default="default")
+    pl.add_argument("--dtype", default="float16", choices=["float32", "bfloat16", "float16"])
+    placement_args(pl)
+    pl.set_defaults(func=cmd_plan)
     sub.add_parser("prepare", help="convert the default model once and check the offline corpus").set_defaults(
         func=cmd_prepare)
     return p

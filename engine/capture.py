@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from engine import attention, store
+from engine import attention, dispatch, store
 from engine.arch import ArchInfo
 from engine.events import Done, Progress
 from engine.stats import SiteAccumulator
@@ -185,7 +185,7 @@ def capture(model: nn.Module, arch: ArchInfo, windows: torch.Tensor, cfg: Captur
         if hit is not None:
             yield Done(hit, cached=True)
             return
-    device = next(model.parameters()).device
+    device = dispatch.input_device(model)
     hooks = _Hooks(model, arch, cfg.sites, seed, cfg.sqnr_bits)
     t0 = time.perf_counter()
     n = windows.shape[0]

@@ -1,6 +1,7 @@
 """Before/after: rotate a model, check it computes the same function, and capture both (engine of the Rotate page)."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, replace
 
@@ -9,7 +10,7 @@ from torch import nn
 from engine.capture import CaptureConfig, CaptureResult, capture_job
 from engine.data import load_corpus, windows
 from engine.events import Done, Metric, Progress
-from engine.rotation import RotationConfig, equivalence, rotate
+from engine.rotation import RotationConfig, equivalence, logits, rotate
 
 
 @dataclass
@@ -18,28 +19,39 @@ class Comparison:
     after: CaptureResult
     check: dict          # engine.rotation.equivalence figures
     rotation: RotationConfig
-    rotated: nn.Module   # the rotated copy (the original stays in the handle)
+    rotated: nn.Module | None  # the rotated copy (None for a dispatched model: it was rotated in place and reloaded)
 
 
 def compare_job(handle, corpus_name: str, rot: RotationConfig, cap: CaptureConfig, check_tokens: int = 256,
                 rotated: nn.Module | None = None, use_cache: bool = True):
-    """Yield Progress for each stage (rotate, check, before, after), Metrics for the equivalence, then Done."""
+    """Yield Progress for each stage (before, rotate, after), Metrics for the equivalence, then Done.
+
+    The original is captured and its reference logits kept first, so a dispatched model (which may not fit twice)
+    can be rotated in place inside handle.working_model() and reloaded afterwards."""
     t0 = time.perf_counter()
     corpus = load_corpus(corpus_name)  # fail on a bad corpus before any work
-    if rotated is None:
-        yield Progress("rotate", 0, 1, 0.0, f"rotating ({rot.tag()})")
-        rotated = rotate(handle.model, handle.arch, rot)
-    yield Progress("rotate", 1, 1, time.perf_counter() - t0, "rotated")
     ids = windows(corpus, handle.tokenizer, check_tokens, min(check_tokens, handle.max_length), "eval")
-    check = equivalence(handle.model, rotated, ids)
-    for k in ("max_abs_logit_diff", "kl"):
-        yield Metric(k, 0, check[k])
     results = {}
-    for stage, model, tag in (("before", handle.model, "none"), ("after", rotated, rot.tag())):
+
+    def capture(stage, model, tag):
         for ev in capture_job(handle, corpus_name, replace(cap, rotation=tag), use_cache=use_cache, model=model):
             if isinstance(ev, Progress):
                 yield replace(ev, stage=stage, message=f"{stage}: {ev.message}")
             elif isinstance(ev, Done):
                 results[stage] = ev.result
+
+    yield from capture("before", handle.model, "none")
+    reference = logits(handle.model, ids)
+    with contextlib.ExitStack() as stack:
+        if rotated is None:
+            yield Progress("rotate", 0, 1, time.perf_counter() - t0, f"rotating ({rot.tag()})")
+            rotated = rotate(stack.enter_context(handle.working_model()), handle.arch, rot, inplace=True)
+        yield Progress("rotate", 1, 1, time.perf_counter() - t0, "rotated")
+        check = equivalence(None, rotated, ids, reference=reference)
+        for k in ("max_abs_logit_diff", "kl"):
+            yield Metric(k, 0, check[k])
+        yield from capture("after", rotated, rot.tag())
+        if handle.dispatched:
+            rotated = None
     yield Done(Comparison(results["before"], results["after"], check, rot, rotated),
                seconds=time.perf_counter() - t0)

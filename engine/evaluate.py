@@ -4,7 +4,6 @@ Every run is saved under cache/eval/ keyed by everything that determines it; the
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine import store
+from engine import dispatch, store
 from engine.data import load_corpus, windows
 from engine.events import Done, Progress
 from engine.quantize_model import quantize_model
@@ -54,7 +53,7 @@ class EvalConfig:
 @torch.no_grad()
 def perplexity(model: nn.Module, wins: torch.Tensor, batch: int = 1):
     """Generator over windows [N, T]: Progress per batch, then Done(ppl). Next-token NLL over each window."""
-    device = next(model.parameters()).device
+    device = dispatch.input_device(model)
     nll, count, t0 = 0.0, 0, time.perf_counter()
     for s in range(0, wins.shape[0], batch):
         ids = wins[s:s + batch].to(device)
@@ -67,17 +66,15 @@ def perplexity(model: nn.Module, wins: torch.Tensor, batch: int = 1):
     yield Done(math.exp(nll / count), seconds=time.perf_counter() - t0)
 
 
-def build_model(handle, recipe: Recipe, bits: Bits, cfg: EvalConfig, seed: int):
-    """Generator: a rotated, fake-quantized copy of handle.model (Done(model)); the original is untouched."""
+def build_model(handle, model: nn.Module, recipe: Recipe, bits: Bits, cfg: EvalConfig, seed: int):
+    """Generator: rotate and fake-quantize `model` (a handle.working_model()) in place; Done(model) at the end."""
     t0 = time.perf_counter()
     rot = recipe.rotation
     if rot.active:
         from dataclasses import replace
 
         yield Progress("build", 0, 1, 0.0, f"rotating ({rot.tag()})")
-        model = rotate(handle.model, handle.arch, replace(rot, seed=seed))
-    else:
-        model = copy.deepcopy(handle.model)
+        model = rotate(model, handle.arch, replace(rot, seed=seed), inplace=True)
     calib = None
     if recipe.weights == "gptq" and bits.w < 16:
         corpus = load_corpus(cfg.corpus)
@@ -106,36 +103,34 @@ def eval_job(handle, recipe: Recipe | str, bits: Bits | str, cfg: EvalConfig, us
             return
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    model = None
-    for ev in build_model(handle, recipe, bits, cfg, cfg.seed):
-        if isinstance(ev, Done):
-            model = ev.result
-        else:
-            yield ev
-    corpus = load_corpus(cfg.corpus)
-    win = min(cfg.window, handle.max_length, cfg.tokens)
-    wins = windows(corpus, handle.tokenizer, cfg.tokens, win, "eval")
-    ppl = None
-    for ev in perplexity(model, wins):
-        if isinstance(ev, Done):
-            ppl = ev.result
-        else:
-            yield ev
-    result = {"model": handle.name, "recipe": recipe.name, "weights": recipe.weights if recipe.quantize else "-",
-              "bits": str(bits) if recipe.quantize else "16-16-16", "bits_requested": str(bits),
-              "ppl": ppl, "tokens": int(wins.numel()), "window": win, "corpus": corpus.label, "seed": cfg.seed,
-              "tasks": {}, "limit": cfg.limit, "code": CODE_VERSION}
-    if cfg.tasks:
-        from engine.tasks import zero_shot
-
-        for ev in zero_shot(model, handle.tokenizer, list(cfg.tasks), cfg.limit):
+    with handle.working_model() as model:  # a copy, or a dispatched model itself (reloaded at the end)
+        for ev in build_model(handle, model, recipe, bits, cfg, cfg.seed):
+            if not isinstance(ev, Done):
+                yield ev
+        corpus = load_corpus(cfg.corpus)
+        win = min(cfg.window, handle.max_length, cfg.tokens)
+        wins = windows(corpus, handle.tokenizer, cfg.tokens, win, "eval")
+        ppl = None
+        for ev in perplexity(model, wins):
             if isinstance(ev, Done):
-                result["tasks"] = ev.result
+                ppl = ev.result
             else:
                 yield ev
+        result = {"model": handle.name, "recipe": recipe.name, "weights": recipe.weights if recipe.quantize else "-",
+                  "bits": str(bits) if recipe.quantize else "16-16-16", "bits_requested": str(bits),
+                  "ppl": ppl, "tokens": int(wins.numel()), "window": win, "corpus": corpus.label, "seed": cfg.seed,
+                  "tasks": {}, "limit": cfg.limit, "code": CODE_VERSION}
+        if cfg.tasks:
+            from engine.tasks import zero_shot
+
+            for ev in zero_shot(model, handle.tokenizer, list(cfg.tasks), cfg.limit):
+                if isinstance(ev, Done):
+                    result["tasks"] = ev.result
+                else:
+                    yield ev
+        del model
     result["seconds"] = time.perf_counter() - t0
     store.save_json("eval", key, result)
-    del model
     yield Done(result, seconds=result["seconds"])
 
 

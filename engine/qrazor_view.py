@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from engine import attention
+from engine import attention, dispatch
 from engine.data import load_corpus, windows
 from engine.hadamard import apply_hadamard, supported
 from engine.qrazor import ROLE_BASE_BITS, dequantize, flag_bits, quantize_absmax, sdr_decode, sdr_encode
@@ -99,7 +99,7 @@ def capture_layer(handle, layer: int, tokens: int = 256, corpus: str = "wiki") -
     attention.add_hook(attn, kv_hook)
     try:
         with torch.no_grad():
-            model(ids.to(next(model.parameters()).device), use_cache=False)
+            model(ids.to(dispatch.input_device(model)), use_cache=False)
     except _StopAfterLayer:
         pass
     finally:
@@ -129,7 +129,7 @@ def site_tensor(handle, layer: int, site: str, source: str = "activation", token
         raise ValueError(f"source must be 'activation' or a linear reading {site} ({readers}), got {source!r}")
     if not 0 <= layer < arch.n_layers:
         raise ValueError(f"layer must be in [0, {arch.n_layers - 1}], got {layer}")
-    weight = arch.module(handle.model, source, layer).weight.detach().float().cpu()
+    weight = dispatch.read_tensor(arch.module(handle.model, source, layer), "weight").detach().float().cpu()
     return QRazorTensor(f"layer {layer}, {source}_proj weight [out, in] = {list(weight.shape)}", weight, "weight",
                         True, "output channel", weight.shape[-1])
 

@@ -8,7 +8,7 @@ import time
 import torch
 from torch import nn
 
-from engine import attention
+from engine import attention, dispatch
 from engine.arch import ArchInfo
 from engine.events import Progress
 from engine.gptq import HessianAccumulator, gptq_quantize
@@ -47,7 +47,11 @@ def _qrazor(x: torch.Tensor, role: str, bits: int, group: int = 16, per_channel:
 
 
 def _set_weight(lin: nn.Linear, w: torch.Tensor) -> None:
-    lin.weight.data = w.to(lin.weight.dtype).contiguous()
+    dispatch.write_tensor(lin, "weight", w)  # also where an offloaded weight lives (engine.dispatch)
+
+
+def _weight(lin: nn.Linear) -> torch.Tensor:
+    return dispatch.read_tensor(lin, "weight").float()
 
 
 def quantize_weights_rtn(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe) -> None:
@@ -56,7 +60,7 @@ def quantize_weights_rtn(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: R
     for i in range(arch.n_layers):
         for role in LINEARS:
             lin = arch.module(model, role, i)
-            w = lin.weight.data.float()
+            w = _weight(lin)
             if recipe.weights == "qrazor":
                 q = _qrazor(w, "w", bits.w, per_channel=True)
             else:
@@ -78,7 +82,7 @@ def _layer_inputs(model: nn.Module, arch: ArchInfo, windows: torch.Tensor) -> li
         raise _StopForward
 
     h = first.register_forward_pre_hook(catch, with_kwargs=True)
-    device = next(model.parameters()).device
+    device = dispatch.input_device(model)
     try:
         for w in windows:
             try:
@@ -103,7 +107,7 @@ def quantize_weights_gptq(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: 
         accs, handles = {}, []
         for role in LINEARS:
             lin = arch.module(model, role, i)
-            accs[role] = HessianAccumulator(lin.in_features, device=lin.weight.device)
+            accs[role] = HessianAccumulator(lin.in_features, device=dispatch.execution_device(lin))
             handles.append(lin.register_forward_hook(
                 lambda m, args, out, acc=accs[role]: acc.add_batch(args[0].detach().float())))
         with torch.no_grad():
@@ -113,7 +117,7 @@ def quantize_weights_gptq(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: 
             h.remove()
         for role in LINEARS:
             lin = arch.module(model, role, i)
-            q = gptq_quantize(lin.weight.data.float(), accs[role].hessian, bits.w, group_size=recipe.w_group,
+            q = gptq_quantize(_weight(lin), accs[role].hessian, bits.w, group_size=recipe.w_group,
                               damp=damp, block=block, clip_search=recipe.w_clip_search)
             _set_weight(lin, q)
         with torch.no_grad():  # outputs of the quantized layer feed the next one

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from engine import attention
+from engine import attention, dispatch
 from engine.arch import ArchInfo
 from engine.hadamard import apply_hadamard, random_hadamard, random_orthogonal
 
@@ -135,16 +135,33 @@ def _online(kind: str, n: int, seed: int, loaded: torch.Tensor | None) -> Online
 
 
 # ---- exact weight surgery (float64, cast back) --------------------------------------------------------------
-def _set(linear_or_emb: nn.Module, weight: torch.Tensor) -> None:
-    p = linear_or_emb.weight
-    p.data = weight.to(p.dtype).contiguous()
+# Weights are read and written through engine.dispatch, so the surgery also works on a model dispatched over
+# several devices with offloaded weights; each rotation is moved to the device of the weight it touches.
+def _get(module: nn.Module) -> torch.Tensor:
+    """module.weight in float64 on the module's execution device."""
+    return dispatch.read_tensor(module, "weight").double()
+
+
+def _set(module: nn.Module, weight: torch.Tensor) -> None:
+    dispatch.write_tensor(module, "weight", weight)
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    if getattr(module, "bias", None) is None:
+        return None
+    return dispatch.read_tensor(module, "bias").double()
 
 
 def untie_embeddings(model: nn.Module, arch: ArchInfo) -> None:
     """lm_head gets its own copy of the embedding so the final norm can be folded into it alone."""
     emb, head = arch.module(model, "embed"), arch.module(model, "lm_head")
-    if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
-        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+    if head.weight is emb.weight or (head.weight.device.type != "meta"
+                                     and head.weight.data_ptr() == emb.weight.data_ptr()):
+        value = dispatch.read_tensor(emb, "weight").detach().clone()
+        if dispatch.is_offloaded(head):
+            dispatch.write_tensor(head, "weight", value)
+        else:
+            head.weight = nn.Parameter(value.to(dispatch.execution_device(head)), requires_grad=False)
     model.config.tie_word_embeddings = False
     if hasattr(model, "_tied_weights_keys"):
         model._tied_weights_keys = None
@@ -157,52 +174,72 @@ def fold_norms(model: nn.Module, arch: ArchInfo) -> None:
     for i in range(arch.n_layers):
         for norm_role, readers in pairs:
             norm = arch.module(model, norm_role, i)
-            g = norm.weight.detach().double()
+            g = _get(norm)
             for r in readers:
                 lin = arch.module(model, r, i)
-                _set(lin, lin.weight.double() * g)
-            norm.weight.data.fill_(1.0)
+                w = _get(lin)
+                _set(lin, w * g.to(w.device))
+            _set(norm, torch.ones_like(g))
     norm = arch.module(model, "final_norm")
     head = arch.module(model, "lm_head")
-    _set(head, head.weight.double() * norm.weight.double())
-    norm.weight.data.fill_(1.0)
+    g = _get(norm)
+    w = _get(head)
+    _set(head, w * g.to(w.device))
+    _set(norm, torch.ones_like(g))
+
+
+class _PerDevice:
+    """One float64 matrix, copied once to each device that asks for it."""
+
+    def __init__(self, matrix: torch.Tensor):
+        self._copies = {matrix.device: matrix.double()}
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._copies:
+            self._copies[device] = next(iter(self._copies.values())).to(device)
+        return self._copies[device]
 
 
 def fuse_r1(model: nn.Module, arch: ArchInfo, r1: torch.Tensor) -> None:
     """Residual stream x -> x @ R1: readers W <- W R1, writers W <- R1^T W (bias b <- b R1), embeddings E <- E R1."""
-    r1 = r1.double().to(arch.module(model, 'embed').weight.device)
-    emb = arch.module(model, "embed")
-    _set(emb, emb.weight.double() @ r1)
-    head = arch.module(model, "lm_head")
-    _set(head, head.weight.double() @ r1)
+    r1 = _PerDevice(r1)
+    for role in ("embed", "lm_head"):
+        m = arch.module(model, role)
+        w = _get(m)
+        _set(m, w @ r1.on(w.device))
     for i in range(arch.n_layers):
         for r in ("q", "k", "v", "gate", "up"):
             lin = arch.module(model, r, i)
-            _set(lin, lin.weight.double() @ r1)
+            w = _get(lin)
+            _set(lin, w @ r1.on(w.device))
         for r in ("o", "down"):
             lin = arch.module(model, r, i)
-            _set(lin, r1.T @ lin.weight.double())
-            if lin.bias is not None:
-                lin.bias.data = (lin.bias.double() @ r1).to(lin.bias.dtype)
+            w = _get(lin)
+            _set(lin, r1.on(w.device).T @ w)
+            b = _bias(lin)
+            if b is not None:
+                dispatch.write_tensor(lin, "bias", b @ r1.on(b.device))
 
 
 def fuse_r2(model: nn.Module, arch: ArchInfo, layer: int, r2: torch.Tensor) -> None:
     """Values per KV head v -> v @ R2 (v_proj rows W_v,h <- R2^T W_v,h); o_proj columns W_o,h <- W_o,h R2."""
-    r2, hd = r2.double().to(arch.module(model, 'v', layer).weight.device), arch.head_dim
+    r2, hd = _PerDevice(r2), arch.head_dim
     v = arch.module(model, "v", layer)
-    wv = v.weight.double().reshape(arch.n_kv_heads, hd, -1)             # [kv, hd, hidden]
-    _set(v, torch.einsum("dc,kdh->kch", r2, wv).reshape(arch.n_kv_heads * hd, -1))
-    if v.bias is not None:
-        v.bias.data = (v.bias.double().reshape(arch.n_kv_heads, hd) @ r2).reshape(-1).to(v.bias.dtype)
+    wv = _get(v)
+    rv = r2.on(wv.device)
+    _set(v, torch.einsum("dc,kdh->kch", rv, wv.reshape(arch.n_kv_heads, hd, -1)).reshape(arch.n_kv_heads * hd, -1))
+    b = _bias(v)
+    if b is not None:
+        dispatch.write_tensor(v, "bias", (b.reshape(arch.n_kv_heads, hd) @ r2.on(b.device)).reshape(-1))
     o = arch.module(model, "o", layer)
-    wo = o.weight.double().reshape(-1, arch.n_heads, hd)                 # [hidden, heads, hd]
-    _set(o, (wo @ r2).reshape(o.weight.shape[0], -1))
+    wo = _get(o)
+    _set(o, (wo.reshape(wo.shape[0], arch.n_heads, hd) @ r2.on(wo.device)).reshape(wo.shape[0], -1))
 
 
 def install_r3(model: nn.Module, arch: ArchInfo, layer: int, rot: OnlineRotation) -> None:
     """q -> q R3 and k -> k R3 after RoPE, so q k^T is unchanged and the K cache is stored rotated."""
     attn = arch.module(model, "attn", layer)
-    attn.spinscope_r3 = rot.to(next(attn.parameters()).device)
+    attn.spinscope_r3 = rot.to(dispatch.execution_device(attn))
 
     def hook(module, q, k, v):
         return module.spinscope_r3(q), module.spinscope_r3(k), v
@@ -214,8 +251,9 @@ def install_r3(model: nn.Module, arch: ArchInfo, layer: int, rot: OnlineRotation
 def install_r4(model: nn.Module, arch: ArchInfo, layer: int, rot: OnlineRotation) -> None:
     """down_proj input x -> x R4 online, and W_down <- W_down R4 so the product is unchanged."""
     down = arch.module(model, "down", layer)
-    rot.to(down.weight.device)
-    _set(down, down.weight.double() @ rot.dense().to(down.weight.device))
+    rot.to(dispatch.execution_device(down))
+    w = _get(down)
+    _set(down, w @ rot.dense().to(w.device))
     down.spinscope_r4 = rot
     down.register_forward_pre_hook(lambda m, args: (m.spinscope_r4(args[0]), *args[1:]))
 
@@ -246,7 +284,11 @@ def _from_file(data: dict, key: str, fallback: str | None, n: int, what: str) ->
 
 
 def rotate(model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: bool = False) -> nn.Module:
-    """A rotated copy of `model` (or the model itself with inplace=True) computing the same function."""
+    """A rotated copy of `model` (or the model itself with inplace=True) computing the same function. A model
+    dispatched over several devices is rotated in place only (ModelHandle.working_model gives one to rotate)."""
+    if not inplace and dispatch.is_dispatched(model):
+        raise ValueError("a model dispatched over several devices may not fit twice, so it is not copied: rotate "
+                         "it in place (inplace=True, e.g. inside ModelHandle.working_model())")
     m = model if inplace else copy.deepcopy(model)
     if not cfg.active:
         return m
@@ -274,11 +316,18 @@ def rotate(model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: bool 
 
 
 @torch.no_grad()
-def equivalence(original: nn.Module, rotated: nn.Module, input_ids: torch.Tensor) -> dict[str, float]:
-    """Logits of both models on the same tokens: max |difference| and mean KL(original || rotated) in nats."""
-    device = next(original.parameters()).device
-    a = original(input_ids.to(device), use_cache=False).logits.double()
-    b = rotated(input_ids.to(device), use_cache=False).logits.double()
+def logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """float64 logits on the CPU (a reference kept while a dispatched model is rotated in place)."""
+    return model(input_ids.to(dispatch.input_device(model)), use_cache=False).logits.double().cpu()
+
+
+@torch.no_grad()
+def equivalence(original: nn.Module | None, rotated: nn.Module, input_ids: torch.Tensor,
+                reference: torch.Tensor | None = None) -> dict[str, float]:
+    """Logits of both models on the same tokens: max |difference| and mean KL(original || rotated) in nats.
+    reference: the original's logits (from `logits`) instead of running `original`."""
+    a = reference if reference is not None else logits(original, input_ids)
+    b = logits(rotated, input_ids).to(a.device)
     kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="none")
     return {"max_abs_logit_diff": float((a - b).abs().max()), "kl": float(kl.sum(-1).mean()),
             "max_abs_logit": float(a.abs().max()), "tokens": int(input_ids.numel())}

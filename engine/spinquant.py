@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from engine import attention, store
+from engine import attention, distributed, store
 from engine.arch import ArchInfo
 from engine.cayley import CayleySGD
 from engine.events import Done, Metric, Progress
@@ -284,10 +284,15 @@ def load_checkpoint(key: str, rots: LearnedRotations, opt: CayleySGD) -> TrainSt
         for name, p in rots.named_parameters():
             p.copy_(tensors[name])
     state = TrainState(**meta["state"])
-    for p, n in zip(rots.manifold_params(), state.opt_steps):
+    restore_opt_steps(rots, opt, state.opt_steps)
+    return state
+
+
+def restore_opt_steps(rots: LearnedRotations, opt: CayleySGD, opt_steps: list[int]) -> None:
+    """CayleySGD's per-parameter step counts (its QR schedule) from a checkpoint's TrainState.opt_steps."""
+    for p, n in zip(rots.manifold_params(), opt_steps):
         if n:
             opt.state[p]["step"] = n
-    return state
 
 
 def export_path(key: str, method: str, step: int) -> Path:
@@ -314,20 +319,36 @@ def train(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, eval_wins: torc
     calib [N, T] calibration windows (step s uses windows s*batch .. s*batch+batch-1, modulo N); eval_wins [M, T']
     for the quick perplexity. With `key`, checkpoints go to cache/optimize/<key> every cfg.checkpoint_every steps
     and when the generator is closed early (Stop); resume=True continues from one, resume=False starts over.
+
+    Under torch.distributed (world size W > 1, e.g. torchrun) every rank calls train() with the same arguments:
+    rank r computes the loss on windows [r b/W, (r+1) b/W) of each step's batch, DistributedDataParallel averages
+    the gradients, and the identical Cayley step then runs on every rank. Only rank 0 loads and writes checkpoints,
+    runs the quick evaluations (ppl/kurtosis Metrics) and writes the exported file; reported losses are the mean
+    over ranks. The rotations are checked to agree across ranks at the end.
     """
     bits = cfg.parsed_bits
     if calib.dim() != 2 or calib.shape[0] < cfg.batch or calib.shape[1] < 2:
         raise ValueError(f"calibration windows must be [N >= batch, T >= 2], got {tuple(calib.shape)}")
+    info = distributed.current()
+    shard = distributed.local_batch(cfg.batch, info.world_size, info.rank)  # refuses b % W != 0 before any work
     rots = LearnedRotations(arch, cfg.method, cfg.block, cfg.seed).to(next(model.parameters()).device)
     net = RotatedTrainingModel(model, arch, rots, bits, RECIPES["rotated"], cfg.w_clip_search)
     opt = CayleySGD(rots.manifold_params(), lr=cfg.lr)
-    if key and not resume:  # start over: a stale checkpoint must not come back if this run stops at step 0
-        shutil.rmtree(store.entry_dir("optimize", key), ignore_errors=True)
-    state = (load_checkpoint(key, rots, opt) if key and resume else None) or TrainState()
+    state = None
+    if info.is_main:  # one process touches cache/: the others get rank 0's state and rotations
+        if key and not resume:  # start over: a stale checkpoint must not come back if this run stops at step 0
+            shutil.rmtree(store.entry_dir("optimize", key), ignore_errors=True)
+        state = (load_checkpoint(key, rots, opt) if key and resume else None) or TrainState()
+    if info.distributed:
+        state = distributed.from_main(state)
+        restore_opt_steps(rots, opt, state.opt_steps)
+    step_loss = distributed.data_parallel(rots, net.loss, info)  # under DDP: broadcasts rank 0's rotations
     saved_step = state.step
     t0 = time.perf_counter() - state.seconds
 
     def probe():
+        if not info.is_main:  # no collective inside: the other ranks simply go on to the next step's all-reduce
+            return
         ppl, kurt = net.evaluate(eval_wins)
         state.ppl.append({"step": state.step, "ppl": ppl})
         state.kurtosis.append({"step": state.step, **kurt})
@@ -340,11 +361,11 @@ def train(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, eval_wins: torc
             yield from probe()
         while state.step < cfg.steps:
             lr = cosine_lr(cfg.lr, state.step, cfg.steps)
-            idx = [(state.step * cfg.batch + j) % calib.shape[0] for j in range(cfg.batch)]
+            idx = [(state.step * cfg.batch + j) % calib.shape[0] for j in range(cfg.batch)]  # the step's windows
             opt.zero_grad(set_to_none=True)
-            loss = net.loss(calib[idx])
+            loss = step_loss(calib[idx[shard]])  # this rank's share [b / W, T]; DDP averages the gradients
             loss.backward()
-            loss = float(loss.detach())
+            loss = float(distributed.mean_over_ranks(loss.detach()))
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.step()
@@ -354,16 +375,20 @@ def train(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, eval_wins: torc
             yield Metric("loss", state.step, loss, extra={"lr": lr, "seconds": state.seconds})
             if cfg.eval_every and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
                 yield from probe()
-            if key and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            if key and info.is_main and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                 save_checkpoint(key, rots, opt, state, cfg)
                 saved_step = state.step
             yield Progress("optimize", state.step, cfg.steps, state.seconds,
                            f"step {state.step}/{cfg.steps}: loss {loss:.3f}, lr {lr:.3f}")
     finally:  # also on Stop (the generator closed) or an error: unsaved steps are kept for a resume
-        if key and state.step > saved_step:
+        if key and info.is_main and state.step > saved_step:
             state.seconds = time.perf_counter() - t0
             save_checkpoint(key, rots, opt, state, cfg)
-    path = save_rotations(rots.rotation_set(), export_path(key or "nokey", cfg.method, state.step))
+    distributed.check_same_on_all_ranks(rots.manifold_params(), "the learned rotations")
+    path = export_path(key or "nokey", cfg.method, state.step)
+    if info.is_main:
+        save_rotations(rots.rotation_set(), path)
+    distributed.barrier()  # every rank's Done names a file that exists
     yield Done(TrainResult(cfg.to_dict(), key or "", str(path), state, finished=True), seconds=state.seconds)
 
 
@@ -372,6 +397,10 @@ def train_job(handle, cfg: TrainConfig, resume: bool = True):
     random positions), quick-perplexity windows from the eval split, checkpoints keyed by model, data and cfg."""
     from engine.data import load_corpus, windows
 
+    if handle.dispatched:
+        raise ValueError("Cayley training needs the whole model on each process's device (the rotations touch every "
+                         "weight at every step); load it on one device per process and spread the data over GPUs "
+                         "with torchrun (python -m engine optimize), not with a device map")
     if cfg.method == "flrot":
         check_block_divides(handle.arch.intermediate, cfg.block)  # before any data work
     corpus = load_corpus(cfg.corpus)

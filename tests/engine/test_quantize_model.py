@@ -184,7 +184,8 @@ def test_build_model_quantizes_a_rotated_copy_and_never_touches_the_original(tie
     before_state = {k: v.clone() for k, v in m.state_dict().items()}
     before_logits = logits(m, ids)
     impl = m.config._attn_implementation
-    events = list(build_model(handle, get_recipe("quarot"), Bits.parse("4-4-4"), EvalConfig(), seed=0))
+    with handle.working_model() as work:  # one device: a deep copy
+        events = list(build_model(handle, work, get_recipe("quarot"), Bits.parse("4-4-4"), EvalConfig(), seed=0))
     built = events[-1].result
     assert isinstance(events[-1], Done) and built is not m
 
