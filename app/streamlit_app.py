@@ -18,6 +18,13 @@ with st.sidebar:
                        "or a Hugging Face id already in the local cache (no network here).")
     st.selectbox("Precision", ["float32", "bfloat16", "float16"], key=state.MODEL_DTYPE,
                  help="float32 is exact enough for equivalence checks; 16-bit halves memory.")
+    with st.expander("Beyond one device"):
+        st.text_input("Memory budgets", key=state.MAX_MEMORY, placeholder="cuda:0=20GiB,cuda:1=20GiB,cpu=64GiB",
+                      help="Empty: the whole model on one device. Otherwise accelerate spreads the decoder layers "
+                           "over these devices in order (GPUs, then CPU memory). Home shows the plan first.")
+        st.checkbox("Allow disk offload", key=state.OFFLOAD_DISK,
+                    help="What does not fit the budgets goes to cache/offload/ on disk and is read back at every "
+                         "forward (slow). Off: a model that does not fit is refused.")
 
 pages = [
     st.Page("views/home.py", title="Home", icon=":material/home:", default=True),

@@ -6,7 +6,7 @@ Random weights with LLaMA-2 7B's shapes (no hub here) are saved once as safetens
 loads them with max_memory (the GPU takes what fits in the budget, the rest stays in CPU memory and is streamed
 in for each forward). Checked: the dispatched model's logits against the same model wholly on the GPU, and its
 R1-R4 rotation (in place, inside ModelHandle.working_model) against the same rotation on the GPU copy and against
-its own unrotated logits. Prints JSON lines as it goes.
+its own unrotated logits. The GPU copy is the saved model loaded back whole on the GPU. Prints JSON lines as it goes.
 """
 from __future__ import annotations
 
@@ -81,13 +81,18 @@ def main(argv=None) -> int:
     log(args.out, stage="saved", seconds=round(time.perf_counter() - t0, 1),
         device=torch.cuda.get_device_name() if cuda else "cpu",
         torch=torch.__version__, params_billion=round(sum(q.numel() for q in gpu.parameters()) / 1e9, 2))
+    del gpu  # the reference is the saved model loaded back whole on one device (buffers such as RoPE's as loaded)
+    single = load_model(path, "float16", device=args.device)
+    gpu = single.model
+    t0 = time.perf_counter()
     ref = logits(gpu, ids)
+    log(args.out, stage="single-device forward", seconds=round(time.perf_counter() - t0, 2))
     t0 = time.perf_counter()
     rotate(gpu, resolve(gpu), rot, inplace=True)
     sync()
     gpu_rotated = logits(gpu, ids)
     log(args.out, stage="gpu copy rotated", seconds=round(time.perf_counter() - t0, 1), **compare(ref, gpu_rotated))
-    del gpu
+    del gpu, single
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

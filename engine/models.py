@@ -260,7 +260,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
         model.to(dev)
     else:
         dev = str(dispatch.input_device(model))
-        note = f"{note}; dispatched: {placement.summary()}"
+        note = f"{note.rstrip('.')}; dispatched: {placement.summary()}"
     model.eval().requires_grad_(False)
     arch = resolve(model)
     fp = _dir_fingerprint(Path(src)) if Path(src).is_dir() else hashlib.sha256(src.encode()).hexdigest()[:16]

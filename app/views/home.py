@@ -1,7 +1,9 @@
 """Home: what SpinScope is, the loaded model, and what each page does."""
+import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
-from app import state
+from app import charts, state
 
 st.title("SpinScope")
 st.markdown(
@@ -10,7 +12,22 @@ st.markdown(
     "is computed live on this machine by the same engine that `python -m engine` runs."
 )
 
-handle = state.model()
+placement, problem = state.plan()
+if problem:
+    st.error(f"Cannot place the model: {problem}")
+elif placement is not None and (placement.device_map != {"": "cpu"} or st.session_state[state.MAX_MEMORY]):
+    st.subheader("Memory plan")
+    st.caption(f"Before loading, from the config alone: {placement.summary()}. Each decoder layer stays whole on "
+               "one device; offloaded weights (CPU when a GPU computes, or disk) are streamed in for every forward.")
+    devices = placement.device_bytes
+    left, right = st.columns([1, 2])
+    left.plotly_chart(charts.layout(go.Figure(go.Bar(x=list(devices), y=[b / 2 ** 30 for b in devices.values()])),
+                                    "Weights per device", "device", "GiB", height=320))
+    right.dataframe(pd.DataFrame(placement.rows()), hide_index=True, height=320)
+    for note in placement.notes:
+        st.warning(note)
+
+handle = state.model() if not problem else None
 if handle is not None:
     a = handle.arch
     st.subheader("Loaded model")

@@ -76,3 +76,23 @@ def test_explore_bad_budget_message():
     at.button[0].click().run()
     assert not at.exception
     assert any("not found" in e.value for e in at.error)
+
+
+def test_home_shows_the_memory_plan_before_loading_and_refuses_what_cannot_fit():
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["max_memory"] = "cpu=100MiB"
+    at.run()
+    assert not at.exception, at.exception
+    assert any("does not fit" in e.value and "disk offload" in e.value for e in at.error)
+    assert not at.metric  # refused before any weight was read: no model is shown
+
+    at.session_state["max_memory"] = "cpu=200MiB"
+    at.session_state["offload_disk"] = True
+    at.run()
+    assert not at.exception, at.exception
+    assert any("Memory plan" in h.value for h in at.subheader)
+    table = at.dataframe[0].value
+    assert set(table.device) == {"cpu", "disk"} and "model.layers.29" in set(table.module)
+    assert any("offloaded to disk" in w.value for w in at.warning)
+    assert [m.value for m in at.metric][:3] == ["Llama", "30", "576"]  # then it loaded, dispatched
+    assert any("dispatched" in i.value for i in at.info)
