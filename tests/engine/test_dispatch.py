@@ -147,3 +147,14 @@ def test_bad_budgets_and_maps_are_refused(model_dir, tmp_cache):
         plan_model(str(model_dir), "float32", device_map={**SPLIT, "model.layers.9": "cpu"})
     with pytest.raises(ModelLoadError, match="dtype"):
         plan_model(str(model_dir), "int8")
+
+
+def test_cli_plan_prints_the_placement_or_refuses(model_dir, tmp_cache, capsys):
+    from engine.__main__ import main
+
+    assert main(["plan", "--model", str(model_dir), "--dtype", "float32", "--max-memory", "cpu=1MiB"]) == 2
+    assert "does not fit" in capsys.readouterr().err
+    assert main(["plan", "--model", str(model_dir), "--dtype", "float32", "--max-memory", "cpu=1MiB",
+                 "--offload-disk"]) == 0
+    out = capsys.readouterr().out
+    assert "disk" in out and "MiB of float32 weights" in out
