@@ -89,11 +89,6 @@ def current() -> DistInfo:
     return DistInfo(0, 1, 0, "cuda" if torch.cuda.is_available() else "cpu")
 
 
-def is_main() -> bool:
-    """True on rank 0 (and in a single process): the one that prints and writes files."""
-    return current().is_main
-
-
 def shutdown() -> None:
     """Leave the process group if one was initialised (the end of a torchrun command)."""
     if dist.is_available() and dist.is_initialized():

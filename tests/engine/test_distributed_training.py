@@ -75,7 +75,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), SPINSCOPE_CACHE=str(cache))
     info = distributed.init_from_env()
     try:
-        out = {"info": info, "current": distributed.current(), "is_main": distributed.is_main()}
+        out = {"info": info, "current": distributed.current(), "is_main": distributed.current().is_main}
         for method in METHODS:
             out[method] = train_recording(method, distributed)
         out["checkpoints"] = sorted(p.name for p in (cache / "optimize").glob("*")) if (cache / "optimize").exists() \
