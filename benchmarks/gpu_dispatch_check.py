@@ -50,12 +50,6 @@ def save_random_llama(path: str, layers: int, device: str) -> torch.nn.Module:
     return model
 
 
-def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
-    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="none")
-    return {"max_abs_logit_diff": float((a - b).abs().max()), "kl": float(kl.sum(-1).mean()),
-            "max_abs_logit": float(a.abs().max())}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--gpu-budget", default="8GiB")
@@ -68,7 +62,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from engine.arch import resolve
     from engine.models import load_model
-    from engine.rotation import RotationConfig, logits, rotate
+    from engine.rotation import RotationConfig, logit_agreement, logits, rotate
 
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -91,7 +85,8 @@ def main(argv=None) -> int:
     rotate(gpu, resolve(gpu), rot, inplace=True)
     sync()
     gpu_rotated = logits(gpu, ids)
-    log(args.out, stage="gpu copy rotated", seconds=round(time.perf_counter() - t0, 1), **compare(ref, gpu_rotated))
+    log(args.out, stage="gpu copy rotated", seconds=round(time.perf_counter() - t0, 1),
+        **logit_agreement(ref, gpu_rotated))
     del gpu, single
     if cuda:
         torch.cuda.empty_cache()
@@ -108,7 +103,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     before = logits(handle.model, ids)
     log(args.out, stage="dispatched forward", seconds=round(time.perf_counter() - t0, 2),
-        vs_gpu_copy=compare(ref, before))
+        vs_gpu_copy=logit_agreement(ref, before))
     with handle.working_model() as model:
         t0 = time.perf_counter()
         rotate(model, handle.arch, rot, inplace=True)
@@ -116,11 +111,11 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t0
         after = logits(model, ids)
         log(args.out, stage="dispatched rotated in place", seconds=round(seconds, 1),
-            equivalence=compare(before, after), vs_gpu_copy_rotated=compare(gpu_rotated, after),
+            equivalence=logit_agreement(before, after), vs_gpu_copy_rotated=logit_agreement(gpu_rotated, after),
             peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None)
         t0 = time.perf_counter()
     log(args.out, stage="reloaded after the job", seconds=round(time.perf_counter() - t0, 1),
-        back_to_original=compare(before, logits(handle.model, ids)))
+        back_to_original=logit_agreement(before, logits(handle.model, ids)))
     return 0
 
 

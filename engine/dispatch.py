@@ -82,7 +82,6 @@ class Placement:
 
     device_map: dict          # module name -> 0, 1, ... | "cpu" | "disk" (accelerate's format)
     module_bytes: dict        # module name -> weight bytes in the load dtype
-    max_memory: dict          # the budgets it was planned for (accelerate keys)
     dtype: str
     offload_dir: str | None = None
     notes: list = field(default_factory=list)
@@ -141,7 +140,7 @@ def plan(config, dtype: torch.dtype, dtype_name: str, max_memory: dict | None = 
         _check_covers(skeleton, device_map)
     notes = _keep_tied_together(skeleton, device_map)
     sizes = compute_module_sizes(skeleton, dtype=dtype)
-    placement = Placement(dict(device_map), {n: int(sizes.get(n, 0)) for n in device_map}, budget, dtype_name,
+    placement = Placement(dict(device_map), {n: int(sizes.get(n, 0)) for n in device_map}, dtype_name,
                           offload_dir, notes)
     on_disk = placement.device_bytes.get("disk", 0)
     if on_disk:

@@ -89,6 +89,11 @@ def current() -> DistInfo:
     return DistInfo(0, 1, 0, "cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _several() -> bool:
+    """A process group with more than one rank is running (collectives would do something)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def shutdown() -> None:
     """Leave the process group if one was initialised (the end of a torchrun command)."""
     if dist.is_available() and dist.is_initialized():
@@ -113,7 +118,7 @@ def local_batch(batch: int, world_size: int, rank: int) -> slice:
 
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     """The average of a tensor over all ranks (every rank must call it); the tensor itself in a single process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _several():
         return value
     total = value.detach().clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
@@ -123,7 +128,7 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
 def check_same_on_all_ranks(tensors: list[torch.Tensor], what: str = "tensors", rtol: float = 1e-6) -> None:
     """Raise RuntimeError unless `tensors` agree across ranks (every rank must call it). Cheap: one fingerprint
     per tensor (a dot product with fixed pseudo-random weights, float64), all-reduced as max and min."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _several():
         return
     prints = []
     for t in tensors:
@@ -173,7 +178,7 @@ def data_parallel(trained: nn.Module, loss_fn: Callable[..., torch.Tensor], info
 
 def from_main(obj: Any) -> Any:
     """Rank 0's `obj` on every rank (every rank must call it; pickled); `obj` itself in a single process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _several():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -182,5 +187,5 @@ def from_main(obj: Any) -> Any:
 
 def barrier() -> None:
     """Wait for every rank (e.g. until rank 0 has written a file the others name); nothing in a single process."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _several():
         dist.barrier()

@@ -196,11 +196,14 @@ def plan_model(name: str = DEFAULT_MODEL, dtype: str = "float16", max_memory: st
     """Where load_model(name, dtype, max_memory=..., offload_disk=...) would put each block, and the bytes per
     device, without reading any weight. Raises PlacementError (a ModelLoadError's sibling ValueError) when the
     model cannot fit the budgets."""
-    torch_dtype = _check_dtype(dtype)
     _, _, _, config = _read_config(name)
+    return _plan(config, dtype, max_memory, offload_disk, device_map)
+
+
+def _plan(config, dtype: str, max_memory, offload_disk: bool, device_map: dict | None) -> Placement:
     budget = dispatch.parse_max_memory(max_memory) if isinstance(max_memory, str) or max_memory is None \
         else dict(max_memory)
-    return dispatch.plan(config, torch_dtype, dtype, budget, str(offload_root()) if offload_disk else None,
+    return dispatch.plan(config, _check_dtype(dtype), dtype, budget, str(offload_root()) if offload_disk else None,
                          device_map)
 
 
@@ -242,7 +245,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
     src, note, kw, config = _read_config(name)
     placement = None
     if device == "auto" or max_memory is not None or device_map is not None:
-        placement = plan_model(name, dtype, max_memory, offload_disk, device_map)
+        placement = _plan(config, dtype, max_memory, offload_disk, device_map)
     dev = pick_device(None if device == "auto" else device)
     try:  # a damaged weight file raises SafetensorError (safetensors) or RuntimeError (torch.load)
         if placement is not None:

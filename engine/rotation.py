@@ -327,7 +327,11 @@ def equivalence(original: nn.Module | None, rotated: nn.Module, input_ids: torch
     """Logits of both models on the same tokens: max |difference| and mean KL(original || rotated) in nats.
     reference: the original's logits (from `logits`) instead of running `original`."""
     a = reference if reference is not None else logits(original, input_ids)
-    b = logits(rotated, input_ids).to(a.device)
+    return {**logit_agreement(a, logits(rotated, input_ids).to(a.device)), "tokens": int(input_ids.numel())}
+
+
+def logit_agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """Max |a - b|, mean KL(softmax a || softmax b) in nats over positions, and max |a| for scale."""
     kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="none")
     return {"max_abs_logit_diff": float((a - b).abs().max()), "kl": float(kl.sum(-1).mean()),
-            "max_abs_logit": float(a.abs().max()), "tokens": int(input_ids.numel())}
+            "max_abs_logit": float(a.abs().max())}

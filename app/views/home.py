@@ -15,7 +15,7 @@ st.markdown(
 placement, problem = state.plan()
 if problem:
     st.error(f"Cannot place the model: {problem}")
-elif placement is not None and (placement.device_map != {"": "cpu"} or st.session_state[state.MAX_MEMORY]):
+elif placement is not None and (placement.devices != ["cpu"] or st.session_state[state.MAX_MEMORY]):
     st.subheader("Memory plan")
     st.caption(f"Before loading, from the config alone: {placement.summary()}. Each decoder layer stays whole on "
                "one device; offloaded weights (CPU when a GPU computes, or disk) are streamed in for every forward.")
