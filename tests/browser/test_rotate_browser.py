@@ -56,3 +56,26 @@ def test_rotate_r1_orthogonal_keeps_function_and_draws_both_charts(app_url, page
     assert page.get_by_role("button", name="Stop").count() == 0, "Stop shows only while the job runs"
 
     shots.full_page_screenshot(page, ARTIFACTS / "rotate_compare.png", TIMEOUT_MS)
+
+
+def test_rotate_a_model_dispatched_over_cpu_and_disk(app_url, page):
+    """The sidebar's budgets spread the model over CPU memory and disk; Home shows the plan, and Rotate still
+    proves the rotated (in place, then reloaded) model computes the same function."""
+    shots.open_page(page, app_url, "home", TIMEOUT_MS)
+    for action in ("click:Beyond one device", "fill:Memory budgets=cpu=200MiB", "click:Allow disk offload",
+                   "wait:Memory plan", "wait:svg=Weights per device"):
+        shots.apply(page, shots.parse_action(action), timeout_ms=TIMEOUT_MS)
+    assert page.get_by_text("dispatched:", exact=False).count() >= 1, "Home must say the model was dispatched"
+    shots.full_page_screenshot(page, ARTIFACTS / "home_dispatched.png", TIMEOUT_MS)
+
+    page.get_by_role("link", name="Rotate").click()
+    page.get_by_role("heading", name="Rotate: R1-R4 before and after").wait_for(timeout=TIMEOUT_MS)
+    budgets = page.get_by_label("Memory budgets", exact=True).and_(page.get_by_role("textbox"))
+    assert budgets.input_value() == "cpu=200MiB", "the budgets follow to other pages"
+    for action in ACTIONS:
+        shots.apply(page, shots.parse_action(action), timeout_ms=TIMEOUT_MS)
+    text = page.locator('[data-testid="stAlertContentSuccess"]').inner_text()
+    assert text.startswith("Same function") and "R1=orthogonal" in text, text
+    assert page.locator('[data-testid="stAlertContentError"]').count() == 0
+    assert page.locator('[data-testid="stException"]').count() == 0
+    shots.full_page_screenshot(page, ARTIFACTS / "rotate_dispatched.png", TIMEOUT_MS)
