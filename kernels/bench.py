@@ -1,14 +1,15 @@
 """Online-rotation kernel benchmark: `python -m kernels.bench --d 4096,11008,14336 --L 1,16,128,512,2048,8192`.
 
-For each width d and token count L it times (median of triton.testing.do_bench, microseconds), after checking
-each kernel against its reference on the same inputs:
+For each width d and token count L it times (median of triton.testing.do_bench, microseconds, the L2 flushed
+before each call; each op captured in a CUDA graph and replayed, so host time stays out: kernels/timing.py),
+after checking each kernel against its reference on the same inputs:
   memcpy             x.clone(): the floor for any online rotation (read x, write x)
   fht_padded         plain FHT over the next power of two (zero-pads a width like 11008: not orthogonal)
   fht_exact          exact x @ H_d with H_d = H_K (x) H_{2^m} (FHT over 2^m, then an H_K matmul)
   triton_blockdiag   kernels.blockdiag, autotuned, block b (128 by default)
   torch_blockdiag    the same rotation as one torch bmm in x's dtype
   dense_gemm         x @ W with a dense d x d W (what an unstructured online rotation would cost)
-  rotate_quant_int4  kernels.rotate_quant, rotation + per-token int4 (packed) in one kernel body
+  rotate_quant_int4  kernels.rotate_quant, rotation + per-token int4 (packed), no fp16 intermediate (two launches)
   rotate_quant_int8  the same with int8 output
 The FHT rows use the fast_hadamard_transform package when installed, else our torch implementation; the row's
 `backend` says which. GB/s counts the fewest bytes each op must move (inputs once, outputs once).
@@ -30,6 +31,7 @@ import torch
 from kernels import hadamard
 from kernels.blockdiag import blockdiag_matmul_reference, blockdiag_matmul_triton
 from kernels.rotate_quant import rotate_quantize, rotate_quantize_bytes, rotate_quantize_reference, unpack_int4
+from kernels.timing import median_us
 
 KERNELS = ("memcpy", "fht_padded", "fht_exact", "triton_blockdiag", "torch_blockdiag", "dense_gemm",
            "rotate_quant_int4", "rotate_quant_int8")
@@ -44,7 +46,8 @@ KERNEL_LABELS = {
     "rotate_quant_int8": "rotate + int8 quantize",
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-ROW_FIELDS = ("kernel", "d", "L", "dtype", "block", "median_us", "gbps", "over_memcpy", "backend", "check_error")
+ROW_FIELDS = ("kernel", "d", "L", "dtype", "block", "median_us", "gbps", "over_memcpy", "backend", "check_error",
+              "timing")
 # relative error bound (||out - ref|| / ||ref||) per dtype: one rounding of the output plus fp32 accumulation
 CHECK_TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 CHECK_ROWS = 256  # rows compared against the FHT and GEMM references (cheaper than all L rows)
@@ -159,14 +162,12 @@ class Case:
         raise ValueError(f"unknown kernel {kernel!r}")
 
 
-def _time_us(fn, warmup_ms: int, rep_ms: int) -> float:
-    import triton.testing
-    return 1e3 * triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-
-
 def run_benchmark(ds: Iterable[int], Ls: Iterable[int], dtype: str = "fp16", kernels: Sequence[str] = KERNELS, *,
-                  block: int = 128, warmup_ms: int = 25, rep_ms: int = 100) -> Iterator[dict]:
+                  block: int = 128, warmup_ms: int = 25, rep_ms: int = 100, graphs: bool = True) -> Iterator[dict]:
     """Yield one row dict (ROW_FIELDS) per (d, L, kernel); memcpy first for each (d, L).
+
+    graphs: time CUDA-graph replays (GPU time); False: plain calls, host time included. The row's `timing` says
+    which.
 
     Raises NoGPUError (no CUDA device) or ValueError (bad arguments) at call time; KernelCheckError while
     iterating if a kernel disagrees with its reference (it is then not timed).
@@ -177,7 +178,7 @@ def run_benchmark(ds: Iterable[int], Ls: Iterable[int], dtype: str = "fp16", ker
         raise NoGPUError("no CUDA GPU is visible to torch: the kernel benchmark needs one. Recorded H100 results "
                          "are in docs/BENCHMARKS.md; run `python -m kernels.bench` on a GPU machine.")
     return _rows(ds, ls, DTYPES[dtype], dtype, ["memcpy"] + [k for k in kernels if k != "memcpy"],
-                 "memcpy" in kernels, block, warmup_ms, rep_ms)
+                 "memcpy" in kernels, block, warmup_ms, rep_ms, graphs)
 
 
 def checked_kernel(case: Case, kernel: str):
@@ -194,7 +195,7 @@ def checked_kernel(case: Case, kernel: str):
     return run, nbytes, backend, error
 
 
-def _rows(ds, ls, torch_dtype, dtype_name, kernels, yield_memcpy, block, warmup_ms, rep_ms) -> Iterator[dict]:
+def _rows(ds, ls, torch_dtype, dtype_name, kernels, yield_memcpy, block, warmup_ms, rep_ms, graphs) -> Iterator[dict]:
     torch.manual_seed(0)
     for d in ds:
         for tokens in ls:
@@ -202,23 +203,25 @@ def _rows(ds, ls, torch_dtype, dtype_name, kernels, yield_memcpy, block, warmup_
             memcpy_us = None
             for kernel in kernels:
                 run, nbytes, backend, error = checked_kernel(case, kernel)
-                us = _time_us(run, warmup_ms, rep_ms)
+                us, timing = median_us(run, warmup_ms, rep_ms, graph=graphs)
                 memcpy_us = us if kernel == "memcpy" else memcpy_us
                 if kernel == "memcpy" and not yield_memcpy:
                     continue
                 yield {"kernel": kernel, "d": d, "L": tokens, "dtype": dtype_name, "block": block,
                        "median_us": round(us, 2), "gbps": round(nbytes / (us * 1e-6) / 1e9, 1),
-                       "over_memcpy": round(us / memcpy_us, 3), "backend": backend, "check_error": error}
+                       "over_memcpy": round(us / memcpy_us, 3), "backend": backend, "check_error": error,
+                       "timing": timing}
             del case
             torch.cuda.empty_cache()
 
 
 def format_row(row: dict) -> str:
     return (f"{row['kernel']:<18} {row['d']:>6} {row['L']:>6} {row['dtype']:>5} {row['median_us']:>10.1f} "
-            f"{row['gbps']:>8.0f} {row['over_memcpy']:>7.2f}x  {row['backend']}")
+            f"{row['gbps']:>8.0f} {row['over_memcpy']:>7.2f}x  {row['backend']:<24} {row.get('timing', '')}")
 
 
-HEADER = f"{'kernel':<18} {'d':>6} {'L':>6} {'dtype':>5} {'median_us':>10} {'GB/s':>8} {'/memcpy':>8}  backend"
+HEADER = (f"{'kernel':<18} {'d':>6} {'L':>6} {'dtype':>5} {'median_us':>10} {'GB/s':>8} {'/memcpy':>8}  "
+          f"{'backend':<24} timing")
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
@@ -238,10 +241,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--block", type=int, default=128, help="block size of the block-diagonal rotation")
     parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset of " + ",".join(KERNELS))
     parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
+    parser.add_argument("--eager", action="store_true",
+                        help="time plain calls instead of CUDA-graph replays (host time included)")
     args = parser.parse_args(argv)
     try:
         rows = run_benchmark(_parse_ints(args.d, "d"), _parse_ints(args.L, "L"), args.dtype,
-                             [k for k in args.kernels.split(",") if k], block=args.block)
+                             [k for k in args.kernels.split(",") if k], block=args.block, graphs=not args.eager)
     except (NoGPUError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

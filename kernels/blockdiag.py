@@ -129,16 +129,8 @@ def autotune_do_bench(fn, quantiles=None):
     Replaying a graph keeps the autotuner's Python (80 to 180 us per launch on the H100 machine, longer than
     the flush) out of the timings, which otherwise ranked the candidates by host noise at small L.
     """
-    graph = None
-    if torch.cuda.is_available():
-        try:
-            fn()  # compile and warm up outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-        except Exception:  # noqa: BLE001 - a launch that cannot be captured is timed the plain way
-            graph = None
+    from kernels.timing import capture
+    graph = capture(fn)  # our launches never sync, so they can always be captured
     return triton.testing.do_bench(graph.replay if graph is not None else fn, warmup=5, rep=25,
                                    quantiles=quantiles)
 

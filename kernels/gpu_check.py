@@ -2,8 +2,7 @@
 
     python -m kernels.gpu_check --out DIR [--fht-src DIR] [--no-sweep] [--profile] [--d ...] [--L ...]
 
-Order: a smoke test of the fused rotate-quantize launch in a child process (a hang there is killed and the run
-goes on with the two-launch fallback), correctness checks, the benchmark, the profile, the tile sweeps.
+Order: correctness checks, the benchmark, the profile, the tile sweeps.
 
 --fht-src: a checkout of Dao-AILab/fast-hadamard-transform (csrc/ and fast_hadamard_transform/); it is built
 for this GPU with torch's extension loader (for a machine without network; users with one pip-install
@@ -18,7 +17,6 @@ import importlib
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -26,11 +24,11 @@ from datetime import datetime, timezone
 import torch
 from triton.runtime.errors import OutOfResources
 
-from kernels import bench, blockdiag, hadamard, rotate_quant
+from kernels import bench, blockdiag, hadamard
 from kernels.blockdiag import (SUPPORTED_BLOCKS, TileConfig, blockdiag_matmul_reference, blockdiag_matmul_triton,
                                blockdiag_rotate, tile_configs)
-from kernels.rotate_quant import (SPLIT_TILE, rotate_quant_configs, rotate_quantize, rotate_quantize_reference,
-                                  sync_buffer, unpack_int4)
+from kernels.rotate_quant import rotate_quant_configs, rotate_quantize, rotate_quantize_reference, unpack_int4
+from kernels.timing import median_us
 
 # The brief's H100 numbers for Dao's FHT at d = 11008 (padded to 16384), fp16, microseconds
 BRIEF_FHT_11008 = {1: 9.0, 512: 22.2, 2048: 66.6, 8192: 240.7}
@@ -40,9 +38,9 @@ EXTRA_SWEEP_TILES = (  # block-diagonal tiles beyond the autotune candidates (b 
     TileConfig(64, 128, 4, 4, 2), TileConfig(64, 128, 4, 4, 4), TileConfig(64, 128, 2, 4, 2),
     TileConfig(64, 64, 4, 4, 3), TileConfig(128, 64, 2, 4, 3), TileConfig(32, 64, 4, 4, 3),
 )
-EXTRA_ROTATE_TILES = (  # fused rotate-quantize tiles beyond its autotune candidates
-    TileConfig(64, 128, 1, 8, 1), TileConfig(32, 128, 1, 2, 1), TileConfig(32, 128, 2, 4, 2),
-    TileConfig(32, 128, 4, 4, 3), TileConfig(64, 128, 8, 4, 3), TileConfig(64, 128, 4, 8, 3),
+EXTRA_ROTATE_TILES = (  # rotate-quantize tiles beyond its autotune candidates
+    TileConfig(64, 128, 2, 4, 3), TileConfig(128, 128, 2, 8, 3), TileConfig(32, 128, 8, 4, 4),
+    TileConfig(64, 128, 4, 8, 3),
 )
 
 
@@ -166,7 +164,7 @@ def check_fast_launch() -> bool:
         for fast in (False, True, True):  # the first fast call compiles, the second replays
             blockdiag.FAST_LAUNCH = fast
             outputs.append((blockdiag_matmul_triton(x, blocks, config=TileConfig(64, 128, 4, 4, 3)),
-                            rotate_quantize(x, blocks, 4, config=TileConfig(64, 128, 1, 4, 1))))
+                            rotate_quantize(x, blocks, 4, config=TileConfig(64, 128, 4, 4, 3))))
         same = all(torch.equal(a, b) for out in outputs[1:] for a, b in zip(
             (out[0], *out[1]), (outputs[0][0], *outputs[0][1])))
     except Exception as err:  # noqa: BLE001
@@ -178,68 +176,44 @@ def check_fast_launch() -> bool:
 
 
 def check_rotate_quantize(quick: bool = False) -> list[str]:
-    """The fused kernel against the reference quantization of the reference rotation, each call twice (the
-    kernel re-zeroes its sync buffer: a stale maximum would shrink the second call's integers)."""
+    """rotate_quantize against the reference quantization of the reference rotation, each case called twice (a
+    row maximum left over from the first call would shrink the second call's integers)."""
     failures = []
-    hold = TileConfig(64, 128, 1, 4, 1)
-    cases = [(bits, torch.float16, 128, shape, None, None) for bits in (4, 8)
-             for shape in ((1, 11008), (3, 37, 11008), (5000, 11008))]  # autotuned, fused
-    if quick:
-        cases += [(4, torch.float16, 128, (1500, 11008), None, False), (4, torch.bfloat16, 128, (777, 4096), hold, None)]
-    cases += [] if quick else [(4, torch.float16, 128, (2048, 11008), config, None)
+    fixed = TileConfig(64, 128, 4, 4, 3)
+    cases = [(bits, torch.float16, 128, shape, None) for bits in (4, 8)
+             for shape in ((1, 11008), (3, 37, 11008), (5000, 11008))]  # autotuned
+    cases += [(4, torch.bfloat16, 128, (777, 4096), fixed)]
+    cases += [] if quick else [(4, torch.float16, 128, (2048, 11008), config)
                                for config in rotate_quant_configs(128) + list(EXTRA_ROTATE_TILES)]
-    cases += [] if quick else [(bits, torch.bfloat16, 128, shape, hold, None) for bits in (4, 8)
+    cases += [] if quick else [(bits, torch.bfloat16, 128, shape, fixed) for bits in (4, 8)
                                for shape in ((3, 37, 11008), (777, 4096))]
-    cases += [] if quick else [(4, torch.float16, 128, (1500, 11008), None, False), (8, torch.float16, 128, (33, 4096), None, False),
-              (4, torch.float16, 32, (513, 4096), TileConfig(64, 32, 2, 4, 2), None),  # 128 column tiles: fused
-              (4, torch.float16, 32, (513, 11008), None, None),  # 344 column tiles: two launches
-              (4, torch.float16, 256, (1000, 14336), TileConfig(64, 128, 1, 8, 1), None),
-              (8, torch.float16, 64, (100, 4096), TileConfig(32, 64, 2, 4, 2), None)]
-    for bits, dtype, b, shape, config, fused in cases:
+    cases += [] if quick else [(8, torch.float16, 128, (33, 4096), None),
+                               (4, torch.float16, 32, (513, 4096), TileConfig(64, 32, 2, 4, 2)),
+                               (4, torch.float16, 32, (513, 11008), None),
+                               (4, torch.float16, 256, (1000, 14336), TileConfig(64, 128, 1, 8, 1)),
+                               (8, torch.float16, 64, (100, 4096), TileConfig(32, 64, 2, 4, 2))]
+    for bits, dtype, b, shape, config in cases:
         x = torch.randn(*shape, dtype=dtype, device="cuda")
         x[..., 7] *= 40.0  # an outlier channel, as in real activations
         blocks = torch.linalg.qr(torch.randn(shape[-1] // b, b, b, device="cuda"))[0].to(dtype).contiguous()
         want = rotate_quantize_reference(x, blocks, bits)
         for call in (1, 2):
             try:
-                problem = _quant_mismatch(rotate_quantize(x, blocks, bits, config=config, fused=fused), want, bits)
+                problem = _quant_mismatch(rotate_quantize(x, blocks, bits, config=config), want, bits)
             except OutOfResources as err:
                 problem = f"out of resources: {err}"
             if problem:
-                failures.append(f"rotate_quant int{bits} {dtype} b={b} {shape} {config} fused={fused} "
-                                f"call {call}: {problem}")
-    torch.cuda.synchronize()
-    if sync_buffer(torch.device("cuda", torch.cuda.current_device()), 1).any():
-        failures.append("rotate_quant left its sync buffer non-zero")
+                failures.append(f"rotate_quant int{bits} {dtype} b={b} {shape} {config} call {call}: {problem}")
     return failures
 
 
-def smoke_test_fused(timeout_s: int = 75) -> bool:
-    """Run every fused candidate once in a child process with a time limit: a bug in the cross-program wait
-    would hang the GPU, and a hung child can be killed where this process could not be."""
-    code = ("import torch; from kernels.rotate_quant import *; from kernels.gpu_check import EXTRA_ROTATE_TILES\n"
-            "x = torch.randn(2048, 11008, dtype=torch.float16, device='cuda')\n"
-            "b = torch.linalg.qr(torch.randn(86, 128, 128, device='cuda'))[0].half().contiguous()\n"
-            "for c in rotate_quant_configs(128) + list(EXTRA_ROTATE_TILES):\n"
-            "    rotate_quantize(x, b, 4, config=c, fused=True); torch.cuda.synchronize(); print('ok', c, flush=True)\n")
-    try:
-        done = subprocess.run([sys.executable, "-c", code], timeout=timeout_s, capture_output=True, text=True)
-    except subprocess.TimeoutExpired as err:
-        print(f"fused smoke test HUNG (> {timeout_s} s); output: {(err.stdout or b'')[-2000:]!r}")
-        return False
-    print(f"fused smoke test rc {done.returncode}: {done.stdout.count('ok')} configs ran" +
-          (f"; stderr: {done.stderr[-3000:]}" if done.returncode else ""), flush=True)
-    return done.returncode == 0
-
-
 def _time(fn, warmup: int = 10, rep: int = 40) -> float:
-    import triton.testing
-    return 1e3 * triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    return median_us(fn, warmup, rep)[0]  # a CUDA-graph replay: no host time in the sweep
 
 
 def sweep(out_dir: str, d: int = 11008, ls=(512, 2048, 8192), ops=("blockdiag", "rotate"),
           extra: bool = True) -> list[dict]:
-    """Time fixed tile shapes of the block-diagonal kernel and of the fused rotate + int4 (b = 128, fp16);
+    """Time fixed tile shapes of the block-diagonal kernel and of rotate + int4 (b = 128, fp16);
     extra: also the tiles beyond the autotune candidates (each one more compile)."""
     rows = []
     extra_tiles = list(EXTRA_SWEEP_TILES) if extra else []
@@ -267,28 +241,25 @@ def sweep(out_dir: str, d: int = 11008, ls=(512, 2048, 8192), ops=("blockdiag", 
                          "us": _time(lambda: blockdiag_matmul_triton(x, blocks))})
         if "rotate" in ops and tokens >= 2048:
             want = rotate_quantize_reference(x, blocks, 4)
-            variants = [(c, True) for c in rotate_quant_configs(128) + extra_rotate]
-            variants += [(SPLIT_TILE, False), (None, None)]
-            for tile, fused in variants:
+            for tile in rotate_quant_configs(128) + extra_rotate + [None]:
                 try:
-                    problem = _quant_mismatch(rotate_quantize(x, blocks, 4, config=tile, fused=fused), want, 4)
+                    problem = _quant_mismatch(rotate_quantize(x, blocks, 4, config=tile), want, 4)
                     if problem:
-                        print(f"  FAIL rotate int4 L={tokens} {tile} fused={fused}: {problem}")
+                        print(f"  FAIL rotate int4 L={tokens} {tile}: {problem}")
                         continue
-                    us = _time(lambda: rotate_quantize(x, blocks, 4, config=tile, fused=fused))
+                    us = _time(lambda: rotate_quantize(x, blocks, 4, config=tile))
                 except (OutOfResources, ValueError) as err:
                     print(f"  rotate int4 {tile}: {err!r:.200}")
                     continue
                 name = "autotuned" if tile is None else _tile_name(tile)
-                rows.append({"op": "rotate_int4_" + ("fused" if fused in (True, None) else "split"), "L": tokens,
-                             "tile": name, "us": us})
+                rows.append({"op": "rotate_int4", "L": tokens, "tile": name, "us": us})
         del x
         torch.cuda.empty_cache()
     with open(os.path.join(out_dir, "sweep.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["op", "L", "tile", "us"])
         writer.writeheader()
         writer.writerows(rows)
-    print(f"\n== sweep (d = {d}, fp16; do_bench median us; best 5 per op and L)")
+    print(f"\n== sweep (d = {d}, fp16; do_bench median us of CUDA-graph replays; best 5 per op and L)")
     for tokens in ls:
         memcpy = next(r["us"] for r in rows if r["op"] == "memcpy" and r["L"] == tokens)
         for op in dict.fromkeys(r["op"] for r in rows if r["L"] == tokens and r["op"] != "memcpy"):
@@ -366,7 +337,6 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--fht-src", default=None)
     parser.add_argument("--no-checks", action="store_true")
-    parser.add_argument("--no-smoke", action="store_true", help="skip the fused launch's smoke test")
     parser.add_argument("--quick", action="store_true",
                         help="fewer compiles: rotate-quantize checks only, sweeps over the autotune candidates")
     parser.add_argument("--sweep-L", default="512,2048,8192")
@@ -389,9 +359,6 @@ def main(argv=None) -> int:
           f"{torch.__version__} | triton {triton.__version__} | python {platform.python_version()}", flush=True)
 
     kernels = args.kernels.split(",")
-    if not args.no_smoke and not smoke_test_fused():
-        rotate_quant.FUSED_LAUNCH = False  # go on with two launches so the other results still come
-        print("fused launch DISABLED for this run: rotate_quant rows are the two-launch fallback", flush=True)
     start = time.time()
     if torch.cuda.is_available():
         check_fast_launch()

@@ -1,4 +1,4 @@
-"""Fused block-diagonal rotation + per-token symmetric int8/int4 quantization (the online R4 before a 4-bit GEMM).
+"""Block-diagonal rotation + per-token symmetric int8/int4 quantization (the online R4 before a 4-bit GEMM).
 
 Output for x [..., d] rotated by blocks [n, b, b]:
 - int8: `q` int8 [..., d] in [-127, 127];
@@ -8,28 +8,21 @@ Output for x [..., d] rotated by blocks [n, b, b]:
 Convention (shared with the reference): `absmax = max(max_j |y_j|, 1e-8)`, `q = round_half_even(y * (qmax /
 absmax))` clamped to [-qmax, qmax], `scale = absmax / qmax`, with y the fp32 rotation (never rounded to fp16).
 
-Design. A token's scale needs its whole rotated row (d = 11008 values) before any integer can be written, but
-tensor-core efficiency needs a program to reuse its B tile [b, 128] over many rows, so programs own (row
-group, output column tile) like the plain kernel, and the column tiles of one row group agree on the row
-maxima through memory. One launch (`fused`, the GPU path):
-  1. a program rotates its tile(s) of x, atomic-maxes the per-row |y| into an int32 buffer (fp32 bits of
-     non-negative floats order like integers) and counts itself done for its row group;
-  2. it waits until all d / 128 column tiles of its row group are done (they run at the same time, see below),
-     then quantizes with the finished row maxima and writes the integers (and the scales, from column tile 0).
-With one row tile per program (the usual winner) the rotated tile [block_m, 128] fp32 stays in registers
-across the wait, so x is read once from memory: 2 B/elem read + 0.5 (int4) written, against a copy's 4. With
-more row tiles the program rotates them again in step 2, re-reading x from L2 a few microseconds later.
-The waits cannot deadlock: programs take work by an atomic ticket in start order, a row group's programs have
-consecutive tickets, and a group (d / block_n programs) fits on the GPU at once (the launcher checks that it is
-at most the number of SMs), so the lowest unfinished group always has, or gets, all its programs running.
-The interpreter runs programs one by one, so there (and for groups wider than the GPU) the two steps run as
-two launches (`fused=False`), the same kernel body with PHASE 1 then 2.
-The sync buffer is cached per device and left zeroed by the kernel itself (the last program of a row group
-clears its maxima and counters, the last program overall the ticket), which saves a memset launch per call;
-calls on one device must therefore not overlap on two streams.
-Measured on the H100 (docs/BENCHMARKS.md): correct, and faster than the chunked two-phase version it replaced
-(device time 60 vs 70 us at d = 11008, L = 2048), but still 1.7 to 1.9x a copy of x: the group waits leave
-programs idle with no loads in flight, so at L = 8192 it is no faster than two plain launches (reading x twice).
+Design: two plain launches, no program ever waits on another. A token's scale needs its whole rotated row
+(d = 11008 values) before any integer can be written, while tensor-core efficiency needs a program to keep
+one B tile [b, 128] on chip and stream many rows through it, so the columns of one row belong to d / 128
+different programs.
+  1. `_row_absmax_kernel`: rotate, and merge each row's max |y| into an int32 buffer by atomic max (the fp32
+     bits of non-negative floats order like integers). Writes nothing else; x is read with the default L2
+     policy so that step 2 finds part of it there.
+  2. `_quantize_kernel`: rotate again (the same tl.dot, so the same fp32 y), quantize with the finished row
+     maxima, write the integers and (from column tile 0) the scales. It walks the row groups in reverse, so
+     it starts on the rows step 1 read last, which are still in L2.
+x is read twice (once from L2 where it fits), integers written once. Both steps are idempotent (max, plain
+stores), so the autotuner may repeat either, and a stopped call leaves nothing behind for the next one.
+This replaced a one-launch design whose column tiles synchronized through L2 atomics and waited for each other
+(x read once): on the H100 it was slower (207 vs 177 us at d = 11008, L = 8192, 61 vs 59 us at L = 2048) and
+needed a deadlock argument; docs/BENCHMARKS.md has the measurements and why neither reaches a copy's time.
 """
 
 from __future__ import annotations
@@ -46,11 +39,10 @@ from kernels.blockdiag import (INTERPRETER_TILE, SHARED_MEMORY_BUDGET, TileConfi
 
 QMAX = {8: 127, 4: 7}
 ABSMAX_FLOOR = 1e-8  # an all-zero token gets q = 0 and a tiny scale instead of 0 / 0
-# Autotune candidates (block_m, row_tiles, num_warps, num_stages); output tiles are min(b, 128) wide. With one row
-# tile per program the fused launch keeps the rotated tile in registers; with more it rotates twice (L2 re-read).
-_TILE_CANDIDATES = ((64, 1, 4, 1), (128, 1, 8, 1), (32, 1, 4, 1), (64, 2, 4, 2), (128, 2, 8, 2), (64, 4, 4, 3))
-FUSED_LAUNCH = True  # False: always two launches (a switch for tests of the fallback and for diagnosis)
-SPLIT_TILE = TileConfig(block_m=64, block_n=128, row_tiles=4, num_warps=4, num_stages=3)  # two-launch fallback
+# Autotune candidates (block_m, row_tiles, num_warps, num_stages) of each step; output tiles are min(b, 128)
+# wide. From the H100 sweep (docs/BENCHMARKS.md): long row walks win at large L, one tile per program at small L.
+_TILE_CANDIDATES = ((64, 4, 4, 3), (64, 8, 4, 4), (64, 16, 4, 4), (128, 4, 4, 3), (128, 4, 8, 3),
+                    (64, 1, 4, 3), (32, 1, 4, 2), (16, 1, 4, 2))
 
 
 def _check_bits(bits: int) -> int:
@@ -109,125 +101,94 @@ def rotate_quantize_reference(x: torch.Tensor, blocks: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The kernel (plain function; compiled by jit_kernel / autotuned_kernel)
+# The kernels (plain functions; compiled by jit_kernel / autotuned_kernel)
 
-def _rotate_quant_kernel(
-    x_ptr, w_ptr, q_ptr, scale_ptr,  # x [M, D], w [n, BLOCK, BLOCK], q [M, D or D/2], scale [M]
-    sync_ptr,  # int32, zero on entry and on exit: [M] row absmax (fp32 bits), [G] done, [G] finished, ticket, total
-    M, D, stride_xm, stride_qm,
+def _row_absmax_kernel(
+    x_ptr, w_ptr, absmax_ptr,  # x [M, D], w [n, BLOCK, BLOCK], absmax int32 [M] (fp32 bits), zero on entry
+    M, D, stride_xm,
     M_BUCKET,  # autotune key only
-    QMAX: tl.constexpr, PACK_INT4: tl.constexpr,
-    PHASE: tl.constexpr,  # 0: both steps in one launch (GPU); 1 / 2: step 1 / step 2 alone (two launches)
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
+    pid = tl.program_id(0)
     n_col_tiles = D // BLOCK_N
-    n_row_tiles = (M + BLOCK_M - 1) // BLOCK_M  # no tl.cdiv: see kernels/blockdiag.py's module doc
-    n_groups = (n_row_tiles + ROW_TILES - 1) // ROW_TILES
-    absmax_ptr = sync_ptr
-    done_ptr = sync_ptr + M
-    finished_ptr = done_ptr + n_groups
-    ticket_ptr = finished_ptr + n_groups  # [2]: start ticket, programs finished
-    if PHASE == 0:
-        item = tl.atomic_add(ticket_ptr, 1)  # start order, so a row group's programs run together
-    else:
-        item = tl.program_id(0)
-    col_tile = item % n_col_tiles
-    group = item // n_col_tiles
+    col_tile = pid % n_col_tiles  # column tiles vary fastest: neighbours share the x rows
+    group = pid // n_col_tiles
     col0 = col_tile * BLOCK_N
     k0 = (col0 // BLOCK) * BLOCK
     offs_k = tl.arange(0, BLOCK)
     offs_n = tl.arange(0, BLOCK_N)
     w = tl.load(w_ptr + (k0 // BLOCK) * BLOCK * BLOCK + offs_k[:, None] * BLOCK + (col0 - k0) + offs_n[None, :],
-                eviction_policy="evict_last")  # [BLOCK, BLOCK_N], shared by every row group: keep it in L2
+                eviction_policy="evict_last")  # [BLOCK, BLOCK_N], read by every row group
     if DOT_FP32:
         w = w.to(tl.float32)
     first = group * ROW_TILES
-    last = tl.minimum(first + ROW_TILES, n_row_tiles)
-    HOLD_Y: tl.constexpr = PHASE == 0 and ROW_TILES == 1  # the rotated tile stays in registers across the wait
-
-    # step 1: rotate, merge the per-row |y| maxima
-    seen = tl.zeros([BLOCK_M], tl.int32)  # what the atomics returned (>= 0 on valid rows)
-    if HOLD_Y:
-        rows = first * BLOCK_M + tl.arange(0, BLOCK_M)
+    last = tl.minimum(first + ROW_TILES, (M + BLOCK_M - 1) // BLOCK_M)  # no tl.cdiv: see kernels/blockdiag.py
+    for tile in range(first, last):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < M
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + k0 + offs_k[None, :], mask=row_mask[:, None],
-                    other=0.0, eviction_policy="evict_first")  # read once
+                    other=0.0)  # default L2 policy: step 2 re-reads it
         if DOT_FP32:
             y = tl.dot(x.to(tl.float32), w, input_precision="ieee")
         else:
             y = tl.dot(x, w)  # [BLOCK_M, BLOCK_N] fp32
-        tile_max = tl.max(tl.abs(y), axis=1)  # [BLOCK_M], >= 0, so its fp32 bits order like int32
-        seen = tl.atomic_max(absmax_ptr + rows, tile_max.to(tl.int32, bitcast=True), mask=row_mask, sem="relaxed")
-    elif PHASE != 2:
-        for tile in range(first, last):
-            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_mask = rows < M
-            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + k0 + offs_k[None, :],
-                        mask=row_mask[:, None], other=0.0, eviction_policy="evict_last")  # step 2 re-reads it
-            if DOT_FP32:
-                y = tl.dot(x.to(tl.float32), w, input_precision="ieee")
-            else:
-                y = tl.dot(x, w)
-            tile_max = tl.max(tl.abs(y), axis=1)
-            old = tl.atomic_max(absmax_ptr + rows, tile_max.to(tl.int32, bitcast=True), mask=row_mask, sem="relaxed")
-            seen = tl.maximum(seen, old)
-    if PHASE == 0:
-        # min(max(seen), 0) is 0, but computing it needs every thread's atomic to have returned from L2, so no
-        # peer can see this program counted before its maxima are merged (a barrier alone does not wait for them)
-        tl.atomic_add(done_ptr + group, 1 + tl.minimum(tl.max(seen, axis=0), 0), sem="release")
-        n_done = tl.atomic_add(done_ptr + group, 0, sem="acquire")
-        while n_done < n_col_tiles:  # the group's other column tiles are running now (module doc)
-            n_done = tl.atomic_add(done_ptr + group, 0, sem="acquire")
+        tile_max = tl.max(tl.abs(y), axis=1)  # >= 0, so its fp32 bits order like int32
+        tl.atomic_max(absmax_ptr + rows, tile_max.to(tl.int32, bitcast=True), mask=row_mask, sem="relaxed")
 
-    # step 2: quantize with the finished row maxima
-    if PHASE != 1:
-        for tile in range(first, last):
-            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_mask = rows < M
-            rows64 = rows.to(tl.int64)
-            if not HOLD_Y:
-                x = tl.load(x_ptr + rows64[:, None] * stride_xm + k0 + offs_k[None, :], mask=row_mask[:, None],
-                            other=0.0, eviction_policy="evict_first")
-                if DOT_FP32:
-                    y = tl.dot(x.to(tl.float32), w, input_precision="ieee")
-                else:
-                    y = tl.dot(x, w)
-            # an atomic read: the maxima were merged in L2 by other programs
-            absmax = tl.atomic_max(absmax_ptr + rows, 0, mask=row_mask, sem="relaxed").to(tl.float32, bitcast=True)
-            absmax = tl.maximum(absmax, 1e-8)  # ABSMAX_FLOOR
-            qmax = tl.full([BLOCK_M], QMAX, tl.float32)
-            v = y * tl.math.div_rn(qmax, absmax)[:, None]  # the same IEEE ops as the reference
-            # round half to even without conversion instructions (a floor-based version was ALU-bound): adding
-            # 1.5 * 2^23 leaves rint(v) in the low mantissa bits for |v| < 2^22 (here |v| <= qmax); the launcher
-            # turns fp fusion off, so v is rounded to fp32 before the add, as in the reference
-            q = (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
-            q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
-            if PACK_INT4:
-                even, odd = tl.split(tl.reshape(q, (BLOCK_M, BLOCK_N // 2, 2)))  # columns 2k and 2k+1
-                packed = ((even & 0x0F) | ((odd & 0x0F) << 4)).to(tl.uint8)
-                offs_b = tl.arange(0, BLOCK_N // 2)
-                tl.store(q_ptr + rows64[:, None] * stride_qm + col0 // 2 + offs_b[None, :], packed,
-                         mask=row_mask[:, None])
-            else:
-                tl.store(q_ptr + rows64[:, None] * stride_qm + col0 + offs_n[None, :], q.to(tl.int8),
-                         mask=row_mask[:, None])
-            if col_tile == 0:
-                tl.store(scale_ptr + rows, tl.math.div_rn(absmax, qmax), mask=row_mask)
 
-        # leave the sync buffer zeroed for the next call
-        tl.debug_barrier()  # every thread has read its maxima
-        n_finished = tl.atomic_add(finished_ptr + group, 1, sem="acq_rel")
-        if n_finished == n_col_tiles - 1:  # the row group's last program: no peer reads its maxima any more
-            for tile in range(first, last):
-                rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-                tl.store(absmax_ptr + rows, tl.zeros([BLOCK_M], tl.int32), mask=rows < M)
-            tl.store(done_ptr + group, 0)
-            tl.store(finished_ptr + group, 0)
-        if PHASE == 0:
-            if tl.atomic_add(ticket_ptr + 1, 1, sem="acq_rel") == tl.num_programs(0) - 1:  # the last program
-                tl.store(ticket_ptr, 0)
-                tl.store(ticket_ptr + 1, 0)
+def _quantize_kernel(
+    x_ptr, w_ptr, absmax_ptr, q_ptr, scale_ptr,  # absmax from step 1; q [M, D or D/2], scale [M]
+    M, D, stride_xm, stride_qm,
+    M_BUCKET,  # autotune key only
+    QMAX: tl.constexpr, PACK_INT4: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_col_tiles = D // BLOCK_N
+    col_tile = pid % n_col_tiles
+    group = tl.num_programs(0) // n_col_tiles - 1 - pid // n_col_tiles  # last rows first: step 1 left them in L2
+    col0 = col_tile * BLOCK_N
+    k0 = (col0 // BLOCK) * BLOCK
+    offs_k = tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK_N)
+    w = tl.load(w_ptr + (k0 // BLOCK) * BLOCK * BLOCK + offs_k[:, None] * BLOCK + (col0 - k0) + offs_n[None, :],
+                eviction_policy="evict_last")
+    if DOT_FP32:
+        w = w.to(tl.float32)
+    first = group * ROW_TILES
+    last = tl.minimum(first + ROW_TILES, (M + BLOCK_M - 1) // BLOCK_M)
+    for tile in range(first, last):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        rows64 = rows.to(tl.int64)
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + k0 + offs_k[None, :], mask=row_mask[:, None], other=0.0,
+                    eviction_policy="evict_first")  # its last use
+        if DOT_FP32:
+            y = tl.dot(x.to(tl.float32), w, input_precision="ieee")
+        else:
+            y = tl.dot(x, w)
+        absmax = tl.load(absmax_ptr + rows, mask=row_mask, other=0).to(tl.float32, bitcast=True)
+        absmax = tl.maximum(absmax, 1e-8)  # ABSMAX_FLOOR
+        qmax = tl.full([BLOCK_M], QMAX, tl.float32)
+        v = y * tl.math.div_rn(qmax, absmax)[:, None]  # the same IEEE ops as the reference
+        # round half to even without conversion instructions (a floor-based version was ALU-bound): adding
+        # 1.5 * 2^23 leaves rint(v) in the low mantissa bits for |v| < 2^22 (here |v| <= qmax); the launcher
+        # turns fp fusion off, so v is rounded to fp32 before the add, as in the reference
+        q = (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+        q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
+        if PACK_INT4:
+            even, odd = tl.split(tl.reshape(q, (BLOCK_M, BLOCK_N // 2, 2)))  # columns 2k and 2k+1
+            packed = ((even & 0x0F) | ((odd & 0x0F) << 4)).to(tl.uint8)
+            offs_b = tl.arange(0, BLOCK_N // 2)
+            tl.store(q_ptr + rows64[:, None] * stride_qm + col0 // 2 + offs_b[None, :], packed,
+                     mask=row_mask[:, None])
+        else:
+            tl.store(q_ptr + rows64[:, None] * stride_qm + col0 + offs_n[None, :], q.to(tl.int8),
+                     mask=row_mask[:, None])
+        if col_tile == 0:
+            tl.store(scale_ptr + rows, tl.math.div_rn(absmax, qmax), mask=row_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,34 +203,15 @@ def _candidates(block: int) -> tuple[TileConfig, ...]:
 
 
 def rotate_quant_configs(block: int) -> list[TileConfig]:
-    """Autotune candidates of the fused launch for block size b (output tiles min(b, 128) wide)."""
+    """Autotune candidates of each step for block size b (output tiles min(b, 128) wide)."""
     return list(_candidates(block))
 
 
-_SYNC_BUFFERS: dict[torch.device, torch.Tensor] = {}
+def rotate_quantize(x: torch.Tensor, blocks: torch.Tensor, bits: int = 4, *,
+                    config: TileConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton rotation + per-token quantization -> (q, scales float32 [..., 1]); see the module doc.
 
-
-def sync_buffer(device: torch.device, numel: int) -> torch.Tensor:
-    """The zeroed int32 buffer the kernel synchronises through, at least numel long (the kernel re-zeroes it)."""
-    buffer = _SYNC_BUFFERS.get(device)
-    if buffer is None or buffer.numel() < numel:
-        size = max(numel, 2 * buffer.numel()) if buffer is not None else numel
-        buffer = _SYNC_BUFFERS[device] = torch.zeros(size, dtype=torch.int32, device=device)
-    return buffer
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def rotate_quantize(x: torch.Tensor, blocks: torch.Tensor, bits: int = 4, *, config: TileConfig | None = None,
-                    fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton fused rotation + per-token quantization -> (q, scales float32 [..., 1]); see the module doc.
-
-    config: a fixed tile shape (None: autotuned on CUDA for the fused launch).
-    fused: one launch that waits across column tiles (None: on CUDA when a row group fits on the GPU);
-      False: two launches (step 1, then step 2), as in the interpreter.
+    config: one tile shape for both steps (None: each step autotuned on CUDA; a small fixed tile when interpreted).
     """
     qmax = _check_bits(bits)
     _, b = check_kernel_args(x, blocks)
@@ -284,35 +226,26 @@ def rotate_quantize(x: torch.Tensor, blocks: torch.Tensor, bits: int = 4, *, con
     if m == 0:
         return q.reshape(*lead, q.shape[-1]), scales.reshape(*lead, 1)
     interpret = not x.is_cuda
+    if config is None and interpret:
+        config = INTERPRETER_TILE
     config = _fit_config(config, b) if config is not None else None  # e.g. a 128-wide tile for b = 64
-    candidates = (config,) if config is not None else _candidates(b)
-    widest_group = d // min(c.block_n for c in candidates)  # programs that must run at once
-    can_fuse = FUSED_LAUNCH and x.is_cuda and widest_group <= _sm_count(x.device)
-    if fused is None:
-        fused = can_fuse
-    elif fused and not can_fuse:
-        raise ValueError(f"a fused launch needs a CUDA tensor, FUSED_LAUNCH set, and at most one column tile per "
-                         f"SM (here {widest_group}); use fused=False (two launches) or wider tiles")
-    if not fused and config is None:
-        config = INTERPRETER_TILE if interpret else SPLIT_TILE
-        config = _fit_config(config, b)
-    sync = sync_buffer(x.device, m + 2 * triton.cdiv(m, 16) + 2)  # block_m >= 16: at most cdiv(m, 16) groups
+    absmax = torch.zeros((m,), dtype=torch.int32, device=x.device)
 
     def grid(meta):
         return triton.cdiv(m, meta["BLOCK_M"] * meta["ROW_TILES"]) * (d // meta["BLOCK_N"])
 
-    args = (x2, w, q, scales, sync, m, d, x2.stride(0), q.stride(0), m_bucket(m))
-    meta = dict(QMAX=qmax, PACK_INT4=bits == 4, BLOCK=b, DOT_FP32=interpret and x.dtype == torch.bfloat16)
-    if not interpret:
-        meta["enable_fp_fusion"] = False  # no y * s + c fused into one FMA: the rounding must see fp32 y * s
-    for phase in (0,) if fused else (1, 2):
-        if config is None:  # fused: every trial run is a whole call, so the autotuner may repeat it
-            launch_tuned(_rotate_quant_kernel, b, lambda meta: (grid(meta),), args, dict(meta, PHASE=phase),
-                         (m_bucket(m), d, b, bits, x.dtype, x.device), key=("M_BUCKET", "D", "BLOCK", "QMAX"),
-                         configs=candidates)
+    common = dict(BLOCK=b, DOT_FP32=interpret and x.dtype == torch.bfloat16)
+    steps = ((_row_absmax_kernel, (x2, w, absmax, m, d, x2.stride(0), m_bucket(m)), common),
+             (_quantize_kernel, (x2, w, absmax, q, scales, m, d, x2.stride(0), q.stride(0), m_bucket(m)),
+              dict(common, QMAX=qmax, PACK_INT4=bits == 4)))
+    for kernel, args, meta in steps:
+        if not interpret:
+            meta["enable_fp_fusion"] = False  # no y * s + c fused into one FMA: the rounding must see fp32 y * s
+        if config is None:  # both steps are idempotent, so the autotuner's repeated trial runs are harmless
+            launch_tuned(kernel, b, lambda meta: (grid(meta),), args, meta, (m_bucket(m), d, b, bits, x.dtype,
+                         x.device), key=("M_BUCKET", "D", "BLOCK"), configs=_candidates(b))
         else:
-            launch(_rotate_quant_kernel, grid(config.meta()), args, {**meta, "PHASE": phase,
-                                                                      **config.launch_kwargs()})
+            launch(kernel, grid(config.meta()), args, {**meta, **config.launch_kwargs()})
     return q.reshape(*lead, q.shape[-1]), scales.reshape(*lead, 1)
 
 

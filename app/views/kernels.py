@@ -9,8 +9,8 @@ from app import charts
 from kernels.bench import KERNEL_LABELS, KERNELS, NoGPUError, gpu_available, run_benchmark
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-RECORDED = ("bench_h100_2026-11-23.csv", "NVIDIA H100 80GB, 2026-11-23 15:33 UTC (torch 2.11, triton 3.6; FHT rows: our "
-            "torch implementation)")
+RECORDED = ("bench_h100_2026-11-23.csv", "NVIDIA H100 80GB, 2026-11-23 17:58 UTC, GPU time of CUDA-graph replays "
+            "(torch 2.11, triton 3.6; FHT rows: our torch implementation, the package's rows timed eagerly at 14:08)")
 RECORDED_FHT = "bench_h100_fht_package_2026-11-23.csv"
 
 st.title("Online-rotation kernels")

@@ -65,3 +65,20 @@ def test_markdown_table_has_one_line_per_row():
     table = bench.markdown_table(rows).splitlines()
     assert len(table) == 2 + len(rows)
     assert table[3].startswith("| fht_padded | 4096 | 8 | fp16 | 11.0 |")
+
+
+def test_timing_without_a_gpu_captures_nothing(monkeypatch):
+    from kernels import timing
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    calls = []
+    assert timing.capture(lambda: calls.append(1)) is None and calls == []  # nothing run, nothing captured
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+def test_graph_timing_replays_the_op():
+    from kernels import timing
+    x = torch.randn(1024, 4096, device="cuda", dtype=torch.float16)
+    out = torch.empty_like(x)
+    us, how = timing.median_us(lambda: out.copy_(x * 2), 5, 20)
+    assert how == "cuda graph" and us > 0 and torch.equal(out, x * 2)
+    assert timing.median_us(lambda: out.copy_(x), 5, 20, graph=False)[1] == "eager"

@@ -1,0 +1,94 @@
+"""What bounds rotate + quantize's first step on a GPU: time it against a read-only kernel (GPU only).
+
+    python -m benchmarks.rotate_quant_floor_probe [--d 11008] [--L 2048,8192]
+
+Three variants of `kernels.rotate_quant`'s step 1 at several tile shapes, each a CUDA-graph replay under
+do_bench (kernels/timing.py), beside a copy of x:
+  read      load x, max |x| per row, atomic max: the cost of reading x once, no rotation
+  step 1    load x, rotate (tl.dot), max |y| per row, atomic max: what the kernel runs
+  stores    the same, the per-(row, column tile) maxima stored plainly instead of merged by atomics
+If `read` alone costs most of a copy, no kernel that must read x before it can write its integers gets far
+below the copy (docs/BENCHMARKS.md, "Why neither reaches a copy's time").
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.timing import median_us
+
+VARIANTS = {"read": 2, "step 1": 0, "stores": 1}
+TILES = ((64, 4, 4, 3), (64, 8, 4, 4), (128, 2, 8, 3), (64, 4, 8, 3), (32, 8, 4, 4), (64, 16, 4, 4), (128, 4, 4, 3))
+
+
+@triton.jit
+def _probe_kernel(x_ptr, w_ptr, absmax_ptr, part_ptr, M, D, stride_xm,
+                  BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr,
+                  MODE: tl.constexpr):
+    pid = tl.program_id(0)
+    n_col_tiles = D // BLOCK_N
+    col_tile = pid % n_col_tiles
+    group = pid // n_col_tiles
+    col0 = col_tile * BLOCK_N
+    k0 = (col0 // BLOCK) * BLOCK
+    offs_k = tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK_N)
+    w = tl.load(w_ptr + (k0 // BLOCK) * BLOCK * BLOCK + offs_k[:, None] * BLOCK + (col0 - k0) + offs_n[None, :],
+                eviction_policy="evict_last")
+    for i in range(0, ROW_TILES):
+        rows = (group * ROW_TILES + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = rows < M
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + k0 + offs_k[None, :], mask=mask[:, None],
+                    other=0.0)
+        if MODE == 2:
+            tile_max = tl.max(tl.abs(x.to(tl.float32)), axis=1)
+        else:
+            tile_max = tl.max(tl.abs(tl.dot(x, w)), axis=1)
+        if MODE == 1:
+            tl.store(part_ptr + rows * n_col_tiles + col_tile, tile_max, mask=mask)
+        else:
+            tl.atomic_max(absmax_ptr + rows, tile_max.to(tl.int32, bitcast=True), mask=mask, sem="relaxed")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.rotate_quant_floor_probe")
+    parser.add_argument("--d", type=int, default=11008)
+    parser.add_argument("--L", default="2048,8192")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 2
+    d = args.d
+    w = torch.linalg.qr(torch.randn(d // 128, 128, 128, device="cuda"))[0].half().contiguous()
+    print(f"{torch.cuda.get_device_name()} | d = {d}, fp16, block 128 | median us (x memcpy)")
+    for tokens in (int(v) for v in args.L.split(",")):
+        x = torch.randn(tokens, d, dtype=torch.float16, device="cuda")
+        absmax = torch.zeros(tokens, dtype=torch.int32, device="cuda")
+        part = torch.zeros(tokens * (d // 128), dtype=torch.float32, device="cuda")
+        copy = torch.empty_like(x)
+        memcpy = median_us(lambda: copy.copy_(x), 10, 60)[0]
+        print(f"L = {tokens}: memcpy {memcpy:.1f}; torch x.amax() {median_us(x.amax, 10, 60)[0]:.1f}")
+        for tile in TILES:
+            block_m, row_tiles, warps, stages = tile
+            grid = (triton.cdiv(tokens, block_m * row_tiles) * (d // 128),)
+            cells = []
+            for name, mode in VARIANTS.items():
+                def run(mode=mode):
+                    _probe_kernel[grid](x, w, absmax, part, tokens, d, x.stride(0), BLOCK=128, BLOCK_M=block_m,
+                                        BLOCK_N=128, ROW_TILES=row_tiles, MODE=mode, num_warps=warps,
+                                        num_stages=stages)
+                us = median_us(run, 10, 60)[0]
+                cells.append(f"{name} {us:6.1f} ({us / memcpy:.2f})")
+            print(f"  m{block_m} r{row_tiles} w{warps} s{stages}: " + " | ".join(cells), flush=True)
+        del x, copy, part
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
