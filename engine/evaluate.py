@@ -84,7 +84,10 @@ def build_model(handle, model: nn.Module, recipe: Recipe, bits: Bits, cfg: EvalC
 
 
 def run_key(handle, recipe: Recipe, bits: Bits, cfg: EvalConfig) -> str:
+    """The cache key of one run; a recipe that does not quantize keys on 16-16-16 whatever bits were asked for,
+    since they change nothing (so the fp row is computed once for a sweep over bits)."""
     corpus = load_corpus(cfg.corpus)
+    bits = bits if recipe.quantize else Bits()
     return store.make_key(kind="eval", model=handle.fingerprint, recipe=recipe.to_dict(), bits=str(bits),
                           corpus=corpus.fingerprint, tokens=cfg.tokens, window=cfg.window, tasks=list(cfg.tasks),
                           limit=cfg.limit, seed=cfg.seed, calib=(cfg.calib_tokens, cfg.calib_window),
@@ -99,7 +102,7 @@ def eval_job(handle, recipe: Recipe | str, bits: Bits | str, cfg: EvalConfig, us
     if use_cache:
         hit = store.load("eval", key)
         if hit is not None:
-            yield Done(hit[0], cached=True)
+            yield Done({**hit[0], "bits_requested": str(bits)}, cached=True)
             return
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()

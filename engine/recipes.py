@@ -4,11 +4,13 @@ A new method is one line in RECIPES, not a new code path.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, replace
 
 from engine.rotation import RotationConfig
 
 PRESETS = ("16-16-16", "4-16-16", "4-8-16", "4-4-16", "4-4-4")
+_BITS_FORMS = (re.compile(r"(\d+)-(\d+)-(\d+)"), re.compile(r"W(\d+)A(\d+)KV(\d+)", re.IGNORECASE))  # 4-4-16, W4A4KV16
 
 
 @dataclass(frozen=True)
@@ -27,11 +29,11 @@ class Bits:
     @staticmethod
     def parse(text: str) -> "Bits":
         """'4-4-4' -> Bits(4, 4, 4)."""
-        parts = str(text).replace("W", "").replace("A", "-").replace("KV", "-").split("-")
-        parts = [p for p in parts if p != ""]
-        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-            raise ValueError(f"bits must look like W-A-KV, e.g. 4-4-16 (presets: {', '.join(PRESETS)}); got {text!r}")
-        return Bits(*(int(p) for p in parts))
+        match = next((m for form in _BITS_FORMS if (m := form.fullmatch(str(text).strip()))), None)
+        if match is None:
+            raise ValueError(f"bits must look like W-A-KV, e.g. 4-4-16 or W4A4KV16 (presets: {', '.join(PRESETS)}); "
+                             f"got {text!r}")
+        return Bits(*(int(p) for p in match.groups()))
 
     def __str__(self) -> str:
         return f"{self.w}-{self.a}-{self.kv}"

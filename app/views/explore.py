@@ -103,13 +103,21 @@ st.caption(f"{vals.shape[0]} randomly sampled tokens x {vals.shape[1]} channels.
 # ---- massive tokens -----------------------------------------------------------------------------------------
 st.header("Tokens with the largest norms (massive activations)")
 top = res.array(layer, site2, "top_tokens").numpy()
+
+
+def visible(token: str) -> str:
+    """Spaces and newlines shown (a table cell would trim " the" to "the" and hide "\\n")."""
+    return token.replace(" ", "\u2423").replace("\n", "\\n") or "(empty)"
+
+
 rows = [{"token norm": round(float(r[0]), 1), "max |x|": round(float(r[1]), 1), "window": int(r[2]),
-         "position": int(r[3]), "token": handle.tokenizer.decode([int(r[4])])} for r in top]
+         "position": int(r[3]), "token": visible(handle.tokenizer.decode([int(r[4])]))} for r in top]
 # st.table would print every float with 4 decimals; the Styler keeps one.
 st.table(pd.DataFrame(rows).style.format({"token norm": "{:.1f}", "max |x|": "{:.1f}"}).hide(axis="index"))
 row = res.site_table(site2).loc[layer]
 st.caption(f"Largest token norms at layer {layer}, {site2}. Median token norm {row.median_token_norm:.1f}; the "
-           f"largest is {row.massive_ratio:.0f}x the median. Position 0 is the attention sink.")
+           f"largest is {row.massive_ratio:.0f}x the median. Position 0 is the attention sink. In the token column, "
+           "\u2423 marks a space and \\n a newline.")
 
 st.download_button("Download the per-layer table (CSV)", res.table.to_csv(index=False).encode(),
                    file_name="spinscope_capture.csv", mime="text/csv")

@@ -66,6 +66,9 @@ def test_explore_capture_shows_all_charts():
     kurt = figs[titles.index(next(t for t in titles if t.startswith("Kurtosis per layer")))]
     assert decode(kurt["data"][0]["x"]) == list(range(30))  # one point per layer
     assert at.table, "massive-token table"
+    table = at.table[0].value
+    tokens = list((table.data if hasattr(table, "data") else table)["token"])
+    assert tokens and all(t == t.strip() and t for t in tokens), tokens  # spaces shown as \u2423, not trimmed
     assert at.get("download_button")
 
 

@@ -81,6 +81,11 @@ def test_fp_and_16_16_16_give_the_same_perplexity_saved_in_the_private_cache(def
     assert [store.load("eval", key)[0] for key in keys] == [fp, rtn]
     assert [p.stat().st_mtime_ns if p.exists() else None for p in real] == real_before
 
+    # the fp recipe ignores the bits, so asking for other bits is the same run, served from the cache
+    again = run(default_handle, "fp", "4-4-4")
+    assert again.cached and again.result["ppl"] == fp["ppl"] and again.result["bits"] == "16-16-16"
+    assert again.result["bits_requested"] == "4-4-4"
+
 
 def test_fixed_seed_reproduces_and_second_run_is_a_cache_hit(default_handle, tmp_cache):
     first = run(default_handle, QUAROT, "4-4-4", use_cache=False)

@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
     ("4-8-16", (4, 8, 16)),
     ("W4A4KV4", (4, 4, 4)),
     ("W4A8KV16", (4, 8, 16)),
+    ("w4a4kv16", (4, 4, 16)),
+    (" 4-4-16 ", (4, 4, 16)),
     ("2-3-16", (2, 3, 16)),
 ])
 def test_bits_parse_accepts_dashed_and_named_forms(text, expected):
@@ -47,7 +49,8 @@ def test_bits_outside_2_to_16_rejected_with_role_and_range(text, role, value):
     assert role in msg and "2 to 16" in msg and value in msg
 
 
-@pytest.mark.parametrize("text", ["4-4", "4-4-4-4", "four", "", "4-x-4", "4.5-4-4"])
+@pytest.mark.parametrize("text", ["4-4", "4-4-4-4", "four", "", "4-x-4", "4.5-4-4", "4--4-4", "-4-4-4", "W4-4-4",
+                                  "4A4KV4"])
 def test_bits_malformed_text_names_the_expected_form(text):
     with pytest.raises(ValueError, match="W-A-KV"):
         Bits.parse(text)
