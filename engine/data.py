@@ -99,8 +99,23 @@ def _file_articles(text: str, chunk_chars: int = 4000) -> list[str]:
     return articles
 
 
-@lru_cache(maxsize=4)
 def load_corpus(name: str = WIKI) -> Corpus:
+    """The corpus `name` ("wiki", a UTF-8 text file, or a WikiText-2 directory); memoised until its files change."""
+    return _load_corpus(name, _file_stamp(name))
+
+
+def _file_stamp(name: str) -> tuple:
+    """(path, size, mtime) of the file or of the directory's WikiText files: an edited file is read again."""
+    if name == WIKI:
+        return ()
+    path = Path(name).expanduser()
+    files = [path / f for f in _WIKITEXT_FILES.values()] if path.is_dir() else [path]
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
+
+
+@lru_cache(maxsize=4)
+def _load_corpus(name: str, stamp: tuple) -> Corpus:
+    del stamp  # part of the memo key only
     if name == WIKI:
         return Corpus(WIKI, WIKI_LABEL, _split_articles(list(_wiki_articles())))
     path = Path(name).expanduser()

@@ -129,6 +129,16 @@ def test_text_file_splits_share_no_article(tmp_path):
     assert short.splits["calib"] == short.splits["eval"] and "calibration = evaluation" in short.label
 
 
+def test_an_edited_text_file_is_read_again(tmp_path):
+    path = write_articles(tmp_path / "text.txt", n=30)
+    first = load_corpus(str(path))
+    assert load_corpus(str(path)) is first  # memoised while the file is unchanged
+    write_articles(path, n=40)
+    again = load_corpus(str(path))
+    assert again.fingerprint != first.fingerprint
+    assert len(again.splits["calib"]) + len(again.splits["eval"]) > len(first.splits["calib"]) + len(first.splits["eval"])
+
+
 @pytest.mark.slow
 def test_windows_are_deterministic_and_consecutive(tokenizer, monkeypatch):
     c = load_corpus(data.WIKI)
