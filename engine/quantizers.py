@@ -135,9 +135,17 @@ def find_grid(x: Tensor, bits: int, symmetric: bool, shrink: float | Tensor = 1.
     return QuantGrid(scale=scale, zero=zero, qmin=qmin, qmax=qmax)
 
 
-def clip_search_error(x: Tensor, grid: QuantGrid) -> Tensor:
-    """The clipping-search objective per row: sum over the last dim of |x_hat - x|^2.4, shape [...]."""
-    return (grid.round_trip(x) - x.float()).abs().pow(CLIP_SEARCH_NORM).sum(-1)
+def clip_search_error(x: Tensor, grid: QuantGrid, buffer: Tensor | None = None) -> Tensor:
+    """The clipping-search objective per row: sum over the last dim of |x_hat - x|^2.4, shape [...].
+
+    The same operations as grid.round_trip, done in place in one float32 buffer of x's shape (pass `buffer` to
+    reuse it across calls): the search runs 80 of these per weight, and allocating each step's six temporaries
+    made it 2.5x slower on the CPU.
+    """
+    x = x.float()
+    err = torch.div(x, grid.scale, out=buffer) if buffer is not None else x / grid.scale
+    err.round_().add_(grid.zero).clamp_(grid.qmin, grid.qmax).sub_(grid.zero).mul_(grid.scale)
+    return err.sub_(x).abs_().pow_(CLIP_SEARCH_NORM).sum(-1)
 
 
 def search_clip_grid(x: Tensor, bits: int, symmetric: bool) -> QuantGrid:
@@ -149,9 +157,10 @@ def search_clip_grid(x: Tensor, bits: int, symmetric: bool) -> QuantGrid:
     x = x.detach().float()
     best_shrink = torch.ones(x.shape[:-1] + (1,), device=x.device)
     best_error = torch.full(x.shape[:-1], float("inf"), device=x.device)
+    buffer = torch.empty_like(x)
     for step in range(CLIP_SEARCH_STEPS):
         shrink = 1.0 - step / CLIP_SEARCH_GRID
-        error = clip_search_error(x, find_grid(x, bits, symmetric, shrink))
+        error = clip_search_error(x, find_grid(x, bits, symmetric, shrink), buffer)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_shrink[better] = shrink
