@@ -59,7 +59,6 @@ def cmd_capture(args) -> int:
     import pandas as pd
 
     from engine.capture import CaptureConfig, capture_job
-    from engine.models import load_model
 
     cfg = CaptureConfig(tokens=args.tokens, window=args.window)  # validates before the model loads
     t0 = time.perf_counter()
@@ -92,7 +91,6 @@ def cmd_rotate(args) -> int:
 
     from engine.capture import CaptureConfig
     from engine.compare import compare_job
-    from engine.models import load_model
     from engine.rotation import RotationConfig, equivalence, logits, rotate
 
     rot = RotationConfig.from_names(args.rotations.split(","), args.kind, seed=args.seed, file=args.file)
@@ -140,7 +138,6 @@ def cmd_eval(args) -> int:
     import pandas as pd
 
     from engine.evaluate import EvalConfig, eval_job
-    from engine.models import load_model
     from engine.recipes import Bits, get_recipe
 
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else ()

@@ -1,7 +1,6 @@
 """AppTest runs of each page, as a user would click them (the real default model; its conversion is cached)."""
 import json
 
-import pytest
 from streamlit.testing.v1 import AppTest
 
 from pathlib import Path

@@ -7,7 +7,7 @@ import torch
 from engine.arch import resolve
 from engine.capture import CaptureConfig
 from engine.compare import compare_job
-from engine.events import Metric, run_to_end
+from engine.events import Metric
 from engine.models import tiny_llama
 from engine.rotation import (OnlineRotation, RotationConfig, as_blocks, equivalence, fold_norms, rotate)
 
