@@ -13,6 +13,13 @@ RECORDED = ("bench_h100_2026-11-23.csv", "NVIDIA H100 80GB, 2026-11-23 17:58 UTC
             "(torch 2.11, triton 3.6; FHT rows: our torch implementation, the package's rows timed eagerly at 14:08)")
 RECORDED_FHT = "bench_h100_fht_package_2026-11-23.csv"
 
+FIGURE_NOTE = (
+    "Lines that hug the dashed memcpy floor cost no more than copying the activations once. The padded FHT at "
+    "widths that are not a power of two transforms a zero-padded vector: fast, but not an orthogonal transform of "
+    "the d values. Rotate + quantize stays above the floor: a token's scale needs its whole rotated row, spread "
+    "over d / 128 programs, so it runs as two launches (row maxima, then integers) and reads x twice; on the H100 "
+    "that is 1.4x to 1.7x a copy at L >= 2048 (docs/BENCHMARKS.md says why a one-pass kernel did not do better).")
+
 st.title("Online-rotation kernels")
 st.caption("FLRot's claim: a learned block-diagonal R4, run as a Triton matmul of 128x128 blocks, costs no more than "
            "the Fast Hadamard Transform. A plain copy of the activations (memcpy) is the floor for any online "
@@ -50,9 +57,7 @@ if not gpu_available():
     rows = recorded_rows()
     d = st.selectbox("Width d", sorted(rows.d.unique()), index=1, key="kern_rec_d")
     st.plotly_chart(latency_figure(rows, d, f"Recorded latency vs tokens, d = {d}, fp16, block 128"))
-    st.caption("Lines that hug the dashed memcpy floor cost no more than copying the activations once. The padded "
-               "FHT at widths that are not a power of two transforms a zero-padded vector: fast, but not an "
-               "orthogonal transform of the d values.")
+    st.caption(FIGURE_NOTE)
     # Kernels as rows (readable names), token counts as columns: the other way round is wider than the page.
     table = rows[rows.d == d].pivot_table(index="kernel", columns="L", values="median_us")
     table = table.rename(index=lambda k: KERNEL_LABELS.get(k, k), columns=lambda n: f"L = {n}")
@@ -83,8 +88,10 @@ if run:
         st.error(str(e))
     if rows:
         df = pd.DataFrame(rows)
+        st.caption(FIGURE_NOTE)
         st.caption("Every kernel was checked against its reference before it was timed. Times: median of "
-                   "triton.testing.do_bench; 'over_memcpy' = time / memcpy time at the same d and L.")
+                   "triton.testing.do_bench over CUDA-graph replays (GPU time, no Python), the L2 cache flushed "
+                   "before each call; 'over_memcpy' = time / memcpy time at the same d and L.")
         st.table(df[["kernel", "d", "L", "median_us", "gbps", "over_memcpy", "backend"]].style
                  .format(precision=2).hide(axis="index"))
         st.download_button("Download CSV", df.to_csv(index=False).encode(), "spinscope_kernels.csv", "text/csv")
