@@ -1,6 +1,7 @@
 """A model larger than its GPU budget: LLaMA-2 7B shapes in float16, dispatched over one GPU and CPU memory.
 
     python -m benchmarks.gpu_dispatch_check [--gpu-budget 8GiB] [--layers 32] [--out DIR]
+    python -m benchmarks.gpu_dispatch_check --max-memory cuda:0=8GiB,cuda:1=8GiB,cpu=100GiB   # over two GPUs
 
 Random weights with LLaMA-2 7B's shapes (no hub here) are saved once as safetensors; engine.models.load_model then
 loads them with max_memory (the GPU takes what fits in the budget, the rest stays in CPU memory and is streamed
@@ -58,6 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a dry run of the script (CPU memory then disk offload)")
+    p.add_argument("--max-memory", default=None, help="the whole budget string (overrides the two above), e.g. "
+                   "cuda:0=8GiB,cuda:1=8GiB,cpu=100GiB to shard the model over two GPUs")
     p.add_argument("--out")
     args = p.parse_args(argv)
     from engine.arch import resolve
@@ -90,16 +93,18 @@ def main(argv=None) -> int:
     del gpu, single
     if cuda:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
 
     t0 = time.perf_counter()
-    budget = f"cuda:0={args.gpu_budget},cpu={args.cpu_budget}" if cuda else f"cpu={args.cpu_budget}"
+    budget = args.max_memory or (f"cuda:0={args.gpu_budget},cpu={args.cpu_budget}" if cuda else f"cpu={args.cpu_budget}")
     handle = load_model(path, "float16", max_memory=budget, offload_disk=not cuda)
     plan = handle.placement
     log(args.out, stage="dispatched load", seconds=round(time.perf_counter() - t0, 1), summary=plan.summary(),
-        devices=plan.devices, on_gpu=sum(1 for d in plan.device_map.values() if d == 0),
-        on_cpu=sum(1 for d in plan.device_map.values() if d == "cpu"),
-        gpu_allocated_gib=round(torch.cuda.memory_allocated() / 2 ** 30, 2) if cuda else None)
+        devices=plan.devices, blocks_per_device={str(d): sum(1 for v in plan.device_map.values() if v == d)
+                                                 for d in dict.fromkeys(plan.device_map.values())},
+        gpu_allocated_gib=[round(torch.cuda.memory_allocated(i) / 2 ** 30, 2)
+                           for i in range(torch.cuda.device_count())] if cuda else None)
     t0 = time.perf_counter()
     before = logits(handle.model, ids)
     log(args.out, stage="dispatched forward", seconds=round(time.perf_counter() - t0, 2),
@@ -112,7 +117,8 @@ def main(argv=None) -> int:
         after = logits(model, ids)
         log(args.out, stage="dispatched rotated in place", seconds=round(seconds, 1),
             equivalence=logit_agreement(before, after), vs_gpu_copy_rotated=logit_agreement(gpu_rotated, after),
-            peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None)
+            peak_gpu_gib=[round(torch.cuda.max_memory_allocated(i) / 2 ** 30, 2)
+                          for i in range(torch.cuda.device_count())] if cuda else None)
         t0 = time.perf_counter()
     log(args.out, stage="reloaded after the job", seconds=round(time.perf_counter() - t0, 1),
         back_to_original=logit_agreement(before, logits(handle.model, ids)))

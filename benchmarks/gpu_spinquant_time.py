@@ -3,6 +3,7 @@ random-weight model with SmolLM2-135M's shapes (the 98 MB model file cannot trav
 per step depends on shapes, not on weight values).
 
     python -m benchmarks.gpu_spinquant_time [--steps 100] [--method spinquant] [--dtype float32]
+    torchrun --nproc_per_node 2 -m benchmarks.gpu_spinquant_time ...   # DDP over two GPUs (NCCL), same global batch
 """
 from __future__ import annotations
 
@@ -26,17 +27,19 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from engine import distributed
     from engine.arch import resolve
     from engine.spinquant import TrainConfig, train
 
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
+    info = distributed.init_from_env()  # under torchrun: one process per GPU, NCCL
     cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                       tie_word_embeddings=True)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    with torch.device(info.device if info.distributed else "cuda"):
+        model = LlamaForCausalLM(cfg).eval().requires_grad_(False)  # same seed: the same weights on every rank
     g = torch.Generator().manual_seed(0)
     calib = torch.randint(0, cfg.vocab_size, (args.windows, args.window), generator=g)
     eval_wins = torch.randint(0, cfg.vocab_size, (1, 512), generator=g)
@@ -48,16 +51,19 @@ def main(argv=None) -> int:
         if isinstance(ev, Metric) and ev.name == "loss":
             if first is None:
                 first = time.perf_counter() - t0
-            if ev.step % 10 == 0:
+            if ev.step % 10 == 0 and info.is_main:
                 print(f"step {ev.step} loss {ev.value:.4f} {time.perf_counter() - t0:.1f}s", flush=True)
         if isinstance(ev, Done):
             break
     total = time.perf_counter() - t0
-    out = {"device": torch.cuda.get_device_name(), "method": args.method, "steps": args.steps,
+    out = {"device": torch.cuda.get_device_name(), "processes": info.world_size, "method": args.method, "steps": args.steps,
            "windows": args.windows, "window": args.window, "batch": args.batch, "total_s": round(total, 1),
            "first_step_s": round(first or 0, 1), "s_per_step_after_first": round((total - (first or 0)) /
                                                                                  max(args.steps - 1, 1), 3),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+    distributed.shutdown()
+    if not info.is_main:
+        return 0
     print(json.dumps(out))
     if args.out:
         with open(f"{args.out}/gpu_spinquant_time.json", "w") as f:
