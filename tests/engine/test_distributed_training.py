@@ -42,9 +42,15 @@ def key_for(method: str) -> str | None:
     return "ddp-test" if method == "flrot" else None  # one run with checkpoints, one without cache writes
 
 
-def train_recording(method: str, monkeypatch_module) -> dict:
+_KEY = object()  # train_recording's default: key_for(method)
+
+
+def train_recording(method: str, monkeypatch_module, cfg: TrainConfig | None = None, key=_KEY,
+                    resume: bool = True) -> dict:
     """Run train() on the tiny model; record the events and the final rotations that every rank checks (a spy on
     distributed.check_same_on_all_ranks, which train calls once with every learned parameter)."""
+    cfg = cfg or config(method)
+    key = key_for(method) if key is _KEY else key
     seen = {}
     real_check = distributed.check_same_on_all_ranks
 
@@ -56,7 +62,7 @@ def train_recording(method: str, monkeypatch_module) -> dict:
     try:
         model, arch = tiny()
         calib, ev = data()
-        events = list(train(model, arch, calib, ev, config(method), key=key_for(method)))
+        events = list(train(model, arch, calib, ev, cfg, key=key, resume=resume))
     finally:
         monkeypatch_module.check_same_on_all_ranks = real_check
     metrics = lambda name: [(e.step, e.value) for e in events if isinstance(e, Metric) and e.name == name]  # noqa
@@ -64,6 +70,20 @@ def train_recording(method: str, monkeypatch_module) -> dict:
     assert isinstance(done, Done)
     return {"losses": metrics("loss"), "ppl": metrics("ppl"), "rotations": seen["rotations"],
             "path": done.result.path, "file_exists": Path(done.result.path).exists()}
+
+
+RESUME = dict(method="spinquant", steps=3)  # the stop-and-resume scenario: stopped after step 1 of 3
+
+
+def stop_after_first_step(key: str) -> None:
+    """Start a run and close it after its first step, as the Optimize page's Stop does (checkpointed on close)."""
+    model, arch = tiny()
+    calib, ev = data()
+    run = train(model, arch, calib, ev, config(**RESUME), key=key, resume=False)
+    for event in run:
+        if isinstance(event, Metric) and event.name == "loss" and event.step == 1:
+            break
+    run.close()
 
 
 def _rank_main(rank: int, port: int, out_dir: str) -> None:
@@ -80,6 +100,8 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
             out[method] = train_recording(method, distributed)
         out["checkpoints"] = sorted(p.name for p in (cache / "optimize").glob("*")) if (cache / "optimize").exists() \
             else []
+        stop_after_first_step("ddp-resume")  # every rank stops at the same step, as a Stop in a torchrun job would
+        out["resume"] = train_recording("spinquant", distributed, cfg=config(**RESUME), key="ddp-resume")
         model, arch = tiny()
         calib, ev = data()
         try:  # 3 windows per step cannot be split over 2 ranks: every rank refuses, none waits for the other
@@ -156,6 +178,20 @@ def test_only_rank_zero_evaluates_and_writes_files(method, ranks, single):
     if method == "flrot":  # the run with a key checkpointed, on rank 0 only
         assert results[0]["checkpoints"] == ["ddp-test"] and results[1]["checkpoints"] == []
         assert not (out_dir / "cache1" / "rotations").exists()
+
+
+def test_a_stopped_two_process_run_resumes_to_the_uninterrupted_result(ranks, tmp_cache):
+    results, out_dir = ranks
+    full = train_recording("spinquant", distributed, cfg=config(**RESUME), key=None)  # one process, no stop
+    rank0, rank1 = results[0]["resume"], results[1]["resume"]
+    # rank 0 checkpointed step 1 when the run was closed; the resumed run went on from step 2 on both ranks
+    assert [s for s, _ in rank0["losses"]] == [2, 3] and rank0["losses"] == rank1["losses"]
+    assert [v for _, v in rank0["losses"]] == pytest.approx([v for s, v in full["losses"] if s >= 2], abs=1e-5)
+    for a, b, s in zip(rank0["rotations"], rank1["rotations"], full["rotations"], strict=True):
+        assert torch.equal(a, b), "the ranks' rotations differ after the resume"
+        torch.testing.assert_close(a, s, atol=1e-5, rtol=0)
+    assert (out_dir / "cache0" / "optimize" / "ddp-resume").exists()
+    assert not (out_dir / "cache1" / "optimize").exists()
 
 
 def test_batch_not_divisible_by_the_world_size_is_refused(ranks):
