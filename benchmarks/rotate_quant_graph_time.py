@@ -21,21 +21,9 @@ import sys
 import torch
 
 from kernels.blockdiag import blockdiag_matmul_triton
-from kernels.rotate_quant import rotate_quantize, rotate_quantize_reference, unpack_int4
+from kernels.gpu_check import _quant_mismatch
+from kernels.rotate_quant import rotate_quantize, rotate_quantize_reference
 from kernels.timing import median_us
-
-
-def mismatch(got, want, bits: int) -> str | None:
-    """None when the integers are within 1 (at most 0.1 % off by one) and the scales within 1e-5."""
-    (q, s), (q_ref, s_ref) = got, want
-    if bits == 4:
-        q, q_ref = unpack_int4(q), unpack_int4(q_ref)
-    diff = (q.int() - q_ref.int()).abs()
-    off = float((diff > 0).float().mean())
-    rel = float(((s - s_ref).abs() / s_ref).max())
-    if diff.max() > 1 or off > 1e-3 or rel > 1e-5:
-        return f"max diff {int(diff.max())}, {off:.2e} off by one, scale rel {rel:.2e}"
-    return None
 
 
 def load_other(path: str):
@@ -76,7 +64,7 @@ def main(argv=None) -> int:
             memcpy = None
             for name, (fn, want, bits) in ops.items():
                 if want is not None:
-                    problem = mismatch(fn(), want, bits)
+                    problem = _quant_mismatch(fn(), want, bits)
                     if problem:
                         print(f"{d:>6} {tokens:>5} {name:<22} FAILED the check: {problem}", flush=True)
                         failures += 1
