@@ -147,24 +147,21 @@ def jit_kernel(fn):
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(fn, block: int, key: tuple[str, ...], reset_to_zero: tuple[str, ...],
-               configs: tuple[TileConfig, ...] | None):
+def _autotuned(fn, block: int, key: tuple[str, ...], configs: tuple[TileConfig, ...] | None):
     candidates = [c.to_triton() for c in configs] if configs else blockdiag_autotune_configs(block)
-    return triton.autotune(configs=candidates, key=list(key), reset_to_zero=list(reset_to_zero) or None,
-                           do_bench=autotune_do_bench)(_jit(fn, False))
+    return triton.autotune(configs=candidates, key=list(key), do_bench=autotune_do_bench)(_jit(fn, False))
 
 
 def autotuned_kernel(fn, block: int, key: tuple[str, ...] = ("M_BUCKET", "D", "BLOCK"),
-                     reset_to_zero: tuple[str, ...] = (), configs: tuple[TileConfig, ...] | None = None):
-    """The autotuned kernel for block size b; reset_to_zero names buffers to zero before each trial run;
-    configs: the candidates (None: tile_configs(block))."""
-    return _autotuned(fn, block, key, reset_to_zero, configs)
+                     configs: tuple[TileConfig, ...] | None = None):
+    """The autotuned kernel for block size b; configs: the candidates (None: tile_configs(block)). Trial runs
+    repeat the launch, so a kernel tuned this way must be idempotent (ours are: plain stores, atomic max)."""
+    return _autotuned(fn, block, key, configs)
 
 
 _TUNED: dict[tuple, dict] = {}  # (kernel, shape key) -> the winning config's launch kwargs
 _COMPILED: dict[tuple, object] = {}  # launch specialization -> Triton's CompiledKernel
 FAST_LAUNCH = True  # False: every launch goes through triton.jit's full dispatch
-_OPTION_NAMES = frozenset(("num_warps", "num_ctas", "num_stages", "maxnreg", "ir_override", "enable_fp_fusion"))
 
 
 def _specialization(arg):
@@ -204,7 +201,7 @@ def launch(fn, grid: int, args: tuple, meta: dict) -> None:
 
 
 def launch_tuned(fn, block: int, grid, args: tuple, meta: dict, tune_key: tuple,
-                 key: tuple[str, ...] = ("M_BUCKET", "D", "BLOCK"), reset_to_zero: tuple[str, ...] = (),
+                 key: tuple[str, ...] = ("M_BUCKET", "D", "BLOCK"),
                  configs: tuple[TileConfig, ...] | None = None) -> None:
     """Autotune on the first call for tune_key, then launch the winner through `launch` (no autotune wrapper).
 
@@ -214,7 +211,7 @@ def launch_tuned(fn, block: int, grid, args: tuple, meta: dict, tune_key: tuple,
     tune_key = (*tune_key, tuple(sorted(meta.items())), configs)
     best = _TUNED.get((fn, tune_key))
     if best is None:
-        tuner = autotuned_kernel(fn, block, key, reset_to_zero, configs)
+        tuner = autotuned_kernel(fn, block, key, configs)
         tuner[grid](*args, **meta)
         _TUNED[(fn, tune_key)] = tuner.best_config.all_kwargs()
     else:

@@ -235,12 +235,12 @@ def rotate_quantize(x: torch.Tensor, blocks: torch.Tensor, bits: int = 4, *,
         return triton.cdiv(m, meta["BLOCK_M"] * meta["ROW_TILES"]) * (d // meta["BLOCK_N"])
 
     common = dict(BLOCK=b, DOT_FP32=interpret and x.dtype == torch.bfloat16)
+    if not interpret:
+        common["enable_fp_fusion"] = False  # no y * s + c fused into one FMA: the rounding must see fp32 y * s
     steps = ((_row_absmax_kernel, (x2, w, absmax, m, d, x2.stride(0), m_bucket(m)), common),
              (_quantize_kernel, (x2, w, absmax, q, scales, m, d, x2.stride(0), q.stride(0), m_bucket(m)),
               dict(common, QMAX=qmax, PACK_INT4=bits == 4)))
     for kernel, args, meta in steps:
-        if not interpret:
-            meta["enable_fp_fusion"] = False  # no y * s + c fused into one FMA: the rounding must see fp32 y * s
         if config is None:  # both steps are idempotent, so the autotuner's repeated trial runs are harmless
             launch_tuned(kernel, b, lambda meta: (grid(meta),), args, meta, (m_bucket(m), d, b, bits, x.dtype,
                          x.device), key=("M_BUCKET", "D", "BLOCK"), configs=_candidates(b))
