@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from engine.dispatch import Placement
-from engine.models import ModelHandle, load_model, plan_model
+from engine.model.dispatch import Placement
+from engine.model.loading import ModelHandle, load_model, plan_model
 
 # session_state keys
 MODEL_NAME = "model_name"

@@ -13,11 +13,11 @@ import time
 
 import torch
 
-from engine.capture import CaptureConfig, capture
-from engine.data import load_corpus, windows
+from engine.data.corpus import load_corpus, windows
 from engine.evaluate import perplexity
 from engine.events import run_to_end
-from engine.models import load_model
+from engine.model.loading import load_model
+from engine.observe.capture import CaptureConfig, capture
 
 
 def plain_forward(model, wins):

@@ -3,7 +3,7 @@
     python -m benchmarks.gpu_dispatch_check [--gpu-budget 8GiB] [--layers 32] [--out DIR]
     python -m benchmarks.gpu_dispatch_check --max-memory cuda:0=8GiB,cuda:1=8GiB,cpu=100GiB   # over two GPUs
 
-Random weights with LLaMA-2 7B's shapes (no hub here) are saved once as safetensors; engine.models.load_model then
+Random weights with LLaMA-2 7B's shapes (no hub here) are saved once as safetensors; engine.model.loading.load_model then
 loads them with max_memory (the GPU takes what fits in the budget, the rest stays in CPU memory and is streamed
 in for each forward). Checked: the dispatched model's logits against the same model wholly on the GPU, and its
 R1-R4 rotation (in place, inside ModelHandle.working_model) against the same rotation on the GPU copy and against
@@ -63,9 +63,9 @@ def main(argv=None) -> int:
                    "cuda:0=8GiB,cuda:1=8GiB,cpu=100GiB to shard the model over two GPUs")
     p.add_argument("--out")
     args = p.parse_args(argv)
-    from engine.arch import resolve
-    from engine.models import load_model
-    from engine.rotation import RotationConfig, logit_agreement, logits, rotate
+    from engine.model.arch import resolve
+    from engine.model.loading import load_model
+    from engine.rotation.fusion import RotationConfig, logit_agreement, logits, rotate
 
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)

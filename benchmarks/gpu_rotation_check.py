@@ -24,8 +24,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.arch import resolve
-    from engine.rotation import RotationConfig, equivalence, rotate
+    from engine.model.arch import resolve
+    from engine.rotation.fusion import RotationConfig, equivalence, rotate
 
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")

@@ -27,9 +27,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine import distributed
-    from engine.arch import resolve
-    from engine.spinquant import TrainConfig, train
+    from engine.learn import distributed
+    from engine.learn.spinquant import TrainConfig, train
+    from engine.model.arch import resolve
 
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")

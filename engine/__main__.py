@@ -29,7 +29,7 @@ def drain(events):
 
 def load(args):
     """load_model with the placement flags (--max-memory, --offload-disk); prints the plan when dispatched."""
-    from engine.models import load_model
+    from engine.model.loading import load_model
 
     handle = load_model(args.model, dtype=args.dtype, max_memory=getattr(args, "max_memory", None),
                         offload_disk=getattr(args, "offload_disk", False))
@@ -44,7 +44,7 @@ def cmd_plan(args) -> int:
     """Print where each block would go and the bytes per device, without loading any weight."""
     import pandas as pd
 
-    from engine.models import plan_model
+    from engine.model.loading import plan_model
 
     plan = plan_model(args.model, args.dtype, args.max_memory, args.offload_disk)
     with pd.option_context("display.width", 200, "display.max_rows", 500):
@@ -58,7 +58,7 @@ def cmd_plan(args) -> int:
 def cmd_capture(args) -> int:
     import pandas as pd
 
-    from engine.capture import CaptureConfig, capture_job
+    from engine.observe.capture import CaptureConfig, capture_job
 
     cfg = CaptureConfig(tokens=args.tokens, window=args.window)  # validates before the model loads
     t0 = time.perf_counter()
@@ -89,15 +89,15 @@ def cmd_capture(args) -> int:
 def cmd_rotate(args) -> int:
     import pandas as pd
 
-    from engine.capture import CaptureConfig
-    from engine.compare import compare_job
-    from engine.rotation import RotationConfig, equivalence, logits, rotate
+    from engine.observe.capture import CaptureConfig
+    from engine.observe.compare import compare_job
+    from engine.rotation.fusion import RotationConfig, equivalence, logits, rotate
 
     rot = RotationConfig.from_names(args.rotations.split(","), args.kind, seed=args.seed, file=args.file)
     cap = CaptureConfig(tokens=args.tokens, window=args.window, sqnr_bits=(4, 8))
     handle = load(args)
     if args.check:  # each rotation alone, then all together
-        from engine.data import load_corpus, windows
+        from engine.data.corpus import load_corpus, windows
 
         ids = windows(load_corpus(args.corpus), handle.tokenizer, 256, 256, "eval")
         rows = []
@@ -138,11 +138,11 @@ def cmd_eval(args) -> int:
     import pandas as pd
 
     from engine.evaluate import EvalConfig, eval_job
-    from engine.recipes import Bits, get_recipe
+    from engine.quant.recipes import Bits, get_recipe
 
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else ()
     if tasks:
-        from engine.tasks import check_request
+        from engine.data.tasks import check_request
 
         check_request(list(tasks), args.limit)
     cfg = EvalConfig(tokens=args.tokens, window=args.window, tasks=tasks, limit=args.limit, seed=args.seed,
@@ -171,14 +171,14 @@ def cmd_eval(args) -> int:
 def cmd_optimize(args) -> int:
     """Train rotations (SpinQuant or FLRot); under torchrun every process takes its share of each step's windows,
     DDP averages the gradients, and only rank 0 prints and writes files."""
-    from engine import distributed
+    from engine.learn import distributed
 
     info = distributed.init_from_env()
     say = print if info.is_main else (lambda *a, **k: None)
     try:
         from engine.events import Metric
-        from engine.models import load_model
-        from engine.spinquant import TrainConfig, train_job
+        from engine.learn.spinquant import TrainConfig, train_job
+        from engine.model.loading import load_model
 
         cfg = TrainConfig(method=args.method, bits=args.bits, steps=args.steps, windows=args.windows,
                           window=args.window, batch=args.batch, lr=args.lr, block=args.block, seed=args.seed,
@@ -215,8 +215,8 @@ def cmd_optimize(args) -> int:
 
 def cmd_prepare(args) -> int:
     """Make the offline assets ready: the default model converted to safetensors, the corpus readable."""
-    from engine.data import WIKI, load_corpus
-    from engine.models import default_model_dir
+    from engine.data.corpus import WIKI, load_corpus
+    from engine.model.loading import default_model_dir
 
     t0 = time.perf_counter()
     path = default_model_dir()

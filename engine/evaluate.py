@@ -11,12 +11,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine import dispatch, store
-from engine.data import load_corpus, windows
+from engine import store
+from engine.data.corpus import load_corpus, windows
 from engine.events import Done, Progress
-from engine.quantize_model import quantize_model
-from engine.recipes import Bits, Recipe, get_recipe
-from engine.rotation import rotate
+from engine.model import dispatch
+from engine.quant.apply import quantize_model
+from engine.quant.recipes import Bits, Recipe, get_recipe
+from engine.rotation.fusion import rotate
 
 CODE_VERSION = "eval-1"  # bump when a change alters evaluation numbers: old cache entries stop matching
 
@@ -25,7 +26,7 @@ CODE_VERSION = "eval-1"  # bump when a change alters evaluation numbers: old cac
 class EvalConfig:
     tokens: int = 16384           # evaluation-split tokens for perplexity
     window: int = 2048            # perplexity window (or the model's limit)
-    tasks: tuple = ()             # zero-shot task names (engine.tasks)
+    tasks: tuple = ()             # zero-shot task names (engine.data.tasks)
     limit: int | None = 200       # documents per task
     seed: int = 0
     calib_tokens: int = 8192      # GPTQ calibration tokens (calibration split)
@@ -45,7 +46,7 @@ class EvalConfig:
         if self.limit is not None and self.limit <= 0:
             raise ValueError(f"task document limit must be positive, got {self.limit}")
         if self.tasks:  # refuse an unknown task now, not after minutes of perplexity
-            from engine.tasks import check_request
+            from engine.data.tasks import check_request
 
             check_request(list(self.tasks), self.limit)
 
@@ -124,7 +125,7 @@ def eval_job(handle, recipe: Recipe | str, bits: Bits | str, cfg: EvalConfig, us
                   "ppl": ppl, "tokens": int(wins.numel()), "window": win, "corpus": corpus.label, "seed": cfg.seed,
                   "tasks": {}, "limit": cfg.limit, "code": CODE_VERSION}
         if cfg.tasks:
-            from engine.tasks import zero_shot
+            from engine.data.tasks import zero_shot
 
             for ev in zero_shot(model, handle.tokenizer, list(cfg.tasks), cfg.limit):
                 if isinstance(ev, Done):

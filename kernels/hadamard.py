@@ -5,7 +5,7 @@ Two backends, reported by `backend()`:
 - "torch": our own, a Sylvester H_{2^m} split into Kronecker factors of at most 128
   (H_{2^a} (x) H_{2^b} = H_{2^(a+b)}), each applied as one small matmul along its axis.
 Widths n = K * 2^m use the engine's matrices: `H_n = H_K (x) H_{2^m}` with `(K, 2^m) =
-engine.hadamard.decompose(n)` (11008 = 344 * 32, 14336 = 28 * 512) and `H_K = engine.hadamard.hadamard_matrix(K)`;
+engine.rotation.hadamard.decompose(n)` (11008 = 344 * 32, 14336 = 28 * 512) and `H_K = engine.rotation.hadamard.hadamard_matrix(K)`;
 x [..., n] is viewed as [..., K, 2^m], transformed over the 2^m axis, then multiplied by H_K over the K axis.
 The package's own 12N/20N/28N kernels are never used: their H_K differ from the engine's tables (BRIEF.md),
 so the offline fusion would not match.
@@ -39,11 +39,11 @@ def backend() -> str:
 
 
 def _engine_hadamard():
-    """engine.hadamard, imported on first use (the engine owns the H_K tables)."""
+    """engine.rotation.hadamard, imported on first use (the engine owns the H_K tables)."""
     try:
-        return importlib.import_module("engine.hadamard")
+        return importlib.import_module("engine.rotation.hadamard")
     except ImportError as err:
-        raise ImportError("kernels.hadamard needs engine.hadamard (hadamard_matrix, decompose) for the H_K "
+        raise ImportError("kernels.hadamard needs engine.rotation.hadamard (hadamard_matrix, decompose) for the H_K "
                           "matrices; run from the repository root so that `engine` is importable") from err
 
 
@@ -73,7 +73,7 @@ def _engine_factor(k: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     """The engine's normalised H_K [K, K] in the compute dtype."""
     h = torch.as_tensor(_engine_hadamard().hadamard_matrix(k))
     if h.shape != (k, k):
-        raise ValueError(f"engine.hadamard.hadamard_matrix({k}) returned shape {tuple(h.shape)}, expected ({k}, {k})")
+        raise ValueError(f"engine.rotation.hadamard.hadamard_matrix({k}) returned shape {tuple(h.shape)}, expected ({k}, {k})")
     return h.to(dtype=dtype, device=device)
 
 
@@ -157,7 +157,7 @@ def hadamard_transform_padded_reference(x: torch.Tensor) -> torch.Tensor:
 
 
 def hadamard_transform_reference(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
-    """float32 `x @ engine.hadamard.hadamard_matrix(n)` through the engine's own FWHT (apply_hadamard)."""
+    """float32 `x @ engine.rotation.hadamard.hadamard_matrix(n)` through the engine's own FWHT (apply_hadamard)."""
     n = x.shape[-1] if n is None else n
     return _engine_hadamard().apply_hadamard(x.float(), n)
 

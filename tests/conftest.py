@@ -30,7 +30,7 @@ def tmp_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def default_handle():
     """The real default model (SmolLM2-135M-Instruct), loaded once per session."""
-    from engine.models import load_model
+    from engine.model.loading import load_model
 
     return load_model("default")
 
@@ -42,7 +42,7 @@ def tiny_model_dir(tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from engine.models import default_model_dir
+    from engine.model.loading import default_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     torch.manual_seed(0)

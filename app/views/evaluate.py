@@ -8,7 +8,7 @@ import streamlit as st
 
 from app import charts, progress, state
 from engine.evaluate import EvalConfig, eval_job
-from engine.recipes import PRESETS, RECIPES, Bits, get_recipe
+from engine.quant.recipes import PRESETS, RECIPES, Bits, get_recipe
 
 st.title("Evaluate quantized models")
 st.caption("What does W4A4KV4 cost with RTN, with random Hadamard rotations (QuaRot), with learned rotations, "
@@ -22,7 +22,7 @@ if handle is None:
 MODES = {"quick": dict(tokens=4096, window=1024, limit=50, calib_tokens=2048),
          "full": dict(tokens=16384, window=2048, limit=200, calib_tokens=8192)}
 try:
-    from engine.tasks import TASKS
+    from engine.data.tasks import TASKS
 except ImportError:  # zero-shot support missing: perplexity only
     TASKS = {}
 

@@ -4,9 +4,9 @@ import pandas as pd
 import streamlit as st
 
 from app import charts, progress, state
-from engine.capture import SITES, CaptureConfig, capture_job
-from engine.data import WIKI, WIKI_LABEL
-from engine.stats import SURFACE_CHANNELS
+from engine.data.corpus import WIKI, WIKI_LABEL
+from engine.observe.capture import SITES, CaptureConfig, capture_job
+from engine.observe.stats import SURFACE_CHANNELS
 
 st.title("Explore activation outliers")
 st.caption("Run the model on text, with hooks at every site the rotations touch, and look at the statistics.")

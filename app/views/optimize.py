@@ -10,10 +10,18 @@ import streamlit as st
 from app import charts, progress, state
 from engine.evaluate import EvalConfig, eval_job
 from engine.events import Metric
-from engine.random_spread import FAMILIES, SpreadConfig, spread_job
-from engine.recipes import PRESETS, Bits, get_recipe
-from engine.spinquant import (KURTOSIS_SITES, METHODS, ONLINE_SEED, TRAIN_BITS, TrainConfig, checkpoint_result,
-                              learned_recipe, train_job)
+from engine.learn.random_spread import FAMILIES, SpreadConfig, spread_job
+from engine.learn.spinquant import (
+    KURTOSIS_SITES,
+    METHODS,
+    ONLINE_SEED,
+    TRAIN_BITS,
+    TrainConfig,
+    checkpoint_result,
+    learned_recipe,
+    train_job,
+)
+from engine.quant.recipes import PRESETS, Bits, get_recipe
 
 # session_state keys of this page
 CFG, RESULT, RUNNING, EVAL_ROWS, SPREAD = "opt_config", "opt_result", "opt_running", "opt_eval_rows", "opt_spread"

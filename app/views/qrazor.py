@@ -6,8 +6,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import charts, state
-from engine import qrazor_view as qv
-from engine.qrazor import flag_bits, qmax
+from engine.quant import qrazor_view as qv
+from engine.quant.qrazor import flag_bits, qmax
 
 METHOD_COLORS = {"SDR": charts.COLORS["outlier"], "RTN-4": charts.COLORS["normal"],
                  "Hadamard + RTN-4": charts.COLORS["channel"]}

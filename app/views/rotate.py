@@ -4,10 +4,10 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import charts, progress, state
-from engine.capture import SITES, CaptureConfig
-from engine.compare import compare_job
 from engine.events import Metric
-from engine.rotation import KINDS, RotationConfig
+from engine.observe.capture import SITES, CaptureConfig
+from engine.observe.compare import compare_job
+from engine.rotation.fusion import KINDS, RotationConfig
 
 st.title("Rotate: R1-R4 before and after")
 st.caption("R1 rotates the residual stream, R2 the values of each head (both fused into the weights), R3 queries "

@@ -85,8 +85,8 @@ def test_train_then_evaluate_then_random_spread(tiny_model_dir):
 
 def test_a_stopped_run_is_shown_and_can_be_resumed(tiny_model_dir):
     from engine.events import Metric
-    from engine.models import load_model
-    from engine.spinquant import TrainConfig, train_job
+    from engine.learn.spinquant import TrainConfig, train_job
+    from engine.model.loading import load_model
 
     # Stop as the page does: the job generator closed between steps (Streamlit interrupts the script).
     cfg = TrainConfig(method="spinquant", steps=3, windows=3, window=32, block=32, eval_every=1, checkpoint_every=5)

@@ -11,9 +11,9 @@ import torch
 from engine import store
 from engine.evaluate import EvalConfig, eval_job, perplexity, run_key
 from engine.events import Done, Progress
-from engine.models import tiny_llama
-from engine.recipes import Bits, get_recipe
-from engine.rotation import RotationConfig
+from engine.model.loading import tiny_llama
+from engine.quant.recipes import Bits, get_recipe
+from engine.rotation.fusion import RotationConfig
 
 REPO_CACHE = Path(__file__).resolve().parents[2] / "cache"
 

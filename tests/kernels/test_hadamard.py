@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from engine.hadamard import decompose, hadamard_matrix
+from engine.rotation.hadamard import decompose, hadamard_matrix
 from kernels import hadamard
 
 

@@ -1,0 +1,1 @@
+"""Corpora and calibration/evaluation windows; offline zero-shot tasks."""

@@ -1,0 +1,1 @@
+"""Learning rotations: Cayley SGD, SpinQuant/FLRot training, the spread of random rotations, distributed runs."""

@@ -1,0 +1,428 @@
+"""Learned rotations: SpinQuant (R1 and every layer's R2) and FLRot (also R3 and a block-diagonal R4), trained by
+Cayley SGD on the next-token loss of the rotated, fake-quantized network; all weights stay frozen.
+
+The network is computed on the fly from the norm-folded weights (engine.rotation.fusion.fold_norms) and the current
+rotations, with exactly the fusion conventions of engine.rotation.fusion (HF linears: y = x @ W.T, W [out, in]):
+    q, k, gate, up: W R1        v: rows of each KV head R2^T (W R1)_h       o: columns of each head (R1^T W)_h R2
+    down: R1^T W R4             embedding output e R1                       lm_head input x R1^T (= W_head R1)
+    online: q, k <- q R3, k R3 after RoPE (then K is quantized);  down_proj input x <- x R4
+Each decoder weight is a torch parametrization of its frozen value, fake-quantized (RTN, straight-through), and the
+activation and KV quantizers of engine.quant.apply act on the linears' inputs and on K, V, so the loss sees the
+same network that `engine.rotation.fusion.rotate` + `engine.quant.apply` build from the exported file.
+SpinQuant keeps R3/R4 fixed: the random Hadamards that `rotate` draws for seed 0, i.e. what the 'rotated' recipe
+uses at EvalConfig(seed=0).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from engine import store
+from engine.events import Done, Metric, Progress
+from engine.learn import distributed
+from engine.learn.cayley import CayleySGD
+from engine.model import attention
+from engine.model.arch import ArchInfo
+from engine.observe.stats import token_moments
+from engine.quant.apply import install_activation_quant, install_kv_quant
+from engine.quant.quantizers import quantize_weight
+from engine.quant.recipes import RECIPES, Bits, Recipe, get_recipe
+from engine.rotation.files import RotationSet, save_rotations
+from engine.rotation.fusion import RotationConfig, fold_norms
+from engine.rotation.hadamard import random_hadamard
+from engine.rotation.orthogonal import BlockDiagonalRotation, FullRotation, check_block_divides
+
+METHODS = ("spinquant", "flrot")
+TRAIN_BITS = ("4-4-4", "16-4-4")  # W4A4KV4 and W16A4KV4 (SpinQuant's choice when GPTQ follows)
+ONLINE_SEED = 0                   # SpinQuant's fixed R3/R4: rotate(..., seed=0) draws them from seeds 2000 / 3000
+KURTOSIS_SITES = ("attn_in", "down_in")
+CODE_VERSION = "optimize-1"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str = "spinquant"   # spinquant (R1, R2) | flrot (R1, R2, R3, block-diagonal R4)
+    bits: str = "4-4-4"         # W-A-KV of the fake quantizers during training
+    steps: int = 20
+    windows: int = 20           # calibration windows (cycled through, `batch` per step)
+    window: int = 256           # tokens per window
+    batch: int = 1              # windows per step
+    lr: float = 1.5             # Cayley SGD step cap, cosine-decayed to 0 (SpinQuant's 1.5)
+    block: int = 128            # FLRot's R4 block size (must divide the intermediate width)
+    eval_every: int = 5         # kurtosis and quick perplexity every N steps (0: never)
+    checkpoint_every: int = 5   # checkpoint under cache/optimize/ every N steps (0: only when stopped)
+    eval_tokens: int = 512      # evaluation-split tokens of the quick perplexity
+    seed: int = 0               # random Hadamard initialisation and calibration sampling
+    corpus: str = "wiki"
+    w_clip_search: bool = False  # weight clipping search in the loss, as SpinQuant's --w_clip (80 RTN passes per
+                                 # weight per step, minutes on a CPU); evaluate with the quantizer trained for
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        bits = Bits.parse(self.bits)
+        if bits.a >= 16 and bits.kv >= 16 and bits.w >= 16:
+            raise ValueError("at 16-16-16 the network is rotation invariant: nothing to learn; train at 4-4-4 "
+                             "(W4A4KV4) or 16-4-4 (W16A4KV4)")
+        for name in ("steps", "windows", "window", "batch", "eval_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.window < 2:
+            raise ValueError(f"window must hold at least 2 tokens (next-token loss), got {self.window}")
+        if self.batch > self.windows:
+            raise ValueError(f"batch ({self.batch}) cannot exceed the number of windows ({self.windows})")
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 disables it), got {getattr(self, name)}")
+        if not 0 < self.lr <= 10:
+            raise ValueError(f"lr must be in (0, 10] (SpinQuant uses 1.5), got {self.lr}")
+        if self.block < 1:
+            raise ValueError(f"block must be positive, got {self.block}")
+
+    @property
+    def parsed_bits(self) -> Bits:
+        return Bits.parse(self.bits)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cosine_lr(lr: float, step: int, steps: int) -> float:
+    """Learning rate of step `step` (0-based) of `steps`: lr/2 (1 + cos(pi step / steps)), no warm-up."""
+    return 0.5 * lr * (1.0 + math.cos(math.pi * step / steps))
+
+
+# ---- the rotations being learned -----------------------------------------------------------------------------
+class LearnedRotations(nn.Module):
+    """R1 [hidden, hidden], per-layer R2 [hd, hd]; FLRot adds per-layer R3 [hd, hd] and R4 blocks [nb, b, b].
+    All start as random Hadamards with the seeds `rotate` uses (R1: seed, R2: seed + 1000 + i), so SpinQuant
+    step 0 is QuaRot with the same seed. SpinQuant's R3/R4 are fixed buffers."""
+
+    def __init__(self, arch: ArchInfo, method: str, block: int = 128, seed: int = 0):
+        super().__init__()
+        hd, inter, n = arch.head_dim, arch.intermediate, arch.n_layers
+        self.method = method
+        had = lambda size, s: random_hadamard(size, seed=s).float()  # noqa: E731
+        self.r1 = FullRotation(arch.hidden, matrix=had(arch.hidden, seed))
+        self.r2 = nn.ModuleList(FullRotation(hd, matrix=had(hd, seed + 1000 + i)) for i in range(n))
+        if method == "flrot":
+            nb = check_block_divides(inter, block)
+            self.r3 = nn.ModuleList(FullRotation(hd, matrix=had(hd, seed + 2000 + i)) for i in range(n))
+            self.r4 = nn.ModuleList(
+                BlockDiagonalRotation(inter, block, blocks=torch.stack([had(block, seed + 3000 + nb * i + j)
+                                                                        for j in range(nb)]))
+                for i in range(n))
+        else:
+            self.r3, self.r4 = None, None
+            self.register_buffer("r3_fixed", had(hd, ONLINE_SEED + 2000))
+            self.register_buffer("r4_fixed", had(inter, ONLINE_SEED + 3000))
+
+    def manifold_params(self) -> list[nn.Parameter]:
+        return list(self.parameters())  # every parameter is an orthogonal matrix or a batch of blocks
+
+    def r3_matrix(self, i: int) -> torch.Tensor:
+        return self.r3[i].weight if self.r3 is not None else self.r3_fixed
+
+    def rotate_down_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """x [..., inter] -> x R4 (float32 at least, as engine.rotation.fusion.OnlineRotation)."""
+        xf = x.float()
+        y = self.r4[i](xf) if self.r4 is not None else xf @ self.r4_fixed
+        return y.to(x.dtype)
+
+    def rotation_set(self) -> RotationSet:
+        """A detached copy in the file layout (R4 as its blocks)."""
+        grab = lambda t: t.detach().float().clone()  # noqa: E731
+        return RotationSet(grab(self.r1.weight), [grab(r.weight) for r in self.r2],
+                           None if self.r3 is None else [grab(r.weight) for r in self.r3],
+                           None if self.r4 is None else [grab(r.blocks) for r in self.r4])
+
+
+class _RotatedWeight(nn.Module):
+    """Parametrization of one frozen decoder weight W [out, in] -> fake_quant(rotated W); gradients reach the
+    rotations through the straight-through quantizer."""
+
+    def __init__(self, rots: LearnedRotations, arch: ArchInfo, role: str, layer: int, w_bits: int, clip: bool):
+        super().__init__()
+        self._rots = (rots,)  # a tuple, so the rotations are not registered as a submodule of every weight
+        self.role, self.layer, self.w_bits, self.clip = role, layer, w_bits, clip
+        self.hd, self.kv_heads, self.heads = arch.head_dim, arch.n_kv_heads, arch.n_heads
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        rots, i = self._rots[0], self.layer
+        r1 = rots.r1.weight.to(w.dtype)
+        if self.role in ("q", "k", "gate", "up"):
+            w = w @ r1
+        elif self.role == "v":  # [kv * hd, hidden]: rows of each KV head h <- R2^T W_h
+            w = torch.einsum("dc,kdh->kch", rots.r2[i].weight.to(w.dtype),
+                             (w @ r1).reshape(self.kv_heads, self.hd, -1)).reshape(w.shape)
+        elif self.role == "o":  # [hidden, heads * hd]: columns of each head h <- W_h R2
+            w = ((r1.T @ w).reshape(w.shape[0], self.heads, self.hd) @ rots.r2[i].weight.to(w.dtype)).reshape(w.shape)
+        elif self.role == "down":  # [hidden, inter]; a fixed R4 was folded into W once
+            w = r1.T @ (rots.r4[i](w) if rots.r4 is not None else w)
+        return quantize_weight(w, self.w_bits, clip_search=self.clip) if self.w_bits < 16 else w
+
+
+class RotatedTrainingModel:
+    """A norm-folded copy of `model` computing the rotated, fake-quantized network from `rots` on every forward."""
+
+    def __init__(self, model: nn.Module, arch: ArchInfo, rots: LearnedRotations, bits: Bits, recipe: Recipe,
+                 clip_search: bool = False):
+        self.arch, self.rots, self.bits = arch, rots, bits
+        m = copy.deepcopy(model).eval().requires_grad_(False)
+        if next(m.parameters()).dtype in (torch.float16, torch.bfloat16):
+            m.float()  # the loss and its gradients in float32 at least
+        fold_norms(m, arch)
+        if rots.r4 is None:  # a fixed R4 folds once, as engine.rotation.fusion.install_r4 does (float64, cast back)
+            for i in range(arch.n_layers):
+                down = arch.module(m, "down", i)
+                down.weight.data = (down.weight.double() @ rots.r4_fixed.double()).to(down.weight.dtype)
+        for i in range(arch.n_layers):
+            for role in ("q", "k", "v", "o", "gate", "up", "down"):
+                parametrize.register_parametrization(arch.module(m, role, i), "weight",
+                                                     _RotatedWeight(rots, arch, role, i, bits.w, clip_search),
+                                                     unsafe=True)
+        arch.module(m, "embed").register_forward_hook(lambda mod, args, out: out @ rots.r1.weight.to(out.dtype))
+        arch.module(m, "lm_head").register_forward_pre_hook(
+            lambda mod, args: (args[0] @ rots.r1.weight.to(args[0].dtype).T, *args[1:]))
+        self.kurtosis: dict | None = None  # {(site, layer): [sum, count]} while probing
+        attention.install(m)
+        for i in range(arch.n_layers):  # online rotations first: the quantizers must see their outputs
+            r3 = lambda mod, q, k, v, i=i: (q @ rots.r3_matrix(i).to(q.dtype), k @ rots.r3_matrix(i).to(k.dtype), v)
+            attention.add_hook(arch.module(m, "attn", i), r3)
+            down = arch.module(m, "down", i)
+            down.register_forward_pre_hook(lambda mod, args, i=i: (rots.rotate_down_input(i, args[0]), *args[1:]))
+            down.register_forward_pre_hook(lambda mod, args, i=i: self._probe("down_in", i, args[0]))
+            arch.module(m, "input_norm", i).register_forward_hook(
+                lambda mod, args, out, i=i: self._probe("attn_in", i, out))
+        install_activation_quant(m, arch, bits, recipe)
+        install_kv_quant(m, arch, bits, recipe)
+        self.model = m
+
+    def _probe(self, site: str, layer: int, x: torch.Tensor) -> None:
+        """Per-token kurtosis across channels, mean over tokens without position 0 (the sink), when probing."""
+        if self.kurtosis is None or x.shape[1] < 2:
+            return
+        kurt, _ = token_moments(x[:, 1:].detach().reshape(-1, x.shape[-1]).float())
+        acc = self.kurtosis.setdefault((site, layer), [0.0, 0])
+        acc[0] += float(kurt.sum())
+        acc[1] += kurt.numel()
+
+    def _mean_kurtosis(self, site: str, layer: int) -> float:
+        total, count = self.kurtosis.get((site, layer), (0.0, 0))
+        return total / count if count else math.nan
+
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over ids [B, T]."""
+        device = next(iter(self.rots.parameters())).device
+        ids = ids.to(device)
+        logits = self.model(ids, use_cache=False).logits[:, :-1].float()
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    @torch.no_grad()
+    def evaluate(self, wins: torch.Tensor) -> tuple[float, dict[str, list[float]]]:
+        """(perplexity of the fake-quantized network on wins [N, T], per-layer kurtosis per site)."""
+        self.kurtosis = {}
+        nll, count = 0.0, 0
+        try:
+            with parametrize.cached():  # the rotated weights once for all windows
+                for w in wins:
+                    nll += float(self.loss(w.unsqueeze(0))) * (w.numel() - 1)
+                    count += w.numel() - 1
+            kurt = {s: [self._mean_kurtosis(s, i) for i in range(self.arch.n_layers)] for s in KURTOSIS_SITES}
+        finally:
+            self.kurtosis = None
+        return math.exp(nll / count), kurt
+
+
+# ---- the job -----------------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """Everything a resumed run needs besides the rotations; JSON-able (checkpoint meta)."""
+
+    step: int = 0
+    history: list = field(default_factory=list)    # {"step", "loss", "lr", "seconds"} per step
+    kurtosis: list = field(default_factory=list)   # {"step", "attn_in": [per layer], "down_in": [...]}
+    ppl: list = field(default_factory=list)        # {"step", "ppl"}
+    seconds: float = 0.0                           # training time so far, over all sessions
+    opt_steps: list = field(default_factory=list)  # CayleySGD step count per parameter (its QR schedule)
+
+
+@dataclass
+class TrainResult:
+    config: dict
+    key: str
+    path: str              # the exported rotation file (SpinQuant layout, plus R3/R4 for FLRot)
+    state: TrainState
+    finished: bool         # False when the run was stopped (a checkpoint holds it; resume continues)
+
+
+def run_key(model_fingerprint: str, corpus_fingerprint: str, cfg: TrainConfig) -> str:
+    return store.make_key(kind="optimize", model=model_fingerprint, corpus=corpus_fingerprint, cfg=cfg.to_dict(),
+                          code=CODE_VERSION)
+
+
+def save_checkpoint(key: str, rots: LearnedRotations, opt: CayleySGD, state: TrainState, cfg: TrainConfig) -> None:
+    state.opt_steps = [opt.state[p].get("step", 0) if p in opt.state else 0 for p in rots.manifold_params()]
+    store.save("optimize", key, {"state": asdict(state), "config": cfg.to_dict()},
+               {name: p.detach() for name, p in rots.named_parameters()})
+
+
+def load_checkpoint(key: str, rots: LearnedRotations, opt: CayleySGD) -> TrainState | None:
+    """Restore the rotations and the optimizer's step counts; None when there is no valid checkpoint."""
+    hit = store.load("optimize", key)
+    if hit is None:
+        return None
+    meta, tensors = hit
+    with torch.no_grad():
+        for name, p in rots.named_parameters():
+            p.copy_(tensors[name])
+    state = TrainState(**meta["state"])
+    restore_opt_steps(rots, opt, state.opt_steps)
+    return state
+
+
+def restore_opt_steps(rots: LearnedRotations, opt: CayleySGD, opt_steps: list[int]) -> None:
+    """CayleySGD's per-parameter step counts (its QR schedule) from a checkpoint's TrainState.opt_steps."""
+    for p, n in zip(rots.manifold_params(), opt_steps):
+        if n:
+            opt.state[p]["step"] = n
+
+
+def export_path(key: str, method: str, step: int) -> Path:
+    """One file per (run, step): evaluation caches key on the path, so a file is never rewritten in place."""
+    return store.cache_root() / "rotations" / f"{method}-{key}-step{step}.bin"
+
+
+def learned_recipe(path: str | Path, method: str) -> Recipe:
+    """The evaluation recipe of an exported file: 'rotated' (R3/R4 random Hadamard) for SpinQuant; for FLRot the
+    learned R3/R4 come from the file too."""
+    if method == "spinquant":
+        return get_recipe("rotated", rotation_file=str(path))
+    base = RECIPES["rotated"]
+    rot = RotationConfig(r1="file", r2="file", r3="file", r4="file", file=str(path))
+    return replace(base, name="flrot", description="FLRot: R1-R4 learned (R4 block-diagonal), from a file",
+                   rotation=rot)
+
+
+def train(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, eval_wins: torch.Tensor, cfg: TrainConfig,
+          key: str | None = None, resume: bool = True):
+    """Generator: Progress and Metric("loss") per step (extra: lr, seconds); every cfg.eval_every steps
+    Metric("ppl") and Metric("kurtosis") (extra: per-layer lists per site); Done(TrainResult) at the end.
+
+    calib [N, T] calibration windows (step s uses windows s*batch .. s*batch+batch-1, modulo N); eval_wins [M, T']
+    for the quick perplexity. With `key`, checkpoints go to cache/optimize/<key> every cfg.checkpoint_every steps
+    and when the generator is closed early (Stop); resume=True continues from one, resume=False starts over.
+
+    Under torch.distributed (world size W > 1, e.g. torchrun) every rank calls train() with the same arguments:
+    rank r computes the loss on windows [r b/W, (r+1) b/W) of each step's batch, DistributedDataParallel averages
+    the gradients, and the identical Cayley step then runs on every rank. Only rank 0 loads and writes checkpoints,
+    runs the quick evaluations (ppl/kurtosis Metrics) and writes the exported file; reported losses are the mean
+    over ranks. The rotations are checked to agree across ranks at the end.
+    """
+    bits = cfg.parsed_bits
+    if calib.dim() != 2 or calib.shape[0] < cfg.batch or calib.shape[1] < 2:
+        raise ValueError(f"calibration windows must be [N >= batch, T >= 2], got {tuple(calib.shape)}")
+    info = distributed.current()
+    shard = distributed.local_batch(cfg.batch, info.world_size, info.rank)  # refuses b % W != 0 before any work
+    rots = LearnedRotations(arch, cfg.method, cfg.block, cfg.seed).to(next(model.parameters()).device)
+    net = RotatedTrainingModel(model, arch, rots, bits, RECIPES["rotated"], cfg.w_clip_search)
+    opt = CayleySGD(rots.manifold_params(), lr=cfg.lr)
+    state = None
+    if info.is_main:  # one process touches cache/: the others get rank 0's state and rotations
+        if key and not resume:  # start over: a stale checkpoint must not come back if this run stops at step 0
+            shutil.rmtree(store.entry_dir("optimize", key), ignore_errors=True)
+        state = (load_checkpoint(key, rots, opt) if key and resume else None) or TrainState()
+    if info.distributed:
+        state = distributed.from_main(state)
+        restore_opt_steps(rots, opt, state.opt_steps)
+    step_loss = distributed.data_parallel(rots, net.loss, info)  # under DDP: broadcasts rank 0's rotations
+    saved_step = state.step
+    t0 = time.perf_counter() - state.seconds
+
+    def probe():
+        if not info.is_main:  # no collective inside: the other ranks simply go on to the next step's all-reduce
+            return
+        ppl, kurt = net.evaluate(eval_wins)
+        state.ppl.append({"step": state.step, "ppl": ppl})
+        state.kurtosis.append({"step": state.step, **kurt})
+        yield Metric("ppl", state.step, ppl)
+        yield Metric("kurtosis", state.step, float(sum(kurt["attn_in"]) / len(kurt["attn_in"])), extra=kurt)
+
+    try:
+        if state.step == 0 and cfg.eval_every and not state.ppl:
+            yield Progress("optimize", 0, cfg.steps, 0.0, "evaluating the initial (random Hadamard) rotations")
+            yield from probe()
+        while state.step < cfg.steps:
+            lr = cosine_lr(cfg.lr, state.step, cfg.steps)
+            idx = [(state.step * cfg.batch + j) % calib.shape[0] for j in range(cfg.batch)]  # the step's windows
+            opt.zero_grad(set_to_none=True)
+            loss = step_loss(calib[idx[shard]])  # this rank's share [b / W, T]; DDP averages the gradients
+            loss.backward()
+            loss = float(distributed.mean_over_ranks(loss.detach()))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
+            state.step += 1
+            state.seconds = time.perf_counter() - t0
+            state.history.append({"step": state.step, "loss": loss, "lr": lr, "seconds": state.seconds})
+            yield Metric("loss", state.step, loss, extra={"lr": lr, "seconds": state.seconds})
+            if cfg.eval_every and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
+                yield from probe()
+            if key and info.is_main and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                save_checkpoint(key, rots, opt, state, cfg)
+                saved_step = state.step
+            yield Progress("optimize", state.step, cfg.steps, state.seconds,
+                           f"step {state.step}/{cfg.steps}: loss {loss:.3f}, lr {lr:.3f}")
+    finally:  # also on Stop (the generator closed) or an error: unsaved steps are kept for a resume
+        if key and info.is_main and state.step > saved_step:
+            state.seconds = time.perf_counter() - t0
+            save_checkpoint(key, rots, opt, state, cfg)
+    distributed.check_same_on_all_ranks(rots.manifold_params(), "the learned rotations")
+    path = export_path(key or "nokey", cfg.method, state.step)
+    if info.is_main:
+        save_rotations(rots.rotation_set(), path)
+    distributed.barrier()  # every rank's Done names a file that exists
+    yield Done(TrainResult(cfg.to_dict(), key or "", str(path), state, finished=True), seconds=state.seconds)
+
+
+def train_job(handle, cfg: TrainConfig, resume: bool = True):
+    """train() on a loaded model (engine.model.loading.ModelHandle): calibration windows from the calib split (seeded
+    random positions), quick-perplexity windows from the eval split, checkpoints keyed by model, data and cfg."""
+    from engine.data.corpus import load_corpus, windows
+
+    if handle.dispatched:
+        raise ValueError("Cayley training needs the whole model on each process's device (the rotations touch every "
+                         "weight at every step); load it on one device per process and spread the data over GPUs "
+                         "with torchrun (python -m engine optimize), not with a device map")
+    if cfg.method == "flrot":
+        check_block_divides(handle.arch.intermediate, cfg.block)  # before any data work
+    corpus = load_corpus(cfg.corpus)
+    window = min(cfg.window, handle.max_length)
+    calib = windows(corpus, handle.tokenizer, cfg.windows * window, window, "calib", seed=cfg.seed)
+    eval_wins = windows(corpus, handle.tokenizer, cfg.eval_tokens, min(window, cfg.eval_tokens), "eval")
+    key = run_key(handle.fingerprint, corpus.fingerprint, cfg)
+    yield from train(handle.model, handle.arch, calib, eval_wins, cfg, key=key, resume=resume)
+
+
+def checkpoint_result(handle, cfg: TrainConfig) -> TrainResult | None:
+    """The saved state of a run (e.g. one that was stopped), its rotations exported; None if never started."""
+    from engine.data.corpus import load_corpus
+
+    key = run_key(handle.fingerprint, load_corpus(cfg.corpus).fingerprint, cfg)
+    rots = LearnedRotations(handle.arch, cfg.method, cfg.block, cfg.seed)
+    state = load_checkpoint(key, rots, CayleySGD(rots.manifold_params(), lr=cfg.lr))
+    if state is None:
+        return None
+    path = export_path(key, cfg.method, state.step)
+    if not path.exists():
+        save_rotations(rots.rotation_set(), path)
+    return TrainResult(cfg.to_dict(), key, str(path), state, finished=state.step >= cfg.steps)

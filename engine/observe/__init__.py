@@ -1,0 +1,1 @@
+"""Activation capture, streaming statistics, before/after comparison."""

@@ -1,0 +1,227 @@
+"""Activation capture: hooks at every site the rotations touch, streamed into bounded statistics.
+
+`capture(...)` is a generator of events (Progress after each window with the per-layer table so far, then Done with
+a CaptureResult). Results are cached under cache/capture/ keyed by model, corpus, budget, window and rotation tag.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import nn
+
+from engine import store
+from engine.events import Done, Progress
+from engine.model import attention, dispatch
+from engine.model.arch import ArchInfo
+from engine.observe.stats import SiteAccumulator
+
+# site -> (description for the UI, what the channels are)
+SITES: dict[str, str] = {
+    "resid_attn": "residual stream entering attention (decoder-layer input, before RMSNorm)",
+    "attn_in": "input of q/k/v_proj (after the input RMSNorm)",
+    "q": "queries after RoPE (heads x head_dim channels)",
+    "k": "keys after RoPE (KV heads x head_dim channels)",
+    "v": "values (KV heads x head_dim channels)",
+    "o_in": "input of o_proj (attention output)",
+    "resid_mlp": "residual stream entering the MLP (before RMSNorm)",
+    "mlp_in": "input of gate/up_proj (after the post-attention RMSNorm)",
+    "down_in": "input of down_proj (SiLU(gate) * up)",
+}
+RESIDUAL_SITES = ("resid_attn", "resid_mlp")
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    tokens: int = 2048       # token budget
+    window: int = 512        # tokens per window; position 0 of each window is an attention sink
+    batch: int = 1           # windows per forward pass
+    split: str = "calib"
+    sites: tuple = tuple(SITES)
+    rotation: str = "none"   # tag of the rotation applied to the model (part of the cache key)
+    sqnr_bits: tuple = ()    # also measure per-token RTN quantization SQNR (dB) at these bit widths
+
+    def __post_init__(self):
+        if self.tokens <= 0:
+            raise ValueError(f"token budget must be positive, got {self.tokens}")
+        if self.window <= 1:
+            raise ValueError(f"window length must be at least 2 tokens, got {self.window}")
+        if self.batch <= 0:
+            raise ValueError(f"batch must be positive, got {self.batch}")
+        unknown = set(self.sites) - set(SITES)
+        if unknown:
+            raise ValueError(f"unknown capture sites {sorted(unknown)}; known: {', '.join(SITES)}")
+
+
+@dataclass
+class CaptureResult:
+    """Per-layer, per-site statistics. `table` has one row per (layer, site); arrays are keyed 'L{i}.{site}.{name}'."""
+
+    meta: dict
+    table: pd.DataFrame
+    arrays: dict = field(repr=False)
+
+    def array(self, layer: int, site: str, name: str) -> torch.Tensor:
+        return self.arrays[f"L{layer}.{site}.{name}"]
+
+    def site_table(self, site: str) -> pd.DataFrame:
+        return self.table[self.table.site == site].set_index("layer")
+
+    def outlier_channels(self, layer: int, site: str, include_sink: bool = False, factor: float = 6.0) -> list[int]:
+        """Channels whose absmax exceeds `factor` times the median channel absmax."""
+        am = self.array(layer, site, "absmax" if include_sink else "absmax_nosink")
+        med = float(am.median())
+        return [] if med <= 0 else torch.nonzero(am > factor * med).flatten().tolist()
+
+    def summary(self) -> pd.DataFrame:
+        """The per-layer residual-stream table the CLI prints."""
+        t = self.table[self.table.site.isin(RESIDUAL_SITES)]
+        cols = ["kurt_token_mean_nosink", "kurt_token_max_nosink", "kurt_tensor", "kurt_tensor_nosink",
+                "absmax", "absmax_nosink", "massive_ratio"]
+        return t.pivot_table(index="layer", columns="site", values=cols).round(2)
+
+
+def _flat_heads(t: torch.Tensor) -> torch.Tensor:
+    """[B, heads, T, hd] -> [B, T, heads*hd]."""
+    b, h, s, d = t.shape
+    return t.transpose(1, 2).reshape(b, s, h * d)
+
+
+class _Hooks:
+    """Installs forward hooks feeding one SiteAccumulator per (layer, site); remove() restores the model."""
+
+    def __init__(self, model: nn.Module, arch: ArchInfo, sites: tuple, seed: int = 0, sqnr_bits: tuple = ()):
+        self.acc: dict[tuple[int, str], SiteAccumulator] = {}
+        self.handles = []
+        self.qkv_hooks = []
+        self.ids: torch.Tensor | None = None
+        self.window_index = 0
+        self.sites = sites
+        self.seed = seed
+        self.sqnr_bits = tuple(sqnr_bits)
+        attention.install(model)
+        for i in range(arch.n_layers):
+            self._layer(model, arch, i)
+
+    def _feed(self, layer: int, site: str, x: torch.Tensor) -> None:
+        key = (layer, site)
+        if key not in self.acc:
+            self.acc[key] = SiteAccumulator(x.shape[-1], seed=self.seed + 7919 * layer + list(SITES).index(site),
+                                            sqnr_bits=self.sqnr_bits)
+        self.acc[key].update(x, self.ids, self.window_index)
+
+    def _layer(self, model, arch, i):
+        r = arch.roles
+        want = set(self.sites)
+        mod = lambda role: arch.module(model, role, i)  # noqa: E731
+
+        def pre(site):
+            return lambda m, args: self._feed(i, site, args[0])
+
+        def post(site):
+            return lambda m, args, out: self._feed(i, site, out)
+
+        hooks = [("resid_attn", "input_norm", "pre"), ("attn_in", "input_norm", "post"), ("o_in", "o", "pre"),
+                 ("resid_mlp", "post_attn_norm", "pre"), ("mlp_in", "post_attn_norm", "post"),
+                 ("down_in", "down", "pre")]
+        for site, role, kind in hooks:
+            if site in want:
+                m = mod(role)
+                h = m.register_forward_pre_hook(pre(site)) if kind == "pre" else m.register_forward_hook(post(site))
+                self.handles.append(h)
+        if want & {"q", "k", "v"}:
+            def qkv(m, q, k, v):
+                for site, t in (("q", q), ("k", k), ("v", v)):
+                    if site in want:
+                        self._feed(i, site, _flat_heads(t))
+                return q, k, v
+            attn = arch.module(model, "attn", i) if r.attn else None
+            attention.add_hook(attn, qkv)
+            self.qkv_hooks.append((attn, qkv))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        for attn, hook in self.qkv_hooks:
+            attention.remove_hook(attn, hook)
+
+
+def _result(hooks: _Hooks, meta: dict) -> CaptureResult:
+    rows, arrays = [], {}
+    for (layer, site), acc in sorted(hooks.acc.items(), key=lambda kv: (kv[0][0], list(SITES).index(kv[0][1]))):
+        rows.append({"layer": layer, "site": site, "channels": acc.c, **acc.scalars()})
+        for name, t in acc.tensors().items():
+            arrays[f"L{layer}.{site}.{name}"] = t
+    return CaptureResult(meta=meta, table=pd.DataFrame(rows), arrays=arrays)
+
+
+def cache_key(model_fingerprint: str, corpus_fingerprint: str, cfg: CaptureConfig) -> str:
+    return store.make_key(kind="capture", model=model_fingerprint, corpus=corpus_fingerprint, tokens=cfg.tokens,
+                          window=cfg.window, split=cfg.split, sites=list(cfg.sites), rotation=cfg.rotation,
+                          sqnr=list(cfg.sqnr_bits))
+
+
+def load_cached(key: str) -> CaptureResult | None:
+    hit = store.load("capture", key)
+    if hit is None:
+        return None
+    meta, arrays = hit
+    return CaptureResult(meta=meta["meta"], table=pd.DataFrame(meta["table"]), arrays=arrays)
+
+
+def capture(model: nn.Module, arch: ArchInfo, windows: torch.Tensor, cfg: CaptureConfig, meta: dict | None = None,
+            key: str | None = None, seed: int = 0, partial_every: int = 1):
+    """Run `windows` [N, T] through the model with hooks; yield Progress per batch, then Done(CaptureResult).
+
+    With `key`, a valid cached result is returned at once and a fresh one is saved atomically at the end. A stopped
+    generator (closed by the caller) removes its hooks and saves nothing.
+    """
+    meta = {**(meta or {}), "tokens": int(windows.numel()), "window": int(windows.shape[1]),
+            "n_windows": int(windows.shape[0]), "rotation": cfg.rotation, "n_layers": arch.n_layers,
+            "sites": list(cfg.sites)}
+    if key is not None:
+        hit = load_cached(key)
+        if hit is not None:
+            yield Done(hit, cached=True)
+            return
+    device = dispatch.input_device(model)
+    hooks = _Hooks(model, arch, cfg.sites, seed, cfg.sqnr_bits)
+    t0 = time.perf_counter()
+    n = windows.shape[0]
+    try:
+        with torch.no_grad():
+            for start in range(0, n, cfg.batch):
+                batch = windows[start:start + cfg.batch]
+                hooks.ids, hooks.window_index = batch, start
+                model(batch.to(device), use_cache=False)
+                done = min(start + cfg.batch, n)
+                partial = None
+                if done == n or (done // cfg.batch) % partial_every == 0:
+                    partial = pd.DataFrame([{"layer": l, "site": s, **a.scalars()} for (l, s), a in hooks.acc.items()])
+                yield Progress("capture", done, n, time.perf_counter() - t0,
+                               f"window {done}/{n}", partial=partial)
+    finally:
+        hooks.remove()
+    result = _result(hooks, meta)
+    seconds = time.perf_counter() - t0
+    result.meta["seconds"] = seconds
+    if key is not None:
+        store.save("capture", key, {"meta": result.meta, "table": result.table.to_dict(orient="list")},
+                   result.arrays)
+    yield Done(result, seconds=seconds)
+
+
+def capture_job(handle, corpus_name: str, cfg: CaptureConfig, use_cache: bool = True, model: nn.Module | None = None):
+    """Capture on a loaded model (engine.model.loading.ModelHandle) over a named corpus: windows, cache key and meta.
+    `model` overrides handle.model (a rotated copy); cfg.rotation must then name its rotation."""
+    from engine.data.corpus import load_corpus
+    from engine.data.corpus import windows as make_windows
+
+    corpus = load_corpus(corpus_name)
+    wins = make_windows(corpus, handle.tokenizer, cfg.tokens, min(cfg.window, handle.max_length), cfg.split)
+    meta = {"model": handle.name, "model_note": handle.note, "corpus": corpus.name, "corpus_label": corpus.label,
+            "dtype": handle.dtype}
+    key = cache_key(handle.fingerprint, corpus.fingerprint, cfg) if use_cache else None
+    yield from capture(model if model is not None else handle.model, handle.arch, wins, cfg, meta=meta, key=key)

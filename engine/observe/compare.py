@@ -1,0 +1,57 @@
+"""Before/after: rotate a model, check it computes the same function, and capture both (engine of the Rotate page)."""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, replace
+
+from torch import nn
+
+from engine.data.corpus import load_corpus, windows
+from engine.events import Done, Metric, Progress
+from engine.observe.capture import CaptureConfig, CaptureResult, capture_job
+from engine.rotation.fusion import RotationConfig, equivalence, logits, rotate
+
+
+@dataclass
+class Comparison:
+    before: CaptureResult
+    after: CaptureResult
+    check: dict          # engine.rotation.fusion.equivalence figures
+    rotation: RotationConfig
+    rotated: nn.Module | None  # the rotated copy (None for a dispatched model: it was rotated in place and reloaded)
+
+
+def compare_job(handle, corpus_name: str, rot: RotationConfig, cap: CaptureConfig, check_tokens: int = 256,
+                rotated: nn.Module | None = None, use_cache: bool = True):
+    """Yield Progress for each stage (before, rotate, after), Metrics for the equivalence, then Done.
+
+    The original is captured and its reference logits kept first, so a dispatched model (which may not fit twice)
+    can be rotated in place inside handle.working_model() and reloaded afterwards."""
+    t0 = time.perf_counter()
+    corpus = load_corpus(corpus_name)  # fail on a bad corpus before any work
+    ids = windows(corpus, handle.tokenizer, check_tokens, min(check_tokens, handle.max_length), "eval")
+    results = {}
+
+    def capture(stage, model, tag):
+        for ev in capture_job(handle, corpus_name, replace(cap, rotation=tag), use_cache=use_cache, model=model):
+            if isinstance(ev, Progress):
+                yield replace(ev, stage=stage, message=f"{stage}: {ev.message}")
+            elif isinstance(ev, Done):
+                results[stage] = ev.result
+
+    yield from capture("before", handle.model, "none")
+    reference = logits(handle.model, ids)
+    with contextlib.ExitStack() as stack:
+        if rotated is None:
+            yield Progress("rotate", 0, 1, time.perf_counter() - t0, f"rotating ({rot.tag()})")
+            rotated = rotate(stack.enter_context(handle.working_model()), handle.arch, rot, inplace=True)
+        yield Progress("rotate", 1, 1, time.perf_counter() - t0, "rotated")
+        check = equivalence(None, rotated, ids, reference=reference)
+        for k in ("max_abs_logit_diff", "kl"):
+            yield Metric(k, 0, check[k])
+        yield from capture("after", rotated, rot.tag())
+        if handle.dispatched:
+            rotated = None
+    yield Done(Comparison(results["before"], results["after"], check, rot, rotated),
+               seconds=time.perf_counter() - t0)

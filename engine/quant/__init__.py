@@ -1,0 +1,1 @@
+"""Quantizers, GPTQ, QRazor, applying them to a model, and the recipes that combine them with rotations."""

@@ -1,0 +1,315 @@
+"""Engine side of the QRazor page: real tensors of one layer, the bit-level view of one SDR group, and the
+SDR vs RTN-4 vs Hadamard+RTN-4 comparison at matched effective bits. No streamlit here.
+
+Tensors are laid out [rows, d]: rows are tokens for activations and the KV cache, output channels for weights;
+SDR groups and RTN grids both run along d. The base precision follows QRazor: activations A16 and KV8 per tensor
+(static absmax over the captured tokens), weights W8 per output channel.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from engine.data.corpus import load_corpus, windows
+from engine.model import attention, dispatch
+from engine.quant.qrazor import ROLE_BASE_BITS, dequantize, flag_bits, quantize_absmax, sdr_decode, sdr_encode
+from engine.quant.quantizers import QuantSpec, fake_quantize
+from engine.rotation.hadamard import apply_hadamard, supported
+
+# Sites the qrazor recipe quantizes, the role that sets their base precision, and the linears that read them.
+SITE_ROLES = {"attn_in": "activation", "o_in": "activation", "mlp_in": "activation", "down_in": "activation",
+              "k": "kv", "v": "kv"}
+SITE_READERS = {"attn_in": ("q", "k", "v"), "o_in": ("o",), "mlp_in": ("gate", "up"), "down_in": ("down",),
+                "k": (), "v": ()}
+SITE_LABELS = {"attn_in": "input of q/k/v_proj", "o_in": "input of o_proj", "mlp_in": "input of gate/up_proj",
+               "down_in": "input of down_proj", "k": "K cache (after RoPE)", "v": "V cache"}
+GROUP_SIZES = (4, 8, 16, 32, 64, 128)  # the page's group-size slider
+SCALE_BITS = 16  # an RTN grid stores an fp16 scale; an asymmetric one adds a zero point of the code's width
+_CACHE_ENTRIES = 16
+_captured: OrderedDict = OrderedDict()  # (fingerprint, dtype, layer, tokens, corpus) -> {site: [T, d]}
+
+
+class _StopAfterLayer(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------------- real tensors
+
+@dataclass(frozen=True)
+class QRazorTensor:
+    """One real tensor to razor. values: float32 [rows, d]."""
+    label: str
+    values: torch.Tensor
+    role: str            # activation | kv | weight: sets the base precision (A16, KV8, W8)
+    per_channel: bool    # weights: one base scale per output row; else one per tensor
+    row_name: str        # what a row is: "token" or "output channel"
+    hadamard_block: int  # width of the Hadamard used by the comparison (d, or a head for the KV cache)
+
+    def __post_init__(self):
+        if self.role not in ROLE_BASE_BITS:
+            raise ValueError(f"role must be one of {sorted(ROLE_BASE_BITS)}, got {self.role!r}")
+        if self.values.dim() != 2 or not self.values.is_floating_point():
+            raise ValueError(f"values must be a float tensor [rows, d], got {self.values.dtype} "
+                             f"{tuple(self.values.shape)}")
+
+    @property
+    def base_bits(self) -> int:
+        return ROLE_BASE_BITS[self.role]
+
+
+def capture_layer(handle, layer: int, tokens: int = 256, corpus: str = "wiki") -> dict[str, torch.Tensor]:
+    """{site: float32 [tokens, d]} for every site of SITE_ROLES in one decoder layer, from one forward pass over
+    `tokens` calibration tokens (one window; position 0 is the attention sink). The forward stops after the
+    layer. Memoised per (model, layer, tokens, corpus)."""
+    arch = handle.arch
+    if not isinstance(layer, int) or not 0 <= layer < arch.n_layers:
+        raise ValueError(f"layer must be an int in [0, {arch.n_layers - 1}], got {layer!r}")
+    key = (handle.fingerprint, handle.dtype, layer, int(tokens), corpus)
+    if key in _captured:
+        _captured.move_to_end(key)
+        return _captured[key]
+    ids = windows(load_corpus(corpus), handle.tokenizer, tokens, min(tokens, handle.max_length), "calib")[:1]
+    model = handle.model
+    got: dict[str, torch.Tensor] = {}
+
+    def keep(site, t):  # t [1, T, d] -> [T, d]
+        got[site] = t[0].detach().float().cpu().clone()
+
+    def flat(t):  # [1, heads, T, hd] -> [1, T, heads * hd]
+        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
+
+    def kv_hook(module, q, k, v):
+        keep("k", flat(k))
+        keep("v", flat(v))
+        return q, k, v
+
+    def stop(module, args, out):
+        raise _StopAfterLayer
+
+    attention.install(model)
+    attn = arch.module(model, "attn", layer)
+    handles = [arch.module(model, role, layer).register_forward_pre_hook(
+        lambda m, args, site=site: keep(site, args[0]))
+        for site, role in (("attn_in", "q"), ("o_in", "o"), ("mlp_in", "gate"), ("down_in", "down"))]
+    handles.append(arch.layer(model, layer).register_forward_hook(stop))
+    attention.add_hook(attn, kv_hook)
+    try:
+        with torch.no_grad():
+            model(ids.to(dispatch.input_device(model)), use_cache=False)
+    except _StopAfterLayer:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+        attention.remove_hook(attn, kv_hook)
+    _captured[key] = got
+    while len(_captured) > _CACHE_ENTRIES:
+        _captured.popitem(last=False)
+    return got
+
+
+def site_tensor(handle, layer: int, site: str, source: str = "activation", tokens: int = 256,
+                corpus: str = "wiki") -> QRazorTensor:
+    """The activation at `site` of `layer`, or (source = a role in SITE_READERS[site]) the weight [out, in] of
+    the linear that reads it."""
+    if site not in SITE_ROLES:
+        raise ValueError(f"site must be one of {', '.join(SITE_ROLES)}, got {site!r}")
+    arch = handle.arch
+    if source == "activation":
+        values = capture_layer(handle, layer, tokens, corpus)[site]
+        block = arch.head_dim if SITE_ROLES[site] == "kv" else values.shape[-1]
+        return QRazorTensor(f"layer {layer}, {site} ({SITE_LABELS[site]}), {values.shape[0]} tokens", values,
+                            SITE_ROLES[site], False, "token", block)
+    if source not in SITE_READERS[site]:
+        readers = ", ".join(SITE_READERS[site]) or "none"
+        raise ValueError(f"source must be 'activation' or a linear reading {site} ({readers}), got {source!r}")
+    if not 0 <= layer < arch.n_layers:
+        raise ValueError(f"layer must be in [0, {arch.n_layers - 1}], got {layer}")
+    weight = dispatch.read_tensor(arch.module(handle.model, source, layer), "weight").detach().float().cpu()
+    return QRazorTensor(f"layer {layer}, {source}_proj weight [out, in] = {list(weight.shape)}", weight, "weight",
+                        True, "output channel", weight.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------ one group in bits
+
+@dataclass(frozen=True)
+class GroupBits:
+    """One SDR group, bit by bit. rows: one per value (see bit_table); the rest describes the group."""
+    rows: pd.DataFrame
+    group_or: int        # OR of the magnitudes
+    or_bits: str         # the OR, base_bits - 1 digits
+    razoring_point: int  # bit index (0 = LSB) of the OR's leading one; -1 for an all-zero group
+    flag: int            # right shift applied to the group (the stored flag)
+    flag_bits: int       # bits that store the flag
+    stored_bits: int     # group_size * target_bits + flag_bits
+
+
+def _pad_to_groups(q: torch.Tensor, g: int) -> torch.Tensor:
+    """Zero-pad the last dim to a multiple of g: zeros change neither a group's OR nor anyone's code."""
+    pad = -q.shape[-1] % g
+    return torch.nn.functional.pad(q, (0, pad)) if pad else q
+
+
+def bit_table(tensor: QRazorTensor, row: int, group: int, group_size: int = 16, target_bits: int = 4) -> GroupBits:
+    """Razor the base-precision integers of `tensor` and spell out one group of one row.
+
+    Columns: channel, x, q (base integer), sign bit, magnitude bits as `leading zeros [kept] dropped` (the '[' is
+    the razoring point), kept bits, dropped bits, rounding, code (signed stored value), flag, decoded q and
+    decoded x (= decoded q * base scale). Codes and flags are those of sdr_encode on the whole row.
+    """
+    rows, d = tensor.values.shape
+    if not 0 <= row < rows:
+        raise ValueError(f"row must be in [0, {rows - 1}], got {row}")
+    n_groups = math.ceil(d / group_size)
+    if not 0 <= group < n_groups:
+        raise ValueError(f"group must be in [0, {n_groups - 1}] ({d} values in groups of {group_size}), got {group}")
+    base = tensor.base_bits
+    q, scale = quantize_absmax(tensor.values, base, per_channel=tensor.per_channel)
+    razored = sdr_encode(_pad_to_groups(q[row:row + 1], group_size), base, target_bits, group_size)
+    lo, hi = group * group_size, min((group + 1) * group_size, d)
+    codes = razored.codes[0, lo:hi].tolist()
+    shift = int(razored.flags[0, group])
+    row_scale = float(scale[row] if tensor.per_channel else scale)
+    width, kept = base - 1, target_bits - 1
+    group_or = 0
+    for v in q[row, lo:hi].tolist():
+        group_or |= abs(v)
+    table = []
+    for ch, x, v, code in zip(range(lo, hi), tensor.values[row, lo:hi].tolist(), q[row, lo:hi].tolist(), codes):
+        bits = format(abs(v), f"0{width}b")
+        top = width - shift - kept  # digits above the kept window: zeros for every value of the group
+        kept_str, dropped = bits[top:width - shift], bits[width - shift:]
+        if not shift:
+            rounding = "exact (nothing dropped)"
+        elif kept_str == "1" * kept:
+            rounding = "floor (kept bits all ones)"
+        elif dropped[0] == "1":
+            rounding = "round up (|code| + 1)"
+        else:
+            rounding = "round down"
+        decoded_q = (1 if code >= 0 else -1) * (abs(code) << shift)
+        table.append({"channel": ch, "x": x, "q (base int)": v, "sign bit": "1 (−)" if v < 0 else "0 (+)",
+                      "magnitude bits": f"{bits[:top]}[{kept_str}]{dropped}", "kept": kept_str,
+                      "dropped": dropped or "none", "rounding": rounding, "code": code, "flag": shift,
+                      "decoded q": decoded_q, "decoded x": decoded_q * row_scale})
+    fb = flag_bits(base, target_bits)
+    return GroupBits(pd.DataFrame(table), group_or, format(group_or, f"0{width}b"), group_or.bit_length() - 1,
+                     shift, fb, group_size * target_bits + fb)
+
+
+def largest_group(tensor: QRazorTensor, group_size: int, skip_first_row: bool = True) -> tuple[int, int]:
+    """(row, group) holding the largest |value| (the outlier a 4-bit grid struggles with); row 0 is skipped for
+    activations by default (the attention sink)."""
+    vals = tensor.values.abs()
+    first = 1 if skip_first_row and tensor.row_name == "token" and vals.shape[0] > 1 else 0
+    flat = int(vals[first:].argmax())
+    row, col = divmod(flat, vals.shape[1])
+    return row + first, col // group_size
+
+
+# ------------------------------------------------------------------------------- matched-bits comparison
+
+def sdr_effective_bits(d: int, base_bits: int, group_size: int, target_bits: int = 4) -> float:
+    """target + flag_bits per group, per value: 4 + flag_bits / g when g divides d (a ragged last group is
+    zero-padded and still stores one flag)."""
+    return target_bits + flag_bits(base_bits, target_bits) * math.ceil(d / group_size) / d
+
+
+def rtn_effective_bits(d: int, group_size: int, bits: int = 4, symmetric: bool = False) -> float:
+    """bits + (fp16 scale [+ zero point of `bits` bits]) per grid of group_size values along d."""
+    side = SCALE_BITS + (0 if symmetric else bits)
+    return bits + side * math.ceil(d / group_size) / d
+
+
+def matched_rtn_group(d: int, sdr_bits: float, bits: int = 4, symmetric: bool = False) -> int:
+    """The smallest divisor of d whose RTN grids cost no more bits per value than SDR (`sdr_bits`): RTN gets
+    the finest grids the same budget buys. If even one grid per row costs more, one grid per row (d)."""
+    for g in sorted(k for k in range(1, d + 1) if d % k == 0):
+        if rtn_effective_bits(d, g, bits, symmetric) <= sdr_bits + 1e-12:
+            return g
+    return d
+
+
+def sdr_roundtrip(tensor: QRazorTensor, group_size: int, target_bits: int = 4) -> torch.Tensor:
+    """Base precision, razor, decode, dequantize: float32 [rows, d]."""
+    d = tensor.values.shape[-1]
+    q, scale = quantize_absmax(tensor.values, tensor.base_bits, per_channel=tensor.per_channel)
+    razored = sdr_encode(_pad_to_groups(q, group_size), tensor.base_bits, target_bits, group_size)
+    decoded = sdr_decode(razored.codes, razored.flags, group_size)[:, :d]
+    return dequantize(decoded, scale)
+
+
+def _rtn(values: torch.Tensor, group_size: int, bits: int, symmetric: bool) -> torch.Tensor:
+    return fake_quantize(values, QuantSpec(bits=bits, symmetric=symmetric, group_size=group_size)).float()
+
+
+def rtn_roundtrip(tensor: QRazorTensor, group_size: int, bits: int = 4) -> torch.Tensor:
+    """RTN along each row in grids of group_size: asymmetric for activations/KV (per token, as QuaRot), symmetric
+    for weights (per output channel); no clipping. float32 [rows, d]."""
+    return _rtn(tensor.values, group_size, bits, symmetric=tensor.role == "weight")
+
+
+def hadamard_block(tensor: QRazorTensor) -> int:
+    """The rotation width: the tensor's own block if a Hadamard matrix of it exists, else the largest power of
+    two dividing it (block-diagonal)."""
+    n = tensor.hadamard_block
+    return n if supported(n) else n & -n
+
+
+def hadamard_rtn_roundtrip(tensor: QRazorTensor, group_size: int, bits: int = 4, seed: int = 0) -> torch.Tensor:
+    """QuaRot-style: rotate each row by a random Hadamard (x diag(s) H; block-diagonal per head for the KV
+    cache), RTN in the rotated basis, rotate back. float32 [rows, d] in the original basis."""
+    x, n = tensor.values.float(), hadamard_block(tensor)
+    signs = (torch.randint(0, 2, (x.shape[-1],), generator=torch.Generator().manual_seed(seed)) * 2 - 1).float()
+    rotated = apply_hadamard(x * signs, n)  # [rows, d]
+    quantized = _rtn(rotated, group_size, bits, symmetric=tensor.role == "weight")
+    return apply_hadamard(quantized, n, transpose=True) * signs
+
+
+def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    noise = float((x_hat.double() - x.double()).pow(2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(float(x.double().pow(2).sum()) / noise)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One method on one tensor: errors float32 [rows, d] = x_hat - x."""
+    method: str
+    group_size: int
+    effective_bits: float
+    mse: float
+    sqnr_db: float
+    errors: torch.Tensor
+
+
+def compare_methods(tensor: QRazorTensor, group_size: int = 16, bits: int = 4) -> list[Comparison]:
+    """SDR (g = group_size) vs RTN and Hadamard+RTN at the same effective bits: both RTNs get the finest grid
+    that costs no more bits per value than SDR's flags (matched_rtn_group)."""
+    x, d = tensor.values.float(), tensor.values.shape[-1]
+    symmetric = tensor.role == "weight"
+    sdr_bits = sdr_effective_bits(d, tensor.base_bits, group_size, bits)
+    g_rtn = matched_rtn_group(d, sdr_bits, bits, symmetric)
+    rtn_bits = rtn_effective_bits(d, g_rtn, bits, symmetric)
+    out = []
+    for method, g, eff, x_hat in (
+            (f"SDR (QRazor, g={group_size})", group_size, sdr_bits, sdr_roundtrip(tensor, group_size, bits)),
+            (f"RTN-{bits} (grids of {g_rtn})", g_rtn, rtn_bits, rtn_roundtrip(tensor, g_rtn, bits)),
+            (f"Hadamard + RTN-{bits} (grids of {g_rtn})", g_rtn, rtn_bits,
+             hadamard_rtn_roundtrip(tensor, g_rtn, bits))):
+        err = (x_hat - x).float()
+        out.append(Comparison(method, g, eff, float(err.pow(2).mean()), sqnr_db(x, x_hat), err))
+    return out
+
+
+def group_size_sweep(tensor: QRazorTensor, sizes: tuple = GROUP_SIZES, bits: int = 4) -> pd.DataFrame:
+    """One row per (SDR group size, method): effective bits, MSE and SQNR (dB), each RTN matched to that SDR."""
+    rows = []
+    for g in sizes:
+        for c in compare_methods(tensor, g, bits):
+            rows.append({"sdr_group": g, "method": c.method.split(" (")[0], "grid": c.group_size,
+                         "effective_bits": c.effective_bits, "mse": c.mse, "sqnr_db": c.sqnr_db})
+    return pd.DataFrame(rows)

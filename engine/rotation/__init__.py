@@ -1,0 +1,1 @@
+"""Hadamard constructions, orthogonal modules, rotation fusion and online rotations, rotation files."""

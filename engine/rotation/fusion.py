@@ -1,0 +1,337 @@
+"""Rotations R1-R4 of a LLaMA-style model (SpinQuant / QuaRot conventions, see BRIEF.md section 2).
+
+`rotate(model, arch, cfg)` returns a rotated copy; the original is left untouched so before/after comparisons need
+no reload. R1 and R2 are fused into the weights (in float64, cast back); R3 (queries and keys after RoPE) and R4
+(down_proj input) run online as modules. HF linears compute y = x @ W.T with W [out, in].
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from engine.model import attention, dispatch
+from engine.model.arch import ArchInfo
+from engine.rotation.hadamard import apply_hadamard, random_hadamard, random_orthogonal
+
+KINDS = ("none", "hadamard", "orthogonal", "file")
+ROTATIONS = ("r1", "r2", "r3", "r4")
+DENSE_ONLINE_MAX = 4096  # up to this width a dense matmul beats the transform on a CPU (BLAS vs Python-level FWHT)
+
+
+@dataclass(frozen=True)
+class RotationConfig:
+    """Which rotation each of R1..R4 is: none (identity), random Hadamard, Haar-random orthogonal, or from `file`."""
+
+    r1: str = "none"
+    r2: str = "none"
+    r3: str = "none"
+    r4: str = "none"
+    seed: int = 0
+    file: str | None = None  # torch file: "R1", per-layer "model.layers.{i}.self_attn.R2", optional R3/R4
+    fold_norms: bool = True  # required for R1; harmless (exact) otherwise
+
+    def __post_init__(self):
+        for r in ROTATIONS:
+            if getattr(self, r) not in KINDS:
+                raise ValueError(f"{r.upper()} kind must be one of {', '.join(KINDS)}, got {getattr(self, r)!r}")
+        if self.file is None and any(getattr(self, r) == "file" for r in ROTATIONS):
+            raise ValueError("a rotation of kind 'file' needs a rotation file")
+        if self.r1 != "none" and not self.fold_norms:
+            raise ValueError("R1 needs the RMSNorm scales folded into the linears (fold_norms=True)")
+
+    @property
+    def active(self) -> bool:
+        return any(getattr(self, r) != "none" for r in ROTATIONS)
+
+    def tag(self) -> str:
+        """Short stable description for cache keys and labels."""
+        if not self.active:
+            return "none"
+        parts = [f"{r.upper()}={getattr(self, r)}" for r in ROTATIONS if getattr(self, r) != "none"]
+        extra = f",seed={self.seed}" + (f",file={self.file}" if self.file else "")
+        return ",".join(parts) + extra
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_names(names: list[str], kind: str, seed: int = 0, file: str | None = None) -> "RotationConfig":
+        """RotationConfig.from_names(["R1", "R4"], "hadamard") -> those rotations of that kind, others none."""
+        chosen = {n.strip().lower() for n in names if n.strip()}
+        bad = chosen - set(ROTATIONS)
+        if bad:
+            raise ValueError(f"unknown rotations {sorted(bad)}; choose among R1, R2, R3, R4")
+        return RotationConfig(**{r: (kind if r in chosen else "none") for r in ROTATIONS}, seed=seed, file=file)
+
+
+class OnlineRotation(nn.Module):
+    """x -> x @ R on the last dim. Three forms: a dense matrix (float32 matmul), a random Hadamard H diag(s) as a
+    fast transform (O(n log n)), or block-diagonal blocks [nb, b, b] (FLRot), which run through the Triton kernel
+    on a GPU in fp16/bf16 and a batched matmul elsewhere."""
+
+    def __init__(self, matrix: torch.Tensor | None = None, hadamard_signs: torch.Tensor | None = None,
+                 blocks: torch.Tensor | None = None):
+        super().__init__()
+        if sum(t is not None for t in (matrix, hadamard_signs, blocks)) != 1:
+            raise ValueError("give exactly one of matrix, hadamard_signs or blocks")
+        self.register_buffer("matrix", None if matrix is None else matrix.float())
+        self.register_buffer("signs", None if hadamard_signs is None else hadamard_signs.float())
+        self.register_buffer("blocks", None if blocks is None else blocks.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blocks is not None:
+            from kernels.blockdiag import blockdiag_rotate
+
+            return blockdiag_rotate(x, self.blocks)
+        dtype = x.dtype
+        xf = x.float()
+        y = xf @ self.matrix if self.matrix is not None else apply_hadamard(xf) * self.signs
+        return y.to(dtype)
+
+    def dense(self) -> torch.Tensor:
+        """The matrix R (float64)."""
+        if self.matrix is not None:
+            return self.matrix.double()
+        if self.blocks is not None:
+            return torch.block_diag(*self.blocks.double())
+        from engine.rotation.hadamard import hadamard_matrix
+
+        return hadamard_matrix(self.signs.numel()).to(self.signs.device) * self.signs.double()
+
+
+def as_blocks(r: torch.Tensor, sizes: tuple = (32, 64, 128, 256)) -> torch.Tensor | None:
+    """[nb, b, b] if R is block-diagonal with one of these block sizes (the finest that fits), else None."""
+    n = r.shape[0]
+    for b in sizes:
+        if n % b or n == b:
+            continue
+        blocks = r.reshape(n // b, b, n // b, b).permute(0, 2, 1, 3)  # [i, j, b, b]
+        eye = torch.eye(n // b, dtype=torch.bool)
+        if blocks[~eye].abs().max() == 0:
+            return blocks[eye]
+    return None
+
+
+def _matrix(kind: str, n: int, seed: int) -> torch.Tensor:
+    if kind == "hadamard":
+        return random_hadamard(n, seed=seed)
+    if kind == "orthogonal":
+        return random_orthogonal(n, seed=seed)
+    raise ValueError(f"no matrix for kind {kind!r}")
+
+
+def _online(kind: str, n: int, seed: int, loaded: torch.Tensor | None) -> OnlineRotation:
+    if kind == "file":
+        blocks = as_blocks(loaded)
+        return OnlineRotation(blocks=blocks) if blocks is not None else OnlineRotation(matrix=loaded)
+    if kind == "hadamard" and n > DENSE_ONLINE_MAX:
+        g = torch.Generator().manual_seed(seed)
+        signs = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
+        return OnlineRotation(hadamard_signs=signs)
+    return OnlineRotation(matrix=_matrix(kind, n, seed))
+
+
+# ---- exact weight surgery (float64, cast back) --------------------------------------------------------------
+# Weights are read and written through engine.model.dispatch, so the surgery also works on a model dispatched over
+# several devices with offloaded weights; each rotation is moved to the device of the weight it touches.
+def _get(module: nn.Module) -> torch.Tensor:
+    """module.weight in float64 on the module's execution device."""
+    return dispatch.read_tensor(module, "weight").double()
+
+
+def _set(module: nn.Module, weight: torch.Tensor) -> None:
+    dispatch.write_tensor(module, "weight", weight)
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    if getattr(module, "bias", None) is None:
+        return None
+    return dispatch.read_tensor(module, "bias").double()
+
+
+def untie_embeddings(model: nn.Module, arch: ArchInfo) -> None:
+    """lm_head gets its own copy of the embedding so the final norm can be folded into it alone."""
+    emb, head = arch.module(model, "embed"), arch.module(model, "lm_head")
+    if head.weight is emb.weight or (head.weight.device.type != "meta"
+                                     and head.weight.data_ptr() == emb.weight.data_ptr()):
+        value = dispatch.read_tensor(emb, "weight").detach().clone()
+        if dispatch.is_offloaded(head):
+            dispatch.write_tensor(head, "weight", value)
+        else:
+            head.weight = nn.Parameter(value.to(dispatch.execution_device(head)), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    if hasattr(model, "_tied_weights_keys"):
+        model._tied_weights_keys = None
+
+
+def fold_norms(model: nn.Module, arch: ArchInfo) -> None:
+    """W <- W * g on the input columns of every linear reading an RMSNorm's output; then g = 1 (exact)."""
+    untie_embeddings(model, arch)
+    pairs = [("input_norm", ("q", "k", "v")), ("post_attn_norm", ("gate", "up"))]
+    for i in range(arch.n_layers):
+        for norm_role, readers in pairs:
+            norm = arch.module(model, norm_role, i)
+            g = _get(norm)
+            for r in readers:
+                lin = arch.module(model, r, i)
+                w = _get(lin)
+                _set(lin, w * g.to(w.device))
+            _set(norm, torch.ones_like(g))
+    norm = arch.module(model, "final_norm")
+    head = arch.module(model, "lm_head")
+    g = _get(norm)
+    w = _get(head)
+    _set(head, w * g.to(w.device))
+    _set(norm, torch.ones_like(g))
+
+
+class _PerDevice:
+    """One float64 matrix, copied once to each device that asks for it."""
+
+    def __init__(self, matrix: torch.Tensor):
+        self._copies = {matrix.device: matrix.double()}
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._copies:
+            self._copies[device] = next(iter(self._copies.values())).to(device)
+        return self._copies[device]
+
+
+def fuse_r1(model: nn.Module, arch: ArchInfo, r1: torch.Tensor) -> None:
+    """Residual stream x -> x @ R1: readers W <- W R1, writers W <- R1^T W (bias b <- b R1), embeddings E <- E R1."""
+    r1 = _PerDevice(r1)
+    for role in ("embed", "lm_head"):
+        m = arch.module(model, role)
+        w = _get(m)
+        _set(m, w @ r1.on(w.device))
+    for i in range(arch.n_layers):
+        for r in ("q", "k", "v", "gate", "up"):
+            lin = arch.module(model, r, i)
+            w = _get(lin)
+            _set(lin, w @ r1.on(w.device))
+        for r in ("o", "down"):
+            lin = arch.module(model, r, i)
+            w = _get(lin)
+            _set(lin, r1.on(w.device).T @ w)
+            b = _bias(lin)
+            if b is not None:
+                dispatch.write_tensor(lin, "bias", b @ r1.on(b.device))
+
+
+def fuse_r2(model: nn.Module, arch: ArchInfo, layer: int, r2: torch.Tensor) -> None:
+    """Values per KV head v -> v @ R2 (v_proj rows W_v,h <- R2^T W_v,h); o_proj columns W_o,h <- W_o,h R2."""
+    r2, hd = _PerDevice(r2), arch.head_dim
+    v = arch.module(model, "v", layer)
+    wv = _get(v)
+    rv = r2.on(wv.device)
+    _set(v, torch.einsum("dc,kdh->kch", rv, wv.reshape(arch.n_kv_heads, hd, -1)).reshape(arch.n_kv_heads * hd, -1))
+    b = _bias(v)
+    if b is not None:
+        dispatch.write_tensor(v, "bias", (b.reshape(arch.n_kv_heads, hd) @ r2.on(b.device)).reshape(-1))
+    o = arch.module(model, "o", layer)
+    wo = _get(o)
+    _set(o, (wo.reshape(wo.shape[0], arch.n_heads, hd) @ r2.on(wo.device)).reshape(wo.shape[0], -1))
+
+
+def install_r3(model: nn.Module, arch: ArchInfo, layer: int, rot: OnlineRotation) -> None:
+    """q -> q R3 and k -> k R3 after RoPE, so q k^T is unchanged and the K cache is stored rotated."""
+    attn = arch.module(model, "attn", layer)
+    attn.spinscope_r3 = rot.to(dispatch.execution_device(attn))
+
+    def hook(module, q, k, v):
+        return module.spinscope_r3(q), module.spinscope_r3(k), v
+
+    attention.install(model)
+    attention.add_hook(attn, hook)
+
+
+def install_r4(model: nn.Module, arch: ArchInfo, layer: int, rot: OnlineRotation) -> None:
+    """down_proj input x -> x R4 online, and W_down <- W_down R4 so the product is unchanged."""
+    down = arch.module(model, "down", layer)
+    rot.to(dispatch.execution_device(down))
+    w = _get(down)
+    _set(down, w @ rot.dense().to(w.device))
+    down.spinscope_r4 = rot
+    down.register_forward_pre_hook(lambda m, args: (m.spinscope_r4(args[0]), *args[1:]))
+
+
+def load_rotation_file(path: str) -> dict[str, torch.Tensor]:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ValueError(f"cannot read rotation file {path}: {e}") from e
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(f"rotation file {path} must hold a dict of tensors (SpinQuant layout: 'R1', "
+                         "'model.layers.{i}.self_attn.R2')")
+    return data
+
+
+def _from_file(data: dict, key: str, fallback: str | None, n: int, what: str) -> torch.Tensor:
+    t = data.get(key, data.get(fallback) if fallback else None)
+    if t is None:
+        raise ValueError(f"rotation file has no {what} (key {key!r})")
+    if t.dim() == 3:  # a block-diagonal rotation stored as its blocks [n_blocks, b, b] (FLRot's R4)
+        t = torch.block_diag(*t.unbind(0))
+    if tuple(t.shape) != (n, n):
+        raise ValueError(f"{what} in the rotation file is {tuple(t.shape)}, expected ({n}, {n})")
+    err = (t.double() @ t.double().T - torch.eye(n, dtype=torch.float64)).abs().max()
+    if err > 1e-3:
+        raise ValueError(f"{what} in the rotation file is not orthogonal (max |R R^T - I| = {err:.2e})")
+    return t.double()
+
+
+def rotate(model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: bool = False) -> nn.Module:
+    """A rotated copy of `model` (or the model itself with inplace=True) computing the same function. A model
+    dispatched over several devices is rotated in place only (ModelHandle.working_model gives one to rotate)."""
+    if not inplace and dispatch.is_dispatched(model):
+        raise ValueError("a model dispatched over several devices may not fit twice, so it is not copied: rotate "
+                         "it in place (inplace=True, e.g. inside ModelHandle.working_model())")
+    m = model if inplace else copy.deepcopy(model)
+    if not cfg.active:
+        return m
+    data = load_rotation_file(cfg.file) if cfg.file else {}
+    if cfg.fold_norms:
+        fold_norms(m, arch)
+    if cfg.r1 != "none":
+        r1 = (_from_file(data, "R1", None, arch.hidden, "R1") if cfg.r1 == "file"
+              else _matrix(cfg.r1, arch.hidden, cfg.seed))
+        fuse_r1(m, arch, r1)
+    for i in range(arch.n_layers):
+        if cfg.r2 != "none":
+            r2 = (_from_file(data, f"model.layers.{i}.self_attn.R2", "R2", arch.head_dim, f"R2 of layer {i}")
+                  if cfg.r2 == "file" else _matrix(cfg.r2, arch.head_dim, cfg.seed + 1000 + i))
+            fuse_r2(m, arch, i, r2)
+        if cfg.r3 != "none":
+            loaded = (_from_file(data, f"model.layers.{i}.self_attn.R3", "R3", arch.head_dim, f"R3 of layer {i}")
+                      if cfg.r3 == "file" else None)
+            install_r3(m, arch, i, _online(cfg.r3, arch.head_dim, cfg.seed + 2000, loaded))
+        if cfg.r4 != "none":
+            loaded = (_from_file(data, f"model.layers.{i}.mlp.R4", "R4", arch.intermediate, f"R4 of layer {i}")
+                      if cfg.r4 == "file" else None)
+            install_r4(m, arch, i, _online(cfg.r4, arch.intermediate, cfg.seed + 3000, loaded))
+    return m
+
+
+@torch.no_grad()
+def logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """float64 logits on the CPU (a reference kept while a dispatched model is rotated in place)."""
+    return model(input_ids.to(dispatch.input_device(model)), use_cache=False).logits.double().cpu()
+
+
+@torch.no_grad()
+def equivalence(original: nn.Module | None, rotated: nn.Module, input_ids: torch.Tensor,
+                reference: torch.Tensor | None = None) -> dict[str, float]:
+    """Logits of both models on the same tokens: max |difference| and mean KL(original || rotated) in nats.
+    reference: the original's logits (from `logits`) instead of running `original`."""
+    a = reference if reference is not None else logits(original, input_ids)
+    return {**logit_agreement(a, logits(rotated, input_ids).to(a.device)), "tokens": int(input_ids.numel())}
+
+
+def logit_agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """Max |a - b|, mean KL(softmax a || softmax b) in nats over positions, and max |a| for scale."""
+    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="none")
+    return {"max_abs_logit_diff": float((a - b).abs().max()), "kl": float(kl.sum(-1).mean()),
+            "max_abs_logit": float(a.abs().max())}
