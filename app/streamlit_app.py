@@ -1,12 +1,7 @@
 """SpinScope entry point: page config, the shared sidebar and navigation. No logic lives here."""
-import sys
-from pathlib import Path
+import streamlit as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit run app/streamlit_app.py` from anywhere
-
-import streamlit as st  # noqa: E402
-
-from app import state  # noqa: E402
+from app import state  # the project is installed (pip install -e .), so `app` imports from anywhere
 
 st.set_page_config(page_title="SpinScope", page_icon=":material/360:", layout="wide")
 state.init()

@@ -3,11 +3,11 @@
     python -m benchmarks.gpu_dispatch_check [--gpu-budget 8GiB] [--layers 32] [--out DIR]
     python -m benchmarks.gpu_dispatch_check --max-memory cuda:0=8GiB,cuda:1=8GiB,cpu=100GiB   # over two GPUs
 
-Random weights with LLaMA-2 7B's shapes (no hub here) are saved once as safetensors; engine.model.loading.load_model then
-loads them with max_memory (the GPU takes what fits in the budget, the rest stays in CPU memory and is streamed
-in for each forward). Checked: the dispatched model's logits against the same model wholly on the GPU, and its
-R1-R4 rotation (in place, inside ModelHandle.working_model) against the same rotation on the GPU copy and against
-its own unrotated logits. The GPU copy is the saved model loaded back whole on the GPU. Prints JSON lines as it goes.
+Random weights with LLaMA-2 7B's shapes (no hub here) are saved once as safetensors; engine.model.loading.load_model
+then loads them with max_memory (the GPU takes what fits in the budget, the rest stays in CPU memory and is streamed
+in for each forward). Checked: the dispatched model's logits against the same model wholly on the GPU, and its R1-R4
+rotation (in place, inside ModelHandle.working_model) against the same rotation on the GPU copy and against its own
+unrotated logits. The GPU copy is the saved model loaded back whole on the GPU. Prints JSON lines as it goes.
 """
 from __future__ import annotations
 
@@ -97,7 +97,8 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats(i)
 
     t0 = time.perf_counter()
-    budget = args.max_memory or (f"cuda:0={args.gpu_budget},cpu={args.cpu_budget}" if cuda else f"cpu={args.cpu_budget}")
+    budget = args.max_memory or (f"cuda:0={args.gpu_budget},cpu={args.cpu_budget}" if cuda
+                                 else f"cpu={args.cpu_budget}")
     handle = load_model(path, "float16", max_memory=budget, offload_disk=not cuda)
     plan = handle.placement
     log(args.out, stage="dispatched load", seconds=round(time.perf_counter() - t0, 1), summary=plan.summary(),

@@ -56,7 +56,8 @@ def main(argv=None) -> int:
         if isinstance(ev, Done):
             break
     total = time.perf_counter() - t0
-    out = {"device": torch.cuda.get_device_name(), "processes": info.world_size, "method": args.method, "steps": args.steps,
+    out = {"device": torch.cuda.get_device_name(), "processes": info.world_size, "method": args.method,
+           "steps": args.steps,
            "windows": args.windows, "window": args.window, "batch": args.batch, "total_s": round(total, 1),
            "first_step_s": round(first or 0, 1), "s_per_step_after_first": round((total - (first or 0)) /
                                                                                  max(args.steps - 1, 1), 3),

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                 us = median_us(run, 10, 60)[0]
                 cells.append(f"{name} {us:6.1f} ({us / memcpy:.2f})")
             print(f"  m{block_m} r{row_tiles} w{warps} s{stages}: " + " | ".join(cells), flush=True)
-        del x, copy, part
+        x = copy = part = None  # free the GPU memory before the next size
         torch.cuda.empty_cache()
     return 0
 

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
                 memcpy = memcpy or us
                 rows.append({"d": d, "L": tokens, "op": name, "us": round(us, 2), "over_memcpy": round(us / memcpy, 3)})
                 print(f"{d:>6} {tokens:>5} {name:<22} {us:8.1f} {us / memcpy:9.2f}", flush=True)
-            del x, copy
+            x = copy = None  # free the GPU memory before the next size
             torch.cuda.empty_cache()
     with open(os.path.join(args.out, "rotate_quant_graph_time.jsonl"), "w") as f:
         for row in rows:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
+import importlib.util
 import math
 import os
 import platform
@@ -25,8 +25,14 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from kernels import bench, blockdiag, hadamard
-from kernels.blockdiag import (SUPPORTED_BLOCKS, TileConfig, blockdiag_matmul_reference, blockdiag_matmul_triton,
-                               blockdiag_rotate, tile_configs)
+from kernels.blockdiag import (
+    SUPPORTED_BLOCKS,
+    TileConfig,
+    blockdiag_matmul_reference,
+    blockdiag_matmul_triton,
+    blockdiag_rotate,
+    tile_configs,
+)
 from kernels.rotate_quant import rotate_quant_configs, rotate_quantize, rotate_quantize_reference, unpack_int4
 from kernels.timing import median_us
 
@@ -58,8 +64,11 @@ def build_fast_hadamard_transform(src: str) -> str:
                            os.path.join(src, "csrc", "fast_hadamard_transform_cuda.cu")],
                   extra_cflags=["-O3"], extra_cuda_cflags=flags, build_directory=build_dir, verbose=False)
     sys.modules["fast_hadamard_transform_cuda"] = module
-    sys.path.insert(0, src)
-    importlib.import_module("fast_hadamard_transform")
+    package_dir = os.path.join(src, "fast_hadamard_transform")  # the package's Python part, from src
+    spec = importlib.util.spec_from_file_location("fast_hadamard_transform", os.path.join(package_dir, "__init__.py"),
+                                                  submodule_search_locations=[package_dir])
+    sys.modules["fast_hadamard_transform"] = package = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(package)
     return hadamard.backend()
 
 
@@ -253,7 +262,7 @@ def sweep(out_dir: str, d: int = 11008, ls=(512, 2048, 8192), ops=("blockdiag", 
                     continue
                 name = "autotuned" if tile is None else _tile_name(tile)
                 rows.append({"op": "rotate_int4", "L": tokens, "tile": name, "us": us})
-        del x
+        x = None  # free the GPU memory before the next size
         torch.cuda.empty_cache()
     with open(os.path.join(out_dir, "sweep.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["op", "L", "tile", "us"])

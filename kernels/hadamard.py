@@ -5,7 +5,8 @@ Two backends, reported by `backend()`:
 - "torch": our own, a Sylvester H_{2^m} split into Kronecker factors of at most 128
   (H_{2^a} (x) H_{2^b} = H_{2^(a+b)}), each applied as one small matmul along its axis.
 Widths n = K * 2^m use the engine's matrices: `H_n = H_K (x) H_{2^m}` with `(K, 2^m) =
-engine.rotation.hadamard.decompose(n)` (11008 = 344 * 32, 14336 = 28 * 512) and `H_K = engine.rotation.hadamard.hadamard_matrix(K)`;
+engine.rotation.hadamard.decompose(n)` (11008 = 344 * 32, 14336 = 28 * 512)
+and `H_K = engine.rotation.hadamard.hadamard_matrix(K)`;
 x [..., n] is viewed as [..., K, 2^m], transformed over the 2^m axis, then multiplied by H_K over the K axis.
 The package's own 12N/20N/28N kernels are never used: their H_K differ from the engine's tables (BRIEF.md),
 so the offline fusion would not match.
@@ -73,7 +74,8 @@ def _engine_factor(k: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     """The engine's normalised H_K [K, K] in the compute dtype."""
     h = torch.as_tensor(_engine_hadamard().hadamard_matrix(k))
     if h.shape != (k, k):
-        raise ValueError(f"engine.rotation.hadamard.hadamard_matrix({k}) returned shape {tuple(h.shape)}, expected ({k}, {k})")
+        raise ValueError(f"engine.rotation.hadamard.hadamard_matrix({k}) returned shape {tuple(h.shape)}, "
+                         f"expected ({k}, {k})")
     return h.to(dtype=dtype, device=device)
 
 

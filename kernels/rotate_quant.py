@@ -33,9 +33,19 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.blockdiag import (INTERPRETER_TILE, SHARED_MEMORY_BUDGET, TileConfig, _fit_config, as_rows,
-                               blockdiag_matmul_reference, check_kernel_args, launch, launch_tuned, m_bucket,
-                               shared_memory_estimate)
+from kernels.blockdiag import (
+    INTERPRETER_TILE,
+    SHARED_MEMORY_BUDGET,
+    TileConfig,
+    _fit_config,
+    as_rows,
+    blockdiag_matmul_reference,
+    check_kernel_args,
+    launch,
+    launch_tuned,
+    m_bucket,
+    shared_memory_estimate,
+)
 
 QMAX = {8: 127, 4: 7}
 ABSMAX_FLOOR = 1e-8  # an all-zero token gets q = 0 and a tiny scale instead of 0 / 0

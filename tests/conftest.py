@@ -1,10 +1,16 @@
-"""Fixtures shared by the whole suite: a private results cache per test, and models built or loaded once.
+"""Fixtures shared by the whole suite: a private results cache for the session and for every test, and models built
+or loaded once.
 
-The results cache is redirected to tmp_path (SPINSCOPE_CACHE), but its models/ folder stays the real one through a
-symlink: the default model's one-time conversion (about 30 s) is reused, never redone per test, and no test ever
-reads or writes the user's cached results.
+No test reads or writes the user's cache/. Before anything is collected, SPINSCOPE_CACHE points at a session
+cache under pytest's temporary directory (so session fixtures and subprocesses use it too), and every test gets
+a fresh one of its own (`tmp_cache`, autouse). Their models/ folder is a symlink to the real converted models:
+the default model's one-time conversion (about 30 s) is shared, read-only. tests/test_real_cache_untouched.py
+runs last and checks that the real cache/ holds nothing new.
 """
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 # Triton reads this when first imported, and transformers imports it: set it before anything else (see
 # tests/kernels/conftest.py); a GPU run overrides it with TRITON_INTERPRET=0.
@@ -12,17 +18,52 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
+REAL_CACHE = Path(__file__).resolve().parents[1] / "cache"  # engine.store's default root
+SNAPSHOT = pytest.StashKey[dict]()
 
-@pytest.fixture
-def tmp_cache(tmp_path, monkeypatch):
-    """An empty results cache under tmp_path for this test; models/ links to the real converted models."""
-    from engine import store
 
-    real_models = store.cache_root() / "models"
-    real_models.mkdir(exist_ok=True)
-    root = tmp_path / "cache"
-    root.mkdir()
+def cache_snapshot(root: Path = REAL_CACHE) -> dict[str, tuple[int, int]]:
+    """{relative path: (size, mtime_ns)} of every file under the real cache except the shared models/."""
+    out = {}
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        if rel.parts[0] != "models" and path.is_file():
+            st = path.stat()
+            out[str(rel)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def private_cache(root: Path) -> Path:
+    """An empty results cache at `root` whose models/ links to the real converted models."""
+    real_models = REAL_CACHE / "models"
+    real_models.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     (root / "models").symlink_to(real_models, target_is_directory=True)
+    return root
+
+
+def pytest_configure(config):
+    config.stash[SNAPSHOT] = cache_snapshot()
+    session_cache = private_cache(Path(tempfile.mkdtemp(prefix="spinscope-session-cache-")))
+    os.environ["SPINSCOPE_CACHE"] = str(session_cache)
+
+
+def pytest_unconfigure(config):
+    session_cache = os.environ.pop("SPINSCOPE_CACHE", "")
+    if "spinscope-session-cache-" in session_cache:
+        shutil.rmtree(session_cache, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The real-cache check runs after every other test, whatever the order of collection."""
+    last = [i for i in items if i.get_closest_marker("runs_last")]
+    items[:] = [i for i in items if not i.get_closest_marker("runs_last")] + last
+
+
+@pytest.fixture(autouse=True)
+def tmp_cache(tmp_path, monkeypatch):
+    """This test's own empty results cache (autouse: every test has one); models/ links to the real models."""
+    root = private_cache(tmp_path / "cache")
     monkeypatch.setenv("SPINSCOPE_CACHE", str(root))
     return root
 

@@ -81,7 +81,8 @@ if run:
     try:
         for row in run_benchmark(ds, ls, dtype, kernels):
             rows.append(row)
-            bar.progress(len(rows) / total, text=f"{row['kernel']} d={row['d']} L={row['L']}: {row['median_us']:.1f} us")
+            bar.progress(len(rows) / total,
+                         text=f"{row['kernel']} d={row['d']} L={row['L']}: {row['median_us']:.1f} us")
             df = pd.DataFrame(rows)
             chart.plotly_chart(latency_figure(df, row["d"], f"Latency vs tokens, d = {row['d']}, {dtype}"))
     except (ValueError, NoGPUError, AssertionError) as e:

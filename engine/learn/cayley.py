@@ -17,8 +17,8 @@ fixed-point iterations below contract.
 Momentum transport (kept simple): after a step the buffer is replaced by the tangent vector W X' at
 the new point, whose skew part at X' is W again (the reference stores W times the old point).
 When ||W||_1 > 1/lr the step is normalised (a ||W||_1 = 1): very large gradients then make fixed-size
-moves, so scale the loss (e.g. a mean, not a sum) for the cap to fall back to lr near an optimum. Nesterov and weight decay are
-not offered: they are not used for rotations.
+moves, so scale the loss (e.g. a mean, not a sum) for the cap to fall back to lr near an optimum.
+Nesterov and weight decay are not offered: they are not used for rotations.
 """
 from __future__ import annotations
 

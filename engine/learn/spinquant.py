@@ -196,7 +196,9 @@ class RotatedTrainingModel:
         self.kurtosis: dict | None = None  # {(site, layer): [sum, count]} while probing
         attention.install(m)
         for i in range(arch.n_layers):  # online rotations first: the quantizers must see their outputs
-            r3 = lambda mod, q, k, v, i=i: (q @ rots.r3_matrix(i).to(q.dtype), k @ rots.r3_matrix(i).to(k.dtype), v)
+            def r3(mod, q, k, v, i=i):
+                return q @ rots.r3_matrix(i).to(q.dtype), k @ rots.r3_matrix(i).to(k.dtype), v
+
             attention.add_hook(arch.module(m, "attn", i), r3)
             down = arch.module(m, "down", i)
             down.register_forward_pre_hook(lambda mod, args, i=i: (rots.rotate_down_input(i, args[0]), *args[1:]))

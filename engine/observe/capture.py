@@ -199,7 +199,8 @@ def capture(model: nn.Module, arch: ArchInfo, windows: torch.Tensor, cfg: Captur
                 done = min(start + cfg.batch, n)
                 partial = None
                 if done == n or (done // cfg.batch) % partial_every == 0:
-                    partial = pd.DataFrame([{"layer": l, "site": s, **a.scalars()} for (l, s), a in hooks.acc.items()])
+                    partial = pd.DataFrame([{"layer": layer, "site": s, **a.scalars()}
+                                            for (layer, s), a in hooks.acc.items()])
                 yield Progress("capture", done, n, time.perf_counter() - t0,
                                f"window {done}/{n}", partial=partial)
     finally:

@@ -288,7 +288,7 @@ def random_hadamard(n: int, seed: Seed = None, dtype: torch.dtype = torch.float6
 
 
 def random_orthogonal(n: int, seed: Seed = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """(n, n) Haar-random orthogonal matrix, seeded like random_hadamard (engine.rotation.orthogonal does the sampling)."""
+    """(n, n) Haar-random orthogonal matrix, seeded like random_hadamard (sampled by engine.rotation.orthogonal)."""
     from engine.rotation.orthogonal import random_orthogonal as haar
 
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:

@@ -4,7 +4,6 @@ page a Stop press leads to."""
 import json
 from pathlib import Path
 
-import pytest
 from streamlit.testing.v1 import AppTest
 
 from tests.app.test_pages import decode
@@ -12,7 +11,6 @@ from tests.app.test_pages import decode
 APP = str(Path(__file__).resolve().parents[2] / "app" / "streamlit_app.py")
 TIMEOUT = 300
 
-pytestmark = pytest.mark.usefixtures("tmp_cache")
 
 
 def optimize_page(model_dir) -> AppTest:

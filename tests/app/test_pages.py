@@ -1,9 +1,8 @@
 """AppTest runs of each page, as a user would click them (the real default model; its conversion is cached)."""
 import json
+from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
-
-from pathlib import Path
 
 APP = str(Path(__file__).resolve().parents[2] / "app" / "streamlit_app.py")
 TIMEOUT = 300

@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed in this venv")
 
+from tests.conftest import private_cache  # noqa: E402
 from tools import screenshot as shots  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -30,12 +31,7 @@ def app_url(tmp_path_factory):
     """Base URL of a headless SpinScope server on a free port of 127.0.0.1; the server is stopped at session end."""
     if not Path(shots.CHROMIUM).exists():
         pytest.skip(f"{shots.CHROMIUM} not found: the browser tests need Debian's chromium (`make browser`)")
-    from engine import store
-
-    real_models = store.cache_root() / "models"
-    real_models.mkdir(exist_ok=True)
-    cache = tmp_path_factory.mktemp("browser_cache")
-    (cache / "models").symlink_to(real_models, target_is_directory=True)
+    cache = private_cache(tmp_path_factory.mktemp("browser") / "cache")
     log_path = cache / "streamlit.log"
     with open(log_path, "w") as log:
         try:

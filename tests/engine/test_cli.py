@@ -14,7 +14,6 @@ from engine.__main__ import main
 
 REPO = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.usefixtures("tmp_cache")
 
 
 def text_file(path: Path, paragraphs: int = 30) -> Path:

@@ -8,8 +8,6 @@ import torch
 
 from engine import store
 
-pytestmark = pytest.mark.usefixtures("tmp_cache")
-
 
 def tensors(seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)

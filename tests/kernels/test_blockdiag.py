@@ -5,9 +5,17 @@ import os
 import pytest
 import torch
 
-from kernels.blockdiag import (SUPPORTED_BLOCKS, TileConfig, _BlockdiagRotation, blockdiag_matmul,
-                               blockdiag_matmul_reference, blockdiag_matmul_triton, blockdiag_rotate,
-                               kernel_applies, tile_configs)
+from kernels.blockdiag import (
+    SUPPORTED_BLOCKS,
+    TileConfig,
+    _BlockdiagRotation,
+    blockdiag_matmul,
+    blockdiag_matmul_reference,
+    blockdiag_matmul_triton,
+    blockdiag_rotate,
+    kernel_applies,
+    tile_configs,
+)
 
 # ||out - ref|| / ||ref|| for one rounding of the output (fp16: 2^-11, bf16: 2^-8) plus accumulation order
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}

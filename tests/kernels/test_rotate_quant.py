@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from kernels.blockdiag import SUPPORTED_BLOCKS, TileConfig
-from kernels.rotate_quant import (QMAX, dequantize, pack_int4, quantize_per_token_reference, rotate_quant_configs,
-                                  rotate_quantize, rotate_quantize_reference, unpack_int4)
+from kernels.rotate_quant import (
+    QMAX,
+    dequantize,
+    pack_int4,
+    quantize_per_token_reference,
+    rotate_quant_configs,
+    rotate_quantize,
+    rotate_quantize_reference,
+    unpack_int4,
+)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETED,
