@@ -89,7 +89,7 @@ def run_key(handle, recipe: Recipe, bits: Bits, cfg: EvalConfig) -> str:
     since they change nothing (so the fp row is computed once for a sweep over bits)."""
     corpus = load_corpus(cfg.corpus)
     bits = bits if recipe.quantize else Bits()
-    return store.make_key(kind="eval", model=handle.fingerprint, recipe=recipe.to_dict(), bits=str(bits),
+    return store.make_key(kind="eval", model=handle.fingerprint, recipe=recipe.key(), bits=str(bits),
                           corpus=corpus.fingerprint, tokens=cfg.tokens, window=cfg.window, tasks=list(cfg.tasks),
                           limit=cfg.limit, seed=cfg.seed, calib=(cfg.calib_tokens, cfg.calib_window),
                           code=CODE_VERSION)

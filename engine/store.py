@@ -1,7 +1,8 @@
 """The on-disk results cache (cache/): content-addressed entries, atomic writes, corruption detected on read.
 
 An entry is a directory <kind>/<key>/ holding meta.json and tensors.safetensors. meta.json carries the SHA-256 of
-the tensor file, so a truncated or altered entry is found on load, removed and recomputed: never shown.
+the tensor file and of its own metadata (figures such as an evaluation's perplexity live there), so a truncated or
+altered entry is found on load, removed and recomputed: never shown.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the metadata is checksummed too
 _REPO_CACHE = Path(__file__).resolve().parent.parent / "cache"
 
 
@@ -31,12 +32,22 @@ def make_key(**parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _sha256(path: Path) -> str:
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: how an input file (e.g. a rotation file) enters a cache key, by content."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _canonical(meta: dict) -> str:
+    """The metadata as JSON text that survives a save/load round trip unchanged (int keys become strings)."""
+    return json.dumps(json.loads(json.dumps(meta, default=str)), sort_keys=True)
+
+
+def _meta_digest(meta: dict) -> str:
+    return hashlib.sha256(_canonical(meta).encode()).hexdigest()
 
 
 def entry_dir(kind: str, key: str) -> Path:
@@ -52,8 +63,8 @@ def save(kind: str, key: str, meta: dict, tensors: dict[str, torch.Tensor]) -> P
     try:
         tensor_path = tmp / "tensors.safetensors"
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tensor_path))
-        record = {"schema": SCHEMA_VERSION, "kind": kind, "key": key, "tensors_sha256": _sha256(tensor_path),
-                  "meta": meta}
+        record = {"schema": SCHEMA_VERSION, "kind": kind, "key": key, "tensors_sha256": file_digest(tensor_path),
+                  "meta_sha256": _meta_digest(meta), "meta": json.loads(_canonical(meta))}
         (tmp / "meta.json").write_text(json.dumps(record, indent=1, default=str))
         if final.exists():  # a rename cannot replace a non-empty directory: move the old one aside first
             trash = final.parent / f".old-{key}-{uuid.uuid4().hex[:8]}"
@@ -75,7 +86,8 @@ def load(kind: str, key: str) -> tuple[dict, dict[str, torch.Tensor]] | None:
         if record.get("schema") != SCHEMA_VERSION or record.get("key") != key:
             raise ValueError("schema or key mismatch")
         tensor_path = d / "tensors.safetensors"
-        if _sha256(tensor_path) != record["tensors_sha256"]:
+        tensors_ok = file_digest(tensor_path) == record["tensors_sha256"]
+        if not tensors_ok or _meta_digest(record["meta"]) != record["meta_sha256"]:
             raise ValueError("checksum mismatch")
         return record["meta"], load_file(str(tensor_path))
     except (OSError, ValueError, KeyError, json.JSONDecodeError):

@@ -16,6 +16,7 @@ from engine import store
 from engine.events import Done, Progress
 from engine.model import attention, dispatch
 from engine.model.arch import ArchInfo
+from engine.observe import stats
 from engine.observe.stats import SiteAccumulator
 
 # site -> (description for the UI, what the channels are)
@@ -160,7 +161,7 @@ def _result(hooks: _Hooks, meta: dict) -> CaptureResult:
 def cache_key(model_fingerprint: str, corpus_fingerprint: str, cfg: CaptureConfig) -> str:
     return store.make_key(kind="capture", model=model_fingerprint, corpus=corpus_fingerprint, tokens=cfg.tokens,
                           window=cfg.window, split=cfg.split, sites=list(cfg.sites), rotation=cfg.rotation,
-                          sqnr=list(cfg.sqnr_bits))
+                          sqnr=list(cfg.sqnr_bits), stats=stats.CODE_VERSION)
 
 
 def load_cached(key: str) -> CaptureResult | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+CODE_VERSION = "stats-1"  # bump when a change alters any statistic: cached captures stop matching
 TOP_TOKENS = 8          # largest-norm tokens kept per site
 SAMPLE_ROWS = 64        # token rows kept (uniform reservoir) for histograms
 NORM_SAMPLE = 2048      # token norms kept (uniform reservoir) for the median

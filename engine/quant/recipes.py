@@ -66,6 +66,10 @@ class Recipe:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def key(self) -> dict:
+        """What a cache key holds (a rotation file by its content hash: RotationConfig.key)."""
+        return {**self.to_dict(), "rotation": self.rotation.key()}
+
 
 _HADAMARD_ALL = RotationConfig(r1="hadamard", r2="hadamard", r3="hadamard", r4="hadamard")
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from engine import store
 from engine.model import attention, dispatch
 from engine.model.arch import ArchInfo
 from engine.rotation.hadamard import apply_hadamard, random_hadamard, random_orthogonal
@@ -47,15 +49,26 @@ class RotationConfig:
         return any(getattr(self, r) != "none" for r in ROTATIONS)
 
     def tag(self) -> str:
-        """Short stable description for cache keys and labels."""
+        """Short stable description for cache keys and labels; a rotation file by its name and content hash."""
         if not self.active:
             return "none"
         parts = [f"{r.upper()}={getattr(self, r)}" for r in ROTATIONS if getattr(self, r) != "none"]
-        extra = f",seed={self.seed}" + (f",file={self.file}" if self.file else "")
+        file = self.key()["file"]
+        extra = f",seed={self.seed}" + (f",file={Path(self.file).name}@{file[7:19]}" if self.file else "")
         return ",".join(parts) + extra
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def key(self) -> dict:
+        """What a cache key holds: the settings, with a rotation file named by its content, not its path."""
+        if not self.file:
+            return self.to_dict()
+        try:
+            digest = store.file_digest(self.file)
+        except OSError as e:
+            raise ValueError(f"cannot read rotation file {self.file}: {e.strerror or e}") from e
+        return {**self.to_dict(), "file": f"sha256:{digest}"}
 
     @staticmethod
     def from_names(names: list[str], kind: str, seed: int = 0, file: str | None = None) -> "RotationConfig":
