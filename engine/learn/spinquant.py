@@ -35,6 +35,7 @@ from engine.observe.stats import token_moments
 from engine.quant.apply import install_activation_quant, install_kv_quant
 from engine.quant.quantizers import quantize_weight
 from engine.quant.recipes import RECIPES, Bits, Recipe, get_recipe
+from engine.rotation.algebra import rotated_embedding, rotated_weight
 from engine.rotation.files import RotationSet, save_rotations
 from engine.rotation.fusion import RotationConfig, fold_norms
 from engine.rotation.hadamard import random_hadamard
@@ -153,21 +154,12 @@ class _RotatedWeight(nn.Module):
     def __init__(self, rots: LearnedRotations, arch: ArchInfo, role: str, layer: int, w_bits: int, clip: bool):
         super().__init__()
         self._rots = (rots,)  # a tuple, so the rotations are not registered as a submodule of every weight
-        self.role, self.layer, self.w_bits, self.clip = role, layer, w_bits, clip
-        self.hd, self.kv_heads, self.heads = arch.head_dim, arch.n_kv_heads, arch.n_heads
+        self.arch, self.role, self.layer, self.w_bits, self.clip = arch, role, layer, w_bits, clip
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         rots, i = self._rots[0], self.layer
-        r1 = rots.r1.weight.to(w.dtype)
-        if self.role in ("q", "k", "gate", "up"):
-            w = w @ r1
-        elif self.role == "v":  # [kv * hd, hidden]: rows of each KV head h <- R2^T W_h
-            w = torch.einsum("dc,kdh->kch", rots.r2[i].weight.to(w.dtype),
-                             (w @ r1).reshape(self.kv_heads, self.hd, -1)).reshape(w.shape)
-        elif self.role == "o":  # [hidden, heads * hd]: columns of each head h <- W_h R2
-            w = ((r1.T @ w).reshape(w.shape[0], self.heads, self.hd) @ rots.r2[i].weight.to(w.dtype)).reshape(w.shape)
-        elif self.role == "down":  # [hidden, inter]; a fixed R4 was folded into W once
-            w = r1.T @ (rots.r4[i](w) if rots.r4 is not None else w)
+        r4 = rots.r4[i] if rots.r4 is not None else None  # a fixed R4 was folded into W once
+        w = rotated_weight(self.arch, self.role, w, r1=rots.r1.weight, r2=rots.r2[i].weight, r4=r4)
         return quantize_weight(w, self.w_bits, clip_search=self.clip) if self.w_bits < 16 else w
 
 
@@ -184,13 +176,14 @@ class RotatedTrainingModel:
         if rots.r4 is None:  # a fixed R4 folds once, as engine.rotation.fusion.install_r4 does (float64, cast back)
             for i in range(arch.n_layers):
                 down = arch.module(m, "down", i)
-                down.weight.data = (down.weight.double() @ rots.r4_fixed.double()).to(down.weight.dtype)
+                down.weight.data = rotated_weight(arch, "down", down.weight.double(),
+                                                  r4=rots.r4_fixed.double()).to(down.weight.dtype)
         for i in range(arch.n_layers):
-            for role in ("q", "k", "v", "o", "gate", "up", "down"):
+            for role in arch.roles.linears:
                 parametrize.register_parametrization(arch.module(m, role, i), "weight",
                                                      _RotatedWeight(rots, arch, role, i, bits.w, clip_search),
                                                      unsafe=True)
-        arch.module(m, "embed").register_forward_hook(lambda mod, args, out: out @ rots.r1.weight.to(out.dtype))
+        arch.module(m, "embed").register_forward_hook(lambda mod, args, out: rotated_embedding(out, rots.r1.weight))
         arch.module(m, "lm_head").register_forward_pre_hook(
             lambda mod, args: (args[0] @ rots.r1.weight.to(args[0].dtype).T, *args[1:]))
         self.kurtosis: dict | None = None  # {(site, layer): [sum, count]} while probing

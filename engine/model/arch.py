@@ -34,6 +34,16 @@ class ArchRoles:
     up: str = "mlp.up_proj"
     down: str = "mlp.down_proj"
     qkv_bias: bool = False  # Qwen2 has biases on q, k, v
+    # what each linear does to the residual stream, and which RMSNorm feeds which linears (rotation fusion,
+    # norm folding, quantization and GPTQ all read these; none spells the lists again)
+    residual_readers: tuple = ("q", "k", "v", "gate", "up")
+    residual_writers: tuple = ("o", "down")
+    norm_feeds: tuple = (("input_norm", ("q", "k", "v")), ("post_attn_norm", ("gate", "up")))
+
+    @property
+    def linears(self) -> tuple:
+        """Every decoder linear role, in execution order."""
+        return ("q", "k", "v", "o", "gate", "up", "down")
 
 
 ARCHITECTURES: dict[str, ArchRoles] = {

@@ -16,7 +16,6 @@ from engine.quant.qrazor import qrazor_fake_quant
 from engine.quant.quantizers import quantize_activation, quantize_kv, quantize_weight
 from engine.quant.recipes import Bits, Recipe
 
-LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 QRAZOR_BASE = {"w": 8, "a": 16, "kv": 8}  # QRazor's base precision per role
 
 
@@ -58,7 +57,7 @@ def quantize_weights_rtn(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: R
     if bits.w >= 16:
         return
     for i in range(arch.n_layers):
-        for role in LINEARS:
+        for role in arch.roles.linears:
             lin = arch.module(model, role, i)
             w = _weight(lin)
             if recipe.weights == "qrazor":
@@ -105,7 +104,7 @@ def quantize_weights_gptq(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: 
     for i in range(arch.n_layers):
         layer = arch.layer(model, i)
         accs, handles = {}, []
-        for role in LINEARS:
+        for role in arch.roles.linears:
             lin = arch.module(model, role, i)
             accs[role] = HessianAccumulator(lin.in_features, device=dispatch.execution_device(lin))
             handles.append(lin.register_forward_hook(
@@ -115,7 +114,7 @@ def quantize_weights_gptq(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: 
                 layer(*args, **kwargs)
         for h in handles:
             h.remove()
-        for role in LINEARS:
+        for role in arch.roles.linears:
             lin = arch.module(model, role, i)
             q = gptq_quantize(_weight(lin), accs[role].hessian, bits.w, group_size=recipe.w_group,
                               damp=damp, block=block, clip_search=recipe.w_clip_search)
@@ -143,7 +142,7 @@ def install_activation_quant(model: nn.Module, arch: ArchInfo, bits: Bits, recip
         def hook(m, args):
             return (quantize_activation(args[0], bits.a, clip_ratio=recipe.a_clip), *args[1:])
     for i in range(arch.n_layers):
-        for role in LINEARS:
+        for role in arch.roles.linears:
             arch.module(model, role, i).register_forward_pre_hook(hook)
 
 

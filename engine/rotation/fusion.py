@@ -16,6 +16,7 @@ from torch import nn
 from engine import store
 from engine.model import attention, dispatch
 from engine.model.arch import ArchInfo
+from engine.rotation.algebra import rotated_bias, rotated_embedding, rotated_weight
 from engine.rotation.hadamard import apply_hadamard, random_hadamard, random_orthogonal
 
 KINDS = ("none", "hadamard", "orthogonal", "file")
@@ -183,9 +184,8 @@ def untie_embeddings(model: nn.Module, arch: ArchInfo) -> None:
 def fold_norms(model: nn.Module, arch: ArchInfo) -> None:
     """W <- W * g on the input columns of every linear reading an RMSNorm's output; then g = 1 (exact)."""
     untie_embeddings(model, arch)
-    pairs = [("input_norm", ("q", "k", "v")), ("post_attn_norm", ("gate", "up"))]
     for i in range(arch.n_layers):
-        for norm_role, readers in pairs:
+        for norm_role, readers in arch.roles.norm_feeds:
             norm = arch.module(model, norm_role, i)
             g = _get(norm)
             for r in readers:
@@ -213,40 +213,34 @@ class _PerDevice:
         return self._copies[device]
 
 
+def _fuse(module: nn.Module, arch: ArchInfo, role: str, r1: _PerDevice | None = None, r2: _PerDevice | None = None,
+          r4: _PerDevice | None = None) -> None:
+    """Write the decoder linear's rotated weight (and bias) back, each rotation on that weight's device."""
+    w = _get(module)
+    on = lambda r, device: None if r is None else r.on(device)  # noqa: E731
+    _set(module, rotated_weight(arch, role, w, on(r1, w.device), on(r2, w.device), on(r4, w.device)))
+    b = _bias(module)
+    if b is not None and (r1 is not None or r2 is not None):
+        dispatch.write_tensor(module, "bias", rotated_bias(arch, role, b, on(r1, b.device), on(r2, b.device)))
+
+
 def fuse_r1(model: nn.Module, arch: ArchInfo, r1: torch.Tensor) -> None:
-    """Residual stream x -> x @ R1: readers W <- W R1, writers W <- R1^T W (bias b <- b R1), embeddings E <- E R1."""
+    """Residual stream x -> x @ R1 (engine.rotation.algebra): embeddings, lm_head, every reader and writer."""
     r1 = _PerDevice(r1)
     for role in ("embed", "lm_head"):
         m = arch.module(model, role)
         w = _get(m)
-        _set(m, w @ r1.on(w.device))
+        _set(m, rotated_embedding(w, r1.on(w.device)))
     for i in range(arch.n_layers):
-        for r in ("q", "k", "v", "gate", "up"):
-            lin = arch.module(model, r, i)
-            w = _get(lin)
-            _set(lin, w @ r1.on(w.device))
-        for r in ("o", "down"):
-            lin = arch.module(model, r, i)
-            w = _get(lin)
-            _set(lin, r1.on(w.device).T @ w)
-            b = _bias(lin)
-            if b is not None:
-                dispatch.write_tensor(lin, "bias", b @ r1.on(b.device))
+        for role in arch.roles.residual_readers + arch.roles.residual_writers:
+            _fuse(arch.module(model, role, i), arch, role, r1=r1)
 
 
 def fuse_r2(model: nn.Module, arch: ArchInfo, layer: int, r2: torch.Tensor) -> None:
-    """Values per KV head v -> v @ R2 (v_proj rows W_v,h <- R2^T W_v,h); o_proj columns W_o,h <- W_o,h R2."""
-    r2, hd = _PerDevice(r2), arch.head_dim
-    v = arch.module(model, "v", layer)
-    wv = _get(v)
-    rv = r2.on(wv.device)
-    _set(v, torch.einsum("dc,kdh->kch", rv, wv.reshape(arch.n_kv_heads, hd, -1)).reshape(arch.n_kv_heads * hd, -1))
-    b = _bias(v)
-    if b is not None:
-        dispatch.write_tensor(v, "bias", (b.reshape(arch.n_kv_heads, hd) @ r2.on(b.device)).reshape(-1))
-    o = arch.module(model, "o", layer)
-    wo = _get(o)
-    _set(o, (wo.reshape(wo.shape[0], arch.n_heads, hd) @ r2.on(wo.device)).reshape(wo.shape[0], -1))
+    """Values per KV head v -> v @ R2 (v_proj rows, and bias), undone on o_proj's columns (engine.rotation.algebra)."""
+    r2 = _PerDevice(r2)
+    for role in ("v", "o"):
+        _fuse(arch.module(model, role, layer), arch, role, r2=r2)
 
 
 def install_r3(model: nn.Module, arch: ArchInfo, layer: int, rot: OnlineRotation) -> None:
@@ -265,8 +259,7 @@ def install_r4(model: nn.Module, arch: ArchInfo, layer: int, rot: OnlineRotation
     """down_proj input x -> x R4 online, and W_down <- W_down R4 so the product is unchanged."""
     down = arch.module(model, "down", layer)
     rot.to(dispatch.execution_device(down))
-    w = _get(down)
-    _set(down, w @ rot.dense().to(w.device))
+    _fuse(down, arch, "down", r4=_PerDevice(rot.dense()))
     down.spinscope_r4 = rot
     down.register_forward_pre_hook(lambda m, args: (m.spinscope_r4(args[0]), *args[1:]))
 

@@ -11,10 +11,12 @@ from engine.events import Done, Progress
 from engine.model import attention
 from engine.model.arch import resolve
 from engine.model.loading import ModelHandle, tiny_llama
-from engine.quant.apply import LINEARS, quantize_model
+from engine.quant.apply import quantize_model
 from engine.quant.quantizers import quantize_kv
 from engine.quant.recipes import Bits, get_recipe
 from engine.rotation.fusion import RotationConfig, rotate
+
+LINEARS = ("q", "k", "v", "o", "gate", "up", "down")  # every decoder linear of a Llama layer
 
 
 def tokens(n: int, t: int, vocab: int = 256, seed: int = 0) -> torch.Tensor:
