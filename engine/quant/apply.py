@@ -11,38 +11,9 @@ from torch import nn
 from engine.events import Progress
 from engine.model import attention, dispatch
 from engine.model.arch import ArchInfo
-from engine.quant.gptq import HessianAccumulator, gptq_quantize
-from engine.quant.qrazor import qrazor_fake_quant
-from engine.quant.quantizers import quantize_activation, quantize_kv, quantize_weight
+from engine.quant.gptq import HessianAccumulator
+from engine.quant.methods import ACTIVATION_METHODS, WEIGHT_METHODS
 from engine.quant.recipes import Bits, Recipe
-
-QRAZOR_BASE = {"w": 8, "a": 16, "kv": 8}  # QRazor's base precision per role
-
-
-def _qrazor_target(role: str, bits: int) -> int | None:
-    """SDR target bits of a role's setting: below the base precision it is razored to `bits`; at the base (or 16
-    for activations, whose base is 16) only the base integers are kept. Anything between base and 16 cannot be
-    honoured (weights and KV have an 8-bit base) and is refused rather than silently run at 8 bits."""
-    base = QRAZOR_BASE[role]
-    if bits < base:
-        return bits
-    if bits == base:
-        return None
-    name = {"w": "weight", "a": "activation", "kv": "KV-cache"}[role]
-    raise ValueError(f"qrazor {name} bits must be below its {base}-bit base precision (razored), {base} (base "
-                     f"integers only) or 16 (floating point), got {bits}")
-
-
-def _qrazor(x: torch.Tensor, role: str, bits: int, group: int = 16, per_channel: bool = False) -> torch.Tensor:
-    """Base-precision absmax integers; razored to `bits` when below the base (QRazor's W4A4KV4)."""
-    base = QRAZOR_BASE[role]
-    target = _qrazor_target(role, bits)
-    if target is None:
-        from engine.quant.qrazor import dequantize, quantize_absmax
-
-        q, scale = quantize_absmax(x.float(), base, per_channel=per_channel)
-        return dequantize(q, scale).to(x.dtype)
-    return qrazor_fake_quant(x, base, target_bits=target, group_size=group, per_channel=per_channel)
 
 
 def _set_weight(lin: nn.Linear, w: torch.Tensor) -> None:
@@ -53,18 +24,15 @@ def _weight(lin: nn.Linear) -> torch.Tensor:
     return dispatch.read_tensor(lin, "weight").float()
 
 
-def quantize_weights_rtn(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe) -> None:
+def quantize_weights_direct(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe) -> None:
+    """Each weight on its own (RTN, QRazor): no calibration data."""
     if bits.w >= 16:
         return
+    method = WEIGHT_METHODS[recipe.weights]
     for i in range(arch.n_layers):
         for role in arch.roles.linears:
             lin = arch.module(model, role, i)
-            w = _weight(lin)
-            if recipe.weights == "qrazor":
-                q = _qrazor(w, "w", bits.w, per_channel=True)
-            else:
-                q = quantize_weight(w, bits.w, group_size=recipe.w_group, clip_search=recipe.w_clip_search)
-            _set_weight(lin, q)
+            _set_weight(lin, method.quantize(_weight(lin), bits.w, recipe))
 
 
 class _StopForward(Exception):
@@ -99,6 +67,7 @@ def quantize_weights_gptq(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: 
     earlier layers (and any online rotation, since forward hooks see the arguments after pre-hooks)."""
     if bits.w >= 16:
         return
+    method = WEIGHT_METHODS[recipe.weights]
     t0 = time.perf_counter()
     inputs = _layer_inputs(model, arch, windows)
     for i in range(arch.n_layers):
@@ -116,9 +85,8 @@ def quantize_weights_gptq(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: 
             h.remove()
         for role in arch.roles.linears:
             lin = arch.module(model, role, i)
-            q = gptq_quantize(_weight(lin), accs[role].hessian, bits.w, group_size=recipe.w_group,
-                              damp=damp, block=block, clip_search=recipe.w_clip_search)
-            _set_weight(lin, q)
+            _set_weight(lin, method.quantize_with_hessian(_weight(lin), accs[role].hessian, bits.w, recipe,
+                                                          damp=damp, block=block))
         with torch.no_grad():  # outputs of the quantized layer feed the next one
             outs = []
             for args, kwargs in inputs:
@@ -131,16 +99,13 @@ def quantize_weights_gptq(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: 
 
 def install_activation_quant(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe) -> None:
     """Per-token quantization of the input of every decoder linear (registered after any online rotation)."""
-    if bits.a >= 16 and recipe.activations != "qrazor":
+    quant = ACTIVATION_METHODS[recipe.activations].activation_fn(bits.a, recipe)
+    if quant is None:
         return
-    if recipe.activations == "qrazor":
-        _qrazor_target("a", bits.a)  # refuse an impossible setting before any forward pass
 
-        def hook(m, args):
-            return (_qrazor(args[0], "a", bits.a), *args[1:])
-    else:
-        def hook(m, args):
-            return (quantize_activation(args[0], bits.a, clip_ratio=recipe.a_clip), *args[1:])
+    def hook(m, args):
+        return (quant(args[0]), *args[1:])
+
     for i in range(arch.n_layers):
         for role in arch.roles.linears:
             arch.module(model, role, i).register_forward_pre_hook(hook)
@@ -148,18 +113,13 @@ def install_activation_quant(model: nn.Module, arch: ArchInfo, bits: Bits, recip
 
 def install_kv_quant(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe) -> None:
     """K (after R3, if any) and V per head; k, v are [B, kv_heads, T, head_dim] so a group is one head."""
-    if bits.kv >= 16:
+    quant = ACTIVATION_METHODS[recipe.activations].kv_fn(bits.kv, recipe, arch.head_dim)
+    if quant is None:
         return
-    hd = arch.head_dim
-    if recipe.activations == "qrazor":
-        _qrazor_target("kv", bits.kv)
 
-        def hook(module, q, k, v):
-            return q, _qrazor(k, "kv", bits.kv), _qrazor(v, "kv", bits.kv)
-    else:
-        def hook(module, q, k, v):
-            return (q, quantize_kv(k, bits.kv, hd, clip_ratio=recipe.kv_clip),
-                    quantize_kv(v, bits.kv, hd, clip_ratio=recipe.kv_clip))
+    def hook(module, q, k, v):
+        return q, quant(k), quant(v)
+
     attention.install(model)
     for i in range(arch.n_layers):
         attention.add_hook(arch.module(model, "attn", i), hook)
@@ -171,11 +131,11 @@ def quantize_model(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe,
     floating-point activations, as in QuaRot), then the activation and KV quantizers are installed."""
     if not recipe.quantize:
         return
-    if recipe.weights == "gptq" and bits.w < 16:
+    if WEIGHT_METHODS[recipe.weights].needs_calibration and bits.w < 16:
         if calib_windows is None:
             raise ValueError("GPTQ needs calibration windows")
         yield from quantize_weights_gptq(model, arch, bits, recipe, calib_windows)
     else:
-        quantize_weights_rtn(model, arch, bits, recipe)
+        quantize_weights_direct(model, arch, bits, recipe)
     install_activation_quant(model, arch, bits, recipe)
     install_kv_quant(model, arch, bits, recipe)

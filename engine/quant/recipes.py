@@ -55,10 +55,13 @@ class Recipe:
     quantize: bool = True         # False: the floating-point model whatever the bits
 
     def __post_init__(self):
-        if self.weights not in ("rtn", "gptq", "qrazor"):
-            raise ValueError(f"weight quantizer must be rtn, gptq or qrazor, got {self.weights!r}")
-        if self.activations not in ("rtn", "qrazor"):
-            raise ValueError(f"activation quantizer must be rtn or qrazor, got {self.activations!r}")
+        from engine.quant.methods import ACTIVATION_METHODS, WEIGHT_METHODS
+
+        if self.weights not in WEIGHT_METHODS:
+            raise ValueError(f"weight quantizer must be one of {', '.join(WEIGHT_METHODS)}, got {self.weights!r}")
+        if self.activations not in ACTIVATION_METHODS:
+            raise ValueError(f"activation quantizer must be one of {', '.join(ACTIVATION_METHODS)}, "
+                             f"got {self.activations!r}")
 
     def with_weights(self, method: str) -> "Recipe":
         return replace(self, weights=method) if method else self

@@ -93,8 +93,8 @@ def test_quarot_rotates_all_four_with_hadamard_and_rtn_rotates_nothing():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"weights": "awq"}, "weight quantizer must be rtn, gptq or qrazor"),
-    ({"activations": "gptq"}, "activation quantizer must be rtn or qrazor"),
+    ({"weights": "awq"}, "weight quantizer must be one of rtn, gptq, qrazor"),
+    ({"activations": "gptq"}, "activation quantizer must be one of rtn, qrazor"),
 ])
 def test_recipe_rejects_unknown_quantizers(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -134,6 +134,7 @@ def test_eval_cli_refuses_bad_input_before_loading_the_model(capsys, no_model_lo
     assert err.startswith("error: ") and message in err
 
 
+@pytest.mark.slow
 def test_python_m_engine_eval_unknown_task_fails_before_the_model(tmp_cache):
     """The real command line. The model named does not exist, so had it been loaded first the error would be about
     the model; the task error shows the task list is checked first."""
