@@ -55,7 +55,11 @@ def pytest_unconfigure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The real-cache check runs after every other test, whatever the order of collection."""
+    """A test that uses the real default model is slow (left out of `make test-fast`) by that fact alone; the
+    real-cache check runs after every other test, whatever the order of collection."""
+    for item in items:
+        if "default_handle" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
     last = [i for i in items if i.get_closest_marker("runs_last")]
     items[:] = [i for i in items if not i.get_closest_marker("runs_last")] + last
 

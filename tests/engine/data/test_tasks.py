@@ -151,6 +151,7 @@ def test_zero_shot_runs_offline_on_tiny_llama(tiny_model_and_tokenizer, monkeypa
         assert all(0.0 <= v <= 1.0 for k, v in row.items() if k.startswith("acc"))
 
 
+@pytest.mark.slow
 def test_zero_shot_is_reproducible(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
     first = run_to_end(zero_shot(model, tokenizer, ["arc_challenge"], limit=4, batch_size=4))

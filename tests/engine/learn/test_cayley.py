@@ -51,6 +51,7 @@ def procrustes_loss(a, x, b):
 ORTHOGONALITY_CASES = [((64,), 500), ((576,), 500 if SLOW else 25), ((12, 128), 500 if SLOW else 60)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,steps", ORTHOGONALITY_CASES, ids=["64", "576", "12x128"])
 def test_float32_iterate_stays_orthogonal(shape, steps):
     n = shape[-1]

@@ -21,6 +21,8 @@ LAYERS, HIDDEN, HEADS, KV_HEADS, INTER, VOCAB = 2, 32, 4, 2, 64, 128
 WORLD = 2
 METHODS = ("spinquant", "flrot")
 
+pytestmark = pytest.mark.slow  # every test trains in several processes
+
 
 def tiny():
     model = tiny_llama(seed=0, layers=LAYERS, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, intermediate=INTER,

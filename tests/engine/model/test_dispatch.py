@@ -102,6 +102,7 @@ def test_rotating_in_place_gives_the_rotated_logits_and_never_writes_the_model_f
     assert {p: digest(p) for p in model_dir.glob("*.safetensors")} == files
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe,weights", [("quarot", "rtn"), ("quarot", "gptq")])
 def test_fake_quantized_evaluation_matches(handles, recipe, weights):
     from engine.quant.recipes import get_recipe
@@ -117,6 +118,7 @@ def test_fake_quantized_evaluation_matches(handles, recipe, weights):
     assert fp[0] == pytest.approx(fp[1], rel=1e-9) and results[0] != pytest.approx(fp[0], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_zero_shot_runs_on_the_dispatched_model(handles):
     cfg = EvalConfig(tokens=64, window=64, tasks=("piqa",), limit=4)
     scores = [list(eval_job(h, "fp", "16-16-16", cfg, use_cache=False))[-1].result["tasks"]["piqa"] for h in handles]

@@ -150,6 +150,7 @@ def _layer0_output_error(model, reference, ids) -> float:
     return float((outs[0] - outs[1]).pow(2).mean())
 
 
+@pytest.mark.slow
 def test_gptq_lowers_layer_output_error_versus_rtn():
     m = tiny_llama()
     calib = tokens(8, 64, seed=1)  # 512 calibration tokens for 64-wide inputs

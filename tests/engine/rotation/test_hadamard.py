@@ -103,6 +103,7 @@ def test_apply_matches_matrix_for_every_supported_width_up_to_256():
         assert torch.allclose(apply_hadamard(x), x @ hadamard_matrix(n), rtol=0, atol=1e-12), n
 
 
+@pytest.mark.slow
 def test_apply_preserves_norm_and_inverts_on_every_swept_width():
     gen = torch.Generator().manual_seed(0)
     for n in SWEEP_WIDTHS:
@@ -157,6 +158,7 @@ def test_random_hadamard_orthogonal_signed_and_seeded():
     assert torch.equal(random_hadamard(64, seed=g1), random_hadamard(64, seed=g2))
 
 
+@pytest.mark.slow
 def test_random_orthogonal_orthogonal_seeded_and_sign_fixed():
     q = random_orthogonal(200, seed=5)
     assert max_orthogonality_error(q) < 1e-10 and torch.equal(q, random_orthogonal(200, seed=5))

@@ -122,6 +122,7 @@ def fit_rotation(module, target_matrix, steps=150, seed=12):
     return losses[0], losses[-1]
 
 
+@pytest.mark.slow
 def test_block_diagonal_rotation_trains_under_cayley_sgd_and_stays_orthogonal():
     target_blocks = random_orthogonal(8, batch=(4,), generator=generator(13))
     target = BlockDiagonalRotation(32, 8, blocks=target_blocks).matrix().detach()
