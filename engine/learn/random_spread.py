@@ -14,7 +14,8 @@ import pandas as pd
 
 from engine.evaluate import EvalConfig, eval_job
 from engine.events import Done, Metric, Progress
-from engine.learn.spinquant import METHODS, ONLINE_SEED, learned_recipe
+from engine.learn.rotated_network import ONLINE_SEED
+from engine.learn.spinquant import METHODS, learned_recipe
 from engine.quant.recipes import RECIPES, Bits, Recipe
 from engine.rotation.fusion import RotationConfig
 

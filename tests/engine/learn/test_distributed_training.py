@@ -12,7 +12,8 @@ import torch
 
 from engine.events import Done, Metric
 from engine.learn import distributed
-from engine.learn.spinquant import LearnedRotations, TrainConfig, train
+from engine.learn.rotated_network import LearnedRotations
+from engine.learn.spinquant import TrainConfig, train
 from engine.model.arch import resolve
 from engine.model.loading import tiny_llama
 from engine.rotation.files import load_rotations
