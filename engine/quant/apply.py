@@ -131,7 +131,10 @@ def quantize_model(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe,
     floating-point activations, as in QuaRot), then the activation and KV quantizers are installed."""
     if not recipe.quantize:
         return
-    if WEIGHT_METHODS[recipe.weights].needs_calibration and bits.w < 16:
+    weights, acts = WEIGHT_METHODS[recipe.weights], ACTIVATION_METHODS[recipe.activations]
+    weights.check(bits.w)  # refuse an impossible setting before any weight is touched
+    acts.activation_fn(bits.a, recipe), acts.kv_fn(bits.kv, recipe, arch.head_dim)
+    if weights.needs_calibration and bits.w < 16:
         if calib_windows is None:
             raise ValueError("GPTQ needs calibration windows")
         yield from quantize_weights_gptq(model, arch, bits, recipe, calib_windows)

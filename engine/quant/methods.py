@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 TensorFn = Callable[[Tensor], Tensor]
 FP_BITS = 16  # a setting of 16 bits leaves that tensor in floating point
+QRAZOR_GROUP = 16  # integers sharing one razoring flag (the paper's group size)
 
 
 # ---- weights ---------------------------------------------------------------------------------------------------
@@ -28,6 +29,9 @@ class RTNWeights:
     """Round to nearest per output row (or per group), optionally with QuaRot's clipping search."""
 
     needs_calibration = False
+
+    def check(self, bits: int) -> None:
+        """Refuse a setting this method cannot honour (before any work)."""
 
     def quantize(self, w: Tensor, bits: int, recipe: Recipe) -> Tensor:
         return quantize_weight(w, bits, group_size=recipe.w_group, clip_search=recipe.w_clip_search)
@@ -48,6 +52,10 @@ class QRazorWeights:
     """QRazor: per-row absmax integers at the weight base precision, razored (SDR) to the requested bits."""
 
     needs_calibration = False
+
+    def check(self, bits: int) -> None:
+        if bits < FP_BITS:
+            qrazor_target("weight", bits)
 
     def quantize(self, w: Tensor, bits: int, recipe: Recipe) -> Tensor:
         return qrazor(w, "weight", bits, per_channel=True)
@@ -78,7 +86,9 @@ class QRazorActivations:
     def kv_fn(self, bits: int, recipe: Recipe, head_dim: int) -> TensorFn | None:
         if bits >= FP_BITS:
             return None
-        qrazor_target("kv", bits)
+        if qrazor_target("kv", bits) is not None and head_dim % QRAZOR_GROUP:  # refuse before any weight is quantized, not in the middle of a forward pass
+            raise ValueError(f"qrazor razors K and V in groups of {QRAZOR_GROUP} along each head, but this model's "
+                             f"head_dim is {head_dim}; keep the KV cache at 16 bits (e.g. 4-4-16)")
         return lambda x: qrazor(x, "kv", bits)
 
 
@@ -102,7 +112,7 @@ def qrazor_target(role: str, bits: int) -> int | None:
                      f"integers only) or 16 (floating point), got {bits}")
 
 
-def qrazor(x: torch.Tensor, role: str, bits: int, group: int = 16, per_channel: bool = False) -> torch.Tensor:
+def qrazor(x: torch.Tensor, role: str, bits: int, group: int = QRAZOR_GROUP, per_channel: bool = False) -> torch.Tensor:
     """Base-precision absmax integers of the role; razored to `bits` when below the base (QRazor's W4A4KV4)."""
     base = ROLE_BASE_BITS[role]
     target = qrazor_target(role, bits)

@@ -39,8 +39,9 @@ def _check_group_size(group_size: int, last_dim: int) -> None:
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if last_dim % group_size != 0:
+        divisors = [g for g in (4, 8, 16, 32, 64, 128) if last_dim % g == 0]
         raise ValueError(f"the last dim ({last_dim}) must be divisible by group_size ({group_size}); "
-                         f"pick a divisor of {last_dim}, e.g. 16 or 32 for a power-of-two width")
+                         f"group sizes that divide it: {', '.join(map(str, divisors)) or 'none of 4-128'}")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Rotations R1-R4 of a LLaMA-style model (SpinQuant / QuaRot conventions, see BRIEF.md section 2).
+"""Rotations R1-R4 of a LLaMA-style model (SpinQuant / QuaRot conventions).
 
 `rotate(model, arch, cfg)` returns a rotated copy; the original is left untouched so before/after comparisons need
 no reload. R1 and R2 are fused into the weights (in float64, cast back); R3 (queries and keys after RoPE) and R4
