@@ -86,7 +86,8 @@ class QRazorActivations:
     def kv_fn(self, bits: int, recipe: Recipe, head_dim: int) -> TensorFn | None:
         if bits >= FP_BITS:
             return None
-        if qrazor_target("kv", bits) is not None and head_dim % QRAZOR_GROUP:  # refuse before any weight is quantized, not in the middle of a forward pass
+        # refuse before any weight is quantized, not in the middle of a forward pass
+        if qrazor_target("kv", bits) is not None and head_dim % QRAZOR_GROUP:
             raise ValueError(f"qrazor razors K and V in groups of {QRAZOR_GROUP} along each head, but this model's "
                              f"head_dim is {head_dim}; keep the KV cache at 16 bits (e.g. 4-4-16)")
         return lambda x: qrazor(x, "kv", bits)
