@@ -41,13 +41,14 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _canonical(meta: dict) -> str:
-    """The metadata as JSON text that survives a save/load round trip unchanged (int keys become strings)."""
-    return json.dumps(json.loads(json.dumps(meta, default=str)), sort_keys=True)
+def _as_json(meta: dict) -> dict:
+    """The metadata as it reads back from meta.json (int keys become strings, tuples lists; order kept)."""
+    return json.loads(json.dumps(meta, default=str))
 
 
 def _meta_digest(meta: dict) -> str:
-    return hashlib.sha256(_canonical(meta).encode()).hexdigest()
+    """SHA-256 of JSON metadata (as read back), independent of key order."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
 def entry_dir(kind: str, key: str) -> Path:
@@ -64,7 +65,7 @@ def save(kind: str, key: str, meta: dict, tensors: dict[str, torch.Tensor]) -> P
         tensor_path = tmp / "tensors.safetensors"
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tensor_path))
         record = {"schema": SCHEMA_VERSION, "kind": kind, "key": key, "tensors_sha256": file_digest(tensor_path),
-                  "meta_sha256": _meta_digest(meta), "meta": json.loads(_canonical(meta))}
+                  "meta_sha256": _meta_digest(_as_json(meta)), "meta": _as_json(meta)}
         (tmp / "meta.json").write_text(json.dumps(record, indent=1, default=str))
         if final.exists():  # a rename cannot replace a non-empty directory: move the old one aside first
             trash = final.parent / f".old-{key}-{uuid.uuid4().hex[:8]}"
