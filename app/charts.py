@@ -139,3 +139,26 @@ def histogram_vs_gaussian(values: np.ndarray, title: str, bins: int = 120) -> go
     _log_y(fig, exponentformat="power", range=[math.log10(max(counts[counts > 0].min(), 1e-12) / 3),
                                                math.log10(max(counts.max(), pdf.max()) * 2)])
     return layout(fig, title, "activation value", "density (log scale)")
+
+
+def kernel_latency(rows: pd.DataFrame, d: int, title: str, labels: dict[str, str], floor: str = "memcpy",
+                   highlight: str = "triton_blockdiag") -> go.Figure:
+    """Median time per kernel against tokens L at width d, log-log; rows: kernel, d, L, median_us (kernels.bench).
+
+    The floor (a plain copy of the activations) is a thick dashed black line; the highlighted kernel (the one the
+    page is about) a thick line drawn over the others. Both lead the legend."""
+    fig = go.Figure()
+    sub = rows[rows.d == d]
+    kernels = list(dict.fromkeys(sub.kernel))
+    for kernel in sorted(kernels, key=lambda k: k == highlight):  # the highlighted one last: on top
+        k = sub[sub.kernel == kernel].sort_values("L")
+        name, line, rank = labels.get(kernel, kernel), dict(width=2), 1000
+        if kernel == floor:
+            name, line, rank = f"{name}: the floor", dict(dash="dash", color="black", width=3), 1
+        elif kernel == highlight:
+            line, rank = dict(width=4), 2
+        fig.add_trace(go.Scatter(x=k.L, y=k.median_us, mode="lines+markers", name=name, line=line, legendrank=rank))
+    fig.update_xaxes(type="log", dtick=1)  # decades only: plotly's 2 and 5 between them crowd the axis
+    _log_y(fig)
+    return layout(fig, title, "tokens L (log scale)", "median time, microseconds (log scale; lower is faster)",
+                  height=480)

@@ -20,8 +20,8 @@ import sys
 
 import torch
 
+from kernels.bench import quant_mismatch, random_blocks
 from kernels.blockdiag import blockdiag_matmul_triton
-from kernels.gpu_check import _quant_mismatch
 from kernels.rotate_quant import rotate_quantize, rotate_quantize_reference
 from kernels.timing import median_us
 
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
     print(f"{'d':>6} {'L':>5} {'op':<22} {'us':>8} {'x memcpy':>9}")
     for d in (int(v) for v in args.d.split(",")):
-        blocks = torch.linalg.qr(torch.randn(d // 128, 128, 128, device="cuda"))[0].half().contiguous()
+        blocks = random_blocks(d // 128, 128, torch.float16, "cuda")
         for tokens in (int(v) for v in args.L.split(",")):
             x = torch.randn(tokens, d, dtype=torch.float16, device="cuda")
             x[:, 7] *= 40.0  # an outlier channel
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
             memcpy = None
             for name, (fn, want, bits) in ops.items():
                 if want is not None:
-                    problem = _quant_mismatch(fn(), want, bits)
+                    problem = quant_mismatch(fn(), want, bits)
                     if problem:
                         print(f"{d:>6} {tokens:>5} {name:<22} FAILED the check: {problem}", flush=True)
                         failures += 1

@@ -24,16 +24,11 @@ from datetime import datetime, timezone
 import torch
 from triton.runtime.errors import OutOfResources
 
-from kernels import bench, blockdiag, hadamard
-from kernels.blockdiag import (
-    SUPPORTED_BLOCKS,
-    TileConfig,
-    blockdiag_matmul_reference,
-    blockdiag_matmul_triton,
-    blockdiag_rotate,
-    tile_configs,
-)
-from kernels.rotate_quant import rotate_quant_configs, rotate_quantize, rotate_quantize_reference, unpack_int4
+from kernels import bench, blockdiag, hadamard, launch
+from kernels.bench import quant_mismatch, random_blocks, rel_error
+from kernels.blockdiag import blockdiag_matmul_reference, blockdiag_matmul_triton, blockdiag_rotate
+from kernels.launch import SUPPORTED_BLOCKS, TileConfig, rotate_quant_configs, tile_configs
+from kernels.rotate_quant import rotate_quantize, rotate_quantize_reference
 from kernels.timing import median_us
 
 # The brief's H100 numbers for Dao's FHT at d = 11008 (padded to 16384), fp16, microseconds
@@ -78,13 +73,6 @@ def _poison_next_allocation(numel: int) -> None:
     del poison
 
 
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.float(), ref.float()
-    if not torch.isfinite(out).all():
-        return math.inf
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
 def check_correctness() -> list[str]:
     """Every kernel against its reference on fresh random inputs; returns failure messages.
 
@@ -97,10 +85,12 @@ def check_correctness() -> list[str]:
         for dtype in (torch.float16, torch.bfloat16):
             for shape in ((1, 11008), (3, 5, 11008), (1000, 11008), (4097, 4096), (7, 2 * b)):
                 x = torch.randn(*shape, dtype=dtype, device="cuda")
+                # QR's Q as it comes (column-major), so the launcher's copy to contiguous blocks is exercised too
                 blocks = torch.linalg.qr(torch.randn(shape[-1] // b, b, b, device="cuda"))[0].to(dtype)
                 config = None if (b == 128 and dtype == torch.float16) else fixed
                 _poison_next_allocation(x.numel())
-                error = _rel(blockdiag_matmul_triton(x, blocks, config=config), blockdiag_matmul_reference(x, blocks))
+                error = rel_error(blockdiag_matmul_triton(x, blocks, config=config),
+                                  blockdiag_matmul_reference(x, blocks))
                 if not error <= tol[dtype]:
                     failures.append(f"blockdiag b={b} {dtype} {shape} {config}: rel error {error:.3g}")
         if b != 128:  # the other blocks' candidates share the kernel body; compiling them all costs a minute
@@ -112,16 +102,16 @@ def check_correctness() -> list[str]:
         for config in dict.fromkeys(tile_configs(b) + list(EXTRA_SWEEP_TILES)):
             _poison_next_allocation(x.numel())
             try:
-                error = _rel(blockdiag_matmul_triton(x, blocks, config=config), ref)
+                error = rel_error(blockdiag_matmul_triton(x, blocks, config=config), ref)
             except OutOfResources as err:
-                print(f"  b={b} {_tile_name(config)}: {err}")  # the autotuner skips these itself
+                print(f"  b={b} {config.name()}: {err}")  # the autotuner skips these itself
                 continue
             if not error <= tol[torch.float16]:
                 failures.append(f"blockdiag b={b} fp16 {config}: rel error {error:.3g}")
     # a strided input (row stride > d)
     big = torch.randn(64, 1024, dtype=torch.float16, device="cuda")
     x, blocks = big[:, :512], torch.randn(4, 128, 128, device="cuda").half() / 11.3
-    error = _rel(blockdiag_matmul_triton(x, blocks), blockdiag_matmul_reference(x, blocks))
+    error = rel_error(blockdiag_matmul_triton(x, blocks), blockdiag_matmul_reference(x, blocks))
     if not error <= 2e-3:
         failures.append(f"blockdiag strided input: rel error {error:.3g}")
 
@@ -129,14 +119,14 @@ def check_correctness() -> list[str]:
 
     # the engine hook's gradients against autograd through the fp32 reference
     x = torch.randn(4, 33, 1024, device="cuda", dtype=torch.float16, requires_grad=True)
-    blocks = torch.linalg.qr(torch.randn(8, 128, 128, device="cuda"))[0].requires_grad_(True)
+    blocks = random_blocks(8, 128, torch.float32, "cuda").requires_grad_(True)
     grad_out = torch.randn(4, 33, 1024, device="cuda", dtype=torch.float16)
     (blockdiag_rotate(x, blocks) * grad_out).sum().backward()
     x_ref, blocks_ref = x.detach().float().requires_grad_(True), blocks.detach().clone().requires_grad_(True)
     (blockdiag_matmul_reference(x_ref, blocks_ref) * grad_out.float()).sum().backward()
     for name, got, want in (("dx", x.grad, x_ref.grad), ("dB", blocks.grad, blocks_ref.grad)):
-        if not _rel(got, want) <= 3e-3:
-            failures.append(f"blockdiag_rotate {name}: rel error {_rel(got, want):.3g}")
+        if not rel_error(got, want) <= 3e-3:
+            failures.append(f"blockdiag_rotate {name}: rel error {rel_error(got, want):.3g}")
 
     for d in (576, 1536, 4096, 11008, 14336):
         x = torch.randn(64, d, device="cuda", dtype=torch.float16)
@@ -144,7 +134,7 @@ def check_correctness() -> list[str]:
         try:
             ref = hadamard.hadamard_transform_reference(x)
             for name in names:
-                error = _rel(hadamard.hadamard_transform(x, backend_name=name), ref)
+                error = rel_error(hadamard.hadamard_transform(x, backend_name=name), ref)
                 if not error <= 2e-3:
                     failures.append(f"hadamard_transform d={d} backend {name}: rel error {error:.3g}")
         except Exception as err:  # noqa: BLE001 - report and go on with the other checks
@@ -152,26 +142,14 @@ def check_correctness() -> list[str]:
     return failures
 
 
-def _quant_mismatch(got, want, bits: int) -> str | None:
-    """None when the integers are within 1 (at most 0.1 % off by one) and the scales within 1e-5."""
-    (q, s), (q_ref, s_ref) = got, want
-    if bits == 4:
-        q, q_ref = unpack_int4(q), unpack_int4(q_ref)
-    diff = (q.int() - q_ref.int()).abs()
-    off = float((diff > 0).float().mean())
-    if diff.max() > 1 or off > 1e-3 or not _rel(s, s_ref) <= 1e-5:
-        return f"max diff {int(diff.max())}, {off:.2e} off by one, scale rel {_rel(s, s_ref):.2e}"
-    return None
-
-
 def check_fast_launch() -> bool:
-    """blockdiag.launch's direct calls of the compiled kernel give the same bytes as triton.jit's dispatch."""
+    """kernels.launch.launch's direct calls of the compiled kernel give the same bytes as triton.jit's dispatch."""
     x = torch.randn(1000, 11008, dtype=torch.float16, device="cuda")
-    blocks = torch.linalg.qr(torch.randn(86, 128, 128, device="cuda"))[0].half().contiguous()
+    blocks = random_blocks(86, 128, torch.float16, "cuda")
     try:
         outputs = []
         for fast in (False, True, True):  # the first fast call compiles, the second replays
-            blockdiag.FAST_LAUNCH = fast
+            launch.FAST_LAUNCH = fast
             outputs.append((blockdiag_matmul_triton(x, blocks, config=TileConfig(64, 128, 4, 4, 3)),
                             rotate_quantize(x, blocks, 4, config=TileConfig(64, 128, 4, 4, 3))))
         same = all(torch.equal(a, b) for out in outputs[1:] for a, b in zip(
@@ -179,7 +157,7 @@ def check_fast_launch() -> bool:
     except Exception as err:  # noqa: BLE001
         print(f"fast launch FAILED: {err!r:.1000}")
         same = False
-    blockdiag.FAST_LAUNCH = same
+    launch.FAST_LAUNCH = same
     print(f"fast launch {'matches' if same else 'DISABLED (differs from)'} triton.jit's dispatch", flush=True)
     return same
 
@@ -204,11 +182,11 @@ def check_rotate_quantize(quick: bool = False) -> list[str]:
     for bits, dtype, b, shape, config in cases:
         x = torch.randn(*shape, dtype=dtype, device="cuda")
         x[..., 7] *= 40.0  # an outlier channel, as in real activations
-        blocks = torch.linalg.qr(torch.randn(shape[-1] // b, b, b, device="cuda"))[0].to(dtype).contiguous()
+        blocks = random_blocks(shape[-1] // b, b, dtype, "cuda")
         want = rotate_quantize_reference(x, blocks, bits)
         for call in (1, 2):
             try:
-                problem = _quant_mismatch(rotate_quantize(x, blocks, bits, config=config), want, bits)
+                problem = quant_mismatch(rotate_quantize(x, blocks, bits, config=config), want, bits)
             except OutOfResources as err:
                 problem = f"out of resources: {err}"
             if problem:
@@ -229,7 +207,7 @@ def sweep(out_dir: str, d: int = 11008, ls=(512, 2048, 8192), ops=("blockdiag", 
     extra_rotate = list(EXTRA_ROTATE_TILES) if extra else []
     for tokens in ls:
         x = torch.randn(tokens, d, dtype=torch.float16, device="cuda")
-        blocks = torch.linalg.qr(torch.randn(d // 128, 128, 128, device="cuda"))[0].half().contiguous()
+        blocks = random_blocks(d // 128, 128, torch.float16, "cuda")
         rows.append({"op": "memcpy", "L": tokens, "tile": "", "us": _time(x.clone)})
         if "blockdiag" in ops:
             for tile in dict.fromkeys(tile_configs(128) + extra_tiles):
@@ -237,9 +215,9 @@ def sweep(out_dir: str, d: int = 11008, ls=(512, 2048, 8192), ops=("blockdiag", 
                     us = _time(lambda: blockdiag_matmul_triton(x, blocks, config=tile))
                 except (OutOfResources, ValueError):  # a tile too large for shared memory
                     continue
-                rows.append({"op": "blockdiag", "L": tokens, "tile": _tile_name(tile), "us": us})
+                rows.append({"op": "blockdiag", "L": tokens, "tile": tile.name(), "us": us})
             best = min((r for r in rows if r["op"] == "blockdiag" and r["L"] == tokens), key=lambda r: r["us"])
-            tile = next(t for t in dict.fromkeys(tile_configs(128) + extra_tiles) if _tile_name(t) == best["tile"])
+            tile = next(t for t in dict.fromkeys(tile_configs(128) + extra_tiles) if t.name() == best["tile"])
             blockdiag.X_EVICTION_POLICY = ""  # the same best tile without the L2 hints on x
             try:
                 us = _time(lambda: blockdiag_matmul_triton(x, blocks, config=tile))
@@ -252,7 +230,7 @@ def sweep(out_dir: str, d: int = 11008, ls=(512, 2048, 8192), ops=("blockdiag", 
             want = rotate_quantize_reference(x, blocks, 4)
             for tile in rotate_quant_configs(128) + extra_rotate + [None]:
                 try:
-                    problem = _quant_mismatch(rotate_quantize(x, blocks, 4, config=tile), want, 4)
+                    problem = quant_mismatch(rotate_quantize(x, blocks, 4, config=tile), want, 4)
                     if problem:
                         print(f"  FAIL rotate int4 L={tokens} {tile}: {problem}")
                         continue
@@ -260,7 +238,7 @@ def sweep(out_dir: str, d: int = 11008, ls=(512, 2048, 8192), ops=("blockdiag", 
                 except (OutOfResources, ValueError) as err:
                     print(f"  rotate int4 {tile}: {err!r:.200}")
                     continue
-                name = "autotuned" if tile is None else _tile_name(tile)
+                name = "autotuned" if tile is None else tile.name()
                 rows.append({"op": "rotate_int4", "L": tokens, "tile": name, "us": us})
         x = None  # free the GPU memory before the next size
         torch.cuda.empty_cache()
@@ -286,7 +264,7 @@ def profile(d: int = 11008, ls=(1, 512, 2048, 8192)) -> None:
     print(f"\n== profile (d = {d}, fp16): host us per call (no sync) | device us per call of each kernel")
     for tokens in ls:
         x = torch.randn(tokens, d, dtype=torch.float16, device="cuda")
-        blocks = torch.linalg.qr(torch.randn(d // 128, 128, 128, device="cuda"))[0].half().contiguous()
+        blocks = random_blocks(d // 128, 128, torch.float16, "cuda")
         fns = {"memcpy": x.clone, "triton_blockdiag": lambda: blockdiag_matmul_triton(x, blocks),
                "rotate_quant_int4": lambda: rotate_quantize(x, blocks, 4)}
         for name, fn in fns.items():
@@ -308,10 +286,6 @@ def profile(d: int = 11008, ls=(1, 512, 2048, 8192)) -> None:
                 if event.count and total and "fill" not in event.key.lower():
                     parts.append(f"{event.key[:38]} x{event.count} {total / event.count:.1f}")
             print(f"L={tokens:<5} {name:<18} host {host_us:6.1f} | " + " | ".join(parts), flush=True)
-
-
-def _tile_name(tile: TileConfig) -> str:
-    return f"m{tile.block_m}n{tile.block_n}r{tile.row_tiles}w{tile.num_warps}s{tile.num_stages}"
 
 
 def verdicts(rows: list[dict]) -> list[str]:
@@ -383,14 +357,14 @@ def main(argv=None) -> int:
                   f"({time.time() - start:.0f} s)", flush=True)
         except Exception as err:  # noqa: BLE001 - the package is optional; say why and go on with ours
             print(f"fast_hadamard_transform build failed after {time.time() - start:.0f} s: {err!r:.500}")
-    print(f"Hadamard backend: {hadamard.backend()}", flush=True)
+    print(f"Hadamard backend: {hadamard.backend()} ({hadamard.package_status()})", flush=True)
     if not args.no_bench:
         run_bench(args, kernels)
     if args.profile:
         profile()
     if not args.no_sweep:
         start = time.time()
-        sweep(args.out, ls=bench._parse_ints(args.sweep_L, "sweep-L"), ops=args.sweep.split(","),
+        sweep(args.out, ls=bench.parse_ints(args.sweep_L, "sweep-L"), ops=args.sweep.split(","),
               extra=not args.quick)
         print(f"sweep took {time.time() - start:.0f} s", flush=True)
     return 1 if failures else 0
@@ -404,7 +378,7 @@ def run_bench(args, kernels: list[str]) -> list[dict]:
     with open(os.path.join(args.out, "bench.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=bench.ROW_FIELDS)
         writer.writeheader()
-        for row in bench.run_benchmark(bench._parse_ints(args.d, "d"), bench._parse_ints(args.L, "L"), "fp16",
+        for row in bench.run_benchmark(bench.parse_ints(args.d, "d"), bench.parse_ints(args.L, "L"), "fp16",
                                        kernels, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms):
             rows.append(row)
             writer.writerow(row)

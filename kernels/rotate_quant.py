@@ -27,35 +27,27 @@ needed a deadlock argument; docs/BENCHMARKS.md has the measurements and why neit
 
 from __future__ import annotations
 
-import functools
-
 import torch
-import triton
 import triton.language as tl
 
-from kernels.blockdiag import (
-    INTERPRETER_TILE,
-    SHARED_MEMORY_BUDGET,
+from kernels.blockdiag import blockdiag_matmul_reference
+from kernels.launch import (  # noqa: F401 - rotate_quant_configs: re-exported (the candidates live in launch)
     TileConfig,
-    _fit_config,
     as_rows,
-    blockdiag_matmul_reference,
     check_kernel_args,
-    launch,
-    launch_tuned,
+    launch_options,
+    launch_tiled,
     m_bucket,
-    shared_memory_estimate,
+    rotate_quant_candidates,
+    rotate_quant_configs,
 )
 
 QMAX = {8: 127, 4: 7}
 ABSMAX_FLOOR = 1e-8  # an all-zero token gets q = 0 and a tiny scale instead of 0 / 0
-# Autotune candidates (block_m, row_tiles, num_warps, num_stages) of each step; output tiles are min(b, 128)
-# wide. From the H100 sweep (docs/BENCHMARKS.md): long row walks win at large L, one tile per program at small L.
-_TILE_CANDIDATES = ((64, 4, 4, 3), (64, 8, 4, 4), (64, 16, 4, 4), (128, 4, 4, 3), (128, 4, 8, 3),
-                    (64, 1, 4, 3), (32, 1, 4, 2), (16, 1, 4, 2))
 
 
-def _check_bits(bits: int) -> int:
+def check_bits(bits: int) -> int:
+    """qmax of a supported bit width (4 or 8); raise otherwise."""
     if bits not in QMAX:
         raise ValueError(f"bits must be 4 or 8 (symmetric int4 / int8), got {bits!r}")
     return QMAX[bits]
@@ -66,7 +58,7 @@ def _check_bits(bits: int) -> int:
 
 def quantize_per_token_reference(y: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token symmetric quantization of y [..., d] -> (q int8 [..., d] unpacked, scales float32 [..., 1])."""
-    qmax = _check_bits(bits)
+    qmax = check_bits(bits)
     y = y.float()
     absmax = y.abs().amax(dim=-1, keepdim=True).clamp_min(ABSMAX_FLOOR)
     q = torch.round(y * (qmax / absmax)).clamp(-qmax, qmax).to(torch.int8)
@@ -96,7 +88,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
     """float32 values q * scales; q as returned by rotate_quantize (packed when bits == 4)."""
-    _check_bits(bits)
+    check_bits(bits)
     values = unpack_int4(q) if bits == 4 else q
     return values.float() * scales
 
@@ -104,14 +96,14 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor
 def rotate_quantize_reference(x: torch.Tensor, blocks: torch.Tensor,
                               bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference: fp32 rotation, then quantize_per_token_reference; int4 packed like the kernel."""
-    _check_bits(bits)
+    check_bits(bits)
     y = blockdiag_matmul_reference(x.float(), blocks.float())
     q, scales = quantize_per_token_reference(y, bits)
     return (pack_int4(q) if bits == 4 else q), scales
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The kernels (plain functions; compiled by jit_kernel / autotuned_kernel)
+# The kernels (plain functions; compiled by kernels.launch)
 
 def _row_absmax_kernel(
     x_ptr, w_ptr, absmax_ptr,  # x [M, D], w [n, BLOCK, BLOCK], absmax int32 [M] (fp32 bits), zero on entry
@@ -204,17 +196,38 @@ def _quantize_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # Launcher
 
-@functools.lru_cache(maxsize=None)
-def _candidates(block: int) -> tuple[TileConfig, ...]:
-    block_n = min(block, 128)
-    configs = (TileConfig(block_m, block_n, row_tiles, warps, stages)
-               for block_m, row_tiles, warps, stages in _TILE_CANDIDATES)
-    return tuple(c for c in configs if shared_memory_estimate(block, c) <= SHARED_MEMORY_BUDGET)
+def row_absmax(x: torch.Tensor, blocks: torch.Tensor, *, config: TileConfig | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Step 1 alone: merge max_j |(x @ blockdiag(blocks))_j| of each token into `out` (int32 [M], the fp32 bits).
+
+    out: zeros when None; an existing buffer keeps the larger of its value and the new maximum (atomic max), so a
+    repeated call leaves it unchanged. `out.view(torch.float32)` reads the maxima. rotate_quantize runs this step
+    then the quantize step; benchmarks/rotate_quant_floor_probe.py times it alone.
+    """
+    _, b = check_kernel_args(x, blocks)
+    x2 = as_rows(x)
+    if out is None:
+        out = torch.zeros((x2.shape[0],), dtype=torch.int32, device=x.device)
+    elif out.shape != (x2.shape[0],) or out.dtype != torch.int32 or out.device != x.device:
+        raise ValueError(f"out must be int32 [{x2.shape[0]}] on {x.device}, got {out.dtype} {list(out.shape)} "
+                         f"on {out.device}")
+    if x2.shape[0]:
+        _launch_step(_row_absmax_kernel, x, x2, blocks.contiguous(), (out,), b, None, config)
+    return out
 
 
-def rotate_quant_configs(block: int) -> list[TileConfig]:
-    """Autotune candidates of each step for block size b (output tiles min(b, 128) wide)."""
-    return list(_candidates(block))
+def _launch_step(kernel, x: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, buffers: tuple, b: int,
+                 bits: int | None, config: TileConfig | None, out_stride: tuple = (),
+                 extra: dict | None = None) -> None:
+    """Launch one step over x2 [M, D]: args (x2, w, *buffers, M, D, x2's row stride, *out_stride, M bucket)."""
+    m, d = x2.shape
+    meta, config = launch_options(x, b, config)
+    if x.is_cuda:
+        meta["enable_fp_fusion"] = False  # no y * s + c fused into one FMA: the rounding must see fp32 y * s
+    args = (x2, w, *buffers, m, d, x2.stride(0), *out_stride, m_bucket(m))
+    # both steps are idempotent, so the autotuner's repeated trial runs are harmless
+    launch_tiled(kernel, b, m, d, args, {**meta, **(extra or {})}, config,
+                 tune_key=(m_bucket(m), d, b, bits, x.dtype, x.device), configs=rotate_quant_candidates(b))
 
 
 def rotate_quantize(x: torch.Tensor, blocks: torch.Tensor, bits: int = 4, *,
@@ -223,7 +236,7 @@ def rotate_quantize(x: torch.Tensor, blocks: torch.Tensor, bits: int = 4, *,
 
     config: one tile shape for both steps (None: each step autotuned on CUDA; a small fixed tile when interpreted).
     """
-    qmax = _check_bits(bits)
+    qmax = check_bits(bits)
     _, b = check_kernel_args(x, blocks)
     if bits == 4 and x.shape[-1] % 2:
         raise ValueError("int4 packing needs an even width")
@@ -235,27 +248,10 @@ def rotate_quantize(x: torch.Tensor, blocks: torch.Tensor, bits: int = 4, *,
     lead = x.shape[:-1]
     if m == 0:
         return q.reshape(*lead, q.shape[-1]), scales.reshape(*lead, 1)
-    interpret = not x.is_cuda
-    if config is None and interpret:
-        config = INTERPRETER_TILE
-    config = _fit_config(config, b) if config is not None else None  # e.g. a 128-wide tile for b = 64
     absmax = torch.zeros((m,), dtype=torch.int32, device=x.device)
-
-    def grid(meta):
-        return triton.cdiv(m, meta["BLOCK_M"] * meta["ROW_TILES"]) * (d // meta["BLOCK_N"])
-
-    common = dict(BLOCK=b, DOT_FP32=interpret and x.dtype == torch.bfloat16)
-    if not interpret:
-        common["enable_fp_fusion"] = False  # no y * s + c fused into one FMA: the rounding must see fp32 y * s
-    steps = ((_row_absmax_kernel, (x2, w, absmax, m, d, x2.stride(0), m_bucket(m)), common),
-             (_quantize_kernel, (x2, w, absmax, q, scales, m, d, x2.stride(0), q.stride(0), m_bucket(m)),
-              dict(common, QMAX=qmax, PACK_INT4=bits == 4)))
-    for kernel, args, meta in steps:
-        if config is None:  # both steps are idempotent, so the autotuner's repeated trial runs are harmless
-            launch_tuned(kernel, b, lambda meta: (grid(meta),), args, meta, (m_bucket(m), d, b, bits, x.dtype,
-                         x.device), key=("M_BUCKET", "D", "BLOCK"), configs=_candidates(b))
-        else:
-            launch(kernel, grid(config.meta()), args, {**meta, **config.launch_kwargs()})
+    _launch_step(_row_absmax_kernel, x, x2, w, (absmax,), b, bits, config)
+    _launch_step(_quantize_kernel, x, x2, w, (absmax, q, scales), b, bits, config, out_stride=(q.stride(0),),
+                 extra={"QMAX": qmax, "PACK_INT4": bits == 4})
     return q.reshape(*lead, q.shape[-1]), scales.reshape(*lead, 1)
 
 

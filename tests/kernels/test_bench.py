@@ -37,9 +37,9 @@ def test_bad_arguments_raise_value_error(kwargs, match):
 
 
 def test_parse_ints_names_the_flag():
-    assert bench._parse_ints("4096, 11008,", "d") == [4096, 11008]
+    assert bench.parse_ints("4096, 11008,", "d") == [4096, 11008]
     with pytest.raises(ValueError, match="--L"):
-        bench._parse_ints("1,many", "L")
+        bench.parse_ints("1,many", "L")
 
 
 @interpreted

@@ -107,6 +107,10 @@ def test_autotune_candidates_fit_the_block(block):
         assert (block * config.block_n + config.num_stages * config.block_m * block) * 2 <= 200 * 1024
 
 
+def test_tile_config_name_lists_every_field():  # kernels.gpu_check's sweep tables
+    assert TileConfig(64, 128, 4, 8, 3).name() == "m64n128r4w8s3"
+
+
 def test_tile_config_rejects_non_power_of_two():
     with pytest.raises(ValueError, match="power of two"):
         TileConfig(block_m=24, block_n=128, row_tiles=1)
@@ -148,12 +152,12 @@ def test_gpu_autotuned_kernel_matches_reference():
 
 
 def test_fast_launch_key_separates_what_triton_specializes_on():
-    # blockdiag.launch replays a compiled kernel only for arguments Triton would compile the same way
-    from kernels.blockdiag import _specialization
+    # kernels.launch.launch replays a compiled kernel only for arguments Triton would compile the same way
+    from kernels.launch import specialization
     base = torch.zeros(64, dtype=torch.float16)
-    assert _specialization(base) == _specialization(torch.ones(64, dtype=torch.float16))
-    assert _specialization(base) != _specialization(base[1:])  # 2-byte offset: not 16-byte aligned
-    assert _specialization(base) != _specialization(torch.zeros(64, dtype=torch.bfloat16))
-    assert _specialization(11008) == _specialization(4096) != _specialization(11009)  # % 16
-    assert _specialization(1) != _specialization(3)  # Triton turns an int equal to 1 into a constant
-    assert _specialization(1 << 31) != _specialization(1 << 30)  # i64 beyond int32
+    assert specialization(base) == specialization(torch.ones(64, dtype=torch.float16))
+    assert specialization(base) != specialization(base[1:])  # 2-byte offset: not 16-byte aligned
+    assert specialization(base) != specialization(torch.zeros(64, dtype=torch.bfloat16))
+    assert specialization(11008) == specialization(4096) != specialization(11009)  # % 16
+    assert specialization(1) != specialization(3)  # Triton turns an int equal to 1 into a constant
+    assert specialization(1 << 31) != specialization(1 << 30)  # i64 beyond int32

@@ -14,6 +14,7 @@ from kernels.rotate_quant import (
     rotate_quant_configs,
     rotate_quantize,
     rotate_quantize_reference,
+    row_absmax,
     unpack_int4,
 )
 
@@ -130,6 +131,42 @@ def test_fixed_tile_wider_than_the_block_is_clipped():
     q_ref, scales_ref = rotate_quantize_reference(x, blocks, 4)
     assert torch.allclose(scales, scales_ref, rtol=1e-6, atol=0)
     assert (unpack_int4(q).int() - unpack_int4(q_ref).int()).abs().max() <= 1
+
+
+@interpreted
+def test_row_absmax_is_step_one_alone():
+    # the public step 1 (benchmarks/rotate_quant_floor_probe.py times it): fp32 max |x @ blockdiag(B)| per token
+    x = torch.randn(2, 19, 256, dtype=torch.float16)
+    blocks = random_blocks(2, 128, torch.float16)
+    want = (x.float() @ torch.block_diag(*blocks.float().unbind(0))).abs().amax(-1).reshape(-1)
+    out = row_absmax(x, blocks)
+    assert out.dtype == torch.int32 and out.shape == (38,)
+    assert torch.allclose(out.view(torch.float32), want, rtol=1e-5)
+    # into a buffer: atomic max keeps the larger value, so a repeated call changes nothing
+    buffer = torch.zeros(38, dtype=torch.int32)
+    buffer[0] = torch.tensor([1e4], dtype=torch.float32).view(torch.int32)
+    row_absmax(x, blocks, config=TileConfig(16, 64, 1), out=buffer)
+    row_absmax(x, blocks, config=TileConfig(16, 64, 1), out=buffer)
+    assert buffer.view(torch.float32)[0] == 1e4 and torch.allclose(buffer.view(torch.float32)[1:], want[1:], rtol=1e-5)
+    with pytest.raises(ValueError, match="int32"):
+        row_absmax(x, blocks, out=torch.zeros(38))
+
+
+def test_quant_mismatch_names_what_differs():
+    from kernels.bench import MAX_OFF_BY_ONE, quant_error, quant_mismatch
+    x = torch.randn(64, 128)
+    blocks = random_blocks(1, 128, torch.float32)
+    want = rotate_quantize_reference(x, blocks, 8)
+    assert quant_error(want, want, 8) == 0.0 and quant_mismatch(want, want, 8) is None
+    q, s = want
+    one_off = q.clone()
+    one_off[0, 0] += 1 if one_off[0, 0] < 127 else -1
+    assert quant_error((one_off, s), want, 8) == 1 / q.numel() <= MAX_OFF_BY_ONE
+    assert quant_mismatch((one_off, s), want, 8) is None  # one integer of 8192 off by one: a rounding tie
+    two_off = q.clone()
+    two_off[3, 5] += 2 if two_off[3, 5] < 0 else -2
+    assert "max diff" in quant_mismatch((two_off, s), want, 8)
+    assert "scale rel" in quant_mismatch((q, s * 1.01), want, 8)
 
 
 @pytest.mark.parametrize("block", SUPPORTED_BLOCKS)
