@@ -1,7 +1,7 @@
 """Architecture knowledge as data: which module plays which role in a LLaMA-style decoder.
 
 Rotation, capture and quantization code never spell module names; they ask the record of the model's class.
-Llama, Mistral and Qwen2 share the layout; Qwen2 adds q/k/v biases.
+Llama 1-3.2, Mistral, Qwen2/2.5 and Qwen3 share the layout (Qwen2 adds q/k/v biases); Phi-3 and Phi-4-mini fuse q, k, v and gate, up.
 """
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ class UnsupportedArchitectureError(ValueError):
 
 @dataclass(frozen=True)
 class ArchRoles:
-    """Dotted module paths, relative to the model (top level) or to one decoder layer (per layer)."""
+    """Dotted module paths, relative to the model (top level) or to one decoder layer (per layer), and what each
+    decoder linear does to the residual stream. A role a family does not have is None (Phi-3 fuses q, k, v into
+    one `qkv` linear and gate, up into `gate_up`)."""
 
     embed: str = "model.embed_tokens"
     layers: str = "model.layers"
@@ -24,32 +26,40 @@ class ArchRoles:
     lm_head: str = "lm_head"
     # per decoder layer
     attn: str = "self_attn"
-    input_norm: str = "input_layernorm"          # feeds q, k, v
-    post_attn_norm: str = "post_attention_layernorm"  # feeds gate, up
-    q: str = "self_attn.q_proj"
-    k: str = "self_attn.k_proj"
-    v: str = "self_attn.v_proj"
+    input_norm: str = "input_layernorm"          # feeds the attention's input linears
+    post_attn_norm: str = "post_attention_layernorm"  # feeds the MLP's input linears
+    q: str | None = "self_attn.q_proj"
+    k: str | None = "self_attn.k_proj"
+    v: str | None = "self_attn.v_proj"
     o: str = "self_attn.o_proj"
-    gate: str = "mlp.gate_proj"
-    up: str = "mlp.up_proj"
+    gate: str | None = "mlp.gate_proj"
+    up: str | None = "mlp.up_proj"
     down: str = "mlp.down_proj"
+    qkv: str | None = None       # fused rows [q | k | v] (Phi-3)
+    gate_up: str | None = None   # fused rows [gate | up] (Phi-3)
     qkv_bias: bool = False  # Qwen2 has biases on q, k, v
     # what each linear does to the residual stream, and which RMSNorm feeds which linears (rotation fusion,
     # norm folding, quantization and GPTQ all read these; none spells the lists again)
+    linears: tuple = ("q", "k", "v", "o", "gate", "up", "down")   # every decoder linear, in execution order
     residual_readers: tuple = ("q", "k", "v", "gate", "up")
     residual_writers: tuple = ("o", "down")
     norm_feeds: tuple = (("input_norm", ("q", "k", "v")), ("post_attn_norm", ("gate", "up")))
-
-    @property
-    def linears(self) -> tuple:
-        """Every decoder linear role, in execution order."""
-        return ("q", "k", "v", "o", "gate", "up", "down")
+    value: str = "v"             # the linear whose output rows hold the values (R2 acts on them per KV head)
 
 
+LLAMA = ArchRoles()
+PHI3 = ArchRoles(q=None, k=None, v=None, gate=None, up=None, qkv="self_attn.qkv_proj", gate_up="mlp.gate_up_proj",
+                 linears=("qkv", "o", "gate_up", "down"), residual_readers=("qkv", "gate_up"),
+                 norm_feeds=(("input_norm", ("qkv",)), ("post_attn_norm", ("gate_up",))), value="qkv")
+
+# Llama 1-3.2 (tied or untied embeddings), Mistral, Qwen2/2.5 (q/k/v biases) and Qwen3 (per-head q/k RMSNorms
+# before RoPE: R1 acts on q_proj's input and R2 only on v and o, so those norms are untouched) share the layout.
 ARCHITECTURES: dict[str, ArchRoles] = {
-    "LlamaForCausalLM": ArchRoles(),
-    "MistralForCausalLM": ArchRoles(),
+    "LlamaForCausalLM": LLAMA,
+    "MistralForCausalLM": LLAMA,
     "Qwen2ForCausalLM": ArchRoles(qkv_bias=True),
+    "Qwen3ForCausalLM": LLAMA,
+    "Phi3ForCausalLM": PHI3,     # Phi-3 and Phi-4-mini; partial rotary is fine: R3 acts on whole heads after RoPE
 }
 
 
@@ -71,8 +81,15 @@ class ArchInfo:
     def layer(self, model: nn.Module, i: int) -> nn.Module:
         return model.get_submodule(self.roles.layers)[i]
 
+    @property
+    def value_row_offset(self) -> int:
+        """First output row of the values in the `value` linear: 0 for v_proj, after q and k rows in a fused qkv."""
+        return 0 if self.roles.value == "v" else (self.n_heads + self.n_kv_heads) * self.head_dim
+
     def module(self, model: nn.Module, role: str, layer: int | None = None) -> nn.Module:
         path = getattr(self.roles, role)
+        if path is None:
+            raise ValueError(f"{self.name} has no {role!r} module (its linears are {', '.join(self.roles.linears)})")
         root = model if layer is None else self.layer(model, layer)
         return root.get_submodule(path)
 

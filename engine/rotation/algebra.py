@@ -36,8 +36,10 @@ def rotated_weight(arch: ArchInfo, role: str, w: Tensor, r1: Tensor | None = Non
             w = r1.T @ w
     if r2 is not None:
         r2, hd = r2.to(w.dtype), arch.head_dim
-        if role == "v":  # [kv_heads * hd, in]: rows of each KV head
-            w = torch.einsum("dc,kdi->kci", r2, w.reshape(arch.n_kv_heads, hd, -1)).reshape(w.shape)
+        if role == roles.value:  # rows of each KV head: [kv_heads * hd, in], after q and k rows in a fused qkv
+            start = arch.value_row_offset
+            values = torch.einsum("dc,kdi->kci", r2, w[start:].reshape(arch.n_kv_heads, hd, -1))
+            w = torch.cat([w[:start], values.reshape(-1, w.shape[1])])
         elif role == "o":  # [out, heads * hd]: columns of each head
             w = (w.reshape(w.shape[0], arch.n_heads, hd) @ r2).reshape(w.shape)
     if r4 is not None and role == "down":
@@ -51,8 +53,9 @@ def rotated_bias(arch: ArchInfo, role: str, b: Tensor, r1: Tensor | None = None,
     output per KV head is rotated by R2 (b_h R2); readers' biases (Qwen2's q, k, v) are outputs R1 never touches."""
     if r1 is not None and role in arch.roles.residual_writers:
         b = b @ r1.to(b.dtype)
-    if r2 is not None and role == "v":
-        b = (b.reshape(arch.n_kv_heads, arch.head_dim) @ r2.to(b.dtype)).reshape(-1)
+    if r2 is not None and role == arch.roles.value:
+        start = arch.value_row_offset
+        b = torch.cat([b[:start], (b[start:].reshape(arch.n_kv_heads, arch.head_dim) @ r2.to(b.dtype)).reshape(-1)])
     return b
 
 

@@ -239,7 +239,7 @@ def fuse_r1(model: nn.Module, arch: ArchInfo, r1: torch.Tensor) -> None:
 def fuse_r2(model: nn.Module, arch: ArchInfo, layer: int, r2: torch.Tensor) -> None:
     """Values per KV head v -> v @ R2 (v_proj rows, and bias), undone on o_proj's columns (engine.rotation.algebra)."""
     r2 = _PerDevice(r2)
-    for role in ("v", "o"):
+    for role in (arch.roles.value, "o"):
         _fuse(arch.module(model, role, layer), arch, role, r2=r2)
 
 
