@@ -1,7 +1,8 @@
 """Architecture knowledge as data: which module plays which role in a LLaMA-style decoder.
 
 Rotation, capture and quantization code never spell module names; they ask the record of the model's class.
-Llama 1-3.2, Mistral, Qwen2/2.5 and Qwen3 share the layout (Qwen2 adds q/k/v biases); Phi-3 and Phi-4-mini fuse q, k, v and gate, up.
+Llama 1-3.2, Mistral, Qwen2/2.5 and Qwen3 share the layout (Qwen2 adds q/k/v biases); Phi-3 and Phi-4-mini
+fuse q, k, v into one linear and gate, up into another.
 """
 from __future__ import annotations
 
