@@ -137,7 +137,7 @@ def cmd_rotate(args) -> int:
 def cmd_eval(args) -> int:
     import pandas as pd
 
-    from engine.evaluate import EvalConfig, eval_job
+    from engine.evaluate import EvalConfig, eval_table_job
     from engine.quant.recipes import Bits, get_recipe
 
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else ()
@@ -150,21 +150,28 @@ def cmd_eval(args) -> int:
     runs = [(get_recipe(r, weights=args.weights, rotation_file=args.rotation_file), Bits.parse(b))
             for r in args.recipe.split(",") for b in args.bits.split(",")]  # all validated before the model loads
     handle = load(args)
+
+    def table(rows: list[dict]) -> str:  # whitespace-separated columns: 'piqa acc' prints as piqa_acc
+        df = pd.DataFrame(rows)
+        cols = ["recipe", "weights", "bits", "ppl", "seconds", "cached",
+                *[c for c in df.columns if c.endswith((" acc", " acc_norm"))]]
+        return df[cols].rename(columns=lambda c: c.replace(" ", "_")).to_string(
+            index=False, float_format=lambda v: f"{v:.4g}")
+
     rows = []
-    for recipe, bits in runs:
-        done = drain(eval_job(handle, recipe, bits, cfg, use_cache=not args.no_cache))
-        r = done.result
-        row = {"recipe": r["recipe"], "weights": r["weights"], "bits": r["bits"], "ppl": r["ppl"],
-               "seconds": r["seconds"], "cached": done.cached}
-        for task, m in r["tasks"].items():
-            row[f"{task}_acc"] = m.get("acc")
-            if m.get("acc_norm") is not None:
-                row[f"{task}_acc_norm"] = m.get("acc_norm")
-        rows.append(row)
-        print(pd.DataFrame([row]).to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
+    for ev in eval_table_job(handle, runs, cfg, use_cache=not args.no_cache):
+        if isinstance(ev, Progress):
+            if ev.partial is None:
+                _progress_line(ev)
+            else:  # a run finished: its row at once
+                print(file=sys.stderr)
+                print(table(ev.partial[-1:]), flush=True)
+        elif isinstance(ev, Done):
+            rows = ev.result
+    r = rows[-1]
     print(f"\nperplexity on {r['tokens']} evaluation tokens of {r['corpus']} (windows of {r['window']}); "
           f"zero-shot limit {cfg.limit} documents per task")
-    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(table(rows))
     return 0
 
 

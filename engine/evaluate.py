@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -72,8 +73,6 @@ def build_model(handle, model: nn.Module, recipe: Recipe, bits: Bits, cfg: EvalC
     t0 = time.perf_counter()
     rot = recipe.rotation
     if rot.active:
-        from dataclasses import replace
-
         yield Progress("build", 0, 1, 0.0, f"rotating ({rot.tag()})")
         model = rotate(model, handle.arch, replace(rot, seed=seed), inplace=True)
     calib = None
@@ -136,6 +135,58 @@ def eval_job(handle, recipe: Recipe | str, bits: Bits | str, cfg: EvalConfig, us
     result["seconds"] = time.perf_counter() - t0
     store.save_json("eval", key, result)
     yield Done(result, seconds=result["seconds"])
+
+
+def run_label(recipe: Recipe, bits: Bits) -> str:
+    """How progress names one run: 'rtn 4-4-4 (gptq weights)', or 'fp (unquantized)'."""
+    return f"{recipe.name} {bits} ({recipe.weights} weights)" if recipe.quantize else f"{recipe.name} (unquantized)"
+
+
+def table_row(result: dict, recipe: Recipe, cached: bool = False) -> dict:
+    """One row of a comparison table: eval_job's result, plus `clip` (the weights had the clipping search),
+    `cached` (served from cache/) and one column per task metric ('piqa acc', 'piqa acc_norm')."""
+    row = {**result, "clip": bool(recipe.quantize and recipe.w_clip_search), "cached": cached}
+    for task, m in result["tasks"].items():
+        row[f"{task} acc"] = m.get("acc")
+        if m.get("acc_norm") is not None:
+            row[f"{task} acc_norm"] = m.get("acc_norm")
+    return row
+
+
+def eval_table_job(handle, runs: Iterable[tuple[Recipe | str, Bits | str]], cfg: EvalConfig,
+                   use_cache: bool = True):
+    """Generator: eval_job for each (recipe, bits) run in turn, then Done(rows), one table_row per run.
+
+    Every run's own Progress comes through with its message prefixed by 'run i/n <label>: '; after each run a
+    Progress('runs', i, n) carries partial = the rows so far (a live table). The Evaluate and Optimize pages and
+    `python -m engine eval` all build their comparison tables from these rows. An error (ValueError) ends the
+    job; the rows finished before it were in the last partial."""
+    runs = [(get_recipe(r) if isinstance(r, str) else r, Bits.parse(b) if isinstance(b, str) else b)
+            for r, b in runs]
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    for i, (recipe, bits) in enumerate(runs):
+        what = f"run {i + 1}/{len(runs)} {run_label(recipe, bits)}"
+        done = None
+        for ev in eval_job(handle, recipe, bits, cfg, use_cache=use_cache):
+            if isinstance(ev, Done):
+                done = ev
+            else:
+                yield replace(ev, message=f"{what}: {ev.message}", partial=None)
+        rows.append(table_row(done.result, recipe, done.cached))
+        yield Progress("runs", i + 1, len(runs), time.perf_counter() - t0,
+                       f"{what}: perplexity {done.result['ppl']:.2f}" + (" (cached)" if done.cached else ""),
+                       partial=list(rows))
+    yield Done(rows, seconds=time.perf_counter() - t0, cached=bool(rows) and all(r["cached"] for r in rows))
+
+
+def beside_baselines(recipe: Recipe, bits: Bits | str, weights: str, clip: bool) -> list[tuple[Recipe, Bits]]:
+    """The runs that put `recipe` (e.g. learned rotations) in context: fp, then rtn, quarot and `recipe` at
+    `bits`, all three with the same weight quantizer and clipping search."""
+    bits = Bits.parse(bits) if isinstance(bits, str) else bits
+    return [(get_recipe("fp"), Bits(16, 16, 16))] + [
+        (replace(r.with_weights(weights), w_clip_search=clip), bits)
+        for r in (get_recipe("rtn"), get_recipe("quarot"), recipe)]
 
 
 def cached_runs() -> list[dict]:

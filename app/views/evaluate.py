@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import charts, progress, state
-from engine.evaluate import EvalConfig, eval_job
+from engine.evaluate import EvalConfig, eval_table_job
 from engine.quant.recipes import PRESETS, RECIPES, Bits, get_recipe
 
 st.title("Evaluate quantized models")
@@ -69,16 +69,18 @@ if run:
     table = st.empty()  # live results while the runs go on; the Results section below replaces it at the end
     stop_slot = st.empty()  # the Stop button shows only while runs go on
     stop_slot.button("Stop", help="Stops after the current step; finished runs stay cached.")
-    for i, (recipe, bits) in enumerate(jobs):
-        what = f"{recipe.name} {bits} ({recipe.weights} weights)" if recipe.quantize else f"{recipe.name} (unquantized)"
-        try:
-            done = progress.run(eval_job(handle, recipe, bits, cfg), f"Run {i + 1}/{len(jobs)}: {what}")
-        except ValueError as e:
-            st.error(str(e))
-            break
-        st.session_state["eval_rows"].append(done.result)
+
+    def show_rows(rows):  # after each run: keep the rows so far and show them
+        st.session_state["eval_rows"] = rows
         table.table(pd.DataFrame([{"recipe": r["recipe"], "weights": _weights(r), "bits": r["bits"],
-                                   "perplexity": f"{r['ppl']:.2f}"} for r in st.session_state["eval_rows"]]))
+                                   "perplexity": f"{r['ppl']:.2f}"} for r in rows]))
+
+    if jobs:
+        try:
+            progress.run(eval_table_job(handle, jobs, cfg), f"{len(jobs)} run{'s' * (len(jobs) > 1)}",
+                         on_partial=show_rows)
+        except ValueError as e:  # the rows finished before it stay
+            st.error(str(e))
     table.empty()
     stop_slot.empty()
 
@@ -88,16 +90,10 @@ if not rows:
             "takes a few minutes on a laptop CPU.")
     st.stop()
 
-flat = []
-for r in rows:
-    row = {"recipe": r["recipe"], "weights": r["weights"], "bits": r["bits"], "perplexity": r["ppl"],
-           "tokens": r["tokens"], "seconds": round(r.get("seconds", 0.0), 1)}
-    for t, m in r["tasks"].items():
-        row[f"{t} acc"] = m.get("acc")
-        if m.get("acc_norm") is not None:
-            row[f"{t} acc_norm"] = m.get("acc_norm")
-    flat.append(row)
-df = pd.DataFrame(flat)
+df = pd.DataFrame(rows)
+df = df[["recipe", "weights", "bits", "ppl", "tokens", "seconds",
+         *[c for c in df.columns if c.endswith((" acc", " acc_norm"))]]].rename(columns={"ppl": "perplexity"})
+df["seconds"] = df["seconds"].round(1)
 st.header("Results")
 acc_format = {c: "{:.3f}" for c in df.columns if c.endswith((" acc", " acc_norm"))}
 st.table(df.assign(weights=[_weights(r) for r in rows]).style.hide(axis="index")

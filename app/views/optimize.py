@@ -1,6 +1,5 @@
 """Optimize: learn the rotations (SpinQuant: R1 and every R2; FLRot: R1-R4) and watch them learn."""
 import contextlib
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -8,24 +7,24 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import charts, progress, state
-from engine.evaluate import EvalConfig, eval_job
+from engine.evaluate import EvalConfig, beside_baselines, eval_table_job
 from engine.events import Metric
 from engine.learn.random_spread import FAMILIES, SpreadConfig, spread_job
+from engine.learn.rotated_network import KURTOSIS_SITES, ONLINE_SEED
 from engine.learn.spinquant import (
-    KURTOSIS_SITES,
     METHODS,
-    ONLINE_SEED,
     TRAIN_BITS,
     TrainConfig,
     checkpoint_result,
     learned_recipe,
     train_job,
 )
-from engine.quant.recipes import PRESETS, Bits, get_recipe
+from engine.quant.recipes import PRESETS
 
 # session_state keys of this page
 CFG, RESULT, RUNNING, EVAL_ROWS, SPREAD = "opt_config", "opt_result", "opt_running", "opt_eval_rows", "opt_spread"
-for k in (CFG, RESULT, EVAL_ROWS, SPREAD):
+RESUMED = "opt_resumed"  # what the last Start resumed from, said beside the result
+for k in (CFG, RESULT, EVAL_ROWS, SPREAD, RESUMED):
     st.session_state.setdefault(k, None)
 st.session_state.setdefault(RUNNING, False)
 
@@ -96,7 +95,7 @@ with st.form("optimize"):
     start = st.form_submit_button("Start (or resume)", type="primary")
 
 if start:
-    st.session_state.update({RESULT: None, EVAL_ROWS: None, SPREAD: None})
+    st.session_state.update({RESULT: None, EVAL_ROWS: None, SPREAD: None, RESUMED: None})
     try:
         cfg = TrainConfig(method=method, bits=bits, steps=int(steps), windows=int(n_windows), window=int(window),
                           block=int(block), eval_every=int(every), checkpoint_every=max(int(every), 5),
@@ -108,12 +107,15 @@ if start:
     stop_slot = st.empty()
     stop_slot.button("Stop", key="opt_stop", help="Stops after the current step; the run is checkpointed and "
                                                   "Start with the same settings resumes it.")
-    loss_slot, (left, right) = st.empty(), st.columns(2)
+    resume_slot, loss_slot, (left, right) = st.empty(), st.empty(), st.columns(2)
     slots = [loss_slot, left.empty(), right.empty()]
     live = {"history": [], "ppl": [], "kurtosis": []}
 
     def on_metric(m: Metric):
         if m.name == "loss":
+            if not live["history"] and m.step > 1:  # the first step trained now follows a checkpoint's
+                resume_slot.info(f"Resumed from the checkpoint at step {m.step - 1}: training steps "
+                                 f"{m.step}-{cfg.steps}")
             live["history"].append({"step": m.step, "loss": m.value})
         elif m.name == "ppl":
             live["ppl"].append({"step": m.step, "ppl": m.value})
@@ -130,10 +132,17 @@ if start:
         done = None
     st.session_state[RUNNING] = False
     stop_slot.empty()
-    for s in slots:
+    for s in [resume_slot, *slots]:
         s.empty()
     if done is not None:
         st.session_state[RESULT] = done.result
+        end = done.result.state.step
+        if not live["history"]:  # no step left to train: the checkpoint held them all
+            st.session_state[RESUMED] = (f"Resumed from the checkpoint at step {end}: nothing left to train "
+                                         "(**Start over** trains again).")
+        elif live["history"][0]["step"] > 1:
+            first = live["history"][0]["step"]
+            st.session_state[RESUMED] = f"Resumed from the checkpoint at step {first - 1}: trained steps {first}-{end}."
 elif st.session_state[RUNNING]:
     st.session_state[RUNNING] = False
     cfg = st.session_state[CFG]
@@ -159,6 +168,8 @@ run = res.state
     f"{cfg.window} tokens, {run.seconds:.0f} s of training. Rotations saved to `{res.path}` (SpinQuant's layout: "
     "'R1' and 'model.layers.{i}.self_attn.R2'" + (", plus FLRot's R3 and R4 blocks" if cfg.method == "flrot" else "")
     + ").")
+if st.session_state[RESUMED]:
+    st.info(st.session_state[RESUMED])
 draw_training([st.empty()] + [c.empty() for c in st.columns(2)], run.history, run.ppl, run.kurtosis, "final")
 st.caption("Loss: next-token cross-entropy of the rotated, fake-quantized model on that step's calibration window "
            "(noisy: a different window each step). Quick perplexity: the same model on 512 evaluation tokens. Heat "
@@ -187,14 +198,12 @@ with st.form("optimize_eval"):
 # seed 0: the random Hadamard R3/R4 that SpinQuant training used (and quarot's seed, where training started)
 EVAL = EvalConfig(tokens=int(eval_tokens), window=min(1024, int(eval_tokens)), seed=ONLINE_SEED)
 if go_eval:
-    jobs = [(get_recipe("fp"), Bits(16, 16, 16))] + [
-        (replace(r.with_weights(weights), w_clip_search=clip), Bits.parse(eval_bits))
-        for r in (get_recipe("rtn"), get_recipe("quarot"), learned)]
-    rows = []
-    for i, (recipe, b) in enumerate(jobs):
-        done = progress.run(eval_job(handle, recipe, b, EVAL), f"Evaluation {i + 1}/{len(jobs)}: {recipe.name} {b}")
-        rows.append({**done.result, "clip": recipe.quantize and recipe.w_clip_search})
-    st.session_state[EVAL_ROWS] = rows
+    try:
+        done = progress.run(eval_table_job(handle, beside_baselines(learned, eval_bits, weights, clip), EVAL),
+                            "Evaluating fp, rtn, quarot and the learned rotations")
+        st.session_state[EVAL_ROWS] = done.result
+    except ValueError as e:
+        st.error(str(e))
 if st.session_state[EVAL_ROWS]:
     names = {"rotated": f"{cfg.method} (learned, rotated recipe)", "flrot": "flrot (learned)"}
     table = pd.DataFrame([{"recipe": names.get(r["recipe"], r["recipe"]),

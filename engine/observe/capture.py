@@ -90,43 +90,34 @@ def _flat_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, s, h * d)
 
 
-class _Hooks:
-    """Installs forward hooks feeding one SiteAccumulator per (layer, site); remove() restores the model."""
+class _SiteHooks:
+    """Forward hooks at `sites` of the chosen decoder layers (every layer by default), each calling
+    feed(layer, site, x) with x [batch, tokens, channels] as the model computes it (q/k/v heads flattened);
+    remove() restores the model."""
 
-    def __init__(self, model: nn.Module, arch: ArchInfo, sites: tuple, seed: int = 0, sqnr_bits: tuple = ()):
-        self.acc: dict[tuple[int, str], SiteAccumulator] = {}
+    def __init__(self, model: nn.Module, arch: ArchInfo, sites: tuple, feed, layers=None):
         self.handles = []
         self.qkv_hooks = []
-        self.ids: torch.Tensor | None = None
-        self.window_index = 0
-        self.sites = sites
-        self.seed = seed
-        self.sqnr_bits = tuple(sqnr_bits)
         attention.install(model)
-        for i in range(arch.n_layers):
-            self._layer(model, arch, i)
+        for i in range(arch.n_layers) if layers is None else layers:
+            self._layer(model, arch, i, set(sites), feed)
 
-    def _feed(self, layer: int, site: str, x: torch.Tensor) -> None:
-        key = (layer, site)
-        if key not in self.acc:
-            self.acc[key] = SiteAccumulator(x.shape[-1], seed=self.seed + 7919 * layer + list(SITES).index(site),
-                                            sqnr_bits=self.sqnr_bits)
-        self.acc[key].update(x, self.ids, self.window_index)
-
-    def _layer(self, model, arch, i):
-        r = arch.roles
-        want = set(self.sites)
+    def _layer(self, model, arch, i, want, feed):
         mod = lambda role: arch.module(model, role, i)  # noqa: E731
 
         def pre(site):
-            return lambda m, args: self._feed(i, site, args[0])
+            return lambda m, args: feed(i, site, args[0])
 
         def post(site):
-            return lambda m, args, out: self._feed(i, site, out)
+            return lambda m, args, out: feed(i, site, out)
 
-        hooks = [("resid_attn", "input_norm", "pre"), ("attn_in", "input_norm", "post"), ("o_in", "o", "pre"),
-                 ("resid_mlp", "post_attn_norm", "pre"), ("mlp_in", "post_attn_norm", "post"),
-                 ("down_in", "down", "pre")]
+        r = arch.roles
+        # A family without a norm before a sublayer (OLMo-2) feeds the residual stream straight into its linears:
+        # the stream and the linear's input are then one tensor, read where the linear receives it.
+        attn = ("input_norm", "pre", "input_norm", "post") if r.input_norm else (r.attn_reader, "pre") * 2
+        mlp = ("post_attn_norm", "pre", "post_attn_norm", "post") if r.post_attn_norm else (r.mlp_reader, "pre") * 2
+        hooks = [("resid_attn", *attn[:2]), ("attn_in", *attn[2:]), ("o_in", "o", "pre"),
+                 ("resid_mlp", *mlp[:2]), ("mlp_in", *mlp[2:]), ("down_in", "down", "pre")]
         for site, role, kind in hooks:
             if site in want:
                 m = mod(role)
@@ -136,9 +127,9 @@ class _Hooks:
             def qkv(m, q, k, v):
                 for site, t in (("q", q), ("k", k), ("v", v)):
                     if site in want:
-                        self._feed(i, site, _flat_heads(t))
+                        feed(i, site, _flat_heads(t))
                 return q, k, v
-            attn = arch.module(model, "attn", i) if r.attn else None
+            attn = arch.module(model, "attn", i) if arch.roles.attn else None
             attention.add_hook(attn, qkv)
             self.qkv_hooks.append((attn, qkv))
 
@@ -147,6 +138,60 @@ class _Hooks:
             h.remove()
         for attn, hook in self.qkv_hooks:
             attention.remove_hook(attn, hook)
+
+
+class _Hooks(_SiteHooks):
+    """Site hooks feeding one SiteAccumulator per (layer, site) over every layer."""
+
+    def __init__(self, model: nn.Module, arch: ArchInfo, sites: tuple, seed: int = 0, sqnr_bits: tuple = ()):
+        self.acc: dict[tuple[int, str], SiteAccumulator] = {}
+        self.ids: torch.Tensor | None = None
+        self.window_index = 0
+        self.sites = sites
+        self.seed = seed
+        self.sqnr_bits = tuple(sqnr_bits)
+        super().__init__(model, arch, sites, self._feed)
+
+    def _feed(self, layer: int, site: str, x: torch.Tensor) -> None:
+        key = (layer, site)
+        if key not in self.acc:
+            self.acc[key] = SiteAccumulator(x.shape[-1], seed=self.seed + 7919 * layer + list(SITES).index(site),
+                                            sqnr_bits=self.sqnr_bits)
+        self.acc[key].update(x, self.ids, self.window_index)
+
+
+class _StopForward(Exception):
+    """Raised by a forward hook to end the pass once the layer of interest has run."""
+
+
+def layer_sites(model: nn.Module, arch: ArchInfo, ids: torch.Tensor, layer: int,
+                sites: tuple = tuple(SITES)) -> dict[str, torch.Tensor]:
+    """The raw tensors at `sites` of decoder `layer` for one forward pass of `ids` [batch, tokens]:
+    {site: float32 [batch, tokens, channels]} on the CPU, in the order of `sites`, hooked exactly where capture()
+    hooks them. The forward stops after that layer (later layers cost nothing); every hook is removed after."""
+    if not isinstance(layer, int) or not 0 <= layer < arch.n_layers:
+        raise ValueError(f"layer must be an int in [0, {arch.n_layers - 1}], got {layer!r}")
+    unknown = set(sites) - set(SITES)
+    if unknown:
+        raise ValueError(f"unknown capture sites {sorted(unknown)}; known: {', '.join(SITES)}")
+    got: dict[str, torch.Tensor] = {}
+
+    def keep(i, site, x):
+        got[site] = x.detach().float().cpu().clone()
+
+    def stop(module, args, out):
+        raise _StopForward
+
+    hooks = _SiteHooks(model, arch, sites, keep, layers=(layer,))
+    hooks.handles.append(arch.layer(model, layer).register_forward_hook(stop))
+    try:
+        with torch.no_grad():
+            model(ids.to(dispatch.input_device(model)), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        hooks.remove()
+    return {site: got[site] for site in sites}
 
 
 def _result(hooks: _Hooks, meta: dict) -> CaptureResult:

@@ -15,7 +15,8 @@ import pandas as pd
 import torch
 
 from engine.data.corpus import load_corpus, windows
-from engine.model import attention, dispatch
+from engine.model import dispatch
+from engine.observe.capture import layer_sites
 from engine.quant.qrazor import ROLE_BASE_BITS, dequantize, flag_bits, quantize_absmax, sdr_decode, sdr_encode
 from engine.quant.quantizers import QuantSpec, fake_quantize
 from engine.rotation.hadamard import apply_hadamard, supported
@@ -31,10 +32,6 @@ GROUP_SIZES = (4, 8, 16, 32, 64, 128)  # the page's group-size slider
 SCALE_BITS = 16  # an RTN grid stores an fp16 scale; an asymmetric one adds a zero point of the code's width
 _CACHE_ENTRIES = 16
 _captured: OrderedDict = OrderedDict()  # (fingerprint, dtype, layer, tokens, corpus) -> {site: [T, d]}
-
-
-class _StopAfterLayer(Exception):
-    pass
 
 
 # ------------------------------------------------------------------------------------------- real tensors
@@ -63,49 +60,14 @@ class QRazorTensor:
 
 def capture_layer(handle, layer: int, tokens: int = 256, corpus: str = "wiki") -> dict[str, torch.Tensor]:
     """{site: float32 [tokens, d]} for every site of SITE_ROLES in one decoder layer, from one forward pass over
-    `tokens` calibration tokens (one window; position 0 is the attention sink). The forward stops after the
-    layer. Memoised per (model, layer, tokens, corpus)."""
-    arch = handle.arch
-    if not isinstance(layer, int) or not 0 <= layer < arch.n_layers:
-        raise ValueError(f"layer must be an int in [0, {arch.n_layers - 1}], got {layer!r}")
+    `tokens` calibration tokens (one window; position 0 is the attention sink): engine.observe.capture.layer_sites,
+    which stops the forward after the layer. Memoised per (model, layer, tokens, corpus)."""
     key = (handle.fingerprint, handle.dtype, layer, int(tokens), corpus)
     if key in _captured:
         _captured.move_to_end(key)
         return _captured[key]
     ids = windows(load_corpus(corpus), handle.tokenizer, tokens, min(tokens, handle.max_length), "calib")[:1]
-    model = handle.model
-    got: dict[str, torch.Tensor] = {}
-
-    def keep(site, t):  # t [1, T, d] -> [T, d]
-        got[site] = t[0].detach().float().cpu().clone()
-
-    def flat(t):  # [1, heads, T, hd] -> [1, T, heads * hd]
-        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
-
-    def kv_hook(module, q, k, v):
-        keep("k", flat(k))
-        keep("v", flat(v))
-        return q, k, v
-
-    def stop(module, args, out):
-        raise _StopAfterLayer
-
-    attention.install(model)
-    attn = arch.module(model, "attn", layer)
-    handles = [arch.module(model, role, layer).register_forward_pre_hook(
-        lambda m, args, site=site: keep(site, args[0]))
-        for site, role in (("attn_in", "q"), ("o_in", "o"), ("mlp_in", "gate"), ("down_in", "down"))]
-    handles.append(arch.layer(model, layer).register_forward_hook(stop))
-    attention.add_hook(attn, kv_hook)
-    try:
-        with torch.no_grad():
-            model(ids.to(dispatch.input_device(model)), use_cache=False)
-    except _StopAfterLayer:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-        attention.remove_hook(attn, kv_hook)
+    got = {site: t[0] for site, t in layer_sites(handle.model, handle.arch, ids, layer, tuple(SITE_ROLES)).items()}
     _captured[key] = got
     while len(_captured) > _CACHE_ENTRIES:
         _captured.popitem(last=False)

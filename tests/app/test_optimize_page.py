@@ -106,7 +106,15 @@ def test_a_stopped_run_is_shown_and_can_be_resumed(tiny_model_dir):
     button(at, "Start").click().run()  # the same settings resume: only step 3 is left
     assert not at.exception, at.exception
     assert any("3 of 3 steps" in s.value for s in at.success)
+    # the first step trained after Start is the one after the checkpoint's (a broken resume trains 1-3 again)
+    assert [i.value for i in at.info] == ["Resumed from the checkpoint at step 2: trained steps 3-3."]
     assert decode(figures(at)["Training loss and quick perplexity"]["data"][0]["x"]) == [1, 2, 3]
+
+    button(at, "Start").click().run()  # again: the checkpoint now holds every step
+    assert not at.exception, at.exception
+    assert any("3 of 3 steps" in s.value for s in at.success)
+    assert [i.value for i in at.info] == ["Resumed from the checkpoint at step 3: nothing left to train "
+                                          "(**Start over** trains again)."]
 
 
 def test_bad_settings_show_a_clear_error(tiny_model_dir):

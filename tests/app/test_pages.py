@@ -70,13 +70,25 @@ def test_explore_capture_shows_all_charts():
     assert at.get("download_button")
 
 
-def test_explore_bad_budget_message():
+def test_explore_missing_corpus_file_message():
     at = _app("explore")
     at.radio[0].set_value("My text file or WikiText-2 directory")
     at.text_input[1].set_value("/no/such/file.txt")
     at.button[0].click().run()
     assert not at.exception
     assert any("not found" in e.value for e in at.error)
+
+
+def test_explore_token_budget_beyond_the_corpus_is_refused_with_a_clear_message():
+    at = _app("explore")
+    at.number_input[0].set_value(1_000_000)  # the widget's maximum; the sample's calibration split is smaller
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    (error,) = [e.value for e in at.error]
+    assert error.startswith("token budget 1000000 exceeds the calib split of Wikipedia sample") and \
+        "choose at most" in error, error
+    assert not at.success and not at.get("plotly_chart")  # nothing was captured
+    assert any("press **Capture**" in i.value for i in at.info)
 
 
 def test_home_shows_the_memory_plan_before_loading_and_refuses_what_cannot_fit():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import store
-from engine.evaluate import EvalConfig, eval_job, perplexity, run_key
+from engine.evaluate import EvalConfig, beside_baselines, eval_job, eval_table_job, perplexity, run_key, table_row
 from engine.events import Done, Progress
 from engine.model.loading import tiny_llama
 from engine.quant.recipes import Bits, get_recipe
@@ -71,7 +71,7 @@ def test_fp_and_16_16_16_give_the_same_perplexity_saved_in_the_private_cache(def
     fp = run(default_handle, "fp", "16-16-16").result
     rtn = run(default_handle, "rtn", "16-16-16").result
     assert math.isfinite(fp["ppl"]) and fp["ppl"] > 1
-    assert f"{fp['ppl']:.4g}" == f"{rtn['ppl']:.4g}"
+    assert rtn["ppl"] == fp["ppl"]  # exactly: at 16-16-16 nothing is quantized, the same forward runs twice
     assert fp["tokens"] == rtn["tokens"] == 512 and fp["window"] == 512
     assert (fp["recipe"], rtn["recipe"], rtn["bits"]) == ("fp", "rtn", "16-16-16")
 
@@ -98,3 +98,61 @@ def test_fixed_seed_reproduces_and_second_run_is_a_cache_hit(default_handle, tmp
 
     other = run(default_handle, QUAROT, "4-4-4", cfg=replace(CFG, seed=1))  # the seed matters: new rotations
     assert not other.cached and other.result["ppl"] != first.result["ppl"]
+
+
+# ---- the comparison table: the one loop behind the Evaluate and Optimize pages and `python -m engine eval` ---------
+
+def test_table_row_adds_clip_cached_and_one_column_per_task_metric():
+    tasks = {"piqa": {"acc": 0.5, "acc_norm": 0.625}, "arc_easy": {"acc": 0.25}}
+    result = {"recipe": "rtn", "ppl": 12.5, "tasks": tasks}
+    row = table_row(result, get_recipe("rtn"), cached=True)
+    assert row == {**result, "clip": get_recipe("rtn").w_clip_search, "cached": True, "piqa acc": 0.5,
+                   "piqa acc_norm": 0.625, "arc_easy acc": 0.25}
+    assert table_row({**result, "tasks": {}}, get_recipe("fp"))["clip"] is False  # fp quantizes nothing
+
+
+def test_beside_baselines_gives_every_quantized_row_the_same_weight_quantizer():
+    learned = get_recipe("rotated", rotation_file="R.bin")
+    runs = beside_baselines(learned, "4-4-4", "gptq", clip=False)
+    assert [(r.name, str(b)) for r, b in runs] == [("fp", "16-16-16"), ("rtn", "4-4-4"), ("quarot", "4-4-4"),
+                                                   ("rotated", "4-4-4")]
+    assert all(r.weights == "gptq" and not r.w_clip_search for r, _ in runs[1:])
+    assert runs[3][0].rotation == learned.rotation
+
+
+def test_eval_table_job_streams_rows_and_reuses_each_run(tiny_model_dir):
+    from engine.model.loading import load_model
+
+    handle = load_model(str(tiny_model_dir))
+    cfg = EvalConfig(tokens=64, window=32)
+    runs = [("fp", "4-4-4"), (replace(get_recipe("rtn"), w_clip_search=False), Bits(4, 4, 4))]
+    events = list(eval_table_job(handle, runs, cfg))
+    done = events[-1]
+    assert isinstance(done, Done) and all(isinstance(e, Progress) for e in events[:-1])
+    rows = done.result
+    assert [(r["recipe"], r["bits"], r["bits_requested"], r["clip"], r["cached"]) for r in rows] == [
+        ("fp", "16-16-16", "4-4-4", False, False), ("rtn", "4-4-4", "4-4-4", False, False)]
+    partials = [e.partial for e in events if e is not done and e.partial is not None]
+    assert partials == [rows[:1], rows]  # the live table: one more row after each run
+    inner = [e.message for e in events if e is not done and e.partial is None]
+    assert inner and all(m.startswith(("run 1/2 fp (unquantized): ", "run 2/2 rtn 4-4-4 (rtn weights): "))
+                         for m in inner)
+    # each row is eval_job's own result: asked again, every run is a cache hit with exactly the same numbers
+    again = list(eval_table_job(handle, runs, cfg))[-1]
+    assert again.cached and [r["cached"] for r in again.result] == [True, True]
+    assert [r["ppl"] for r in again.result] == [r["ppl"] for r in rows]
+    recomputed = list(eval_job(handle, runs[1][0], runs[1][1], cfg, use_cache=False))[-1].result
+    assert recomputed["ppl"] == rows[1]["ppl"]
+
+
+def test_eval_table_job_error_ends_the_job_after_the_rows_already_done(tiny_model_dir, tmp_path):
+    from engine.model.loading import load_model
+
+    handle = load_model(str(tiny_model_dir))
+    runs = [("fp", "16-16-16"), (get_recipe("rotated", rotation_file=str(tmp_path / "none.bin")), "4-4-4")]
+    partials = []
+    with pytest.raises(ValueError):
+        for ev in eval_table_job(handle, runs, EvalConfig(tokens=64, window=32)):
+            if isinstance(ev, Progress) and ev.partial is not None:
+                partials.append(ev.partial)
+    assert [[r["recipe"] for r in p] for p in partials] == [["fp"]]

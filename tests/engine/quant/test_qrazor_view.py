@@ -206,3 +206,40 @@ def test_site_tensor_roles_and_bad_input(tiny_handle, text_corpus):
         qv.site_tensor(tiny_handle, 0, "o_in", "down")
     with pytest.raises(ValueError, match="layer must be"):
         qv.capture_layer(tiny_handle, 7, tokens=32, corpus=text_corpus)
+
+
+def test_layer_capture_uses_capture_s_hooks_and_stops_after_the_layer(tiny_handle, text_corpus):
+    """capture_layer goes through engine.observe.capture.layer_sites: the tensors are what the linears really
+    read, the values a full capture() accumulates at the same sites, and no later layer runs."""
+    from engine.data.corpus import load_corpus, windows
+    from engine.events import run_to_end
+    from engine.observe.capture import CaptureConfig, capture, layer_sites
+
+    arch, model = tiny_handle.arch, tiny_handle.model
+    qv._captured.clear()
+    read, later = {}, []
+
+    def reader(role):
+        def hook(module, args):  # returns None: the linear's input is left as it is
+            read[role] = args[0][0].float().clone()
+        return hook
+
+    handles = [arch.module(model, role, 0).register_forward_pre_hook(reader(role))
+               for role in ("q", "o", "gate", "down")]
+    handles.append(arch.layer(model, 1).register_forward_pre_hook(lambda m, args: later.append(1)))
+    try:
+        got = qv.capture_layer(tiny_handle, 0, tokens=32, corpus=text_corpus)
+    finally:
+        for h in handles:
+            h.remove()
+    assert not later, "the forward went on past the captured layer"
+    for site, role in (("attn_in", "q"), ("o_in", "o"), ("mlp_in", "gate"), ("down_in", "down")):
+        assert torch.equal(got[site], read[role]), site
+    ids = windows(load_corpus(text_corpus), tiny_handle.tokenizer, 32, 32, "calib")[:1]
+    full = run_to_end(capture(model, arch, ids, CaptureConfig(tokens=32, window=32, sites=tuple(qv.SITE_ROLES))))
+    for site in qv.SITE_ROLES:
+        assert torch.equal(full.array(0, site, "absmax"), got[site].abs().amax(0)), site
+    with pytest.raises(ValueError, match="unknown capture sites"):
+        layer_sites(model, arch, ids, 0, ("nosuch",))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not any(getattr(arch.module(model, "attn", i), attention.HOOKS_ATTR, []) for i in range(arch.n_layers))
