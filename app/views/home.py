@@ -40,6 +40,8 @@ if handle is not None:
     cols[4].metric("Heads (query / KV)", f"{a.n_heads} / {a.n_kv_heads}")
     st.caption(f"head_dim {a.head_dim} · vocabulary {a.vocab} · tied embeddings: {a.tied_embeddings} · "
                f"{handle.dtype} on {handle.device}")
+    st.markdown("**What SpinScope can do with this model**")
+    st.dataframe(pd.DataFrame([{"what": k, "supported": v} for k, v in a.support().items()]), hide_index=True)
 
 st.subheader("Pages")
 st.caption("In the sidebar's order. New here? Start with **Explore** (where the outliers are), then **Rotate** "

@@ -27,8 +27,8 @@ class ArchRoles:
     lm_head: str = "lm_head"
     # per decoder layer
     attn: str = "self_attn"
-    input_norm: str = "input_layernorm"          # feeds the attention's input linears
-    post_attn_norm: str = "post_attention_layernorm"  # feeds the MLP's input linears
+    input_norm: str | None = "input_layernorm"          # feeds the attention's input linears
+    post_attn_norm: str | None = "post_attention_layernorm"  # feeds the MLP's input linears
     q: str | None = "self_attn.q_proj"
     k: str | None = "self_attn.k_proj"
     v: str | None = "self_attn.v_proj"
@@ -46,12 +46,24 @@ class ArchRoles:
     residual_writers: tuple = ("o", "down")
     norm_feeds: tuple = (("input_norm", ("q", "k", "v")), ("post_attn_norm", ("gate", "up")))
     value: str = "v"             # the linear whose output rows hold the values (R2 acts on them per KV head)
+    attn_reader: str = "q"       # a linear reading the attention's input (where capture sees it without a norm)
+    mlp_reader: str = "gate"     # a linear reading the MLP's input
+    rotation_refusal: str | None = None  # why R1-R4 cannot be fused exactly (capture and evaluation still work)
 
 
 LLAMA = ArchRoles()
 PHI3 = ArchRoles(q=None, k=None, v=None, gate=None, up=None, qkv="self_attn.qkv_proj", gate_up="mlp.gate_up_proj",
                  linears=("qkv", "o", "gate_up", "down"), residual_readers=("qkv", "gate_up"),
-                 norm_feeds=(("input_norm", ("qkv",)), ("post_attn_norm", ("gate_up",))), value="qkv")
+                 norm_feeds=(("input_norm", ("qkv",)), ("post_attn_norm", ("gate_up",))), value="qkv",
+                 attn_reader="qkv", mlp_reader="gate_up")
+
+_SUBLAYER_NORM = ("{} normalize each sublayer's output before the residual add, so a rotation R1 of the residual "
+                  "stream does not commute with those norms' per-channel gains and cannot be fused exactly")
+_LAYERNORM = ("{} uses LayerNorm, which subtracts each token's mean over the channels; a rotation of the residual "
+              "stream does not commute with that centering, so it cannot be fused exactly")
+GEMMA = ArchRoles(post_attn_norm="pre_feedforward_layernorm", rotation_refusal=_SUBLAYER_NORM.format("Gemma 2 and 3"))
+OLMO2 = ArchRoles(input_norm=None, post_attn_norm=None, norm_feeds=(),  # no norm before a sublayer: x feeds q/k/v
+                  rotation_refusal=_SUBLAYER_NORM.format("OLMo-2"))
 
 # Llama 1-3.2 (tied or untied embeddings), Mistral, Qwen2/2.5 (q/k/v biases) and Qwen3 (per-head q/k RMSNorms
 # before RoPE: R1 acts on q_proj's input and R2 only on v and o, so those norms are untouched) share the layout.
@@ -61,6 +73,11 @@ ARCHITECTURES: dict[str, ArchRoles] = {
     "Qwen2ForCausalLM": ArchRoles(qkv_bias=True),
     "Qwen3ForCausalLM": LLAMA,
     "Phi3ForCausalLM": PHI3,     # Phi-3 and Phi-4-mini; partial rotary is fine: R3 acts on whole heads after RoPE
+    # captured and evaluated unrotated; Rotate and Optimize refuse with the reason
+    "Gemma2ForCausalLM": GEMMA,
+    "Gemma3ForCausalLM": GEMMA,
+    "Olmo2ForCausalLM": OLMO2,
+    "StableLmForCausalLM": ArchRoles(rotation_refusal=_LAYERNORM.format("StableLM")),
 }
 
 
@@ -86,6 +103,18 @@ class ArchInfo:
     def value_row_offset(self) -> int:
         """First output row of the values in the `value` linear: 0 for v_proj, after q and k rows in a fused qkv."""
         return 0 if self.roles.value == "v" else (self.n_heads + self.n_kv_heads) * self.head_dim
+
+    def check_rotatable(self) -> None:
+        """Refuse R1-R4 (Rotate, Optimize, rotated recipes) with the architectural reason, in one sentence."""
+        if self.roles.rotation_refusal:
+            raise UnsupportedArchitectureError(f"{self.name} cannot be rotated exactly: {self.roles.rotation_refusal}")
+
+    def support(self) -> dict[str, str]:
+        """What SpinScope does with this model: each of capture, rotate, learn, evaluate is 'yes' or the reason."""
+        rotate = self.roles.rotation_refusal or "yes"
+        return {"capture (Explore)": "yes", "rotate (Rotate)": rotate, "learn rotations (Optimize)": rotate,
+                "evaluate (fp, rtn, qrazor)": "yes",
+                "evaluate rotated recipes (quarot, rotated)": rotate}
 
     def module(self, model: nn.Module, role: str, layer: int | None = None) -> nn.Module:
         path = getattr(self.roles, role)

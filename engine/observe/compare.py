@@ -28,6 +28,8 @@ def compare_job(handle, corpus_name: str, rot: RotationConfig, cap: CaptureConfi
 
     The original is captured and its reference logits kept first, so a dispatched model (which may not fit twice)
     can be rotated in place inside handle.working_model() and reloaded afterwards."""
+    if rot.active:
+        handle.arch.check_rotatable()  # before the "before" capture
     t0 = time.perf_counter()
     corpus = load_corpus(corpus_name)  # fail on a bad corpus before any work
     ids = windows(corpus, handle.tokenizer, check_tokens, min(check_tokens, handle.max_length), "eval")

@@ -21,11 +21,9 @@ from engine.quant.qrazor import ROLE_BASE_BITS, dequantize, flag_bits, quantize_
 from engine.quant.quantizers import QuantSpec, fake_quantize
 from engine.rotation.hadamard import apply_hadamard, supported
 
-# Sites the qrazor recipe quantizes, the role that sets their base precision, and the linears that read them.
+# Sites the qrazor recipe quantizes, and the role that sets their base precision.
 SITE_ROLES = {"attn_in": "activation", "o_in": "activation", "mlp_in": "activation", "down_in": "activation",
               "k": "kv", "v": "kv"}
-SITE_READERS = {"attn_in": ("q", "k", "v"), "o_in": ("o",), "mlp_in": ("gate", "up"), "down_in": ("down",),
-                "k": (), "v": ()}
 SITE_LABELS = {"attn_in": "input of q/k/v_proj", "o_in": "input of o_proj", "mlp_in": "input of gate/up_proj",
                "down_in": "input of down_proj", "k": "K cache (after RoPE)", "v": "V cache"}
 GROUP_SIZES = (4, 8, 16, 32, 64, 128)  # the page's group-size slider
@@ -74,9 +72,17 @@ def capture_layer(handle, layer: int, tokens: int = 256, corpus: str = "wiki") -
     return got
 
 
+def site_readers(arch) -> dict[str, tuple]:
+    """The linears reading each site, from the architecture table (q, k, v or a fused qkv; gate, up or gate_up)."""
+    r = arch.roles
+    attn = tuple(x for x in r.residual_readers if r.linears.index(x) < r.linears.index("o"))
+    mlp = tuple(x for x in r.residual_readers if x not in attn)
+    return {"attn_in": attn, "o_in": ("o",), "mlp_in": mlp, "down_in": ("down",), "k": (), "v": ()}
+
+
 def site_tensor(handle, layer: int, site: str, source: str = "activation", tokens: int = 256,
                 corpus: str = "wiki") -> QRazorTensor:
-    """The activation at `site` of `layer`, or (source = a role in SITE_READERS[site]) the weight [out, in] of
+    """The activation at `site` of `layer`, or (source = a role in site_readers(arch)[site]) the weight [out, in] of
     the linear that reads it."""
     if site not in SITE_ROLES:
         raise ValueError(f"site must be one of {', '.join(SITE_ROLES)}, got {site!r}")
@@ -86,8 +92,8 @@ def site_tensor(handle, layer: int, site: str, source: str = "activation", token
         block = arch.head_dim if SITE_ROLES[site] == "kv" else values.shape[-1]
         return QRazorTensor(f"layer {layer}, {site} ({SITE_LABELS[site]}), {values.shape[0]} tokens", values,
                             SITE_ROLES[site], False, "token", block)
-    if source not in SITE_READERS[site]:
-        readers = ", ".join(SITE_READERS[site]) or "none"
+    if source not in site_readers(arch)[site]:
+        readers = ", ".join(site_readers(arch)[site]) or "none"
         raise ValueError(f"source must be 'activation' or a linear reading {site} ({readers}), got {source!r}")
     if not 0 <= layer < arch.n_layers:
         raise ValueError(f"layer must be in [0, {arch.n_layers - 1}], got {layer}")

@@ -295,6 +295,8 @@ def rotate(model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: bool 
     if not inplace and dispatch.is_dispatched(model):
         raise ValueError("a model dispatched over several devices may not fit twice, so it is not copied: rotate "
                          "it in place (inplace=True, e.g. inside ModelHandle.working_model())")
+    if cfg.active:
+        arch.check_rotatable()
     m = model if inplace else copy.deepcopy(model)
     if not cfg.active:
         return m

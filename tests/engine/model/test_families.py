@@ -94,3 +94,14 @@ def test_capture_sees_every_site_of_every_layer(family):
     done = [e for e in capture(model, arch, ids(2, 16), CaptureConfig(tokens=32, window=16)) if isinstance(e, Done)]
     table = done[-1].result.table
     assert {(int(r.layer), r.site) for r in table.itertuples()} == {(i, s) for i in range(2) for s in SITES}
+
+
+def test_the_qrazor_page_offers_the_linears_each_family_has():
+    from engine.quant.qrazor_view import site_readers
+
+    for family, attn, mlp in (("qwen3", ("q", "k", "v"), ("gate", "up")), ("phi3", ("qkv",), ("gate_up",))):
+        model, arch = build(family)
+        readers = site_readers(arch)
+        assert (readers["attn_in"], readers["mlp_in"]) == (attn, mlp)
+        for role in attn + mlp:
+            assert arch.module(model, role, 0).in_features == arch.hidden  # each really reads the residual width
