@@ -9,7 +9,8 @@ state.init()
 with st.sidebar:
     st.markdown("### Model")
     st.text_input("Model", key=state.MODEL_NAME,
-                  help="'default' = SmolLM2-135M-Instruct shipped offline; or a local model directory, "
+                  help="'default' = SmolLM2-135M-Instruct shipped offline; or a local model directory, a .gguf "
+                       "file (converted once, weights dequantized), "
                        "or a Hugging Face id already in the local cache (no network here).")
     st.selectbox("Precision", ["float32", "bfloat16", "float16"], key=state.MODEL_DTYPE,
                  help="float32 is exact enough for equivalence checks; 16-bit halves memory.")

@@ -120,10 +120,42 @@ def default_gguf_path() -> Path:
 
 def default_model_dir() -> Path:
     """Convert the GGUF once into safetensors under cache/models/ (about 30 s); later loads take seconds."""
-    gguf = default_gguf_path()
-    target = store.cache_root() / "models" / f"smollm2-135m-instruct-{_file_digest(gguf)[:12]}"
+    return gguf_model_dir(default_gguf_path(), "smollm2-135m-instruct", DEFAULT_NOTE)
+
+
+def gguf_note(gguf: Path) -> str:
+    """What the page says of a GGUF's weights: dequantized from the file's quantization type(s)."""
+    from gguf import GGUFReader
+
+    types = sorted({t.tensor_type.name for t in GGUFReader(gguf).tensors})
+    return (f"GGUF file {gguf.name}: its weights are dequantized to floating point from the file's quantization "
+            f"type{'s' if len(types) > 1 else ''} {', '.join(types)}, so they carry that format's rounding.")
+
+
+def _check_gguf(gguf: Path) -> None:
+    """Refuse, before converting, what transformers cannot read: a split file's part, an unknown architecture."""
+    from gguf import GGUFReader
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    fields = GGUFReader(gguf).fields
+    if "split.count" in fields and int(fields["split.count"].contents()) > 1:
+        raise ModelLoadError(f"{gguf.name} is one part of a split GGUF ({int(fields['split.count'].contents())} "
+                             "parts), which transformers cannot read; merge the parts into one file first "
+                             "(llama.cpp: llama-gguf-split --merge FIRST-PART OUT.gguf)")
+    arch = fields["general.architecture"].contents() if "general.architecture" in fields else "unknown"
+    readable = sorted(set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"})  # those two are key groups
+    if arch not in readable:
+        raise ModelLoadError(f"{gguf.name} holds a {arch!r} model, an architecture transformers cannot read from "
+                             f"GGUF (it reads {', '.join(readable)})")
+
+
+def gguf_model_dir(gguf: Path, stem: str | None = None, note: str | None = None) -> Path:
+    """A GGUF file converted once into a safetensors model directory under cache/models/ (keyed by the file's
+    identity); later loads take seconds. The conversion is atomic: a half-written one is never used."""
+    target = store.cache_root() / "models" / f"{stem or gguf.stem.lower()}-{_file_digest(gguf)[:12]}"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
+    _check_gguf(gguf)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -136,7 +168,7 @@ def default_model_dir() -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / "SPINSCOPE_SOURCE.json").write_text(json.dumps({"gguf": str(gguf), "note": DEFAULT_NOTE}))
+    (tmp / "SPINSCOPE_SOURCE.json").write_text(json.dumps({"gguf": str(gguf), "note": note or gguf_note(gguf)}))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)  # atomic: a half-written conversion is never mistaken for a finished one
     return target
@@ -147,9 +179,13 @@ def _resolve_source(name: str) -> tuple[str, str, dict]:
     if name == DEFAULT_MODEL:
         return str(default_model_dir()), DEFAULT_NOTE, {}
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        converted = gguf_model_dir(path.resolve())
+        return str(converted), json.loads((converted / "SPINSCOPE_SOURCE.json").read_text())["note"], {}
     if path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"{name} is a file, not a model directory (a directory with config.json and weights)")
+            raise ModelLoadError(f"{name} is a file, not a model directory (a directory with config.json and "
+                                 "weights) nor a .gguf file")
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"directory {name} has no config.json, so it is not a Hugging Face model directory")
         if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
