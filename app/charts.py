@@ -162,3 +162,11 @@ def kernel_latency(rows: pd.DataFrame, d: int, title: str, labels: dict[str, str
     _log_y(fig)
     return layout(fig, title, "tokens L (log scale)", "median time, microseconds (log scale; lower is faster)",
                   height=480)
+
+
+def expert_tokens(tokens: pd.DataFrame, title: str) -> go.Figure:
+    """Heat map of tokens [layer x expert] routed to each expert of a mixture."""
+    fig = go.Figure(go.Heatmap(z=tokens.to_numpy(), x=[f"expert {e}" for e in tokens.columns],
+                               y=[f"layer {i}" for i in tokens.index], colorscale="Blues",
+                               colorbar=dict(title="tokens"), hovertemplate="%{y}, %{x}: %{z} tokens<extra></extra>"))
+    return layout(fig, title, "expert", "decoder layer", height=max(300, 40 + 22 * len(tokens)))

@@ -5,7 +5,7 @@ import streamlit as st
 
 from app import charts, progress, state
 from engine.data.corpus import WIKI, WIKI_LABEL
-from engine.observe.capture import SITES, CaptureConfig, capture_job
+from engine.observe.capture import CaptureConfig, capture_job, site_label
 from engine.observe.stats import SURFACE_CHANNELS
 
 st.title("Explore activation outliers")
@@ -22,7 +22,8 @@ with st.form("capture"):
     corpus_path = c1.text_input("Path (for your own text)", placeholder="/path/to/text.txt or /path/to/wikitext-2")
     tokens = c2.number_input("Token budget", min_value=1, max_value=1_000_000, value=2048, step=512,
                              help="Tokens captured, from the calibration split (whole articles).")
-    window = c3.number_input("Window length", min_value=2, max_value=handle.max_length, value=512, step=128,
+    window = c3.number_input("Window length", min_value=2, max_value=handle.max_length,
+                             value=min(512, handle.max_length), step=128,
                              help="Tokens per forward pass; the first token of each window is an attention sink.")
     submitted = st.form_submit_button("Capture", type="primary")
 
@@ -62,17 +63,25 @@ st.success(f"{meta['tokens']} tokens in {meta['n_windows']} windows of {meta['wi
 
 # ---- kurtosis per layer -------------------------------------------------------------------------------------
 st.header("Kurtosis per layer")
-site = st.selectbox("Site", list(SITES), format_func=lambda s: f"{s}: {SITES[s]}", key="explore_site")
+site = st.selectbox("Site", res.sites, format_func=site_label, key="explore_site")
 st.plotly_chart(charts.kurtosis_by_layer(res.site_table(site), f"Kurtosis per layer: {site}"))
 st.caption("Notice the two scales: per-token kurtosis (blue) measures channel outliers inside each token, which "
            "a rotation can spread; whole-tensor kurtosis (red) is dominated by a few massive tokens, which no "
            "rotation of channels can spread. The dashed line is a Gaussian (3).")
 
+# ---- a mixture of experts: where the router sent the tokens ---------------------------------------------------
+tokens = res.expert_tokens()
+if tokens is not None:
+    st.header("Experts")
+    st.plotly_chart(charts.expert_tokens(tokens, "Tokens routed to each expert, per layer"))
+    st.caption("Each token goes to its top-k experts. An expert's down_proj input (site down_in[expertN]) holds only "
+               "its tokens: pick it above to see where those tokens' outliers land.")
+
 # ---- one layer, one site ------------------------------------------------------------------------------------
 st.header("One layer up close")
 c1, c2, c3 = st.columns([1, 2, 1])
 layer = c1.number_input("Layer", 0, meta["n_layers"] - 1, value=min(5, meta["n_layers"] - 1), key="explore_layer")
-site2 = c2.selectbox("Site for this layer", list(SITES), format_func=lambda s: f"{s}: {SITES[s]}", key="explore_site2")
+site2 = c2.selectbox("Site for this layer", res.sites, format_func=site_label, key="explore_site2")
 with_sink = c3.toggle("Include the sink token", value=False, key="explore_sink",
                       help="The first token of each window often carries massive activations (an attention sink).")
 

@@ -33,7 +33,8 @@ layer = c1.number_input("Layer", 0, arch.n_layers - 1, min(5, arch.n_layers - 1)
 site = c2.selectbox("Site", list(qv.SITE_ROLES), format_func=lambda s: f"{s}: {qv.SITE_LABELS[s]}", key="qr_site")
 source = c3.selectbox("Tensor", ["activation", *qv.site_readers(arch)[site]], format_func=_source_label,
                       key="qr_source")
-tokens = c4.number_input("Tokens", 16, min(2048, handle.max_length), 256, step=64, key="qr_tokens",
+tokens = c4.number_input("Tokens", 16, min(2048, handle.max_length), min(256, handle.max_length), step=64,
+                         key="qr_tokens",
                          help="One window of the Wikipedia sample's calibration split, run up to this layer.")
 group_size = st.select_slider("Group size g (values sharing one flag)", qv.GROUP_SIZES, value=16, key="qr_group",
                               help="Smaller groups razor closer to each value's own magnitude but store more flags.")

@@ -31,7 +31,8 @@ with st.form("rotate"):
                          help="A torch file with 'R1' and 'model.layers.{i}.self_attn.R2' (optional R3, R4).")
     seed = c2.number_input("Seed", 0, 2**31 - 1, 0, help="Seeds the random Hadamard signs / orthogonal draws.")
     tokens = c3.number_input("Token budget", 1, 1_000_000, 1024, step=512, key="rot_tokens")
-    window = c4.number_input("Window length", 2, handle.max_length, 512, step=128, key="rot_window")
+    window = c4.number_input("Window length", 2, handle.max_length, min(512, handle.max_length), step=128,
+                             key="rot_window")
     go_button = st.form_submit_button("Rotate and compare", type="primary")
 
 if go_button:

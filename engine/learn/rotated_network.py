@@ -109,13 +109,16 @@ class RotatedTrainingModel:
         fold_norms(m, arch)
         if rots.r4 is None:  # a fixed R4 folds once, as engine.rotation.fusion.install_r4 does (float64, cast back)
             for i in range(arch.n_layers):
-                down = arch.module(m, "down", i)
-                down.weight.data = rotated_weight(arch, "down", down.weight.double(),
-                                                  r4=rots.r4_fixed.double()).to(down.weight.dtype)
+                for role in arch.down_roles:
+                    down = arch.module(m, role, i)
+                    down.weight.data = rotated_weight(arch, role, down.weight.double(),
+                                                      r4=rots.r4_fixed.double()).to(down.weight.dtype)
+        unquantized = tuple(r for r in arch.residual_readers if r not in arch.linears)  # a router, a shared gate
         for i in range(arch.n_layers):
-            for role in arch.roles.linears:
+            for role in arch.linears + unquantized:
+                w_bits = bits.w if role in arch.linears else 16
                 parametrize.register_parametrization(arch.module(m, role, i), "weight",
-                                                     _RotatedWeight(rots, arch, role, i, bits.w, clip_search),
+                                                     _RotatedWeight(rots, arch, role, i, w_bits, clip_search),
                                                      unsafe=True)
         arch.module(m, "embed").register_forward_hook(lambda mod, args, out: rotated_embedding(out, rots.r1.weight))
         arch.module(m, "lm_head").register_forward_pre_hook(
@@ -127,9 +130,11 @@ class RotatedTrainingModel:
                 return q @ rots.r3_matrix(i).to(q.dtype), k @ rots.r3_matrix(i).to(k.dtype), v
 
             attention.add_hook(arch.module(m, "attn", i), r3)
-            down = arch.module(m, "down", i)
-            down.register_forward_pre_hook(lambda mod, args, i=i: (rots.rotate_down_input(i, args[0]), *args[1:]))
-            down.register_forward_pre_hook(lambda mod, args, i=i: self._probe("down_in", i, args[0]))
+            for role in arch.down_roles:  # every expert's down_proj in a mixture
+                down = arch.module(m, role, i)
+                down.register_forward_pre_hook(lambda mod, args, i=i: (rots.rotate_down_input(i, args[0]),
+                                                                       *args[1:]))
+                down.register_forward_pre_hook(lambda mod, args, i=i: self._probe("down_in", i, args[0]))
             arch.module(m, "input_norm", i).register_forward_hook(
                 lambda mod, args, out, i=i: self._probe("attn_in", i, out))
         install_activation_quant(m, arch, bits, recipe)

@@ -170,7 +170,7 @@ def train(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, eval_wins: torc
     runs the quick evaluations (ppl/kurtosis Metrics) and writes the exported file; reported losses are the mean
     over ranks. The rotations are checked to agree across ranks at the end.
     """
-    arch.check_rotatable()
+    arch.check_learnable()
     bits = cfg.parsed_bits
     if calib.dim() != 2 or calib.shape[0] < cfg.batch or calib.shape[1] < 2:
         raise ValueError(f"calibration windows must be [N >= batch, T >= 2], got {tuple(calib.shape)}")
@@ -242,7 +242,7 @@ def train_job(handle, cfg: TrainConfig, resume: bool = True):
     random positions), quick-perplexity windows from the eval split, checkpoints keyed by model, data and cfg."""
     from engine.data.corpus import load_corpus, windows
 
-    handle.arch.check_rotatable()  # before any data work
+    handle.arch.check_learnable()  # before any data work
     if handle.dispatched:
         raise ValueError("Cayley training needs the whole model on each process's device (the rotations touch every "
                          "weight at every step); load it on one device per process and spread the data over GPUs "

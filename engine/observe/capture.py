@@ -67,6 +67,19 @@ class CaptureResult:
     def array(self, layer: int, site: str, name: str) -> torch.Tensor:
         return self.arrays[f"L{layer}.{site}.{name}"]
 
+    @property
+    def sites(self) -> list[str]:
+        """The sites captured, in SITES order, a mixture's per-expert sites after their base site."""
+        return sorted(set(self.table.site), key=site_order) if len(self.table) else []
+
+    def expert_tokens(self) -> pd.DataFrame | None:
+        """Tokens routed to each expert [layer x expert] (a mixture of experts), or None for a dense model."""
+        rows = self.table[self.table.site.str.startswith("down_in[expert")]
+        if not len(rows):
+            return None
+        expert = rows.site.str.extract(r"expert(\d+)")[0].astype(int)
+        return rows.assign(expert=expert).pivot(index="layer", columns="expert", values="tokens").fillna(0)
+
     def site_table(self, site: str) -> pd.DataFrame:
         return self.table[self.table.site == site].set_index("layer")
 
@@ -90,6 +103,19 @@ def _flat_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, s, h * d)
 
 
+def site_label(site: str) -> str:
+    """'down_in[expert3]: input of down_proj (...), expert3 only (the tokens routed to it)'."""
+    base, _, expert = site.partition("[")
+    return f"{site}: {SITES[base]}" + (f", {expert.rstrip(']')} only (the tokens routed to it)" if expert else "")
+
+
+def site_order(site: str) -> tuple[int, int]:
+    """Sort key of a site: its place in SITES, then the expert (down_in[expert3] after down_in[expert2])."""
+    base, _, expert = site.partition("[")
+    tail = expert.rstrip("]")
+    return list(SITES).index(base), (int(tail[6:]) + 1 if tail.startswith("expert") else 0 if not tail else 10 ** 6)
+
+
 class _SiteHooks:
     """Forward hooks at `sites` of the chosen decoder layers (every layer by default), each calling
     feed(layer, site, x) with x [batch, tokens, channels] as the model computes it (q/k/v heads flattened);
@@ -108,6 +134,9 @@ class _SiteHooks:
         def pre(site):
             return lambda m, args: feed(i, site, args[0])
 
+        def routed(site):  # an expert's input holds the rows of the tokens routed to it (engine.model.experts)
+            return lambda m, args: feed(i, site, args[0], getattr(m, "routed_rows", None))
+
         def post(site):
             return lambda m, args, out: feed(i, site, out)
 
@@ -117,12 +146,16 @@ class _SiteHooks:
         attn = ("input_norm", "pre", "input_norm", "post") if r.input_norm else (r.attn_reader, "pre") * 2
         mlp = ("post_attn_norm", "pre", "post_attn_norm", "post") if r.post_attn_norm else (r.mlp_reader, "pre") * 2
         hooks = [("resid_attn", *attn[:2]), ("attn_in", *attn[2:]), ("o_in", "o", "pre"),
-                 ("resid_mlp", *mlp[:2]), ("mlp_in", *mlp[2:]), ("down_in", "down", "pre")]
+                 ("resid_mlp", *mlp[:2]), ("mlp_in", *mlp[2:])]
         for site, role, kind in hooks:
             if site in want:
                 m = mod(role)
                 h = m.register_forward_pre_hook(pre(site)) if kind == "pre" else m.register_forward_hook(post(site))
                 self.handles.append(h)
+        if "down_in" in want:  # one site per expert in a mixture: down_in[expert3], down_in[shared]
+            for role in arch.down_roles:
+                site = "down_in" if role == "down" else f"down_in[{role.partition('.')[0]}]"
+                self.handles.append(mod(role).register_forward_pre_hook(routed(site)))
         if want & {"q", "k", "v"}:
             def qkv(m, q, k, v):
                 for site, t in (("q", q), ("k", k), ("v", v)):
@@ -152,12 +185,14 @@ class _Hooks(_SiteHooks):
         self.sqnr_bits = tuple(sqnr_bits)
         super().__init__(model, arch, sites, self._feed)
 
-    def _feed(self, layer: int, site: str, x: torch.Tensor) -> None:
+    def _feed(self, layer: int, site: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         key = (layer, site)
         if key not in self.acc:
-            self.acc[key] = SiteAccumulator(x.shape[-1], seed=self.seed + 7919 * layer + list(SITES).index(site),
-                                            sqnr_bits=self.sqnr_bits)
-        self.acc[key].update(x, self.ids, self.window_index)
+            self.acc[key] = SiteAccumulator(x.shape[-1], seed=self.seed + 7919 * layer + 31 * site_order(site)[0]
+                                            + site_order(site)[1], sqnr_bits=self.sqnr_bits)
+        if x.dim() == 2 and rows is None:  # every token, flattened (a shared expert)
+            rows = torch.arange(x.shape[0])
+        self.acc[key].update(x, self.ids, self.window_index, rows)
 
 
 class _StopForward(Exception):
@@ -176,7 +211,7 @@ def layer_sites(model: nn.Module, arch: ArchInfo, ids: torch.Tensor, layer: int,
         raise ValueError(f"unknown capture sites {sorted(unknown)}; known: {', '.join(SITES)}")
     got: dict[str, torch.Tensor] = {}
 
-    def keep(i, site, x):
+    def keep(i, site, x, rows=None):
         got[site] = x.detach().float().cpu().clone()
 
     def stop(module, args, out):
@@ -196,7 +231,7 @@ def layer_sites(model: nn.Module, arch: ArchInfo, ids: torch.Tensor, layer: int,
 
 def _result(hooks: _Hooks, meta: dict) -> CaptureResult:
     rows, arrays = [], {}
-    for (layer, site), acc in sorted(hooks.acc.items(), key=lambda kv: (kv[0][0], list(SITES).index(kv[0][1]))):
+    for (layer, site), acc in sorted(hooks.acc.items(), key=lambda kv: (kv[0][0], *site_order(kv[0][1]))):
         rows.append({"layer": layer, "site": site, "channels": acc.c, **acc.scalars()})
         for name, t in acc.tensors().items():
             arrays[f"L{layer}.{site}.{name}"] = t

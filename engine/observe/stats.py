@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-CODE_VERSION = "stats-1"  # bump when a change alters any statistic: cached captures stop matching
+CODE_VERSION = "stats-2"  # bump when a change alters any statistic: cached captures stop matching
 TOP_TOKENS = 8          # largest-norm tokens kept per site
 SAMPLE_ROWS = 64        # token rows kept (uniform reservoir) for histograms
 NORM_SAMPLE = 2048      # token norms kept (uniform reservoir) for the median
@@ -154,28 +154,31 @@ class SiteAccumulator:
         self.surface: torch.Tensor | None = None
         self.gen = torch.Generator().manual_seed(seed)
 
-    def update(self, x: torch.Tensor, token_ids: torch.Tensor, window_index: int) -> None:
-        """x [B, T, C] activations of B windows starting at window_index; token_ids [B, T]."""
+    def update(self, x: torch.Tensor, token_ids: torch.Tensor, window_index: int,
+               rows: torch.Tensor | None = None) -> None:
+        """x [B, T, C] activations of B windows starting at window_index; token_ids [B, T]. Or x [N, C] for some
+        of those tokens only (e.g. the ones routed to one expert), rows [N] their flat indices into [B, T]."""
         # These reductions are small and memory-bound: on a busy 2-core machine, intra-op threads cost 10x more
         # than they save (measured), so run them on one thread.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            self._update(x, token_ids, window_index)
+            self._update(x, token_ids, window_index, rows)
         finally:
             torch.set_num_threads(threads)
 
-    def _update(self, x: torch.Tensor, token_ids: torch.Tensor, window_index: int) -> None:
+    def _update(self, x: torch.Tensor, token_ids: torch.Tensor, window_index: int,
+                rows: torch.Tensor | None = None) -> None:
         x = x.detach().float().cpu()
-        b, t, c = x.shape
-        flat = x.reshape(-1, c)
-        is_sink = torch.zeros(b, t, dtype=torch.bool)
-        is_sink[:, 0] = True
-        is_sink = is_sink.reshape(-1)
-        sink, body = x[:, 0, :], x[:, 1:, :].reshape(-1, c)
-        self.sink = self.sink.merge(Moments.of(sink))
-        self.absmax_sink = torch.maximum(self.absmax_sink, _absmax0(sink))
-        if body.numel():
+        t = token_ids.shape[-1]
+        flat = x.reshape(-1, x.shape[-1])
+        rows = torch.arange(flat.shape[0]) if rows is None else rows.cpu()  # flat index into [B, T] per row
+        is_sink = rows % t == 0
+        sink, body = flat[is_sink], flat[~is_sink]
+        if sink.shape[0]:  # an expert may receive no window's first token
+            self.sink = self.sink.merge(Moments.of(sink))
+            self.absmax_sink = torch.maximum(self.absmax_sink, _absmax0(sink))
+        if body.shape[0]:
             self.body = self.body.merge(Moments.of(body))
             self.absmax_body = torch.maximum(self.absmax_body, _absmax0(body))
         kurt, norms = token_moments(flat)
@@ -190,8 +193,8 @@ class SiteAccumulator:
         # Largest-norm tokens: pick candidates by norm first, then read their absmax and identity.
         top = norms.topk(min(TOP_TOKENS, norms.numel())).indices
         cand = torch.stack([norms[top].double(), flat[top].abs().amax(1).double(),
-                            (top // t + window_index).double(), (top % t).double(),
-                            token_ids.reshape(-1)[top].double()], 1)
+                            (rows[top] // t + window_index).double(), (rows[top] % t).double(),
+                            token_ids.reshape(-1)[rows[top]].double()], 1)
         cand = torch.cat([self.top, cand])
         self.top = cand[cand[:, 0].topk(min(TOP_TOKENS, cand.shape[0])).indices]
         self.samples.add(flat, self.gen, flags=is_sink)
@@ -202,8 +205,9 @@ class SiteAccumulator:
             for bits, acc in self.sqnr.items():
                 acc[0] += power
                 acc[1] += float((body - quantize_activation(body, bits)).square().sum())
-        if self.surface is None:
-            self.surface = pool_channels(x[0, :SURFACE_TOKENS].abs()).to(torch.bfloat16)
+        first = flat[rows < t][:SURFACE_TOKENS]  # the first window's tokens (an expert's: those routed to it)
+        if self.surface is None and first.shape[0]:
+            self.surface = pool_channels(first.abs()).to(torch.bfloat16)
 
     # ---- summaries -------------------------------------------------------------------------------------------
     def moments(self, include_sink: bool) -> Moments:
@@ -211,7 +215,7 @@ class SiteAccumulator:
 
     def scalars(self) -> dict[str, float]:
         """The per-layer table row for this site."""
-        out: dict[str, float] = {}
+        out: dict[str, float] = {"tokens": self.tk_n["body"] + self.tk_n["sink"]}  # an expert's: those routed to it
         for tag, inc in (("", True), ("_nosink", False)):
             _, _, var, kurt = self.moments(inc).pooled()
             out[f"kurt_tensor{tag}"] = kurt

@@ -30,7 +30,7 @@ def quantize_weights_direct(model: nn.Module, arch: ArchInfo, bits: Bits, recipe
         return
     method = WEIGHT_METHODS[recipe.weights]
     for i in range(arch.n_layers):
-        for role in arch.roles.linears:
+        for role in arch.linears:
             lin = arch.module(model, role, i)
             _set_weight(lin, method.quantize(_weight(lin), bits.w, recipe))
 
@@ -73,7 +73,7 @@ def quantize_weights_gptq(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: 
     for i in range(arch.n_layers):
         layer = arch.layer(model, i)
         accs, handles = {}, []
-        for role in arch.roles.linears:
+        for role in arch.linears:
             lin = arch.module(model, role, i)
             accs[role] = HessianAccumulator(lin.in_features, device=dispatch.execution_device(lin))
             handles.append(lin.register_forward_hook(
@@ -83,8 +83,11 @@ def quantize_weights_gptq(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: 
                 layer(*args, **kwargs)
         for h in handles:
             h.remove()
-        for role in arch.roles.linears:
+        for role in arch.linears:
             lin = arch.module(model, role, i)
+            if accs[role].num_samples == 0:  # an expert no calibration token was routed to: nothing to weigh by
+                _set_weight(lin, method.quantize(_weight(lin), bits.w, recipe))
+                continue
             _set_weight(lin, method.quantize_with_hessian(_weight(lin), accs[role].hessian, bits.w, recipe,
                                                           damp=damp, block=block))
         with torch.no_grad():  # outputs of the quantized layer feed the next one
@@ -107,7 +110,7 @@ def install_activation_quant(model: nn.Module, arch: ArchInfo, bits: Bits, recip
         return (quant(args[0]), *args[1:])
 
     for i in range(arch.n_layers):
-        for role in arch.roles.linears:
+        for role in arch.linears:
             arch.module(model, role, i).register_forward_pre_hook(hook)
 
 

@@ -74,10 +74,10 @@ def capture_layer(handle, layer: int, tokens: int = 256, corpus: str = "wiki") -
 
 def site_readers(arch) -> dict[str, tuple]:
     """The linears reading each site, from the architecture table (q, k, v or a fused qkv; gate, up or gate_up)."""
-    r = arch.roles
-    attn = tuple(x for x in r.residual_readers if r.linears.index(x) < r.linears.index("o"))
-    mlp = tuple(x for x in r.residual_readers if x not in attn)
-    return {"attn_in": attn, "o_in": ("o",), "mlp_in": mlp, "down_in": ("down",), "k": (), "v": ()}
+    readers = [x for x in arch.residual_readers if x in arch.linears]  # a router is not quantized
+    attn = tuple(x for x in readers if arch.linears.index(x) < arch.linears.index("o"))
+    mlp = tuple(x for x in readers if x not in attn)
+    return {"attn_in": attn, "o_in": ("o",), "mlp_in": mlp, "down_in": arch.down_roles, "k": (), "v": ()}
 
 
 def site_tensor(handle, layer: int, site: str, source: str = "activation", tokens: int = 256,

@@ -30,9 +30,9 @@ def rotated_weight(arch: ArchInfo, role: str, w: Tensor, r1: Tensor | None = Non
     roles = arch.roles
     if r1 is not None:
         r1 = r1.to(w.dtype)
-        if role in roles.residual_readers:
+        if role in arch.residual_readers:
             w = w @ r1
-        elif role in roles.residual_writers:
+        elif role in arch.residual_writers:
             w = r1.T @ w
     if r2 is not None:
         r2, hd = r2.to(w.dtype), arch.head_dim
@@ -42,7 +42,7 @@ def rotated_weight(arch: ArchInfo, role: str, w: Tensor, r1: Tensor | None = Non
             w = torch.cat([w[:start], values.reshape(-1, w.shape[1])])
         elif role == "o":  # [out, heads * hd]: columns of each head
             w = (w.reshape(w.shape[0], arch.n_heads, hd) @ r2).reshape(w.shape)
-    if r4 is not None and role == "down":
+    if r4 is not None and role in arch.down_roles:
         w = _right(w, r4)
     return w
 
@@ -51,7 +51,7 @@ def rotated_bias(arch: ArchInfo, role: str, b: Tensor, r1: Tensor | None = None,
                  r2: Tensor | None = None) -> Tensor:
     """The bias [out] of `role` after the rotations: a writer's output lives in the residual stream (b R1), v's
     output per KV head is rotated by R2 (b_h R2); readers' biases (Qwen2's q, k, v) are outputs R1 never touches."""
-    if r1 is not None and role in arch.roles.residual_writers:
+    if r1 is not None and role in arch.residual_writers:
         b = b @ r1.to(b.dtype)
     if r2 is not None and role == arch.roles.value:
         start = arch.value_row_offset

@@ -185,7 +185,7 @@ def fold_norms(model: nn.Module, arch: ArchInfo) -> None:
     """W <- W * g on the input columns of every linear reading an RMSNorm's output; then g = 1 (exact)."""
     untie_embeddings(model, arch)
     for i in range(arch.n_layers):
-        for norm_role, readers in arch.roles.norm_feeds:
+        for norm_role, readers in arch.norm_feeds:
             norm = arch.module(model, norm_role, i)
             g = _get(norm)
             for r in readers:
@@ -232,7 +232,7 @@ def fuse_r1(model: nn.Module, arch: ArchInfo, r1: torch.Tensor) -> None:
         w = _get(m)
         _set(m, rotated_embedding(w, r1.on(w.device)))
     for i in range(arch.n_layers):
-        for role in arch.roles.residual_readers + arch.roles.residual_writers:
+        for role in arch.residual_readers + arch.residual_writers:
             _fuse(arch.module(model, role, i), arch, role, r1=r1)
 
 
@@ -255,11 +255,12 @@ def install_r3(model: nn.Module, arch: ArchInfo, layer: int, rot: OnlineRotation
     attention.add_hook(attn, hook)
 
 
-def install_r4(model: nn.Module, arch: ArchInfo, layer: int, rot: OnlineRotation) -> None:
-    """down_proj input x -> x R4 online, and W_down <- W_down R4 so the product is unchanged."""
-    down = arch.module(model, "down", layer)
+def install_r4(model: nn.Module, arch: ArchInfo, layer: int, rot: OnlineRotation, role: str = "down") -> None:
+    """down_proj input x -> x R4 online, and W_down <- W_down R4 so the product is unchanged (role: each of
+    arch.down_roles, e.g. every expert's down_proj)."""
+    down = arch.module(model, role, layer)
     rot.to(dispatch.execution_device(down))
-    _fuse(down, arch, "down", r4=_PerDevice(rot.dense()))
+    _fuse(down, arch, role, r4=_PerDevice(rot.dense()))
     down.spinscope_r4 = rot
     down.register_forward_pre_hook(lambda m, args: (m.spinscope_r4(args[0]), *args[1:]))
 
@@ -317,9 +318,14 @@ def rotate(model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: bool 
                       if cfg.r3 == "file" else None)
             install_r3(m, arch, i, _online(cfg.r3, arch.head_dim, cfg.seed + 2000, loaded))
         if cfg.r4 != "none":
-            loaded = (_from_file(data, f"model.layers.{i}.mlp.R4", "R4", arch.intermediate, f"R4 of layer {i}")
-                      if cfg.r4 == "file" else None)
-            install_r4(m, arch, i, _online(cfg.r4, arch.intermediate, cfg.seed + 3000, loaded))
+            made: dict[int, OnlineRotation] = {}  # per width: every expert's down shares its layer's R4
+            for role in arch.down_roles:  # one per expert in a mixture (a shared expert may be narrower)
+                width = arch.module(m, role, i).in_features
+                if width not in made:
+                    loaded = (_from_file(data, f"model.layers.{i}.mlp.R4", "R4", width, f"R4 of layer {i}")
+                              if cfg.r4 == "file" else None)
+                    made[width] = _online(cfg.r4, width, cfg.seed + 3000, loaded)
+                install_r4(m, arch, i, made[width], role)
     return m
 
 

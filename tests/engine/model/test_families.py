@@ -63,6 +63,7 @@ def test_each_rotation_and_all_four_keep_the_logits(family, which):
     assert changed  # the rotation really touched the weights (R3 alone still folds the norms)
 
 
+@pytest.mark.slow  # GPTQ on every linear
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rtn_and_gptq_at_4_4_4_run_and_change_the_output(family):
     model, arch = build(family)
@@ -75,6 +76,7 @@ def test_rtn_and_gptq_at_4_4_4_run_and_change_the_output(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("method", ["spinquant", "flrot"])
 def test_two_cayley_steps_run_and_change_the_rotations(family, method):
     model, arch = build(family)

@@ -1,0 +1,75 @@
+"""Explore on a tiny Qwen3 and a tiny mixture of experts (Mixtral), each saved to a local model directory with the
+default model's tokenizer and chosen in the sidebar as a user would: the capture runs and every chart draws; for
+the mixture, the per-expert sites are offered and the tokens-per-expert heat map adds up to top-k per token."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from tests.app.test_pages import decode
+
+APP = str(Path(__file__).resolve().parents[2] / "app" / "streamlit_app.py")
+TOKENS = 128
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    import transformers
+    from transformers import AutoTokenizer
+
+    from engine.model.loading import default_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=16, max_position_embeddings=256)
+    out = {}
+    for name, cfg, cls in (
+            ("qwen3", transformers.Qwen3Config(intermediate_size=64, **common), transformers.Qwen3ForCausalLM),
+            ("mixtral", transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                                                   **common), transformers.MixtralForCausalLM)):
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(name)
+        cls(cfg).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        out[name] = path
+    return out
+
+
+def explore(model_dir) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.session_state["model_name"] = str(model_dir)
+    at.run()
+    at.switch_page("views/explore.py").run()
+    at.number_input[0].set_value(TOKENS)
+    at.number_input[1].set_value(64)
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+def titles(at: AppTest) -> list[str]:
+    return [json.loads(el.proto.spec)["layout"]["title"]["text"] for el in at.get("plotly_chart")]
+
+
+def test_explore_on_a_tiny_qwen3(model_dirs):
+    at = explore(model_dirs["qwen3"])
+    shown = titles(at)
+    assert any(t.startswith("Kurtosis per layer") for t in shown) and any(t.startswith("|x| over") for t in shown)
+    assert not any(t.startswith("Tokens routed") for t in shown)  # a dense model has no expert view
+
+
+def test_explore_on_a_tiny_mixture_of_experts(model_dirs):
+    at = explore(model_dirs["mixtral"])
+    options = at.selectbox(key="explore_site").options
+    assert "down_in" not in options and any(o.startswith("down_in[expert3]") for o in options)
+    heat = next(json.loads(el.proto.spec) for el in at.get("plotly_chart")
+                if json.loads(el.proto.spec)["layout"]["title"]["text"].startswith("Tokens routed"))
+    z = heat["data"][0]["z"]
+    counts = decode(z) if isinstance(z, dict) else [c for row in z for c in row]  # [layer 0 experts, layer 1 ...]
+    assert len(counts) == 2 * 4
+    assert [sum(counts[:4]), sum(counts[4:])] == [2 * TOKENS, 2 * TOKENS]  # top-2: each token in two experts
+    at.selectbox(key="explore_site2").set_value("down_in[expert1]").run()
+    assert not at.exception, at.exception
