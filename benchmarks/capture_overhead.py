@@ -1,6 +1,8 @@
 """Capture and perplexity evaluation vs a plain forward pass on the same tokens, measured side by side.
 
     python -m benchmarks.capture_overhead [--tokens 2048] [--window 512] [--repeats 2]
+    python -m benchmarks.capture_overhead --model moe   # a random Mixtral (8 experts, top-2) with the default
+                                                        # model's tokenizer: one down_in site per expert
 
 Prints a table of seconds and ratios (targets: capture <= 1.5x, fp perplexity evaluation <= 1.3x).
 Runs alternate (forward, capture, eval, forward, ...) so machine load affects all alike; medians are reported.
@@ -26,6 +28,25 @@ def plain_forward(model, wins):
             model(w.unsqueeze(0), use_cache=False)
 
 
+def tiny_moe_dir() -> str:
+    """A random-weight Mixtral (4 layers, hidden 256, 8 experts of width 512, top-2) saved once to a temp dir."""
+    import tempfile
+
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    from engine.model.loading import default_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                        max_position_embeddings=2048)
+    path = tempfile.mkdtemp(prefix="spinscope-moe-")
+    MixtralForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="default")
@@ -33,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args(argv)
-    h = load_model(args.model)
+    h = load_model(tiny_moe_dir() if args.model == "moe" else args.model)
     wins = windows(load_corpus("wiki"), h.tokenizer, args.tokens, args.window, "eval")
     cfg = CaptureConfig(tokens=args.tokens, window=args.window)
     plain_forward(h.model, wins[:1])  # warm-up
