@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -40,6 +41,17 @@ def load(args):
     return handle
 
 
+def write_json(path: str | None, payload: dict) -> None:
+    """--json FILE: the same figures the table prints, in full precision, written atomically."""
+    if not path:
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+    os.replace(tmp, path)
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def cmd_plan(args) -> int:
     """Print where each block would go and the bytes per device, without loading any weight."""
     import pandas as pd
@@ -52,6 +64,8 @@ def cmd_plan(args) -> int:
     print(f"\n{plan.summary()}")
     for note in plan.notes:
         print(f"note: {note}")
+    write_json(args.json, {"model": args.model, "summary": plan.summary(), "devices": plan.device_bytes,
+                           "rows": plan.rows(), "notes": list(plan.notes)})
     return 0
 
 
@@ -79,10 +93,7 @@ def cmd_capture(args) -> int:
     })
     with pd.option_context("display.width", 200, "display.max_rows", 500):
         print(view.to_string(float_format=lambda v: f"{v:.1f}"))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": res.meta, "table": res.table.to_dict(orient="records")}, f, indent=1, default=str)
-        print(f"wrote {args.json}", file=sys.stderr)
+    write_json(args.json, {"meta": res.meta, "table": res.table.to_dict(orient="records")})
     return 0
 
 
@@ -96,11 +107,11 @@ def cmd_rotate(args) -> int:
     rot = RotationConfig.from_names(args.rotations.split(","), args.kind, seed=args.seed, file=args.file)
     cap = CaptureConfig(tokens=args.tokens, window=args.window, sqnr_bits=(4, 8))
     handle = load(args)
+    rows = []
     if args.check:  # each rotation alone, then all together
         from engine.data.corpus import load_corpus, windows
 
         ids = windows(load_corpus(args.corpus), handle.tokenizer, 256, 256, "eval")
-        rows = []
         singles = [r for r in ("r1", "r2", "r3", "r4") if getattr(rot, r) != "none"]
         ref = logits(handle.model, ids)
         for name in singles + (["all"] if len(singles) > 1 else []):
@@ -115,6 +126,7 @@ def cmd_rotate(args) -> int:
     c = done.result
     b = c.before.table.set_index(["layer", "site"])
     a = c.after.table.set_index(["layer", "site"])
+    down = next(s for s in c.before.sites if s.startswith("down_in"))  # a mixture's first expert: down_in[expert0]
     res = pd.DataFrame({
         "tok_kurt_before": b.xs("resid_attn", level="site").kurt_token_mean_nosink,
         "tok_kurt_after": a.xs("resid_attn", level="site").kurt_token_mean_nosink,
@@ -122,8 +134,8 @@ def cmd_rotate(args) -> int:
         "tensor_kurt_after": a.xs("resid_attn", level="site").kurt_tensor_nosink,
         "tensor_kurt_sink_before": b.xs("resid_attn", level="site").kurt_tensor,
         "tensor_kurt_sink_after": a.xs("resid_attn", level="site").kurt_tensor,
-        "down_in_sqnr4_before": b.xs("down_in", level="site").sqnr4,
-        "down_in_sqnr4_after": a.xs("down_in", level="site").sqnr4,
+        "down_in_sqnr4_before": b.xs(down, level="site").sqnr4,
+        "down_in_sqnr4_after": a.xs(down, level="site").sqnr4,
     })
     print(f"Rotation {rot.tag()}: max |logit diff| {c.check['max_abs_logit_diff']:.2e}, KL {c.check['kl']:.2e} nats")
     print("Residual stream entering attention: per-token kurtosis (mean over tokens, sink excluded), whole-tensor "
@@ -131,6 +143,8 @@ def cmd_rotate(args) -> int:
           "mixes channels, not tokens: massive tokens keep the whole-tensor kurtosis high.")
     with pd.option_context("display.width", 200, "display.max_rows", 500):
         print(res.to_string(float_format=lambda v: f"{v:.1f}"))
+    write_json(args.json, {"rotation": rot.tag(), "settings": rot.to_dict(), "check": c.check, "check_each": rows,
+                           "down_site": down, "table": res.reset_index().to_dict(orient="records")})
     return 0
 
 
@@ -172,6 +186,8 @@ def cmd_eval(args) -> int:
     print(f"\nperplexity on {r['tokens']} evaluation tokens of {r['corpus']} (windows of {r['window']}); "
           f"zero-shot limit {cfg.limit} documents per task")
     print(table(rows))
+    write_json(args.json, {"rows": rows, "tokens": r["tokens"], "window": r["window"], "corpus": r["corpus"],
+                           "limit": cfg.limit})
     return 0
 
 
@@ -210,6 +226,10 @@ def cmd_optimize(args) -> int:
         if not trained:
             say(f"nothing to train: the checkpoint already holds all {cfg.steps} steps (--no-resume starts over)")
         say(f"rotations: {done.result.path}")
+        if info.is_main:
+            state = done.result.state
+            write_json(args.json, {"path": done.result.path, "finished": done.result.finished, "config": cfg.to_dict(),
+                                   "history": state.history, "ppl": state.ppl, "kurtosis": state.kurtosis})
         return 0
     except ValueError as e:  # rank 0's goes to main(); the others say theirs too, since torchrun stops every
         if not info.is_main:  # process once one exits (rank 0 may not get to print) and an error may be one rank's
@@ -250,9 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokens", type=int, default=2048, help="token budget")
     c.add_argument("--window", type=int, default=512, help="tokens per window")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    c.add_argument("--json", help="also write the full table and metadata to this file")
     c.add_argument("--no-cache", action="store_true", help="recompute even if cached")
     placement_args(c)
+    c.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
     c.set_defaults(func=cmd_capture)
     r = sub.add_parser("rotate", help="rotate, check equivalence, and print before/after kurtosis and SQNR")
     r.add_argument("--model", default="default")
@@ -266,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     r.add_argument("--check", action="store_true", help="also check each rotation alone")
     placement_args(r)
+    r.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
     r.set_defaults(func=cmd_rotate)
     e = sub.add_parser("eval", help="perplexity (and zero-shot tasks) of recipes at W-A-KV bit settings")
     e.add_argument("--model", default="default")
@@ -283,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.add_argument("--no-cache", action="store_true")
     placement_args(e)
+    e.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
     e.set_defaults(func=cmd_eval)
     o = sub.add_parser("optimize", help="learn rotations (SpinQuant R1/R2, FLRot also R3/R4) by Cayley SGD; "
                                         "runs under torchrun --nproc-per-node N with DDP")
@@ -300,11 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     o.add_argument("--no-resume", action="store_true", help="start over instead of continuing a checkpoint")
+    o.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
     o.set_defaults(func=cmd_optimize)
     pl = sub.add_parser("plan", help="where each block of a model would go within memory budgets, before loading")
     pl.add_argument("--model", default="default")
     pl.add_argument("--dtype", default="float16", choices=["float32", "bfloat16", "float16"])
     placement_args(pl)
+    pl.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
     pl.set_defaults(func=cmd_plan)
     sub.add_parser("prepare", help="convert the default model once and check the offline corpus").set_defaults(
         func=cmd_prepare)
