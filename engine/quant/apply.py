@@ -24,15 +24,18 @@ def _weight(lin: nn.Linear) -> torch.Tensor:
     return dispatch.read_tensor(lin, "weight").float()
 
 
-def quantize_weights_direct(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe) -> None:
-    """Each weight on its own (RTN, QRazor): no calibration data."""
+def quantize_weights_direct(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe):
+    """Generator: each weight on its own (RTN, QRazor: no calibration data), a Progress per decoder layer."""
     if bits.w >= 16:
         return
     method = WEIGHT_METHODS[recipe.weights]
+    t0 = time.perf_counter()
     for i in range(arch.n_layers):
         for role in arch.linears:
             lin = arch.module(model, role, i)
             _set_weight(lin, method.quantize(_weight(lin), bits.w, recipe))
+        yield Progress("weights", i + 1, arch.n_layers, time.perf_counter() - t0,
+                       f"{recipe.weights.upper()} weights, layer {i + 1}/{arch.n_layers}")
 
 
 class _StopForward(Exception):
@@ -142,6 +145,6 @@ def quantize_model(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe,
             raise ValueError("GPTQ needs calibration windows")
         yield from quantize_weights_gptq(model, arch, bits, recipe, calib_windows)
     else:
-        quantize_weights_direct(model, arch, bits, recipe)
+        yield from quantize_weights_direct(model, arch, bits, recipe)
     install_activation_quant(model, arch, bits, recipe)
     install_kv_quant(model, arch, bits, recipe)

@@ -205,3 +205,10 @@ def test_build_model_quantizes_a_rotated_copy_and_never_touches_the_original(tie
     assert not shared
     assert not torch.allclose(logits(built, ids), before_logits)  # the copy really is rotated and quantized
     assert built.config._attn_implementation == attention.NAME
+
+
+def test_rtn_weights_report_progress_per_layer():
+    model = tiny_llama(layers=3)
+    events = list(quantize_model(model, resolve(model), Bits(4, 16, 16), get_recipe("rtn")))
+    assert [(e.stage, e.done, e.total) for e in events] == [("weights", i, 3) for i in (1, 2, 3)]
+    assert events[-1].message == "RTN weights, layer 3/3"
