@@ -138,7 +138,15 @@ def _check_gguf(gguf: Path) -> None:
     from gguf import GGUFReader
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
-    fields = GGUFReader(gguf).fields
+    with open(gguf, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{gguf.name} is not a GGUF file: expected it to start with b'GGUF', found {magic!r}")
+    try:
+        fields = GGUFReader(gguf).fields
+    except (ValueError, OSError, IndexError):  # truncated or damaged after a valid magic
+        raise ModelLoadError(f"{gguf.name} is a damaged GGUF file: its header is readable only in part "
+                             f"({gguf.stat().st_size} bytes); copy the file again") from None
     if "split.count" in fields and int(fields["split.count"].contents()) > 1:
         raise ModelLoadError(f"{gguf.name} is one part of a split GGUF ({int(fields['split.count'].contents())} "
                              "parts), which transformers cannot read; merge the parts into one file first "

@@ -265,14 +265,26 @@ def install_r4(model: nn.Module, arch: ArchInfo, layer: int, rot: OnlineRotation
     down.register_forward_pre_hook(lambda m, args: (m.spinscope_r4(args[0]), *args[1:]))
 
 
+ROTATION_FILE_LAYOUT = "a torch.save'd dict of tensors in SpinQuant's layout ('R1', 'model.layers.{i}.self_attn.R2')"
+
+
 def load_rotation_file(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a rotation file; any other file is refused in one sentence (never torch's own advice, which
+    suggests the unsafe weights_only=False)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"rotation file {path} not found: expected {ROTATION_FILE_LAYOUT}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ValueError(f"cannot read rotation file {path}: {e}") from e
+        with open(p, "rb") as f:
+            head = f.read(4)
+        found = ("a torch file holding objects other than tensors" if "weights_only" in str(e) and head[:2] == b"PK"
+                 else f"a file of {p.stat().st_size} bytes that torch cannot read")
+        raise ValueError(f"{path} is not a rotation file: expected {ROTATION_FILE_LAYOUT}, found {found}") from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ValueError(f"rotation file {path} must hold a dict of tensors (SpinQuant layout: 'R1', "
-                         "'model.layers.{i}.self_attn.R2')")
+        found = type(data).__name__ if not isinstance(data, dict) else "a dict with non-tensor values"
+        raise ValueError(f"{path} is not a rotation file: expected {ROTATION_FILE_LAYOUT}, found {found}")
     return data
 
 

@@ -113,7 +113,7 @@ def test_bad_rotation_file_messages(tmp_path, tiny, bad, msg):
 def test_unreadable_rotation_file(tmp_path, tiny):
     path = tmp_path / "junk.bin"
     path.write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match="cannot read rotation file"):
+    with pytest.raises(ValueError, match="junk.bin is not a rotation file: expected a torch.save.d dict of tensors"):
         rotate(tiny, resolve(tiny), RotationConfig(r1="file", file=str(path)))
 
 

@@ -138,7 +138,7 @@ def test_malformed_files_give_clear_errors(model, tmp_path):
         with pytest.raises(ValueError, match=message):
             load_rotations(path, arch)
     (tmp_path / "junk.bin").write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match="cannot read rotation file"):
+    with pytest.raises(ValueError, match="junk.bin is not a rotation file: expected a torch.save.d dict of tensors"):
         load_rotations(tmp_path / "junk.bin")
     with pytest.raises(ValueError, match="R3 has 1 layers but R2 has 2"):
         RotationSet(torch.eye(HIDDEN), [torch.eye(HD)] * 2, [torch.eye(HD)])
