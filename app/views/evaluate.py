@@ -31,8 +31,10 @@ with st.form("evaluate"):
     # Names only on the chips: "name: description" chips are cut off in a half-width column.
     recipes = c1.multiselect("Recipes", list(RECIPES), default=["fp", "rtn", "quarot"],
                              help="\n".join(f"- **{r}**: {RECIPES[r].description}" for r in RECIPES))
-    presets = c2.multiselect("Bits (W-A-KV)", PRESETS, default=["4-4-4"],
-                             help="16 = floating point. 4-4-16: 4-bit weights and activations, 16-bit KV cache.")
+    presets = c2.multiselect("Bits (W-A-KV)", PRESETS, default=["4-4-4"], accept_new_options=True, key="eval_bits",
+                             help="16 = floating point. 4-4-16: 4-bit weights and activations, 16-bit KV cache. "
+                                  "The presets are shortcuts: type any W-A-KV (e.g. 8-8-8 or 16-4-4) and press "
+                                  "Enter.")
     c3, c4, c5 = st.columns(3)
     weights = c3.radio("Weight quantizer", ["rtn", "gptq"], horizontal=True,
                        help="RTN with clipping search, or GPTQ (calibrated on the calibration split).")
@@ -55,14 +57,18 @@ if "eval_rows" not in st.session_state:
     st.session_state["eval_rows"] = []
 
 if run:
-    st.session_state["eval_rows"] = []
     m = MODES[mode]
     try:
+        if not recipes:
+            raise ValueError("choose at least one recipe to run")
+        if not presets and any(r != "fp" for r in recipes):
+            raise ValueError("choose or type at least one bit setting (W-A-KV, e.g. 4-4-4)")
         tok = int(custom_tokens) or m["tokens"]
         cfg = EvalConfig(tokens=tok, window=min(m["window"], tok), tasks=tuple(tasks), limit=m["limit"],
                          calib_tokens=m["calib_tokens"])
         jobs = [(get_recipe(r, weights=weights, rotation_file=rotation_file.strip() or None), Bits.parse(b))
                 for r in recipes for b in (presets if r != "fp" else ["16-16-16"])]
+        st.session_state["eval_rows"] = []  # only a valid request replaces the results on screen
     except ValueError as e:
         st.error(str(e))
         jobs = []
