@@ -16,7 +16,7 @@ def run(events, label: str, on_partial=None, on_metric=None):
     done = None
     for ev in events:
         if isinstance(ev, Progress):
-            bar.progress(min(ev.fraction, 1.0), text=f"{label}: {ev.message} ({ev.seconds:.1f} s)")
+            bar.progress(min(ev.job_fraction, 1.0), text=f"{label}: {ev.status()}")
             if on_partial is not None and ev.partial is not None:
                 on_partial(ev.partial)
         elif isinstance(ev, Metric) and on_metric is not None:

@@ -11,9 +11,8 @@ from engine.events import Done, Progress
 
 
 def _progress_line(ev: Progress) -> None:
-    bar = "#" * int(30 * ev.fraction)
-    print(f"\r[{bar:<30}] {ev.stage} {ev.done}/{ev.total} {ev.seconds:6.1f}s {ev.message}",
-          end="", file=sys.stderr, flush=True)
+    bar = "#" * int(30 * ev.job_fraction)
+    print(f"\r[{bar:<30}] {ev.stage} {ev.done}/{ev.total} {ev.status()}", end="", file=sys.stderr, flush=True)
 
 
 def drain(events):

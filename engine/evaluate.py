@@ -18,7 +18,7 @@ from engine.events import Done, Progress
 from engine.model import dispatch
 from engine.quant.apply import quantize_model
 from engine.quant.recipes import Bits, Recipe, get_recipe
-from engine.rotation.fusion import rotate
+from engine.rotation.fusion import rotate_job
 
 CODE_VERSION = "eval-1"  # bump when a change alters evaluation numbers: old cache entries stop matching
 
@@ -73,8 +73,11 @@ def build_model(handle, model: nn.Module, recipe: Recipe, bits: Bits, cfg: EvalC
     t0 = time.perf_counter()
     rot = recipe.rotation
     if rot.active:
-        yield Progress("build", 0, 1, 0.0, f"rotating ({rot.tag()})")
-        model = rotate(model, handle.arch, replace(rot, seed=seed), inplace=True)
+        for ev in rotate_job(model, handle.arch, replace(rot, seed=seed), inplace=True):
+            if isinstance(ev, Done):
+                model = ev.result
+            else:
+                yield ev
     calib = None
     if recipe.weights == "gptq" and bits.w < 16:
         corpus = load_corpus(cfg.corpus)
@@ -153,6 +156,12 @@ def table_row(result: dict, recipe: Recipe, cached: bool = False) -> dict:
     return row
 
 
+# Where each stage of one run sits in that run's share of the overall bar: (start, span); zero-shot tasks take
+# the last tenth when asked for. The figures only place the bar; the ETA comes from the measured pace.
+PHASES = {"rotate": (0.0, 0.2), "weights": (0.2, 0.3), "gptq": (0.2, 0.3), "perplexity": (0.5, 0.4),
+          "zero-shot": (0.9, 0.1)}
+
+
 def eval_table_job(handle, runs: Iterable[tuple[Recipe | str, Bits | str]], cfg: EvalConfig,
                    use_cache: bool = True):
     """Generator: eval_job for each (recipe, bits) run in turn, then Done(rows), one table_row per run.
@@ -165,18 +174,28 @@ def eval_table_job(handle, runs: Iterable[tuple[Recipe | str, Bits | str]], cfg:
             for r, b in runs]
     rows: list[dict] = []
     t0 = time.perf_counter()
+    n, overall, first_phase = len(runs), 0.0, None
     for i, (recipe, bits) in enumerate(runs):
-        what = f"run {i + 1}/{len(runs)} {run_label(recipe, bits)}"
+        what = f"run {i + 1}/{n} {run_label(recipe, bits)}"
         done = None
         for ev in eval_job(handle, recipe, bits, cfg, use_cache=use_cache):
             if isinstance(ev, Done):
                 done = ev
-            else:
-                yield replace(ev, message=f"{what}: {ev.message}", partial=None)
+                continue
+            start, span = PHASES.get(ev.stage, (None, None))
+            if start is not None:
+                span = span if cfg.tasks or ev.stage != "perplexity" else 1.0 - start
+                overall = max(overall, (i + start + span * ev.fraction) / n)  # one bar that never goes back
+            first_phase = first_phase or ev.stage
+            elapsed = time.perf_counter() - t0
+            eta = elapsed * (1 - overall) / overall if overall > 0 and ev.stage != first_phase else None
+            yield replace(ev, message=f"{what}: {ev.stage}: {ev.message}", partial=None, overall=overall,
+                          seconds=elapsed, eta=eta)
         rows.append(table_row(done.result, recipe, done.cached))
-        yield Progress("runs", i + 1, len(runs), time.perf_counter() - t0,
+        overall = (i + 1) / n
+        yield Progress("runs", i + 1, n, time.perf_counter() - t0,
                        f"{what}: perplexity {done.result['ppl']:.2f}" + (" (cached)" if done.cached else ""),
-                       partial=list(rows))
+                       partial=list(rows), overall=overall)
     yield Done(rows, seconds=time.perf_counter() - t0, cached=bool(rows) and all(r["cached"] for r in rows))
 
 

@@ -15,10 +15,22 @@ class Progress:
     seconds: float
     message: str = ""
     partial: Any = None
+    overall: float | None = None  # the whole job's fraction done, when this stage is one phase of several
+    eta: float | None = None      # seconds left for the whole job (an estimate), once one phase is done
 
     @property
     def fraction(self) -> float:
         return self.done / self.total if self.total else 1.0
+
+    @property
+    def job_fraction(self) -> float:
+        """What one bar for the whole job shows: `overall` when known, else this stage's fraction."""
+        return self.overall if self.overall is not None else self.fraction
+
+    def status(self) -> str:
+        """'<message> (12.3 s, about 40 s left)'."""
+        left = f", about {self.eta:.0f} s left" if self.eta is not None else ""
+        return f"{self.message} ({self.seconds:.1f} s{left})"
 
 
 @dataclass

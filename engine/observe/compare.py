@@ -10,7 +10,7 @@ from torch import nn
 from engine.data.corpus import load_corpus, windows
 from engine.events import Done, Metric, Progress
 from engine.observe.capture import CaptureConfig, CaptureResult, capture_job
-from engine.rotation.fusion import RotationConfig, equivalence, logits, rotate
+from engine.rotation.fusion import RotationConfig, equivalence, logits, rotate_job
 
 
 @dataclass
@@ -46,8 +46,11 @@ def compare_job(handle, corpus_name: str, rot: RotationConfig, cap: CaptureConfi
     reference = logits(handle.model, ids)
     with contextlib.ExitStack() as stack:
         if rotated is None:
-            yield Progress("rotate", 0, 1, time.perf_counter() - t0, f"rotating ({rot.tag()})")
-            rotated = rotate(stack.enter_context(handle.working_model()), handle.arch, rot, inplace=True)
+            for ev in rotate_job(stack.enter_context(handle.working_model()), handle.arch, rot, inplace=True):
+                if isinstance(ev, Done):
+                    rotated = ev.result
+                else:
+                    yield replace(ev, message=f"rotating ({rot.tag()}): {ev.message}")
         yield Progress("rotate", 1, 1, time.perf_counter() - t0, "rotated")
         check = equivalence(None, rotated, ids, reference=reference)
         for k in ("max_abs_logit_diff", "kl"):

@@ -7,6 +7,7 @@ no reload. R1 and R2 are fused into the weights (in float64, cast back); R3 (que
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from engine import store
+from engine.events import Done, Progress, run_to_end
 from engine.model import attention, dispatch
 from engine.model.arch import ArchInfo
 from engine.rotation.algebra import rotated_bias, rotated_embedding, rotated_weight
@@ -224,14 +226,16 @@ def _fuse(module: nn.Module, arch: ArchInfo, role: str, r1: _PerDevice | None = 
         dispatch.write_tensor(module, "bias", rotated_bias(arch, role, b, on(r1, b.device), on(r2, b.device)))
 
 
-def fuse_r1(model: nn.Module, arch: ArchInfo, r1: torch.Tensor) -> None:
-    """Residual stream x -> x @ R1 (engine.rotation.algebra): embeddings, lm_head, every reader and writer."""
-    r1 = _PerDevice(r1)
-    for role in ("embed", "lm_head"):
-        m = arch.module(model, role)
-        w = _get(m)
-        _set(m, rotated_embedding(w, r1.on(w.device)))
-    for i in range(arch.n_layers):
+def fuse_r1(model: nn.Module, arch: ArchInfo, r1: torch.Tensor, layers=None, embeddings: bool = True) -> None:
+    """Residual stream x -> x @ R1 (engine.rotation.algebra): embeddings and lm_head, and every reader and writer
+    of the given decoder layers (all by default)."""
+    r1 = r1 if isinstance(r1, _PerDevice) else _PerDevice(r1)
+    if embeddings:
+        for role in ("embed", "lm_head"):
+            m = arch.module(model, role)
+            w = _get(m)
+            _set(m, rotated_embedding(w, r1.on(w.device)))
+    for i in range(arch.n_layers) if layers is None else layers:
         for role in arch.residual_readers + arch.residual_writers:
             _fuse(arch.module(model, role, i), arch, role, r1=r1)
 
@@ -305,6 +309,12 @@ def _from_file(data: dict, key: str, fallback: str | None, n: int, what: str) ->
 def rotate(model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: bool = False) -> nn.Module:
     """A rotated copy of `model` (or the model itself with inplace=True) computing the same function. A model
     dispatched over several devices is rotated in place only (ModelHandle.working_model gives one to rotate)."""
+    return run_to_end(rotate_job(model, arch, cfg, inplace))
+
+
+def rotate_job(model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: bool = False):
+    """Generator: rotate() with a Progress("rotate") after each decoder layer; Done(the rotated model)."""
+    t0 = time.perf_counter()
     if not inplace and dispatch.is_dispatched(model):
         raise ValueError("a model dispatched over several devices may not fit twice, so it is not copied: rotate "
                          "it in place (inplace=True, e.g. inside ModelHandle.working_model())")
@@ -312,15 +322,19 @@ def rotate(model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: bool 
         arch.check_rotatable()
     m = model if inplace else copy.deepcopy(model)
     if not cfg.active:
-        return m
+        yield Done(m, seconds=time.perf_counter() - t0)
+        return
     data = load_rotation_file(cfg.file) if cfg.file else {}
     if cfg.fold_norms:
         fold_norms(m, arch)
+    r1 = None
     if cfg.r1 != "none":
-        r1 = (_from_file(data, "R1", None, arch.hidden, "R1") if cfg.r1 == "file"
-              else _matrix(cfg.r1, arch.hidden, cfg.seed))
-        fuse_r1(m, arch, r1)
+        r1 = _PerDevice(_from_file(data, "R1", None, arch.hidden, "R1") if cfg.r1 == "file"
+                        else _matrix(cfg.r1, arch.hidden, cfg.seed))
+        fuse_r1(m, arch, r1, layers=())  # embeddings and lm_head; each layer's linears below
     for i in range(arch.n_layers):
+        if r1 is not None:
+            fuse_r1(m, arch, r1, layers=(i,), embeddings=False)
         if cfg.r2 != "none":
             r2 = (_from_file(data, f"model.layers.{i}.self_attn.R2", "R2", arch.head_dim, f"R2 of layer {i}")
                   if cfg.r2 == "file" else _matrix(cfg.r2, arch.head_dim, cfg.seed + 1000 + i))
@@ -338,7 +352,9 @@ def rotate(model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: bool 
                               if cfg.r4 == "file" else None)
                     made[width] = _online(cfg.r4, width, cfg.seed + 3000, loaded)
                 install_r4(m, arch, i, made[width], role)
-    return m
+        yield Progress("rotate", i + 1, arch.n_layers, time.perf_counter() - t0,
+                       f"rotation fused into layer {i + 1}/{arch.n_layers}")
+    yield Done(m, seconds=time.perf_counter() - t0)
 
 
 @torch.no_grad()

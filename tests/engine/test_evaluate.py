@@ -156,3 +156,18 @@ def test_eval_table_job_error_ends_the_job_after_the_rows_already_done(tiny_mode
             if isinstance(ev, Progress) and ev.partial is not None:
                 partials.append(ev.partial)
     assert [[r["recipe"] for r in p] for p in partials] == [["fp"]]
+
+
+def test_a_comparison_draws_one_bar_that_never_goes_back_with_phases_named_and_time_left(tiny_model_dir):
+    from engine.model.loading import load_model
+
+    handle = load_model(str(tiny_model_dir))
+    cfg = EvalConfig(tokens=64, window=32)
+    events = [e for e in eval_table_job(handle, [("quarot", "4-4-4"), ("rtn", "4-16-16")], cfg)
+              if isinstance(e, Progress)]
+    overall = [e.overall for e in events]
+    assert all(a <= b for a, b in zip(overall, overall[1:])) and overall[-1] == 1.0  # never restarts
+    stages = {e.stage for e in events}
+    assert {"rotate", "weights", "perplexity", "runs"} <= stages  # every phase reports
+    assert all(f": {e.stage}: " in e.message for e in events if e.stage != "runs")
+    assert events[0].eta is None and any(e.eta is not None for e in events)  # time left once a phase is done

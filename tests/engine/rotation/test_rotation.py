@@ -4,12 +4,20 @@ import itertools
 import pytest
 import torch
 
-from engine.events import Metric
+from engine.events import Done, Metric, Progress
 from engine.model.arch import resolve
 from engine.model.loading import tiny_llama
 from engine.observe.capture import CaptureConfig
 from engine.observe.compare import compare_job
-from engine.rotation.fusion import OnlineRotation, RotationConfig, as_blocks, equivalence, fold_norms, rotate
+from engine.rotation.fusion import (
+    OnlineRotation,
+    RotationConfig,
+    as_blocks,
+    equivalence,
+    fold_norms,
+    rotate,
+    rotate_job,
+)
 
 SINGLES = [["R1"], ["R2"], ["R3"], ["R4"]]
 ALL = ["R1", "R2", "R3", "R4"]
@@ -166,3 +174,11 @@ def test_smollm2_all_rotations_equivalent_and_r1_flattens(default_handle, tmp_ca
     sq_b = cmp.before.site_table("down_in").sqnr4
     sq_a = cmp.after.site_table("down_in").sqnr4
     assert (sq_a > sq_b).all()
+
+
+def test_rotation_fusion_reports_progress_per_layer(tiny):
+    arch = resolve(tiny)
+    events = list(rotate_job(tiny, arch, RotationConfig.from_names(["R1", "R2", "R3", "R4"], "hadamard")))
+    steps = [(e.stage, e.done, e.total) for e in events if isinstance(e, Progress)]
+    assert steps == [("rotate", i, arch.n_layers) for i in range(1, arch.n_layers + 1)]
+    assert isinstance(events[-1], Done) and events[-1].result is not tiny
