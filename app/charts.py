@@ -89,7 +89,13 @@ def kurtosis_by_layer(site_table: pd.DataFrame, title: str) -> go.Figure:
     # Not add_hline's annotation_text: on a log axis plotly places that label at 10**3 instead of 3.
     fig.add_annotation(x=1, xref="paper", y=math.log10(GAUSSIAN_KURTOSIS), yref="y", text="Gaussian (3)",
                        showarrow=False, xanchor="right", yanchor="bottom", font=dict(color=COLORS["normal"]))
-    _log_y(fig)
+    values = t[[c for c, *_ in series if c in t]].to_numpy().ravel()
+    finite = values[np.isfinite(values) & (values > 0)]
+    if finite.size and finite.max() / finite.min() < 10:  # within one decade: decade ticks alone would show none
+        fig.update_yaxes(type="log", tickvals=[1, 1.2, 1.5, 1.8, 2, 2.5, 3, 4, 5, 7, 10, 15, 20, 30])
+    else:
+        _log_y(fig)
+    fig.update_xaxes(tick0=0, dtick=max(1, len(t) // 15))  # whole layers, never 0.2 of one
     return layout(fig, title, "decoder layer", "kurtosis (Pearson, log scale)")
 
 

@@ -89,19 +89,26 @@ absmax = res.array(layer, site2, "absmax" if with_sink else "absmax_nosink").num
 outliers = res.outlier_channels(layer, site2, include_sink=with_sink)
 st.plotly_chart(charts.channel_absmax(absmax, outliers, f"Per-channel max |x|, layer {layer}, {site2}"
                                       + (" (sink included)" if with_sink else " (sink excluded)")))
-st.caption(f"{len(outliers)} outlier channels (red: max above 6x the median channel): "
-           f"{', '.join(map(str, outliers[:20]))}{' ...' if len(outliers) > 20 else ''}. "
-           "A few channels holding most of the range is what makes per-token 4-bit quantization fail.")
+st.caption(f"{len(outliers)} outlier channels (red: max above 6x the median channel)"
+           + (f": {', '.join(map(str, outliers[:20]))}{' ...' if len(outliers) > 20 else ''}" if outliers else "")
+           + ". A few channels holding most of the range is what makes per-token 4-bit quantization fail.")
 
 surf = res.array(layer, site2, "surface").float().numpy()
-first = 0 if with_sink else 1
+routed = "[expert" in site2  # an expert's rows are the tokens of window 0 routed to it, in order, not positions
+first = 0 if with_sink or routed else 1
 bin_width = int(np.ceil(res.array(layer, site2, "absmax").numel() / SURFACE_CHANNELS)) if surf.shape[1] else 1
-st.plotly_chart(charts.surface(surf[first:], f"|x| over tokens and channels, layer {layer}, {site2} "
-                               f"(positions {first}-{surf.shape[0] - 1} of window 0)", first_token=first,
-                               channel_bin=max(bin_width, 1)))
+fig = charts.surface(surf[first:], f"|x| over tokens and channels, layer {layer}, {site2} "
+                     + (f"(the first {surf.shape[0]} tokens of window 0 routed to it)" if routed else
+                        f"(positions {first}-{surf.shape[0] - 1} of window 0)"), first_token=first,
+                     channel_bin=max(bin_width, 1))
+if routed:
+    fig.update_layout(scene_yaxis_title="token routed to it (in order)")
+st.plotly_chart(fig)
 st.caption("As in SpinQuant's Figure 2: ridges along the token axis are outlier channels (fixed channels, every "
            "token); a spike at one token is a massive activation. Drag to rotate."
-           + (f" Channels are max-pooled in bins of {bin_width}." if bin_width > 1 else ""))
+           + (f" Channels are max-pooled in bins of {bin_width}." if bin_width > 1 else "")
+           + (" An expert sees only the tokens routed to it: the sink is among them if it was routed there."
+              if routed else ""))
 
 samples = res.array(layer, site2, "samples").numpy()
 vals = samples[:, :-1] if with_sink else samples[samples[:, -1] == 0, :-1]
@@ -119,13 +126,18 @@ def visible(token: str) -> str:
     return token.replace(" ", "\u2423").replace("\n", "\\n") or "(empty)"
 
 
-rows = [{"token norm": round(float(r[0]), 1), "max |x|": round(float(r[1]), 1), "window": int(r[2]),
+def num(v: float) -> str:
+    """One decimal from 10 up, else 3 significant digits (a small model's norms of 0.1 would all read 0.0 or 0.1)."""
+    return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
+
+
+rows = [{"token norm": float(r[0]), "max |x|": float(r[1]), "window": int(r[2]),
          "position": int(r[3]), "token": visible(handle.tokenizer.decode([int(r[4])]))} for r in top]
-# st.table would print every float with 4 decimals; the Styler keeps one.
-st.table(pd.DataFrame(rows).style.format({"token norm": "{:.1f}", "max |x|": "{:.1f}"}).hide(axis="index"))
+# st.table would print every float with 4 decimals; the Styler keeps what num() keeps.
+st.table(pd.DataFrame(rows).style.format({"token norm": num, "max |x|": num}).hide(axis="index"))
 row = res.site_table(site2).loc[layer]
-st.caption(f"Largest token norms at layer {layer}, {site2}. Median token norm {row.median_token_norm:.1f}; the "
-           f"largest is {row.massive_ratio:.0f}x the median. Position 0 is the attention sink. In the token column, "
+st.caption(f"Largest token norms at layer {layer}, {site2}. Median token norm {num(row.median_token_norm)}; the "
+           f"largest is {num(row.massive_ratio)}x the median. Position 0 is the attention sink. In the token column, "
            "\u2423 marks a space and \\n a newline.")
 
 st.download_button("Download the per-layer table (CSV)", res.table.to_csv(index=False).encode(),

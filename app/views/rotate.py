@@ -5,7 +5,7 @@ import streamlit as st
 
 from app import charts, progress, state
 from engine.events import Metric
-from engine.observe.capture import SITES, CaptureConfig
+from engine.observe.capture import CaptureConfig, site_label
 from engine.observe.compare import compare_job
 from engine.rotation.fusion import KINDS, RotationConfig
 
@@ -75,7 +75,8 @@ badge(f"{'Same function' if ok else 'Outputs differ'}: {cmp.rotation.tag()}: max
       f"over {chk['tokens']} evaluation tokens ({handle.dtype}).")
 
 before, after = cmp.before, cmp.after
-site = st.selectbox("Site", list(SITES), format_func=lambda s: f"{s}: {SITES[s]}", key="rot_site")
+# The sites captured: a mixture has down_in[expertN] (where R4 acts) instead of one down_in.
+site = st.selectbox("Site", before.sites, format_func=site_label, key="rot_site")
 
 
 def pair(make, caption: str):
