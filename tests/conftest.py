@@ -98,3 +98,29 @@ def tiny_model_dir(tmp_path_factory):
     LlamaForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def family_model_dirs(tmp_path_factory):
+    """{name: directory} of a tiny Qwen3 and a tiny Mixtral (2 layers, 4 experts, top-2), random weights, seed 0,
+    with the default model's tokenizer: local model directories a user could type into the sidebar."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    from engine.model.loading import default_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=16, max_position_embeddings=256)
+    out = {}
+    for name, cfg, cls in (
+            ("qwen3", transformers.Qwen3Config(intermediate_size=64, **common), transformers.Qwen3ForCausalLM),
+            ("mixtral", transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                                                   **common), transformers.MixtralForCausalLM)):
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(name)
+        cls(cfg).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        out[name] = path
+    return out

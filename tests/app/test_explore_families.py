@@ -4,37 +4,12 @@ the mixture, the per-expert sites are offered and the tokens-per-expert heat map
 import json
 from pathlib import Path
 
-import pytest
-import torch
 from streamlit.testing.v1 import AppTest
 
 from tests.app.test_pages import decode
 
 APP = str(Path(__file__).resolve().parents[2] / "app" / "streamlit_app.py")
 TOKENS = 128
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    import transformers
-    from transformers import AutoTokenizer
-
-    from engine.model.loading import default_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    common = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=16, max_position_embeddings=256)
-    out = {}
-    for name, cfg, cls in (
-            ("qwen3", transformers.Qwen3Config(intermediate_size=64, **common), transformers.Qwen3ForCausalLM),
-            ("mixtral", transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
-                                                   **common), transformers.MixtralForCausalLM)):
-        torch.manual_seed(0)
-        path = tmp_path_factory.mktemp(name)
-        cls(cfg).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        out[name] = path
-    return out
 
 
 def explore(model_dir) -> AppTest:
@@ -54,15 +29,15 @@ def titles(at: AppTest) -> list[str]:
     return [json.loads(el.proto.spec)["layout"]["title"]["text"] for el in at.get("plotly_chart")]
 
 
-def test_explore_on_a_tiny_qwen3(model_dirs):
-    at = explore(model_dirs["qwen3"])
+def test_explore_on_a_tiny_qwen3(family_model_dirs):
+    at = explore(family_model_dirs["qwen3"])
     shown = titles(at)
     assert any(t.startswith("Kurtosis per layer") for t in shown) and any(t.startswith("|x| over") for t in shown)
     assert not any(t.startswith("Tokens routed") for t in shown)  # a dense model has no expert view
 
 
-def test_explore_on_a_tiny_mixture_of_experts(model_dirs):
-    at = explore(model_dirs["mixtral"])
+def test_explore_on_a_tiny_mixture_of_experts(family_model_dirs):
+    at = explore(family_model_dirs["mixtral"])
     options = at.selectbox(key="explore_site").options
     assert "down_in" not in options and any(o.startswith("down_in[expert3]") for o in options)
     heat = next(json.loads(el.proto.spec) for el in at.get("plotly_chart")

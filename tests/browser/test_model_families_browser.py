@@ -20,32 +20,6 @@ N_LAYERS, N_EXPERTS = 2, 4
 MODELS = ("qwen3", "mixtral")
 
 
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    """{name: directory} of a tiny Qwen3 and a tiny Mixtral (4 experts, top-2), random weights, seed 0."""
-    import torch
-    import transformers
-    from transformers import AutoTokenizer
-
-    from engine.model.loading import default_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    common = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=N_LAYERS, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=16, max_position_embeddings=256)
-    out = {}
-    for name, cfg, cls in (
-            ("qwen3", transformers.Qwen3Config(intermediate_size=64, **common), transformers.Qwen3ForCausalLM),
-            ("mixtral", transformers.MixtralConfig(intermediate_size=48, num_local_experts=N_EXPERTS,
-                                                   num_experts_per_tok=2, **common),
-             transformers.MixtralForCausalLM)):
-        torch.manual_seed(0)
-        path = tmp_path_factory.mktemp(name)
-        cls(cfg).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        out[name] = path
-    return out
-
-
 def _choose_model(page, app_url, page_name: str, model_dir) -> None:
     """Open page_name and type the model's directory into the sidebar's Model box (then Tab, as a user would)."""
     shots.open_page(page, app_url, page_name, TIMEOUT_MS)
@@ -68,8 +42,8 @@ def _no_errors(page) -> None:
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_explore_on_a_tiny_model_family(app_url, page, model_dirs, name):
-    _choose_model(page, app_url, "explore", model_dirs[name])
+def test_explore_on_a_tiny_model_family(app_url, page, family_model_dirs, name):
+    _choose_model(page, app_url, "explore", family_model_dirs[name])
     page.get_by_role("heading", name="Explore activation outliers").wait_for(timeout=TIMEOUT_MS)
 
     for action in (f"fill:Token budget={TOKENS}", f"fill:Window length={WINDOW}", "click:Capture",
@@ -110,8 +84,8 @@ def test_explore_on_a_tiny_model_family(app_url, page, model_dirs, name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_rotate_on_a_tiny_model_family(app_url, page, model_dirs, name):
-    _choose_model(page, app_url, "rotate", model_dirs[name])
+def test_rotate_on_a_tiny_model_family(app_url, page, family_model_dirs, name):
+    _choose_model(page, app_url, "rotate", family_model_dirs[name])
     page.get_by_role("heading", name="Rotate: R1-R4 before and after").wait_for(timeout=TIMEOUT_MS)
 
     for action in ("select:R1=random Hadamard", "select:R2=random Hadamard", "select:R3=random Hadamard",
