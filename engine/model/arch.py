@@ -2,7 +2,9 @@
 
 Rotation, capture and quantization code never spell module names; they ask the record of the model's class.
 Llama 1-3.2, Mistral, Qwen2/2.5 and Qwen3 share the layout (Qwen2 adds q/k/v biases); Phi-3 and Phi-4-mini
-fuse q, k, v into one linear and gate, up into another.
+fuse q, k, v into one linear and gate, up into another; mixtures of experts add a router and per-expert linears.
+Families whose rotations cannot be fused exactly (Gemma 2/3, OLMo-2, StableLM) carry the reason and are captured
+and evaluated unrotated.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ class ArchRoles:
     o: str = "self_attn.o_proj"
     gate: str | None = "mlp.gate_proj"
     up: str | None = "mlp.up_proj"
-    down: str = "mlp.down_proj"
+    down: str | None = "mlp.down_proj"  # None in a mixture: every expert has its own
     qkv: str | None = None       # fused rows [q | k | v] (Phi-3)
     gate_up: str | None = None   # fused rows [gate | up] (Phi-3)
     qkv_bias: bool = False  # Qwen2 has biases on q, k, v
