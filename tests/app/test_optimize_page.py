@@ -4,6 +4,7 @@ page a Stop press leads to."""
 import json
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 from tests.app.test_pages import decode
@@ -42,6 +43,7 @@ def set_small_run(at: AppTest, method: str, steps: int = 3) -> None:
     at.number_input(key="opt_every").set_value(1)
 
 
+@pytest.mark.slow  # trains
 def test_train_then_evaluate_then_random_spread(tiny_model_dir):
     at = optimize_page(tiny_model_dir)
     assert any("press **Start**" in i.value for i in at.info)
@@ -81,6 +83,7 @@ def test_train_then_evaluate_then_random_spread(tiny_model_dir):
     assert any("beats" in c for c in at.table[-1].value.columns)
 
 
+@pytest.mark.slow  # trains
 def test_a_stopped_run_is_shown_and_can_be_resumed(tiny_model_dir):
     from engine.events import Metric
     from engine.learn.spinquant import TrainConfig, train_job

@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parents[2] / "app" / "streamlit_app.py")
@@ -48,6 +49,7 @@ def test_home_unknown_model_shows_clear_error():
     assert any("not found" in e.value for e in at.error)
 
 
+@pytest.mark.slow  # captures on the real default model
 def test_explore_capture_shows_all_charts():
     at = _app("explore")
     at.number_input[0].set_value(256)

@@ -16,6 +16,7 @@ class Opaque:  # an object torch refuses to unpickle with weights_only=True
     pass
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, about the plain pickle written here
 @pytest.mark.parametrize("content, found", [
     (b"not a torch file", "a file of 16 bytes that torch cannot read"),
     ("pickle", "a file of"),

@@ -54,6 +54,8 @@ loaded = sorted(m for m in sys.modules if m == prefix or m.startswith(prefix + "
 print(json.dumps({"loaded": loaded, "attempts": attempts}))
 """
 
+pytestmark = pytest.mark.slow  # a fresh Python process per module imported
+
 
 def _import_with_blocked(target: str, prefix: str, allowed=()) -> list[str]:
     """The modules under prefix that importing target imports; fails if it tried to import a blocked one."""
