@@ -30,7 +30,8 @@ def _source_label(source: str) -> str:
 
 c1, c2, c3, c4 = st.columns([1, 2, 2, 1])
 layer = c1.number_input("Layer", 0, arch.n_layers - 1, min(5, arch.n_layers - 1), key="qr_layer")
-site = c2.selectbox("Site", list(qv.SITE_ROLES), format_func=lambda s: f"{s}: {qv.SITE_LABELS[s]}", key="qr_site")
+sites = [s for s in qv.SITE_ROLES if s != "down_in" or "down" in arch.down_roles]  # a mixture's are per expert
+site = c2.selectbox("Site", sites, format_func=lambda s: f"{s}: {qv.SITE_LABELS[s]}", key="qr_site")
 source = c3.selectbox("Tensor", ["activation", *qv.site_readers(arch)[site]], format_func=_source_label,
                       key="qr_source")
 tokens = c4.number_input("Tokens", 16, min(2048, handle.max_length), min(256, handle.max_length), step=64,
