@@ -21,7 +21,7 @@ from torch import nn
 
 from engine import store
 from engine.model import dispatch
-from engine.model.arch import ArchInfo, check_config_supported, resolve
+from engine.model.arch import ARCHITECTURES, LLAMA, ArchInfo, check_config_supported, resolve
 from engine.model.dispatch import Placement
 from engine.model.experts import unfuse_experts
 
@@ -291,6 +291,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
     src, note, kw, config = _read_config(name)
     placement = None
     if device == "auto" or max_memory is not None or device_map is not None:
+        if any(ARCHITECTURES.get(a, LLAMA).experts for a in config.architectures or ()):  # before any weight is read
+            raise ModelLoadError("mixture-of-experts models load on one device for now (no --max-memory)")
         placement = _plan(config, dtype, max_memory, offload_disk, device_map)
     dev = pick_device(None if device == "auto" else device)
     try:  # a damaged weight file raises SafetensorError (safetensors) or RuntimeError (torch.load)
@@ -305,8 +307,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load the tokenizer of {name!r} (put its tokenizer files, e.g. "
                              f"tokenizer.json, next to config.json): {e}") from e
-    if unfuse_experts(model) and placement is not None:  # each expert as a pair of linears (engine.model.experts)
-        raise ModelLoadError("mixture-of-experts models load on one device for now (no --max-memory)")
+    unfuse_experts(model)  # each expert as a pair of linears (engine.model.experts)
     if placement is None:
         model.to(dev)
     else:

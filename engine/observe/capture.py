@@ -195,8 +195,8 @@ class _Hooks(_SiteHooks):
         self.acc[key].update(x, self.ids, self.window_index, rows)
 
 
-class _StopForward(Exception):
-    """Raised by a forward hook to end the pass once the layer of interest has run."""
+class StopForward(Exception):
+    """Raised by a forward hook to end the pass once the layer of interest has run (capture, GPTQ's inputs)."""
 
 
 def layer_sites(model: nn.Module, arch: ArchInfo, ids: torch.Tensor, layer: int,
@@ -215,14 +215,14 @@ def layer_sites(model: nn.Module, arch: ArchInfo, ids: torch.Tensor, layer: int,
         got[site] = x.detach().float().cpu().clone()
 
     def stop(module, args, out):
-        raise _StopForward
+        raise StopForward
 
     hooks = _SiteHooks(model, arch, sites, keep, layers=(layer,))
     hooks.handles.append(arch.layer(model, layer).register_forward_hook(stop))
     try:
         with torch.no_grad():
             model(ids.to(dispatch.input_device(model)), use_cache=False)
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         hooks.remove()

@@ -42,6 +42,7 @@ def compare_job(handle, corpus_name: str, rot: RotationConfig, cap: CaptureConfi
             elif isinstance(ev, Done):
                 results[stage] = ev.result
 
+    tag = rot.tag()  # once: a rotation file's tag reads and hashes the file
     yield from capture("before", handle.model, "none")
     reference = logits(handle.model, ids)
     with contextlib.ExitStack() as stack:
@@ -50,12 +51,12 @@ def compare_job(handle, corpus_name: str, rot: RotationConfig, cap: CaptureConfi
                 if isinstance(ev, Done):
                     rotated = ev.result
                 else:
-                    yield replace(ev, message=f"rotating ({rot.tag()}): {ev.message}")
+                    yield replace(ev, message=f"rotating ({tag}): {ev.message}")
         yield Progress("rotate", 1, 1, time.perf_counter() - t0, "rotated")
         check = equivalence(None, rotated, ids, reference=reference)
         for k in ("max_abs_logit_diff", "kl"):
             yield Metric(k, 0, check[k])
-        yield from capture("after", rotated, rot.tag())
+        yield from capture("after", rotated, tag)
         if handle.dispatched:
             rotated = None
     yield Done(Comparison(results["before"], results["after"], check, rot, rotated),

@@ -11,6 +11,7 @@ from torch import nn
 from engine.events import Progress
 from engine.model import attention, dispatch
 from engine.model.arch import ArchInfo
+from engine.observe.capture import StopForward
 from engine.quant.gptq import HessianAccumulator
 from engine.quant.methods import ACTIVATION_METHODS, WEIGHT_METHODS
 from engine.quant.recipes import Bits, Recipe
@@ -38,10 +39,6 @@ def quantize_weights_direct(model: nn.Module, arch: ArchInfo, bits: Bits, recipe
                        f"{recipe.weights.upper()} weights, layer {i + 1}/{arch.n_layers}")
 
 
-class _StopForward(Exception):
-    pass
-
-
 def _layer_inputs(model: nn.Module, arch: ArchInfo, windows: torch.Tensor) -> list:
     """(args, kwargs) reaching decoder layer 0 for each calibration window (the forward stops there)."""
     first = arch.layer(model, 0)
@@ -49,7 +46,7 @@ def _layer_inputs(model: nn.Module, arch: ArchInfo, windows: torch.Tensor) -> li
 
     def catch(module, args, kwargs):
         caught.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
-        raise _StopForward
+        raise StopForward
 
     h = first.register_forward_pre_hook(catch, with_kwargs=True)
     device = dispatch.input_device(model)
@@ -57,7 +54,7 @@ def _layer_inputs(model: nn.Module, arch: ArchInfo, windows: torch.Tensor) -> li
         for w in windows:
             try:
                 model(w.unsqueeze(0).to(device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         h.remove()

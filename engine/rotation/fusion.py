@@ -56,8 +56,7 @@ class RotationConfig:
         if not self.active:
             return "none"
         parts = [f"{r.upper()}={getattr(self, r)}" for r in ROTATIONS if getattr(self, r) != "none"]
-        file = self.key()["file"]
-        extra = f",seed={self.seed}" + (f",file={Path(self.file).name}@{file[7:19]}" if self.file else "")
+        extra = f",seed={self.seed}" + (f",file={Path(self.file).name}@{self._file_digest()[:12]}" if self.file else "")
         return ",".join(parts) + extra
 
     def to_dict(self) -> dict:
@@ -65,13 +64,13 @@ class RotationConfig:
 
     def key(self) -> dict:
         """What a cache key holds: the settings, with a rotation file named by its content, not its path."""
-        if not self.file:
-            return self.to_dict()
+        return self.to_dict() if not self.file else {**self.to_dict(), "file": f"sha256:{self._file_digest()}"}
+
+    def _file_digest(self) -> str:
         try:
-            digest = store.file_digest(self.file)
+            return store.file_digest(self.file)
         except OSError as e:
             raise ValueError(f"cannot read rotation file {self.file}: {e.strerror or e}") from e
-        return {**self.to_dict(), "file": f"sha256:{digest}"}
 
     @staticmethod
     def from_names(names: list[str], kind: str, seed: int = 0, file: str | None = None) -> "RotationConfig":
