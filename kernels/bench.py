@@ -11,6 +11,11 @@ after checking each kernel against its reference on the same inputs:
   dense_gemm         x @ W with a dense d x d W (what an unstructured online rotation would cost)
   rotate_quant_int4  kernels.rotate_quant, rotation + per-token int4 (packed), no fp16 intermediate (two launches)
   rotate_quant_int8  the same with int8 output
+  rotate_mxfp4       kernels.block_quant: rotation + MXFP4 (E2M1 + E8M0 scale per 32) in one pass
+  rotate_nvfp4       the same with NVFP4 (E2M1 + E4M3 scale per 16; the FP32 global scale calibrated beforehand)
+  rotate_mxfp8       the same with MXFP8 (E4M3 + E8M0 scale per 32)
+  blockdiag_then_mxfp4, blockdiag_then_nvfp4   the separate way: triton_blockdiag's fp16/bf16 output, then a
+                     quantize-only launch of kernels.block_quant (x read once, y written and read back)
 The FHT rows use the fast_hadamard_transform package when installed, else our torch implementation; the row's
 `backend` says which. GB/s counts the fewest bytes each op must move (inputs once, outputs once).
 
@@ -29,12 +34,23 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 
 from kernels import hadamard
+from kernels.block_quant import (
+    block_quantize_reference,
+    group_mismatch,
+    nvfp4_global_scale,
+    rotate_in_dtype,
+    rotate_quantize_mx,
+    rotate_quantize_mx_bytes,
+    rotate_quantize_mx_reference,
+    rotate_then_quantize,
+)
 from kernels.blockdiag import blockdiag_matmul_reference, blockdiag_matmul_triton
 from kernels.rotate_quant import rotate_quantize, rotate_quantize_bytes, rotate_quantize_reference, unpack_int4
 from kernels.timing import median_us
 
 KERNELS = ("memcpy", "fht_padded", "fht_exact", "triton_blockdiag", "torch_blockdiag", "dense_gemm",
-           "rotate_quant_int4", "rotate_quant_int8")
+           "rotate_quant_int4", "rotate_quant_int8", "rotate_mxfp4", "rotate_nvfp4", "rotate_mxfp8",
+           "blockdiag_then_mxfp4", "blockdiag_then_nvfp4")
 KERNEL_LABELS = {
     "memcpy": "memcpy (clone)",
     "fht_padded": "FHT, padded to 2^m",
@@ -44,6 +60,11 @@ KERNEL_LABELS = {
     "dense_gemm": "dense GEMM",
     "rotate_quant_int4": "rotate + int4 quantize",
     "rotate_quant_int8": "rotate + int8 quantize",
+    "rotate_mxfp4": "rotate + MXFP4, one pass",
+    "rotate_nvfp4": "rotate + NVFP4, one pass",
+    "rotate_mxfp8": "rotate + MXFP8, one pass",
+    "blockdiag_then_mxfp4": "block-diagonal, then MXFP4",
+    "blockdiag_then_nvfp4": "block-diagonal, then NVFP4",
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 ROW_FIELDS = ("kernel", "d", "L", "dtype", "block", "median_us", "gbps", "over_memcpy", "backend", "check_error",
@@ -52,6 +73,7 @@ ROW_FIELDS = ("kernel", "d", "L", "dtype", "block", "median_us", "gbps", "over_m
 CHECK_TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 CHECK_ROWS = 256  # rows compared against the FHT and GEMM references (cheaper than all L rows)
 MAX_OFF_BY_ONE = 1e-3  # rotate + quantize: fraction of integers allowed one step off the reference (quant_error)
+MX_FORMATS = ("mxfp4", "nvfp4", "mxfp8")
 
 
 class NoGPUError(RuntimeError):
@@ -134,6 +156,18 @@ def quant_mismatch(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Ten
             f"scale rel {rel_error(s, s_ref):.2e}")
 
 
+def mx_error(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor], fmt: str) -> float:
+    """Fraction of microscaling groups (32 or 16 values) whose scale or any code differs from the reference; inf
+    when the shapes differ. The one-pass kernel is exact for the same fp32 y, so only a group with a value within
+    about 1e-6 * (|x| @ |B|) of a rounding boundary (another fp32 summation order) may differ: a correct kernel
+    stays far within MAX_OFF_BY_ONE (on the H200, 4 to 42 groups in 344000)."""
+    try:
+        differ = group_mismatch(got, want, fmt)
+    except ValueError:
+        return math.inf
+    return float(differ.float().mean()) if differ.numel() else 0.0
+
+
 class Case:
     """Inputs and (kernel -> (run, check, bytes, backend)) for one (d, L, dtype)."""
 
@@ -145,6 +179,13 @@ class Case:
         self.io_bytes = 2 * tokens * d * self.element
         self.device = device
         self._dense = None
+        self._global_scale = None
+
+    def global_scale(self) -> torch.Tensor:
+        """NVFP4's FP32 per-tensor scale, calibrated once on this case's rotated input (not timed)."""
+        if self._global_scale is None:
+            self._global_scale = nvfp4_global_scale(self.x[:CHECK_ROWS], self.blocks).to(self.device)
+        return self._global_scale
 
     def dense(self) -> torch.Tensor:
         if self._dense is None:  # random, not orthogonal: GEMM time does not depend on the values
@@ -180,6 +221,17 @@ class Case:
             return (lambda: rotate_quantize(x, blocks, bits),
                     lambda out: quant_error(out, rotate_quantize_reference(x, blocks, bits), bits),
                     rotate_quantize_bytes(d, self.tokens, self.block, bits, e), "triton", MAX_OFF_BY_ONE)
+        fmt = kernel.rsplit("_", 1)[-1]
+        if fmt in MX_FORMATS and kernel in (f"rotate_{fmt}", f"blockdiag_then_{fmt}"):
+            g = self.global_scale() if fmt == "nvfp4" else None
+            nbytes = rotate_quantize_mx_bytes(d, self.tokens, self.block, fmt, e)  # the fewest: the fused op's
+            if kernel.startswith("rotate_"):
+                return (lambda: rotate_quantize_mx(x, blocks, fmt, g),
+                        lambda out: mx_error(out, rotate_quantize_mx_reference(x, blocks, fmt, g), fmt),
+                        nbytes, "triton", MAX_OFF_BY_ONE)
+            return (lambda: rotate_then_quantize(x, blocks, fmt, g),  # exact for the rounded y
+                    lambda out: mx_error(out, block_quantize_reference(rotate_in_dtype(x, blocks), fmt, g), fmt),
+                    nbytes, "triton", 0.0)
         raise ValueError(f"unknown kernel {kernel!r}")
 
 

@@ -23,7 +23,9 @@ FIGURE_NOTE = (
     "orthogonal transform of the d values. Rotate + quantize stays above the floor: a token's scale needs its "
     "whole rotated row, spread over d / 128 programs, so it runs as two launches (row maxima, then integers) and "
     "reads x twice; on the H100 that is 1.4x to 1.7x a copy at L >= 2048 (docs/BENCHMARKS.md says why a one-pass "
-    "kernel did not do better).")
+    "kernel did not do better). The MXFP4 / NVFP4 / MXFP8 rows need no row-wide scale (one per 32 or 16 rotated "
+    "values), so they rotate and quantize in one pass; 'block-diagonal, then ...' does the same in two launches "
+    "through an fp16 intermediate.")
 
 st.title("Online-rotation kernels")
 st.caption("FLRot's claim: a learned block-diagonal R4, run as a Triton matmul of 128x128 blocks, costs no more than "
