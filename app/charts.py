@@ -176,3 +176,23 @@ def expert_tokens(tokens: pd.DataFrame, title: str) -> go.Figure:
                                y=[f"layer {i}" for i in tokens.index], colorscale="Blues",
                                colorbar=dict(title="tokens"), hovertemplate="%{y}, %{x}: %{z} tokens<extra></extra>"))
     return layout(fig, title, "expert", "decoder layer", height=max(300, 40 + 22 * len(tokens)))
+
+
+def clip_heatmap(clips: dict, n_layers: int, title: str) -> go.Figure:
+    """The clip ratios a calibrated row chose (engine.quant.calibrate.ClipPlan.summary): one column per site
+    (weights: the mean over a linear's rows), one row per decoder layer; 1.0 = not clipped."""
+    columns, z = [], []
+    for kind, label in (("weights", "W"), ("activations", "A")):
+        for role, values in clips.get(kind, {}).items():
+            columns.append(f"{label} {role}")
+            z.append(values)
+    for kind in ("k", "v"):
+        if kind in clips:
+            columns.append(kind.upper())
+            z.append(clips[kind])
+    grid = [[col[i] for col in z] for i in range(n_layers)]
+    fig = go.Figure(go.Heatmap(z=grid, x=columns, y=list(range(n_layers)), zmin=0.7, zmax=1.0,
+                               colorscale="Viridis", colorbar=dict(title="ratio"),
+                               hovertemplate="%{x}, layer %{y}: %{z:.3f}<extra></extra>"))
+    return layout(fig, title, "quantized site (W: weight rows' mean shrink, A: input activations, K/V: cache)",
+                  "decoder layer", height=max(380, 14 * n_layers + 120))

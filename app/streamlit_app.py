@@ -28,6 +28,7 @@ pages = [
     st.Page("views/rotate.py", title="Rotate", icon=":material/360:"),
     st.Page("views/optimize.py", title="Optimize", icon=":material/tune:"),
     st.Page("views/evaluate.py", title="Evaluate", icon=":material/bar_chart:"),
+    st.Page("views/matrix.py", title="Formats x rotations", icon=":material/grid_on:"),
     st.Page("views/qrazor.py", title="QRazor", icon=":material/content_cut:"),
     st.Page("views/kernels.py", title="Kernels", icon=":material/memory:"),
 ]

@@ -15,6 +15,10 @@ def _progress_line(ev: Progress) -> None:
     print(f"\r[{bar:<30}] {ev.stage} {ev.done}/{ev.total} {ev.status()}", end="", file=sys.stderr, flush=True)
 
 
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C inside a verb that keeps what it finished: the message says what was kept and how to resume."""
+
+
 def drain(events):
     """Print progress to stderr, return the Done event."""
     done = None
@@ -160,33 +164,101 @@ def cmd_eval(args) -> int:
         check_request(list(tasks), args.limit)
     cfg = EvalConfig(tokens=args.tokens, window=args.window, tasks=tasks, limit=args.limit, seed=args.seed,
                      calib_tokens=args.calib_tokens, corpus=args.corpus)
-    runs = [(get_recipe(r, weights=args.weights, rotation_file=args.rotation_file), Bits.parse(b))
+    runs = [(get_recipe(r, weights=args.weights, rotation_file=args.rotation_file, clip=args.clip), Bits.parse(b))
             for r in args.recipe.split(",") for b in args.bits.split(",")]  # all validated before the model loads
     handle = load(args)
 
     def table(rows: list[dict]) -> str:  # whitespace-separated columns: 'piqa acc' prints as piqa_acc
         df = pd.DataFrame(rows)
-        cols = ["recipe", "weights", "bits", "ppl", "seconds", "cached",
+        cols = ["recipe", "weights", "bits", "clip", "ppl", "seconds", "cached",
                 *[c for c in df.columns if c.endswith((" acc", " acc_norm"))]]
         return df[cols].rename(columns=lambda c: c.replace(" ", "_")).to_string(
             index=False, float_format=lambda v: f"{v:.4g}")
 
     rows = []
-    for ev in eval_table_job(handle, runs, cfg, use_cache=not args.no_cache):
-        if isinstance(ev, Progress):
-            if ev.partial is None:
-                _progress_line(ev)
-            else:  # a run finished: its row at once
-                print(file=sys.stderr)
-                print(table(ev.partial[-1:]), flush=True)
-        elif isinstance(ev, Done):
-            rows = ev.result
+    try:
+        for ev in eval_table_job(handle, runs, cfg, use_cache=not args.no_cache):
+            if isinstance(ev, Progress):
+                if ev.partial is None:
+                    _progress_line(ev)
+                else:  # a run finished: its row at once
+                    rows = ev.partial
+                    print(file=sys.stderr)
+                    print(table(ev.partial[-1:]), flush=True)
+            elif isinstance(ev, Done):
+                rows = ev.result
+    except KeyboardInterrupt:
+        raise Stopped(f"{len(rows)} of {len(runs)} runs had finished" + (
+            " and are cached: the same command computes only the rest" if rows and not args.no_cache else "")) from None
     r = rows[-1]
     print(f"\nperplexity on {r['tokens']} evaluation tokens of {r['corpus']} (windows of {r['window']}); "
           f"zero-shot limit {cfg.limit} documents per task")
     print(table(rows))
     write_json(args.json, {"rows": rows, "tokens": r["tokens"], "window": r["window"], "corpus": r["corpus"],
                            "limit": cfg.limit})
+    return 0
+
+
+def cmd_matrix(args) -> int:
+    import pandas as pd
+
+    from engine.evaluate import EvalConfig
+    from engine.matrix import MatrixConfig, matrix_job
+
+    split = lambda text: tuple(t.strip() for t in text.split(",") if t.strip())  # noqa: E731
+    mcfg = MatrixConfig(formats=split(args.formats), rotations=split(args.rotations), kv=args.kv,
+                        weights=args.weights, clip=args.clip)  # every name validated before the model loads
+    cfg = EvalConfig(tokens=args.tokens, window=args.window, calib_tokens=args.calib_tokens, seed=args.seed)
+    handle = load(args)
+    cells = []
+    try:
+        for ev in matrix_job(handle, mcfg, cfg, use_cache=not args.no_cache):
+            if isinstance(ev, Progress):
+                if ev.partial is None:
+                    _progress_line(ev)
+                else:
+                    cells = ev.partial
+                    c = cells[-1]
+                    print(file=sys.stderr)
+                    print(f"{c['format']:>8} x {c['rotation']:<12} perplexity {c['ppl']:.4g}"
+                          + (" (cached)" if c["cached"] else ""), flush=True)
+            elif isinstance(ev, Done):
+                cells = ev.result
+    except KeyboardInterrupt:
+        kept = " and are cached: the same command computes only the rest" if cells and not args.no_cache else ""
+        raise Stopped(f"{len(cells)} of {len(mcfg.runs())} cells had finished{kept}") from None
+    table = pd.DataFrame(cells).pivot(index="format", columns="rotation", values="ppl")
+    table = table.loc[list(mcfg.formats), list(mcfg.rotations)]
+    print(f"\nperplexity on {cells[0]['tokens']} evaluation tokens, weights {args.weights} and activations in the "
+          f"row's format, KV cache {args.kv}, clipping {args.clip}; columns: R1/R4 (R2, R3 random Hadamard when "
+          "rotated)")
+    print(table.to_string(float_format=lambda v: f"{v:.4g}"))
+    write_json(args.json, {"cells": cells, "formats": list(mcfg.formats), "rotations": list(mcfg.rotations),
+                           "kv": args.kv, "weights": args.weights, "clip": args.clip, "tokens": cells[0]["tokens"]})
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Build one row as `eval` does and write it as a compressed-tensors checkpoint (engine.export)."""
+    from engine.evaluate import EvalConfig
+    from engine.export import check_destination, check_exportable, export_job
+    from engine.quant.recipes import Bits, get_recipe
+
+    recipe = get_recipe(args.recipe, weights=args.weights, rotation_file=args.rotation_file, clip=args.clip)
+    bits = Bits.parse(args.bits)
+    check_exportable(recipe, bits)  # every refusal that needs no model comes before it loads
+    check_destination(args.out, args.force)
+    cfg = EvalConfig(seed=args.seed, calib_tokens=args.calib_tokens, corpus=args.corpus)
+    handle = load(args)
+    try:
+        r = drain(export_job(handle, recipe, bits, args.out, cfg, force=args.force)).result
+    except KeyboardInterrupt:
+        raise Stopped(f"nothing was written to {args.out}") from None
+    print(f"wrote {r['out']}: {r['recipe']} {r['bits']} ({r['weights']} weights, clip {r['clip']}, rotation "
+          f"{r['rotation']}), {r['bytes'] / 2**20:.1f} MiB in {r['seconds']:.1f}s")
+    for note in r["notes"]:
+        print(f"note: {note}")
+    write_json(args.json, r)
     return 0
 
 
@@ -211,17 +283,24 @@ def cmd_optimize(args) -> int:
         say(f"model: {handle.name} loaded in {time.perf_counter() - t0:.1f}s; {cfg.method} at {cfg.bits}, "
             f"{cfg.steps} steps of {cfg.batch} windows x {cfg.window} tokens over {info.world_size} process(es)",
             flush=True)
-        done, trained = None, 0
-        for ev in train_job(handle, cfg, resume=not args.no_resume):
-            if isinstance(ev, Metric) and ev.name == "loss":
-                trained += 1
-                say(f"step {ev.step}/{cfg.steps}  loss {ev.value:.4f}  lr {ev.extra['lr']:.4f}  "
-                    f"{ev.extra['seconds']:.1f}s", flush=True)
-            elif isinstance(ev, Metric) and ev.name == "ppl":
-                say(f"step {ev.step}/{cfg.steps}  quick perplexity {ev.value:.2f} ({cfg.eval_tokens} evaluation "
-                    "tokens)", flush=True)
-            elif isinstance(ev, Done):
-                done = ev
+        done, trained, step = None, 0, 0
+        try:
+            for ev in train_job(handle, cfg, resume=not args.no_resume):
+                step = ev.done if isinstance(ev, Progress) and ev.stage == "optimize" else step
+
+                if isinstance(ev, Metric) and ev.name == "loss":
+                    trained, step = trained + 1, ev.step
+                    say(f"step {ev.step}/{cfg.steps}  loss {ev.value:.4f}  lr {ev.extra['lr']:.4f}  "
+                        f"{ev.extra['seconds']:.1f}s", flush=True)
+                elif isinstance(ev, Metric) and ev.name == "ppl":
+                    say(f"step {ev.step}/{cfg.steps}  quick perplexity {ev.value:.2f} ({cfg.eval_tokens} evaluation "
+                        "tokens)", flush=True)
+                elif isinstance(ev, Done):
+                    done = ev
+        except KeyboardInterrupt:  # train() saved the finished steps on its way out
+            raise Stopped(f"after step {step} of {cfg.steps}: the checkpoint of step {step} is saved, the same "
+                          f"command resumes at step {step + 1}" if step else "before the first step finished: "
+                          "nothing was saved") from None
         if not trained:
             say(f"nothing to train: the checkpoint already holds all {cfg.steps} steps (--no-resume starts over)")
         say(f"rotations: {done.result.path}")
@@ -294,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bits", default="16-16-16", help="comma-separated W-A-KV, e.g. 4-4-4,4-16-16")
     e.add_argument("--weights", choices=["rtn", "gptq"], help="weight quantizer (default: the recipe's, RTN)")
     e.add_argument("--rotation-file", help="for recipe 'rotated': a SpinQuant-layout rotation file")
+    e.add_argument("--clip", choices=["calibrated", "fixed", "none"], default="calibrated",
+                   help="clip ratios: calibrated per layer on the calibration split (default; never worse than "
+                        "none there), fixed (weight search, A 0.9, KV 0.95: QuaRot's), or none")
     e.add_argument("--tokens", type=int, default=16384, help="evaluation tokens for perplexity")
     e.add_argument("--window", type=int, default=2048)
     e.add_argument("--tasks", default="", help="comma-separated zero-shot tasks, e.g. piqa,arc_easy")
@@ -305,6 +387,40 @@ def build_parser() -> argparse.ArgumentParser:
     placement_args(e)
     e.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
     e.set_defaults(func=cmd_eval)
+    mx = sub.add_parser("matrix", help="what-if matrix: perplexity of number formats (rows) x rotations (columns)")
+    mx.add_argument("--model", default="default")
+    mx.add_argument("--formats", default="4,mxfp4,nvfp4,fp8",
+                    help="comma-separated: a bit width (integers) or a format (mxfp4, mxfp6, mxfp8, nvfp4, fp8, "
+                         "int4g128) for weights and activations")
+    mx.add_argument("--rotations", default="none,hadamard,block16,block32,block128,block32p",
+                    help="comma-separated R1/R4: none, hadamard, block<b>, block<b>p (R4 permuted), file:<path>")
+    mx.add_argument("--kv", default="16", help="the KV cache's bit width or format in every cell")
+    mx.add_argument("--weights", choices=["rtn", "gptq"], default="rtn")
+    mx.add_argument("--clip", choices=["calibrated", "fixed", "none"], default="calibrated")
+    mx.add_argument("--tokens", type=int, default=4096, help="evaluation tokens for perplexity")
+    mx.add_argument("--window", type=int, default=1024)
+    mx.add_argument("--calib-tokens", type=int, default=2048)
+    mx.add_argument("--seed", type=int, default=0)
+    mx.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    mx.add_argument("--no-cache", action="store_true")
+    mx.add_argument("--json", metavar="FILE", help="also write the cells to this JSON file")
+    mx.set_defaults(func=cmd_matrix)
+    x = sub.add_parser("export", help="write one row (recipe at W-A-KV bits) as a compressed-tensors checkpoint")
+    x.add_argument("--model", default="default")
+    x.add_argument("--corpus", default="wiki", help="calibration text (GPTQ, calibrated clipping)")
+    x.add_argument("--recipe", required=True, help="rtn, quarot or rotated")
+    x.add_argument("--bits", required=True, help="W-A-KV, e.g. 4-16-16 or 4-4-4")
+    x.add_argument("--weights", choices=["rtn", "gptq"], help="weight quantizer (default: the recipe's, RTN)")
+    x.add_argument("--rotation-file", help="for recipe 'rotated': a SpinQuant-layout rotation file")
+    x.add_argument("--clip", choices=["calibrated", "fixed", "none"], default="calibrated",
+                   help="as for eval; quantized activations or KV cache need none (dynamic quantizers cannot clip)")
+    x.add_argument("--calib-tokens", type=int, default=8192, help="GPTQ calibration tokens")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    x.add_argument("--out", required=True, metavar="DIR", help="the model directory to write")
+    x.add_argument("--force", action="store_true", help="replace DIR if it holds an earlier export")
+    x.add_argument("--json", metavar="FILE", help="also write the summary to this JSON file")
+    x.set_defaults(func=cmd_export)
     o = sub.add_parser("optimize", help="learn rotations (SpinQuant R1/R2, FLRot also R3/R4) by Cayley SGD; "
                                         "runs under torchrun --nproc-per-node N with DDP")
     o.add_argument("--model", default="default")
@@ -341,8 +457,8 @@ def main(argv=None) -> int:
     except ValueError as e:  # every user-facing error in the engine is a ValueError subclass
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nstopped; nothing was cached", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"\nstopped; {e if isinstance(e, Stopped) else 'nothing partial was cached'}", file=sys.stderr)
         return 130
 
 

@@ -14,9 +14,9 @@ from torch import nn
 
 from engine import store
 from engine.data.corpus import load_corpus, windows
-from engine.events import Done, Progress
+from engine.events import Cancelled, Done, Progress, ticking
 from engine.model import dispatch
-from engine.quant.apply import quantize_model
+from engine.quant.apply import needs_calibration, quantize_model
 from engine.quant.recipes import Bits, Recipe, get_recipe
 from engine.rotation.fusion import rotate_job
 
@@ -52,38 +52,78 @@ class EvalConfig:
             check_request(list(self.tasks), self.limit)
 
 
-@torch.no_grad()
-def perplexity(model: nn.Module, wins: torch.Tensor, batch: int = 1):
-    """Generator over windows [N, T]: Progress per batch, then Done(ppl). Next-token NLL over each window."""
+def perplexity(model: nn.Module, wins: torch.Tensor, batch: int = 1, layers: list[nn.Module] | None = None):
+    """Generator over windows [N, T]: Progress per batch, then Done(ppl). Next-token NLL over each window.
+
+    With the model's decoder `layers`, each forward runs in a worker thread and reports as it passes layers (a
+    1024-token window takes seconds on a CPU), and a Stop ends it at the next layer."""
     device = dispatch.input_device(model)
     nll, count, t0 = 0.0, 0, time.perf_counter()
-    for s in range(0, wins.shape[0], batch):
+    n, per = wins.shape[0], len(layers or [None])
+    for s in range(0, n, batch):
         ids = wins[s:s + batch].to(device)
-        logits = model(ids, use_cache=False).logits[:, :-1].float()
-        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                       reduction="sum"))
+        if layers:
+            passed = [0]
+
+            def forward(cancel, ids=ids, passed=passed):
+                def check(module, args):
+                    if cancel.is_set():
+                        raise Cancelled
+                    passed[0] += 1
+
+                hooks = [layer.register_forward_pre_hook(check) for layer in layers]
+                try:
+                    with torch.no_grad():
+                        return model(ids, use_cache=False).logits[:, :-1].float()
+                finally:
+                    for h in hooks:
+                        h.remove()
+
+            def tick(s=s, passed=passed):  # progress counted in layers passed: n windows x L layers
+                k = min(passed[0], per)
+                return Progress("perplexity", s * per + k, n * per, time.perf_counter() - t0,
+                                f"window {s + 1}/{n}, layer {k}/{per}")
+
+            for ev in ticking(forward, tick):
+                if isinstance(ev, Done):
+                    logits = ev.result
+                else:
+                    yield ev
+        else:
+            with torch.no_grad():
+                logits = model(ids, use_cache=False).logits[:, :-1].float()
+        with torch.no_grad():
+            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                           ids[:, 1:].reshape(-1), reduction="sum"))
         count += ids[:, 1:].numel()
-        yield Progress("perplexity", min(s + batch, wins.shape[0]), wins.shape[0], time.perf_counter() - t0,
-                       f"ppl so far {math.exp(nll / count):.2f}")
+        yield Progress("perplexity", min(s + batch, n) * per, n * per, time.perf_counter() - t0,
+                       f"window {min(s + batch, n)}/{n}: ppl so far {math.exp(nll / count):.2f}")
     yield Done(math.exp(nll / count), seconds=time.perf_counter() - t0)
 
 
 def build_model(handle, model: nn.Module, recipe: Recipe, bits: Bits, cfg: EvalConfig, seed: int):
-    """Generator: rotate and fake-quantize `model` (a handle.working_model()) in place; Done(model) at the end."""
+    """Generator: rotate and fake-quantize `model` (a handle.working_model()) in place; Done((model, clip plan))."""
     t0 = time.perf_counter()
-    rot = recipe.rotation
+    rot = replace(recipe.rotation, seed=seed)
+    calib = None
+    if needs_calibration(recipe, bits) or rot.permutes:  # tokenizing the split the first time takes seconds
+        yield Progress("calibrate", 0, 1, time.perf_counter() - t0, "tokenizing the calibration split")
+        for ev in ticking(lambda cancel: windows(load_corpus(cfg.corpus), handle.tokenizer, cfg.calib_tokens,
+                                                 cfg.calib_window, "calib", seed=seed),
+                          lambda: Progress("calibrate", 0, 1, time.perf_counter() - t0,
+                                           "tokenizing the calibration split")):
+            if isinstance(ev, Done):
+                calib = ev.result
+            else:
+                yield ev
     if rot.active:
-        for ev in rotate_job(model, handle.arch, replace(rot, seed=seed), inplace=True):
+        for ev in rotate_job(model, handle.arch, rot, inplace=True, calib=calib):
             if isinstance(ev, Done):
                 model = ev.result
             else:
                 yield ev
-    calib = None
-    if recipe.weights == "gptq" and bits.w < 16:
-        corpus = load_corpus(cfg.corpus)
-        calib = windows(corpus, handle.tokenizer, cfg.calib_tokens, cfg.calib_window, "calib", seed=seed)
-    yield from quantize_model(model, handle.arch, bits, recipe, calib)
-    yield Done(model, seconds=time.perf_counter() - t0)
+    plan = yield from quantize_model(model, handle.arch, bits, recipe, calib)
+    yield Done((model, plan), seconds=time.perf_counter() - t0)
 
 
 def run_key(handle, recipe: Recipe, bits: Bits, cfg: EvalConfig) -> str:
@@ -111,13 +151,16 @@ def eval_job(handle, recipe: Recipe | str, bits: Bits | str, cfg: EvalConfig, us
     t0 = time.perf_counter()
     with handle.working_model() as model:  # a copy, or a dispatched model itself (reloaded at the end)
         for ev in build_model(handle, model, recipe, bits, cfg, cfg.seed):
-            if not isinstance(ev, Done):
+            if isinstance(ev, Done):
+                model, plan = ev.result
+            else:
                 yield ev
         corpus = load_corpus(cfg.corpus)
         win = min(cfg.window, handle.max_length, cfg.tokens)
         wins = windows(corpus, handle.tokenizer, cfg.tokens, win, "eval")
         ppl = None
-        for ev in perplexity(model, wins):
+        layers = [handle.arch.layer(model, i) for i in range(handle.arch.n_layers)]
+        for ev in perplexity(model, wins, layers=layers):
             if isinstance(ev, Done):
                 ppl = ev.result
             else:
@@ -125,7 +168,8 @@ def eval_job(handle, recipe: Recipe | str, bits: Bits | str, cfg: EvalConfig, us
         result = {"model": handle.name, "recipe": recipe.name, "weights": recipe.weights if recipe.quantize else "-",
                   "bits": str(bits) if recipe.quantize else "16-16-16", "bits_requested": str(bits),
                   "ppl": ppl, "tokens": int(wins.numel()), "window": win, "corpus": corpus.label, "seed": cfg.seed,
-                  "tasks": {}, "limit": cfg.limit, "code": CODE_VERSION}
+                  "tasks": {}, "limit": cfg.limit, "code": CODE_VERSION,
+                  "clip": recipe.clip if recipe.quantize else "-", "clips": plan.summary(handle.arch.n_layers)}
         if cfg.tasks:
             from engine.data.tasks import zero_shot
 
@@ -146,9 +190,10 @@ def run_label(recipe: Recipe, bits: Bits) -> str:
 
 
 def table_row(result: dict, recipe: Recipe, cached: bool = False) -> dict:
-    """One row of a comparison table: eval_job's result, plus `clip` (the weights had the clipping search),
+    """One row of a comparison table: eval_job's result (its `clip` mode and the `clips` chosen), plus `w_search`
+    (the weights had QuaRot's clipping search),
     `cached` (served from cache/) and one column per task metric ('piqa acc', 'piqa acc_norm')."""
-    row = {**result, "clip": bool(recipe.quantize and recipe.w_clip_search), "cached": cached}
+    row = {**result, "w_search": bool(recipe.quantize and recipe.weight_search), "cached": cached}
     for task, m in result["tasks"].items():
         row[f"{task} acc"] = m.get("acc")
         if m.get("acc_norm") is not None:
@@ -158,8 +203,8 @@ def table_row(result: dict, recipe: Recipe, cached: bool = False) -> dict:
 
 # Where each stage of one run sits in that run's share of the overall bar: (start, span); zero-shot tasks take
 # the last tenth when asked for. The figures only place the bar; the ETA comes from the measured pace.
-PHASES = {"rotate": (0.0, 0.2), "weights": (0.2, 0.3), "gptq": (0.2, 0.3), "perplexity": (0.5, 0.4),
-          "zero-shot": (0.9, 0.1)}
+PHASES = {"rotate": (0.0, 0.15), "calibrate": (0.15, 0.05), "weights": (0.2, 0.2), "gptq": (0.2, 0.2),
+          "clips": (0.4, 0.1), "perplexity": (0.5, 0.4), "zero-shot": (0.9, 0.1)}
 
 
 def eval_table_job(handle, runs: Iterable[tuple[Recipe | str, Bits | str]], cfg: EvalConfig,
@@ -201,10 +246,11 @@ def eval_table_job(handle, runs: Iterable[tuple[Recipe | str, Bits | str]], cfg:
 
 def beside_baselines(recipe: Recipe, bits: Bits | str, weights: str, clip: bool) -> list[tuple[Recipe, Bits]]:
     """The runs that put `recipe` (e.g. learned rotations) in context: fp, then rtn, quarot and `recipe` at
-    `bits`, all three with the same weight quantizer and clipping search."""
+    `bits`, all three with the same weight quantizer, the fixed activation and KV clips that training used, and
+    the weight clipping search or not."""
     bits = Bits.parse(bits) if isinstance(bits, str) else bits
     return [(get_recipe("fp"), Bits(16, 16, 16))] + [
-        (replace(r.with_weights(weights), w_clip_search=clip), bits)
+        (replace(r.with_weights(weights), clip="fixed", w_clip_search=clip), bits)
         for r in (get_recipe("rtn"), get_recipe("quarot"), recipe)]
 
 

@@ -61,3 +61,39 @@ def run_to_end(events):
     if last is None:
         raise RuntimeError("job ended without a result (stopped?)")
     return last.result
+
+
+class Cancelled(Exception):
+    """Raised inside a background computation whose job was closed (Stop), to end it at the next check."""
+
+
+def ticking(fn, tick, every: float = 0.5):
+    """Generator: run fn(cancel) in a worker thread and yield tick() (a Progress) every `every` seconds until it
+    returns; then Done(its result). For one long call (a forward pass over a window) that would otherwise leave
+    the job silent for seconds. fn should check `cancel.is_set()` (e.g. in a per-layer hook) and raise Cancelled:
+    closing this generator (Stop, Ctrl-C) sets it and waits for the thread, so no work goes on after the stop.
+    Autograd and dtype modes are per thread: fn sets its own (e.g. torch.no_grad())."""
+    import threading
+
+    cancel, out = threading.Event(), {}
+
+    def work():
+        try:
+            out["result"] = fn(cancel)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer's thread below
+            out["error"] = e
+
+    worker = threading.Thread(target=work, daemon=True, name="spinscope-job")
+    worker.start()
+    try:
+        while True:
+            worker.join(every)
+            if not worker.is_alive():
+                break
+            yield tick()
+    finally:
+        cancel.set()
+        worker.join()
+    if "error" in out:
+        raise out["error"]
+    yield Done(out["result"])

@@ -8,7 +8,7 @@ import streamlit as st
 
 from app import charts, progress, state
 from engine.evaluate import EvalConfig, eval_table_job
-from engine.quant.recipes import PRESETS, RECIPES, Bits, get_recipe
+from engine.quant.recipes import CLIP_LABELS, CLIP_MODES, FORMAT_PRESETS, PRESETS, RECIPES, Bits, get_recipe
 
 st.title("Evaluate quantized models")
 st.caption("What does W4A4KV4 cost with RTN, with random Hadamard rotations (QuaRot), with learned rotations, "
@@ -31,19 +31,27 @@ with st.form("evaluate"):
     # Names only on the chips: "name: description" chips are cut off in a half-width column.
     recipes = c1.multiselect("Recipes", list(RECIPES), default=["fp", "rtn", "quarot"],
                              help="\n".join(f"- **{r}**: {RECIPES[r].description}" for r in RECIPES))
-    presets = c2.multiselect("Bits (W-A-KV)", PRESETS, default=["4-4-4"], accept_new_options=True, key="eval_bits",
-                             help="16 = floating point. 4-4-16: 4-bit weights and activations, 16-bit KV cache. "
-                                  "The presets are shortcuts: type any W-A-KV (e.g. 8-8-8 or 16-4-4) and press "
-                                  "Enter.")
+    presets = c2.multiselect("Bits (W-A-KV)", PRESETS + FORMAT_PRESETS, default=["4-4-4"], accept_new_options=True,
+                             key="eval_bits",
+                             help="16 = floating point. 4-4-16: 4-bit weights and activations, 16-bit KV cache. Each "
+                                  "part may also name a format: mxfp4, mxfp6, mxfp8 (32 values share a power-of-two "
+                                  "scale), nvfp4 (16 share an FP8 scale), fp8 (one scale per row), int4g128 (groups "
+                                  "of 128). The presets are shortcuts: type any W-A-KV (e.g. 8-8-8, 16-4-4 or "
+                                  "nvfp4-nvfp4-fp8) and press Enter.")
     c3, c4, c5 = st.columns(3)
     weights = c3.radio("Weight quantizer", ["rtn", "gptq"], horizontal=True,
-                       help="RTN with clipping search, or GPTQ (calibrated on the calibration split).")
+                       help="Round to nearest, or GPTQ (calibrated on the calibration split), on the grid of the "
+                            "weights' format.")
     mode = c4.radio("Mode", list(MODES), horizontal=True,
                     help="quick: 4096 tokens, 50 documents per task; full: 16384 tokens, 200 documents.")
     rotation_file = c5.text_input("Rotation file (recipe 'rotated')", placeholder="cache/rotations/....bin")
-    c6, c7 = st.columns([3, 1])
-    tasks = c6.multiselect("Zero-shot tasks (optional; minutes each on a CPU)", list(TASKS), default=[])
-    custom_tokens = c7.number_input("Perplexity tokens (0 = the mode's)", 0, 1_000_000, 0, step=1024,
+    c6, c7, c8 = st.columns([2, 2, 1])
+    clip = c6.radio("Clipping", CLIP_MODES, format_func=CLIP_LABELS.get, key="eval_clip",
+                    help="calibrated: clip ratios chosen per layer on the calibration split, on the error of each "
+                         "linear's output (weights per row, activations per linear, K on the attention scores, V "
+                         "per layer); no clipping is always a candidate. fixed: QuaRot's settings. QRazor has none.")
+    tasks = c7.multiselect("Zero-shot tasks (optional; minutes each on a CPU)", list(TASKS), default=[])
+    custom_tokens = c8.number_input("Perplexity tokens (0 = the mode's)", 0, 1_000_000, 0, step=1024,
                                     help="Override the mode's evaluation token budget.")
     run = st.form_submit_button("Run", type="primary")
 
@@ -53,8 +61,9 @@ def _weights(row) -> str:
     return "none (fp)" if row["weights"] == "-" else row["weights"]
 
 
-if "eval_rows" not in st.session_state:
-    st.session_state["eval_rows"] = []
+ROWS, RUNNING = "eval_rows", "eval_running"  # RUNNING holds the request (n runs) while it runs, None after
+st.session_state.setdefault(ROWS, [])
+st.session_state.setdefault(RUNNING, None)
 
 if run:
     m = MODES[mode]
@@ -66,38 +75,48 @@ if run:
         tok = int(custom_tokens) or m["tokens"]
         cfg = EvalConfig(tokens=tok, window=min(m["window"], tok), tasks=tuple(tasks), limit=m["limit"],
                          calib_tokens=m["calib_tokens"])
-        jobs = [(get_recipe(r, weights=weights, rotation_file=rotation_file.strip() or None), Bits.parse(b))
+        jobs = [(get_recipe(r, weights=weights, rotation_file=rotation_file.strip() or None, clip=clip),
+                 Bits.parse(b))
                 for r in recipes for b in (presets if r != "fp" else ["16-16-16"])]
-        st.session_state["eval_rows"] = []  # only a valid request replaces the results on screen
-    except ValueError as e:
+    except ValueError as e:  # the results on screen stay: only a valid request replaces them
         st.error(str(e))
         jobs = []
     table = st.empty()  # live results while the runs go on; the Results section below replaces it at the end
-    stop_slot = st.empty()  # the Stop button shows only while runs go on
-    stop_slot.button("Stop", help="Stops after the current step; finished runs stay cached.")
 
     def show_rows(rows):  # after each run: keep the rows so far and show them
-        st.session_state["eval_rows"] = rows
+        st.session_state[ROWS] = rows
         table.table(pd.DataFrame([{"recipe": r["recipe"], "weights": _weights(r), "bits": r["bits"],
                                    "perplexity": f"{r['ppl']:.2f}"} for r in rows]))
 
     if jobs:
+        st.session_state[ROWS] = []
+        st.session_state[RUNNING] = len(jobs)
         try:
             progress.run(eval_table_job(handle, jobs, cfg), f"{len(jobs)} run{'s' * (len(jobs) > 1)}",
-                         on_partial=show_rows)
+                         on_partial=show_rows,
+                         stop_help="Stops the current run; the runs already finished are kept (and cached).")
         except ValueError as e:  # the rows finished before it stay
             st.error(str(e))
+        st.session_state[RUNNING] = None
     table.empty()
-    stop_slot.empty()
+elif st.session_state[RUNNING]:  # the rerun a Stop press causes: the job was closed at its last event
+    n, kept = st.session_state[RUNNING], len(st.session_state[ROWS])
+    st.session_state[RUNNING] = None
+    st.warning(f"Stopped after {kept} of {n} runs. " + (
+        f"The {kept} finished row{'s are' if kept > 1 else ' is'} kept below and cached: **Run** with the same "
+        "settings computes only the rest." if kept else "No run had finished, so nothing was kept; the runs start "
+        "from the beginning on **Run**."))
 
-rows = st.session_state["eval_rows"]
+rows = st.session_state[ROWS]
 if not rows:
     st.info("Pick recipes and bit settings and press **Run**. A quick 4-4-4 comparison of fp, rtn and quarot "
             "takes a few minutes on a laptop CPU.")
     st.stop()
 
 df = pd.DataFrame(rows)
-df = df[["recipe", "weights", "bits", "ppl", "tokens", "seconds",
+if "clip" not in df:
+    df["clip"] = "-"
+df = df[["recipe", "weights", "bits", "clip", "ppl", "tokens", "seconds",
          *[c for c in df.columns if c.endswith((" acc", " acc_norm"))]]].rename(columns={"ppl": "perplexity"})
 df["seconds"] = df["seconds"].round(1)
 st.header("Results")
@@ -131,6 +150,21 @@ if task_cols:
     st.plotly_chart(charts.layout(tfig, "Zero-shot accuracy per task", "task", "accuracy (acc, 0-1)"))
     st.caption(f"lm-eval acc on {rows[0]['limit']} documents per task from local copies of the task data "
                "(no network). Chance is 0.5 for two-choice tasks and 0.25 for four-choice ones.")
+
+calibrated = [(i, r) for i, (r, lab) in enumerate(zip(rows, labels)) if r.get("clip") == "calibrated"
+              and r.get("clips")]
+if calibrated:
+    st.header("Clip ratios chosen")
+    pick = st.selectbox("Row", [i for i, _ in calibrated], format_func=lambda i: labels[i], key="eval_clip_row")
+    row = rows[pick]
+    n_layers = max(len(v) for kind in row["clips"].values()
+                   for v in (kind.values() if isinstance(kind, dict) else [kind]))
+    st.plotly_chart(charts.clip_heatmap(row["clips"], n_layers, f"Calibrated clip ratios: {labels[pick]}"),
+                    key="eval_clip_heatmap")
+    st.caption("Chosen per layer on the calibration split, never the evaluation split; 1.0 (yellow) is no clipping, "
+               "always a candidate, so each choice is no worse than no clipping on calibration data. Weights: the "
+               "mean of the per-row shrinks; activations: the per-token quantizer of each linear's input; K: on "
+               "the causal attention scores; V: per layer.")
 
 c1, c2 = st.columns(2)
 c1.download_button("Download CSV", df.to_csv(index=False).encode(), "spinscope_eval.csv", "text/csv")

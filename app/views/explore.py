@@ -29,28 +29,26 @@ with st.form("capture"):
 
 if submitted:
     corpus = WIKI if corpus_choice.startswith("Wikipedia") else corpus_path.strip()
-    st.session_state[state.CAPTURE] = None
     live = st.empty()
 
     def show_partial(partial):
         t = partial[partial.site == "resid_attn"].set_index("layer")
         live.plotly_chart(charts.kurtosis_by_layer(t, "Residual stream kurtosis so far"), key=None)
 
-    stop_slot = st.empty()  # the Stop button shows only while the capture runs
-    stop_slot.button("Stop", help="Stops the capture; nothing partial is kept or cached.")
     st.session_state[state.CAPTURE_STOPPED] = True  # still True on the rerun that a Stop press causes
     try:
         cfg = CaptureConfig(tokens=int(tokens), window=int(window))
-        done = progress.run(capture_job(handle, corpus, cfg), "Capturing", on_partial=show_partial)
-        st.session_state[state.CAPTURE] = done.result
-        live.empty()
+        done = progress.run(capture_job(handle, corpus, cfg), "Capturing", on_partial=show_partial,
+                            stop_help="Stops the capture; nothing partial is kept or cached.")
+        st.session_state[state.CAPTURE] = done.result  # earlier results stay until new ones replace them
     except ValueError as e:
         st.error(str(e))
-    stop_slot.empty()
+    live.empty()
     st.session_state[state.CAPTURE_STOPPED] = False
 elif st.session_state[state.CAPTURE_STOPPED]:
     st.session_state[state.CAPTURE_STOPPED] = False
-    st.warning("Capture stopped. Nothing partial was kept or cached; press Capture to start again.")
+    kept = " The previous capture is shown below." if st.session_state[state.CAPTURE] is not None else ""
+    st.warning("Capture stopped: nothing partial was kept or cached; press **Capture** to start again." + kept)
 
 res = st.session_state[state.CAPTURE]
 if res is None:

@@ -1,5 +1,4 @@
 """Optimize: learn the rotations (SpinQuant: R1 and every R2; FLRot: R1-R4) and watch them learn."""
-import contextlib
 from pathlib import Path
 
 import pandas as pd
@@ -104,18 +103,19 @@ if start:
         st.error(str(e))
         st.stop()
     st.session_state[CFG] = cfg
-    stop_slot = st.empty()
-    stop_slot.button("Stop", key="opt_stop", help="Stops after the current step; the run is checkpointed and "
-                                                  "Start with the same settings resumes it.")
     resume_slot, loss_slot, (left, right) = st.empty(), st.empty(), st.columns(2)
     slots = [loss_slot, left.empty(), right.empty()]
-    live = {"history": [], "ppl": [], "kurtosis": []}
+    live = {"history": [], "ppl": [], "kurtosis": [], "resumed": 0}
+
+    def on_resumed(saved):  # the checkpoint's history: the charts continue from it
+        live.update(history=list(saved.history), ppl=list(saved.ppl), kurtosis=list(saved.kurtosis),
+                    resumed=saved.step)
+        resume_slot.info(f"Resumed from the checkpoint at step {saved.step}: training steps {saved.step + 1}-"
+                         f"{cfg.steps}")
+        draw_training(slots, live["history"], live["ppl"], live["kurtosis"], f"resumed{saved.step}")
 
     def on_metric(m: Metric):
         if m.name == "loss":
-            if not live["history"] and m.step > 1:  # the first step trained now follows a checkpoint's
-                resume_slot.info(f"Resumed from the checkpoint at step {m.step - 1}: training steps "
-                                 f"{m.step}-{cfg.steps}")
             live["history"].append({"step": m.step, "loss": m.value})
         elif m.name == "ppl":
             live["ppl"].append({"step": m.step, "ppl": m.value})
@@ -125,34 +125,36 @@ if start:
 
     st.session_state[RUNNING] = True  # still True on the rerun that a Stop press causes
     try:
-        with contextlib.closing(train_job(handle, cfg, resume=not restart)) as job:
-            done = progress.run(job, f"Training {cfg.method}", on_metric=on_metric)
+        done = progress.run(train_job(handle, cfg, resume=not restart), f"Training {cfg.method}",
+                            on_partial=on_resumed, on_metric=on_metric,
+                            stop_help="Stops after the step in progress; the finished steps are checkpointed and "
+                                      "Start with the same settings resumes from there.")
     except ValueError as e:
         st.error(str(e))
         done = None
     st.session_state[RUNNING] = False
-    stop_slot.empty()
     for s in [resume_slot, *slots]:
         s.empty()
     if done is not None:
         st.session_state[RESULT] = done.result
         end = done.result.state.step
-        if not live["history"]:  # no step left to train: the checkpoint held them all
+        if live["resumed"] == end:  # no step left to train: the checkpoint held them all
             st.session_state[RESUMED] = (f"Resumed from the checkpoint at step {end}: nothing left to train "
                                          "(**Start over** trains again).")
-        elif live["history"][0]["step"] > 1:
-            first = live["history"][0]["step"]
-            st.session_state[RESUMED] = f"Resumed from the checkpoint at step {first - 1}: trained steps {first}-{end}."
-elif st.session_state[RUNNING]:
+        elif live["resumed"]:
+            st.session_state[RESUMED] = (f"Resumed from the checkpoint at step {live['resumed']}: trained steps "
+                                         f"{live['resumed'] + 1}-{end}.")
+elif st.session_state[RUNNING]:  # the rerun a Stop press causes: the job saved its last finished step on closing
     st.session_state[RUNNING] = False
     cfg = st.session_state[CFG]
     stopped = checkpoint_result(handle, cfg) if cfg is not None else None
     st.session_state[RESULT] = stopped
     if stopped is not None:
-        st.warning(f"Stopped at step {stopped.state.step} of {cfg.steps}. The checkpoint is saved: press **Start** "
-                   "with the same settings to resume, or evaluate the rotations as they are below.")
+        k = stopped.state.step
+        st.warning(f"Stopped after step {k} of {cfg.steps}. The checkpoint of step {k} is saved: **Start** with the "
+                   f"same settings resumes at step {k + 1}; the rotations as they are can be evaluated below.")
     else:
-        st.warning("Stopped before the first step finished: nothing was saved.")
+        st.warning("Stopped before the first step finished: nothing was saved; **Start** begins at step 1.")
 
 res = st.session_state[RESULT]
 if res is None:
@@ -207,7 +209,7 @@ if go_eval:
 if st.session_state[EVAL_ROWS]:
     names = {"rotated": f"{cfg.method} (learned, rotated recipe)", "flrot": "flrot (learned)"}
     table = pd.DataFrame([{"recipe": names.get(r["recipe"], r["recipe"]),
-                           "weights": "fp" if r["weights"] == "-" else r["weights"] + " + clip" * r["clip"],
+                           "weights": "fp" if r["weights"] == "-" else r["weights"] + " + clip" * r["w_search"],
                            "bits": r["bits"],
                            "perplexity": round(r["ppl"], 3), "tokens": r["tokens"]}
                           for r in st.session_state[EVAL_ROWS]])

@@ -4,10 +4,9 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import charts, progress, state
-from engine.events import Metric
 from engine.observe.capture import CaptureConfig, site_label
 from engine.observe.compare import compare_job
-from engine.rotation.fusion import KINDS, RotationConfig
+from engine.rotation.fusion import BLOCK_KINDS, RotationConfig
 
 st.title("Rotate: R1-R4 before and after")
 st.caption("R1 rotates the residual stream, R2 the values of each head (both fused into the weights), R3 queries "
@@ -19,12 +18,13 @@ if handle is None:
     st.stop()
 
 KIND_LABELS = {"none": "identity (off)", "hadamard": "random Hadamard", "orthogonal": "random orthogonal",
-               "file": "from a file"}
+               "file": "from a file", **{k: f"block Hadamard {k[5:]}" for k in BLOCK_KINDS}}
+CHOICES = tuple(KIND_LABELS)  # a permuted block R4 needs calibration data: the Formats x rotations page has it
 with st.form("rotate"):
     cols = st.columns(4)
     kinds = {}
     for col, r, default in zip(cols, ("r1", "r2", "r3", "r4"), ("hadamard", "hadamard", "hadamard", "hadamard")):
-        kinds[r] = col.selectbox(r.upper(), KINDS, index=KINDS.index(default), format_func=KIND_LABELS.get,
+        kinds[r] = col.selectbox(r.upper(), CHOICES, index=CHOICES.index(default), format_func=KIND_LABELS.get,
                                  key=f"rot_{r}")
     c1, c2, c3, c4 = st.columns(4)
     path = c1.text_input("Rotation file (SpinQuant layout)", placeholder="/path/to/R.bin",
@@ -35,30 +35,30 @@ with st.form("rotate"):
                              key="rot_window")
     go_button = st.form_submit_button("Rotate and compare", type="primary")
 
+ROTATE_RUNNING = "rot_running"  # True while a comparison runs; still True on the rerun that a Stop press causes
 if go_button:
-    st.session_state[state.COMPARE] = None
+    live = st.empty()
+    st.session_state[ROTATE_RUNNING] = True
     try:
         rot = RotationConfig(**kinds, seed=int(seed), file=path.strip() or None)
         cap = CaptureConfig(tokens=int(tokens), window=int(window), sqnr_bits=(4, 8))
-        live = st.empty()
-        metrics = {}
 
         def show_partial(partial):
             t = partial[partial.site == "resid_attn"].set_index("layer")
             live.plotly_chart(charts.kurtosis_by_layer(t, "Residual stream kurtosis (capture in progress)"))
 
-        def on_metric(m: Metric):
-            metrics[m.name] = m.value
-
-        stop_slot = st.empty()  # the Stop button shows only while the job runs
-        stop_slot.button("Stop", help="Stops the job; nothing partial is kept or cached.")
         done = progress.run(compare_job(handle, "wiki", rot, cap), "Rotating and capturing",
-                            on_partial=show_partial, on_metric=on_metric)
-        live.empty()
-        stop_slot.empty()
-        st.session_state[state.COMPARE] = done.result
+                            on_partial=show_partial, stop_help="Stops the job; nothing partial is kept or cached.")
+        st.session_state[state.COMPARE] = done.result  # earlier results stay until new ones replace them
     except ValueError as e:
         st.error(str(e))
+    live.empty()
+    st.session_state[ROTATE_RUNNING] = False
+elif st.session_state.get(ROTATE_RUNNING):
+    st.session_state[ROTATE_RUNNING] = False
+    kept = " The previous comparison is shown below." if st.session_state[state.COMPARE] is not None else ""
+    st.warning("Stopped: nothing partial was kept or cached (a capture that finished before the stop is cached and "
+               "comes back at once); press **Rotate and compare** to start again." + kept)
 
 cmp = st.session_state[state.COMPARE]
 if cmp is None:

@@ -86,7 +86,8 @@ def spread_job(handle, cfg: SpreadConfig, learned: dict[str, tuple[str, str]] | 
         if method not in METHODS:
             raise ValueError(f"learned rotation {label!r}: method must be one of {', '.join(METHODS)}")
     bits = Bits.parse(cfg.bits)
-    quantizer = lambda r: replace(r.with_weights(cfg.weights), w_clip_search=cfg.w_clip_search)  # noqa: E731
+    quantizer = lambda r: replace(r.with_weights(cfg.weights), clip="fixed",  # noqa: E731 - as training quantized
+                                  w_clip_search=cfg.w_clip_search)
     runs = [(fam, seed, f"{fam} seed {seed}", quantizer(FAMILIES[fam]), replace(cfg.eval, seed=seed))
             for fam in cfg.families for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds)]
     runs += [("learned", None, label, quantizer(learned_recipe(path, method)), replace(cfg.eval, seed=ONLINE_SEED))

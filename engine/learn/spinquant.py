@@ -53,6 +53,9 @@ class TrainConfig:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         bits = Bits.parse(self.bits)
+        if not bits.integer:
+            raise ValueError(f"training quantizes with integer grids: bits must be bit widths (e.g. 4-4-4), got "
+                             f"{self.bits!r}; evaluate the learned rotations in other formats on the Evaluate page")
         if bits.a >= 16 and bits.kv >= 16 and bits.w >= 16:
             raise ValueError("at 16-16-16 the network is rotation invariant: nothing to learn; train at 4-4-4 "
                              "(W4A4KV4) or 16-4-4 (W16A4KV4)")
@@ -158,7 +161,8 @@ def learned_recipe(path: str | Path, method: str) -> Recipe:
 def train(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, eval_wins: torch.Tensor, cfg: TrainConfig,
           key: str | None = None, resume: bool = True):
     """Generator: Progress and Metric("loss") per step (extra: lr, seconds); every cfg.eval_every steps
-    Metric("ppl") and Metric("kurtosis") (extra: per-layer lists per site); Done(TrainResult) at the end.
+    Metric("ppl") and Metric("kurtosis") (extra: per-layer lists per site); Done(TrainResult) at the end. A resumed
+    run first yields a Progress whose `partial` is the restored TrainState (its loss/ppl/kurtosis history).
 
     calib [N, T] calibration windows (step s uses windows s*batch .. s*batch+batch-1, modulo N); eval_wins [M, T']
     for the quick perplexity. With `key`, checkpoints go to cache/optimize/<key> every cfg.checkpoint_every steps
@@ -201,6 +205,9 @@ def train(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, eval_wins: torc
         yield Metric("kurtosis", state.step, float(sum(kurt["attn_in"]) / len(kurt["attn_in"])), extra=kurt)
 
     try:
+        if state.step:  # resumed: the history so far, for charts that continue where the stopped run left off
+            yield Progress("optimize", state.step, cfg.steps, state.seconds,
+                           f"resumed from the checkpoint at step {state.step}", partial=state)
         if state.step == 0 and cfg.eval_every and not state.ppl:
             yield Progress("optimize", 0, cfg.steps, 0.0, "evaluating the initial (random Hadamard) rotations")
             yield from probe()

@@ -12,8 +12,16 @@ from engine.events import Progress
 from engine.model import attention, dispatch
 from engine.model.arch import ArchInfo
 from engine.observe.capture import StopForward
+from engine.quant.calibrate import (
+    CalibrationInputs,
+    ClipPlan,
+    capture_inputs,
+    search_activation,
+    search_kv,
+    search_weight,
+)
 from engine.quant.gptq import HessianAccumulator
-from engine.quant.methods import ACTIVATION_METHODS, WEIGHT_METHODS
+from engine.quant.methods import ACTIVATION_METHODS, WEIGHT_METHODS, weight_format
 from engine.quant.recipes import Bits, Recipe
 
 
@@ -25,18 +33,45 @@ def _weight(lin: nn.Linear) -> torch.Tensor:
     return dispatch.read_tensor(lin, "weight").float()
 
 
-def quantize_weights_direct(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe):
-    """Generator: each weight on its own (RTN, QRazor: no calibration data), a Progress per decoder layer."""
-    if bits.w >= 16:
+def quantize_weights_direct(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe,
+                            inputs: CalibrationInputs | None = None, plan: ClipPlan | None = None):
+    """Generator: each weight on its own (RTN, QRazor: no error feedback), a Progress per decoder layer. With
+    calibration `inputs`, RTN picks each row's clip on its output error (engine.quant.calibrate), noted in `plan`."""
+    if not bits.quantizes("w"):
         return
     method = WEIGHT_METHODS[recipe.weights]
+    calibrated = inputs is not None and recipe.weights == "rtn"
     t0 = time.perf_counter()
     for i in range(arch.n_layers):
         for role in arch.linears:
             lin = arch.module(model, role, i)
-            _set_weight(lin, method.quantize(_weight(lin), bits.w, recipe))
+            if calibrated:
+                w, plan.weights[(i, role)] = search_weight(_weight(lin), inputs.x.get((i, role)),
+                                                           weight_format(bits.w, recipe))
+            else:
+                w = method.quantize(_weight(lin), bits.w, recipe)
+            _set_weight(lin, w)
         yield Progress("weights", i + 1, arch.n_layers, time.perf_counter() - t0,
-                       f"{recipe.weights.upper()} weights, layer {i + 1}/{arch.n_layers}")
+                       f"{recipe.weights.upper()} weights{' (clip calibrated per row)' * calibrated}, "
+                       f"layer {i + 1}/{arch.n_layers}")
+
+
+def calibrate_activation_clips(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe,
+                               inputs: CalibrationInputs, plan: ClipPlan):
+    """Generator: the activation clip of every linear input and the K, V clips of every layer, chosen on the
+    calibration inputs with the weights as quantized; a Progress per decoder layer."""
+    method = ACTIVATION_METHODS[recipe.activations]
+    act, kv = method.activation_quant(bits.a), method.kv_quant(bits.kv, arch.head_dim)
+    t0 = time.perf_counter()
+    for i in range(arch.n_layers):
+        if act is not None:
+            for role in arch.linears:
+                plan.activations[(i, role)] = search_activation(inputs.x.get((i, role)),
+                                                                _weight(arch.module(model, role, i)), act)
+        if kv is not None and i in inputs.qkv:
+            plan.k[i], plan.v[i] = search_kv(inputs.qkv[i], kv)
+        yield Progress("clips", i + 1, arch.n_layers, time.perf_counter() - t0,
+                       f"activation and KV clip ratios, layer {i + 1}/{arch.n_layers}")
 
 
 def _layer_inputs(model: nn.Module, arch: ArchInfo, windows: torch.Tensor) -> list:
@@ -65,7 +100,7 @@ def quantize_weights_gptq(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: 
                           damp: float = 0.01, block: int = 128):
     """Sequential GPTQ: layer by layer, Hessians from the inputs each linear sees given the already-quantized
     earlier layers (and any online rotation, since forward hooks see the arguments after pre-hooks)."""
-    if bits.w >= 16:
+    if not bits.quantizes("w"):
         return
     method = WEIGHT_METHODS[recipe.weights]
     t0 = time.perf_counter()
@@ -100,48 +135,70 @@ def quantize_weights_gptq(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: 
         yield Progress("gptq", i + 1, arch.n_layers, time.perf_counter() - t0, f"GPTQ layer {i + 1}/{arch.n_layers}")
 
 
-def install_activation_quant(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe) -> None:
-    """Per-token quantization of the input of every decoder linear (registered after any online rotation)."""
-    quant = ACTIVATION_METHODS[recipe.activations].activation_fn(bits.a, recipe)
-    if quant is None:
+def install_activation_quant(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe,
+                             plan: ClipPlan | None = None) -> None:
+    """Per-token quantization of the input of every decoder linear (registered after any online rotation), with
+    the plan's calibrated ratio of that linear when there is one."""
+    method = ACTIVATION_METHODS[recipe.activations]
+    if method.activation_fn(bits.a, recipe) is None:
         return
-
-    def hook(m, args):
-        return (quant(args[0]), *args[1:])
-
     for i in range(arch.n_layers):
         for role in arch.linears:
-            arch.module(model, role, i).register_forward_pre_hook(hook)
+            ratio = plan.activations.get((i, role)) if plan is not None else None
+            quant = method.activation_fn(bits.a, recipe, ratio)
+            arch.module(model, role, i).register_forward_pre_hook(
+                lambda m, args, quant=quant: (quant(args[0]), *args[1:]))
 
 
-def install_kv_quant(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe) -> None:
+def install_kv_quant(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe, plan: ClipPlan | None = None):
     """K (after R3, if any) and V per head; k, v are [B, kv_heads, T, head_dim] so a group is one head."""
-    quant = ACTIVATION_METHODS[recipe.activations].kv_fn(bits.kv, recipe, arch.head_dim)
-    if quant is None:
+    method = ACTIVATION_METHODS[recipe.activations]
+    if method.kv_fn(bits.kv, recipe, arch.head_dim) is None:
         return
-
-    def hook(module, q, k, v):
-        return q, quant(k), quant(v)
-
     attention.install(model)
     for i in range(arch.n_layers):
-        attention.add_hook(arch.module(model, "attn", i), hook)
+        k_ratio, v_ratio = (plan.k.get(i), plan.v.get(i)) if plan is not None else (None, None)
+        qk, qv = method.kv_fn(bits.kv, recipe, arch.head_dim, k_ratio), method.kv_fn(bits.kv, recipe, arch.head_dim,
+                                                                                   v_ratio)
+        attention.add_hook(arch.module(model, "attn", i), lambda module, q, k, v, qk=qk, qv=qv: (q, qk(k), qv(v)))
+
+
+def needs_calibration(recipe: Recipe, bits: Bits) -> bool:
+    """Whether building this row reads calibration windows: GPTQ, or clip ratios calibrated per layer."""
+    if not recipe.quantize:
+        return False
+    return (WEIGHT_METHODS[recipe.weights].needs_calibration and bits.quantizes("w")) or _calibrates_clips(recipe, bits)
+
+
+def _calibrates_clips(recipe: Recipe, bits: Bits) -> bool:
+    acts = ACTIVATION_METHODS[recipe.activations]
+    return recipe.clip == "calibrated" and acts.calibrates and (
+        (recipe.weights == "rtn" and bits.quantizes("w")) or bits.quantizes("a") or bits.quantizes("kv"))
 
 
 def quantize_model(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe,
                    calib_windows: torch.Tensor | None = None):
-    """Generator: quantize `model` in place, yielding Progress during GPTQ. Weights first (GPTQ calibrates on
-    floating-point activations, as in QuaRot), then the activation and KV quantizers are installed."""
+    """Generator: quantize `model` in place, yielding Progress in every phase; returns the ClipPlan (empty unless
+    clipping is calibrated). Calibration inputs are captured from the floating-point model first (as GPTQ
+    calibrates in QuaRot), then weights are quantized, then activation and KV clips chosen and installed."""
+    plan = ClipPlan()
     if not recipe.quantize:
-        return
+        return plan
     weights, acts = WEIGHT_METHODS[recipe.weights], ACTIVATION_METHODS[recipe.activations]
     weights.check(bits.w)  # refuse an impossible setting before any weight is touched
     acts.activation_fn(bits.a, recipe), acts.kv_fn(bits.kv, recipe, arch.head_dim)
-    if weights.needs_calibration and bits.w < 16:
-        if calib_windows is None:
-            raise ValueError("GPTQ needs calibration windows")
+    if needs_calibration(recipe, bits) and calib_windows is None:
+        raise ValueError("GPTQ needs calibration windows" if weights.needs_calibration and bits.quantizes("w") else
+                         "calibrated clipping needs calibration windows (or fixed or no clipping)")
+    inputs = None
+    if _calibrates_clips(recipe, bits):
+        inputs = yield from capture_inputs(model, arch, calib_windows, kv=bits.quantizes("kv"))
+    if weights.needs_calibration and bits.quantizes("w"):
         yield from quantize_weights_gptq(model, arch, bits, recipe, calib_windows)
     else:
-        yield from quantize_weights_direct(model, arch, bits, recipe)
-    install_activation_quant(model, arch, bits, recipe)
-    install_kv_quant(model, arch, bits, recipe)
+        yield from quantize_weights_direct(model, arch, bits, recipe, inputs, plan)
+    if inputs is not None and (bits.quantizes("a") or bits.quantizes("kv")):
+        yield from calibrate_activation_clips(model, arch, bits, recipe, inputs, plan)
+    install_activation_quant(model, arch, bits, recipe, plan)
+    install_kv_quant(model, arch, bits, recipe, plan)
+    return plan

@@ -91,6 +91,7 @@ def gptq_quantize(
     block: int = 128,
     clip_search: bool = False,
     act_order: bool = False,
+    rounder=None,
 ) -> Tensor:
     """GPTQ fake quantization of W [out, in] given H [in, in]; returns W's dtype, device and shape.
 
@@ -102,9 +103,15 @@ def gptq_quantize(
       on the original weights ("static groups"), so the result is a valid grouped format.
     - act_order: quantize columns in order of decreasing diag H.
     - block: columns per lazy batch update (only speed, not the result, depends on it up to rounding).
+    - rounder: a floating-point format's grid instead of the integer one (engine.quant.formats.ColumnRounder,
+      built on W): its group (a block, or None for per-row FP8) replaces group_size; `bits` is then ignored.
     Math runs in float32.
     """
     _check_inputs(W, H, damp, block)
+    if rounder is not None:
+        if act_order:
+            raise ValueError("act_order is not supported with a floating-point format's grid")
+        bits, group_size = MAX_BITS - 1, rounder.group
     bits = check_bits(bits)
     group_size = check_group_size(group_size)
     if bits >= MAX_BITS:
@@ -117,7 +124,7 @@ def gptq_quantize(
     H[dead, dead] = 1.0
     weight[:, dead] = 0.0
 
-    quantizer = WeightQuantizer(bits, clip_search=clip_search)
+    quantizer = rounder if rounder is not None else WeightQuantizer(bits, clip_search=clip_search)
     static_grids = None
     if group_size is None:
         quantizer.fit(weight)

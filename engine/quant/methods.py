@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from engine.quant.formats import ColumnRounder, Format, IntFormat, parse_format
 from engine.quant.gptq import gptq_quantize
 from engine.quant.qrazor import ROLE_BASE_BITS, dequantize, qrazor_fake_quant, quantize_absmax
 from engine.quant.quantizers import quantize_activation, quantize_kv, quantize_weight
@@ -20,32 +21,47 @@ if TYPE_CHECKING:
     from engine.quant.recipes import Recipe
 
 TensorFn = Callable[[Tensor], Tensor]
+ClipFn = Callable[[Tensor, float], Tensor]  # (x, clip ratio) -> fake-quantized x
 FP_BITS = 16  # a setting of 16 bits leaves that tensor in floating point
 QRAZOR_GROUP = 16  # integers sharing one razoring flag (the paper's group size)
 
 
 # ---- weights ---------------------------------------------------------------------------------------------------
+def weight_format(spec: int | str, recipe: Recipe) -> Format:
+    """The format of a weight setting: a bit width is the symmetric per-row (or the recipe's per-group) integer
+    grid; a name is that format (engine.quant.formats), quantized along the input dim."""
+    return IntFormat(spec, group=recipe.w_group) if isinstance(spec, int) else parse_format(spec)
+
+
 class RTNWeights:
-    """Round to nearest per output row (or per group), optionally with QuaRot's clipping search."""
+    """Round to nearest per output row (or per group, or in a named format), optionally with QuaRot's clipping
+    search (integer grids)."""
 
     needs_calibration = False
 
-    def check(self, bits: int) -> None:
+    def check(self, bits: int | str) -> None:
         """Refuse a setting this method cannot honour (before any work)."""
 
-    def quantize(self, w: Tensor, bits: int, recipe: Recipe) -> Tensor:
-        return quantize_weight(w, bits, group_size=recipe.w_group, clip_search=recipe.w_clip_search)
+    def quantize(self, w: Tensor, bits: int | str, recipe: Recipe) -> Tensor:
+        fmt = weight_format(bits, recipe)
+        if isinstance(fmt, IntFormat):
+            return quantize_weight(w, fmt.bits, group_size=fmt.group, clip_search=recipe.weight_search)
+        return fmt.fake_quantize(w)
 
 
 class GPTQWeights(RTNWeights):
-    """GPTQ on the same grid as RTN, given the Hessian of the layer's calibration inputs."""
+    """GPTQ on the same grid as RTN (integers, or a floating-point format's grid with its group scales fixed per
+    group), given the Hessian of the layer's calibration inputs."""
 
     needs_calibration = True
 
-    def quantize_with_hessian(self, w: Tensor, hessian: Tensor, bits: int, recipe: Recipe, damp: float = 0.01,
+    def quantize_with_hessian(self, w: Tensor, hessian: Tensor, bits: int | str, recipe: Recipe, damp: float = 0.01,
                               block: int = 128) -> Tensor:
-        return gptq_quantize(w, hessian, bits, group_size=recipe.w_group, damp=damp, block=block,
-                             clip_search=recipe.w_clip_search)
+        fmt = weight_format(bits, recipe)
+        if isinstance(fmt, IntFormat):
+            return gptq_quantize(w, hessian, fmt.bits, group_size=fmt.group, damp=damp, block=block,
+                                 clip_search=recipe.weight_search)
+        return gptq_quantize(w, hessian, 16, damp=damp, block=block, rounder=ColumnRounder(fmt, w))
 
 
 class QRazorWeights:
@@ -53,7 +69,8 @@ class QRazorWeights:
 
     needs_calibration = False
 
-    def check(self, bits: int) -> None:
+    def check(self, bits: int | str) -> None:
+        _check_integer(bits)
         if bits < FP_BITS:
             qrazor_target("weight", bits)
 
@@ -63,27 +80,52 @@ class QRazorWeights:
 
 # ---- activations and the KV cache -------------------------------------------------------------------------------
 class RTNActivations:
-    """Per-token asymmetric activations, per-head symmetric K and V, each with the recipe's clip ratio."""
+    """Per-token asymmetric activations and per-head asymmetric K and V (bit widths), or a named format along the
+    last dim; each with a clip ratio (the recipe's fixed one, or a calibrated one per site)."""
 
-    def activation_fn(self, bits: int, recipe: Recipe) -> TensorFn | None:
-        if bits >= FP_BITS:
-            return None
-        return lambda x: quantize_activation(x, bits, clip_ratio=recipe.a_clip)
+    calibrates = True  # its clip ratios can be chosen per layer (engine.quant.calibrate)
 
-    def kv_fn(self, bits: int, recipe: Recipe, head_dim: int) -> TensorFn | None:
-        if bits >= FP_BITS:
+    def activation_quant(self, bits: int | str) -> ClipFn | None:
+        if bits == FP_BITS:
             return None
-        return lambda x: quantize_kv(x, bits, head_dim, clip_ratio=recipe.kv_clip)
+        if isinstance(bits, str):
+            return parse_format(bits).fake_quantize
+        return lambda x, ratio: quantize_activation(x, bits, clip_ratio=ratio)
+
+    def kv_quant(self, bits: int | str, head_dim: int) -> ClipFn | None:
+        if bits == FP_BITS:
+            return None
+        if isinstance(bits, str):
+            return parse_format(bits).fake_quantize
+        return lambda x, ratio: quantize_kv(x, bits, head_dim, clip_ratio=ratio)
+
+    def activation_fn(self, bits: int | str, recipe: Recipe, ratio: float | None = None) -> TensorFn | None:
+        quant = self.activation_quant(bits)
+        if quant is None:
+            return None
+        ratio = recipe.fixed_clips[0] if ratio is None else ratio
+        return lambda x: quant(x, ratio)
+
+    def kv_fn(self, bits: int | str, recipe: Recipe, head_dim: int, ratio: float | None = None) -> TensorFn | None:
+        quant = self.kv_quant(bits, head_dim)
+        if quant is None:
+            return None
+        ratio = recipe.fixed_clips[1] if ratio is None else ratio
+        return lambda x: quant(x, ratio)
 
 
 class QRazorActivations:
     """QRazor's absmax base integers (A16, KV8), razored when the requested bits are below the base."""
 
-    def activation_fn(self, bits: int, recipe: Recipe) -> TensorFn | None:
+    calibrates = False  # SDR keeps the leading bits: no clip ratio to choose
+
+    def activation_fn(self, bits: int | str, recipe: Recipe, ratio: float | None = None) -> TensorFn | None:
+        _check_integer(bits)
         qrazor_target("activation", bits)  # refuse an impossible setting before any forward pass
         return lambda x: qrazor(x, "activation", bits)  # at 16 bits: the 16-bit base integers
 
-    def kv_fn(self, bits: int, recipe: Recipe, head_dim: int) -> TensorFn | None:
+    def kv_fn(self, bits: int | str, recipe: Recipe, head_dim: int, ratio: float | None = None) -> TensorFn | None:
+        _check_integer(bits)
         if bits >= FP_BITS:
             return None
         # refuse before any weight is quantized, not in the middle of a forward pass
@@ -91,6 +133,11 @@ class QRazorActivations:
             raise ValueError(f"qrazor razors K and V in groups of {QRAZOR_GROUP} along each head, but this model's "
                              f"head_dim is {head_dim}; keep the KV cache at 16 bits (e.g. 4-4-16)")
         return lambda x: qrazor(x, "kv", bits)
+
+
+def _check_integer(bits: int | str) -> None:
+    if isinstance(bits, str):
+        raise ValueError(f"qrazor razors integers: its bits must be bit widths (e.g. 4-4-4), got the format {bits!r}")
 
 
 WEIGHT_METHODS = {"rtn": RTNWeights(), "gptq": GPTQWeights(), "qrazor": QRazorWeights()}

@@ -9,31 +9,67 @@ from dataclasses import asdict, dataclass, replace
 
 from engine.rotation.fusion import RotationConfig
 
+CLIP_MODES = ("calibrated", "fixed", "none")
+CLIP_LABELS = {"calibrated": "calibrated per layer (never worse than none on calibration data)",
+               "fixed": "fixed: weight search, A 0.9, KV 0.95 (QuaRot's)", "none": "none"}
 PRESETS = ("16-16-16", "4-16-16", "4-8-16", "4-4-16", "4-4-4")
-_BITS_FORMS = (re.compile(r"(\d+)-(\d+)-(\d+)"), re.compile(r"W(\d+)A(\d+)KV(\d+)", re.IGNORECASE))  # 4-4-16, W4A4KV16
+FORMAT_PRESETS = ("mxfp4-mxfp4-16", "nvfp4-nvfp4-16", "fp8-fp8-16", "nvfp4-nvfp4-fp8")
+_BITS_FORMS = (re.compile(r"([\w.]+)-([\w.]+)-([\w.]+)"), re.compile(r"W(\d+)A(\d+)KV(\d+)", re.IGNORECASE))
 
 
 @dataclass(frozen=True)
 class Bits:
-    """Bit widths of weights, activations and KV cache; 16 means left in floating point."""
+    """What each of weights, activations and KV cache becomes: an integer bit width (16 = left in floating point;
+    weights per row symmetric, activations per token asymmetric, KV per head asymmetric) or a number format's
+    name from engine.quant.formats (mxfp4, nvfp4, fp8, int4g128, ...), each quantized along its last dim."""
 
-    w: int = 16
-    a: int = 16
-    kv: int = 16
+    w: int | str = 16
+    a: int | str = 16
+    kv: int | str = 16
 
     def __post_init__(self):
-        for name, b in (("weight", self.w), ("activation", self.a), ("KV-cache", self.kv)):
-            if not isinstance(b, int) or not 2 <= b <= 16:
-                raise ValueError(f"{name} bits must be an integer from 2 to 16, got {b!r}")
+        from engine.quant.formats import IntFormat, parse_format
+
+        for field, name in (("w", "weight"), ("a", "activation"), ("kv", "KV-cache")):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise ValueError(f"{name} bits must be an integer bit width from 2 to 16 or a format name, "
+                                 f"got {value!r}")
+            if isinstance(value, int) and not 2 <= value <= 16:
+                raise ValueError(f"{name} bits must be an integer from 2 to 16, got {value!r}")
+            try:
+                fmt = parse_format(str(value))
+            except ValueError as e:
+                raise ValueError(f"bits must look like W-A-KV, each part a bit width or a format; the {name} part: "
+                                 f"{e}") from None
+            # a plain bit width stays an int (the role's own integer grid); any other format by its canonical name
+            plain = fmt is None or (isinstance(fmt, IntFormat) and fmt.group is None and fmt.symmetric)
+            object.__setattr__(self, field, (16 if fmt is None else fmt.bits) if plain else fmt.name)
 
     @staticmethod
     def parse(text: str) -> "Bits":
-        """'4-4-4' -> Bits(4, 4, 4)."""
+        """'4-4-4' -> Bits(4, 4, 4); 'mxfp4-mxfp4-16' -> Bits('mxfp4', 'mxfp4', 16)."""
         match = next((m for form in _BITS_FORMS if (m := form.fullmatch(str(text).strip()))), None)
         if match is None:
-            raise ValueError(f"bits must look like W-A-KV, e.g. 4-4-16 or W4A4KV16 (presets: {', '.join(PRESETS)}); "
-                             f"got {text!r}")
-        return Bits(*(int(p) for p in match.groups()))
+            raise ValueError(f"bits must look like W-A-KV, each a bit width or a format, e.g. 4-4-16, W4A4KV16 or "
+                             f"mxfp4-mxfp4-16 (presets: {', '.join(PRESETS + FORMAT_PRESETS)}); got {text!r}")
+        return Bits(*(int(p) if p.isdigit() else p.lower() for p in match.groups()))
+
+    def quantizes(self, part: str) -> bool:
+        """Whether 'w', 'a' or 'kv' is quantized at all (not left at 16 bits)."""
+        return getattr(self, part) != 16
+
+    def format(self, part: str):
+        """The named format of 'w', 'a' or 'kv' (engine.quant.formats), or None for a plain bit width."""
+        from engine.quant.formats import parse_format
+
+        value = getattr(self, part)
+        return parse_format(value) if isinstance(value, str) else None
+
+    @property
+    def integer(self) -> bool:
+        """Only plain bit widths (what training and QRazor take)."""
+        return all(isinstance(getattr(self, p), int) for p in ("w", "a", "kv"))
 
     def __str__(self) -> str:
         return f"{self.w}-{self.a}-{self.kv}"
@@ -48,10 +84,13 @@ class Recipe:
     rotation: RotationConfig = RotationConfig()
     weights: str = "rtn"          # rtn | gptq | qrazor
     activations: str = "rtn"      # rtn | qrazor
-    w_clip_search: bool = True    # shrink each row's range to minimise |err|^2.4 (QuaRot's w_clip)
+    clip: str = "calibrated"      # calibrated | fixed | none: engine.quant.calibrate, the three settings below, or
+                                  # no clipping anywhere
+    w_clip_search: bool = True    # fixed: shrink each row's range to minimise |err|^2.4 (QuaRot's w_clip); GPTQ
+                                  # weights keep it under calibration too
     w_group: int | None = None
-    a_clip: float = 0.9           # QuaRot's activation clip ratio
-    kv_clip: float = 0.95
+    a_clip: float = 0.9           # fixed: QuaRot's activation clip ratio
+    kv_clip: float = 0.95         # fixed: the KV cache's
     quantize: bool = True         # False: the floating-point model whatever the bits
 
     def __post_init__(self):
@@ -59,9 +98,21 @@ class Recipe:
 
         if self.weights not in WEIGHT_METHODS:
             raise ValueError(f"weight quantizer must be one of {', '.join(WEIGHT_METHODS)}, got {self.weights!r}")
+        if self.clip not in CLIP_MODES:
+            raise ValueError(f"clipping must be one of {', '.join(CLIP_MODES)}, got {self.clip!r}")
         if self.activations not in ACTIVATION_METHODS:
             raise ValueError(f"activation quantizer must be one of {', '.join(ACTIVATION_METHODS)}, "
                              f"got {self.activations!r}")
+
+    @property
+    def weight_search(self) -> bool:
+        """QuaRot's |err|^2.4 search on each row: the fixed setting's (and GPTQ's unless clipping is off)."""
+        return self.w_clip_search and (self.clip == "fixed" or (self.clip == "calibrated" and self.weights == "gptq"))
+
+    @property
+    def fixed_clips(self) -> tuple[float, float]:
+        """(activation, KV) clip ratios when not calibrated: the recipe's under `fixed`, none under `none`."""
+        return (self.a_clip, self.kv_clip) if self.clip == "fixed" else (1.0, 1.0)
 
     def with_weights(self, method: str) -> "Recipe":
         return replace(self, weights=method) if method else self
@@ -83,11 +134,12 @@ RECIPES: dict[str, Recipe] = {
     "rotated": Recipe("rotated", "rotations loaded from a file (e.g. learned by SpinQuant), then quantize",
                       rotation=RotationConfig(r1="file", r2="file", r3="hadamard", r4="hadamard", file="")),
     "qrazor": Recipe("qrazor", "QRazor: absmax base precision (W8 A16 KV8), then SDR razoring to the bits",
-                     weights="qrazor", activations="qrazor", w_clip_search=False, a_clip=1.0, kv_clip=1.0),
+                     weights="qrazor", activations="qrazor", clip="none", w_clip_search=False, a_clip=1.0, kv_clip=1.0),
 }
 
 
-def get_recipe(name: str, weights: str | None = None, rotation_file: str | None = None) -> Recipe:
+def get_recipe(name: str, weights: str | None = None, rotation_file: str | None = None,
+               clip: str | None = None) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
     r = RECIPES[name]
@@ -97,4 +149,6 @@ def get_recipe(name: str, weights: str | None = None, rotation_file: str | None 
         r = replace(r, rotation=replace(r.rotation, file=rotation_file))
     if weights and name not in ("fp", "qrazor"):
         r = r.with_weights(weights)
+    if clip and name not in ("fp", "qrazor"):  # QRazor's SDR has no clip ratio
+        r = replace(r, clip=clip)
     return r

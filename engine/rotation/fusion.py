@@ -19,9 +19,14 @@ from engine.events import Done, Progress, run_to_end
 from engine.model import attention, dispatch
 from engine.model.arch import ArchInfo
 from engine.rotation.algebra import rotated_bias, rotated_embedding, rotated_weight
-from engine.rotation.hadamard import apply_hadamard, random_hadamard, random_orthogonal
+from engine.rotation.hadamard import apply_hadamard, random_block_hadamard, random_hadamard, random_orthogonal
 
-KINDS = ("none", "hadamard", "orthogonal", "file")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+# block<b>: block-diagonal random Hadamard (the block size of MXFP4 / NVFP4 groups, BRQ); block<b>p (R4 only): the
+# same after a channel permutation that deals the outlier channels out over the blocks (fused into gate/up/down)
+BLOCK_KINDS = tuple(f"block{b}" for b in BLOCK_SIZES)
+PERMUTED_KINDS = tuple(f"{k}p" for k in BLOCK_KINDS)
+KINDS = ("none", "hadamard", "orthogonal", "file") + BLOCK_KINDS + PERMUTED_KINDS
 ROTATIONS = ("r1", "r2", "r3", "r4")
 DENSE_ONLINE_MAX = 4096  # up to this width a dense matmul beats the transform on a CPU (BLAS vs Python-level FWHT)
 
@@ -42,6 +47,9 @@ class RotationConfig:
         for r in ROTATIONS:
             if getattr(self, r) not in KINDS:
                 raise ValueError(f"{r.upper()} kind must be one of {', '.join(KINDS)}, got {getattr(self, r)!r}")
+            if getattr(self, r) in PERMUTED_KINDS and r != "r4":
+                raise ValueError(f"a channel permutation before the blocks ({getattr(self, r)}) is fused exactly only "
+                                 f"for R4 (the rows of gate/up and the columns of down_proj), not for {r.upper()}")
         if self.file is None and any(getattr(self, r) == "file" for r in ROTATIONS):
             raise ValueError("a rotation of kind 'file' needs a rotation file")
         if self.r1 != "none" and not self.fold_norms:
@@ -50,6 +58,11 @@ class RotationConfig:
     @property
     def active(self) -> bool:
         return any(getattr(self, r) != "none" for r in ROTATIONS)
+
+    @property
+    def permutes(self) -> bool:
+        """R4 deals the down_proj input channels out over its blocks first (needs calibration windows)."""
+        return self.r4 in PERMUTED_KINDS
 
     def tag(self) -> str:
         """Short stable description for cache keys and labels; a rotation file by its name and content hash."""
@@ -117,7 +130,7 @@ class OnlineRotation(nn.Module):
         return hadamard_matrix(self.signs.numel()).to(self.signs.device) * self.signs.double()
 
 
-def as_blocks(r: torch.Tensor, sizes: tuple = (32, 64, 128, 256)) -> torch.Tensor | None:
+def as_blocks(r: torch.Tensor, sizes: tuple = BLOCK_SIZES) -> torch.Tensor | None:
     """[nb, b, b] if R is block-diagonal with one of these block sizes (the finest that fits), else None."""
     n = r.shape[0]
     for b in sizes:
@@ -131,6 +144,8 @@ def as_blocks(r: torch.Tensor, sizes: tuple = (32, 64, 128, 256)) -> torch.Tenso
 
 
 def _matrix(kind: str, n: int, seed: int) -> torch.Tensor:
+    if kind.startswith("block"):
+        return random_block_hadamard(n, int(kind[5:].rstrip("p")), seed=seed)
     if kind == "hadamard":
         return random_hadamard(n, seed=seed)
     if kind == "orthogonal":
@@ -139,9 +154,10 @@ def _matrix(kind: str, n: int, seed: int) -> torch.Tensor:
 
 
 def _online(kind: str, n: int, seed: int, loaded: torch.Tensor | None) -> OnlineRotation:
-    if kind == "file":
-        blocks = as_blocks(loaded)
-        return OnlineRotation(blocks=blocks) if blocks is not None else OnlineRotation(matrix=loaded)
+    if kind == "file" or kind.startswith("block"):
+        r = loaded if kind == "file" else _matrix(kind, n, seed)
+        blocks = as_blocks(r)
+        return OnlineRotation(blocks=blocks) if blocks is not None else OnlineRotation(matrix=r)
     if kind == "hadamard" and n > DENSE_ONLINE_MAX:
         g = torch.Generator().manual_seed(seed)
         signs = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
@@ -268,6 +284,58 @@ def install_r4(model: nn.Module, arch: ArchInfo, layer: int, rot: OnlineRotation
     down.register_forward_pre_hook(lambda m, args: (m.spinscope_r4(args[0]), *args[1:]))
 
 
+def deal_channels(magnitude: torch.Tensor, block: int) -> torch.Tensor:
+    """A permutation of the channels (new position -> old channel): ordered by decreasing calibration magnitude
+    and dealt out round-robin over the blocks, so that every block gets its share of the outlier channels."""
+    n = magnitude.numel()
+    n_blocks = -(-n // block)
+    order = torch.argsort(magnitude, descending=True, stable=True)
+    position = torch.tensor([(r % n_blocks) * block + r // n_blocks for r in range(n)])
+    if n % block:  # a short last block: deal over the full blocks' slots first
+        position = torch.argsort(torch.argsort(position))
+    perm = torch.empty(n, dtype=torch.long)
+    perm[position] = order
+    return perm
+
+
+def down_input_magnitudes(model: nn.Module, arch: ArchInfo, calib: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, each down_proj input channel's max |x| over the calibration windows [N, T]."""
+    found: list = [None] * arch.n_layers
+    hooks = []
+    for i in range(arch.n_layers):
+        def keep(m, args, i=i):
+            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float().cpu()
+            found[i] = a if found[i] is None else torch.maximum(found[i], a)
+        hooks.append(arch.module(model, "down", i).register_forward_pre_hook(keep))
+    try:
+        with torch.no_grad():
+            for w in calib:
+                model(w.unsqueeze(0).to(dispatch.input_device(model)), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def permute_mlp_channels(model: nn.Module, arch: ArchInfo, layer: int, perm: torch.Tensor) -> None:
+    """Reorder the MLP's intermediate channels: rows of gate and up (both halves of a fused gate_up) and the
+    columns of down_proj. The MLP computes exactly the same function; its down_proj input is x[..., perm]."""
+    def rows(role: str, index: torch.Tensor) -> None:
+        m = arch.module(model, role, layer)
+        dispatch.write_tensor(m, "weight", dispatch.read_tensor(m, "weight")[index])
+        if getattr(m, "bias", None) is not None:
+            dispatch.write_tensor(m, "bias", dispatch.read_tensor(m, "bias")[index])
+
+    if arch.roles.gate_up is not None:
+        n = perm.numel()
+        rows("gate_up", torch.cat([perm, perm + n]))
+    else:
+        rows("gate", perm)
+        rows("up", perm)
+    down = arch.module(model, "down", layer)
+    dispatch.write_tensor(down, "weight", dispatch.read_tensor(down, "weight")[:, perm])
+
+
 ROTATION_FILE_LAYOUT = "a torch.save'd dict of tensors in SpinQuant's layout ('R1', 'model.layers.{i}.self_attn.R2')"
 
 
@@ -305,25 +373,35 @@ def _from_file(data: dict, key: str, fallback: str | None, n: int, what: str) ->
     return t.double()
 
 
-def rotate(model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: bool = False) -> nn.Module:
+def rotate(model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: bool = False,
+           calib: torch.Tensor | None = None) -> nn.Module:
     """A rotated copy of `model` (or the model itself with inplace=True) computing the same function. A model
     dispatched over several devices is rotated in place only (ModelHandle.working_model gives one to rotate)."""
-    return run_to_end(rotate_job(model, arch, cfg, inplace))
+    return run_to_end(rotate_job(model, arch, cfg, inplace, calib))
 
 
-def rotate_job(model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: bool = False):
-    """Generator: rotate() with a Progress("rotate") after each decoder layer; Done(the rotated model)."""
+def rotate_job(model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: bool = False,
+               calib: torch.Tensor | None = None):
+    """Generator: rotate() with a Progress("rotate") after each decoder layer; Done(the rotated model). A permuted
+    block R4 (cfg.permutes) orders each layer's down_proj input channels by their magnitude on `calib` windows."""
     t0 = time.perf_counter()
     if not inplace and dispatch.is_dispatched(model):
         raise ValueError("a model dispatched over several devices may not fit twice, so it is not copied: rotate "
                          "it in place (inplace=True, e.g. inside ModelHandle.working_model())")
     if cfg.active:
         arch.check_rotatable()
+    if cfg.permutes:
+        if arch.n_experts:
+            raise ValueError("a channel permutation before block R4 is supported on dense MLPs only: in a mixture of "
+                             "experts each expert would need its own, from the tokens routed to it")
+        if calib is None:
+            raise ValueError(f"R4 {cfg.r4} orders channels by their calibration magnitude: give calibration windows")
     m = model if inplace else copy.deepcopy(model)
     if not cfg.active:
         yield Done(m, seconds=time.perf_counter() - t0)
         return
     data = load_rotation_file(cfg.file) if cfg.file else {}
+    magnitudes = down_input_magnitudes(m, arch, calib) if cfg.permutes else None  # before any weight changes
     if cfg.fold_norms:
         fold_norms(m, arch)
     r1 = None
@@ -343,6 +421,8 @@ def rotate_job(model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: b
                       if cfg.r3 == "file" else None)
             install_r3(m, arch, i, _online(cfg.r3, arch.head_dim, cfg.seed + 2000, loaded))
         if cfg.r4 != "none":
+            if magnitudes is not None:
+                permute_mlp_channels(m, arch, i, deal_channels(magnitudes[i], int(cfg.r4[5:-1])))
             made: dict[int, OnlineRotation] = {}  # per width: every expert's down shares its layer's R4
             for role in arch.down_roles:  # one per expert in a mixture (a shared expert may be narrower)
                 width = arch.module(m, role, i).in_features

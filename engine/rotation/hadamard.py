@@ -267,6 +267,20 @@ def block_diagonal_hadamard(n: int, block: int, dtype: torch.dtype = torch.float
     return torch.kron(torch.eye(n // block, dtype=dtype), hadamard_matrix(block, dtype))
 
 
+def random_block_hadamard(n: int, block: int, seed: Seed = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(n, n) block-diagonal Hadamard of `block` x `block` blocks with random signs (BRQ, QuTLASS): orthogonal, and
+    when n is not a multiple of block the last block is the (supported) remainder, e.g. 576 = 4 x 128 + 64."""
+    if not isinstance(block, int) or isinstance(block, bool) or block < 2:
+        raise ValueError(f"block must be an int >= 2; got {block!r}.")
+    sizes = [block] * (n // block) + ([n % block] if n % block else [])
+    if not supported(sizes[-1]):
+        raise ValueError(f"a block Hadamard of {block} does not fit width {n}: the last block would be "
+                         f"{sizes[-1]} wide, a size with no Hadamard matrix; choose a block that divides {n}")
+    h = torch.block_diag(*[hadamard_matrix(b, dtype) for b in sizes])
+    signs = torch.randint(0, 2, (n,), generator=_generator(seed)) * 2 - 1
+    return h * signs.to(dtype)
+
+
 def _generator(seed: Seed) -> torch.Generator:
     if isinstance(seed, torch.Generator):
         return seed

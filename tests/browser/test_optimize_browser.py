@@ -24,12 +24,12 @@ def test_optimize_start_then_stop_keeps_a_checkpoint(app_url, page, tiny_model_d
     # stop once the first periodic checkpoint (every 5 steps) has been written
     page.get_by_text(re.compile(r"step ([5-9]|\d\d+)/400")).first.wait_for(timeout=TIMEOUT_MS)
     stop.click()
-    warning = page.locator('[data-testid="stAlertContentWarning"]').filter(has_text="Stopped at step").first
+    warning = page.locator('[data-testid="stAlertContentWarning"]').filter(has_text="Stopped after step").first
     warning.wait_for(timeout=TIMEOUT_MS)
     text = warning.inner_text()
-    step = int(text.split("Stopped at step ")[1].split()[0])
-    assert 0 < step < 400, text  # stopped mid-way, after at least one step
-    assert "resume" in text
+    step = int(re.search(r"Stopped after step (\d+) of 400\.", text).group(1))
+    assert 5 <= step < 400, text  # stopped mid-way, no earlier than the step on screen when Stop was pressed
+    assert f"The checkpoint of step {step} is saved" in text and f"resumes at step {step + 1}" in text, text
     # the checkpoint is offered as it is: its rotation file can be downloaded
     page.get_by_text("Download the rotation file").first.wait_for(timeout=TIMEOUT_MS)
     assert page.locator('[data-testid="stException"]').count() == 0

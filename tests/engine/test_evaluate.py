@@ -102,13 +102,14 @@ def test_fixed_seed_reproduces_and_second_run_is_a_cache_hit(default_handle, tmp
 
 # ---- the comparison table: the one loop behind the Evaluate and Optimize pages and `python -m engine eval` ---------
 
-def test_table_row_adds_clip_cached_and_one_column_per_task_metric():
+def test_table_row_adds_the_weight_search_cached_and_one_column_per_task_metric():
     tasks = {"piqa": {"acc": 0.5, "acc_norm": 0.625}, "arc_easy": {"acc": 0.25}}
     result = {"recipe": "rtn", "ppl": 12.5, "tasks": tasks}
     row = table_row(result, get_recipe("rtn"), cached=True)
-    assert row == {**result, "clip": get_recipe("rtn").w_clip_search, "cached": True, "piqa acc": 0.5,
+    assert row == {**result, "w_search": False, "cached": True, "piqa acc": 0.5,  # calibrated RTN: no |err|^2.4
                    "piqa acc_norm": 0.625, "arc_easy acc": 0.25}
-    assert table_row({**result, "tasks": {}}, get_recipe("fp"))["clip"] is False  # fp quantizes nothing
+    assert table_row(result, get_recipe("rtn", clip="fixed"))["w_search"] is True
+    assert table_row({**result, "tasks": {}}, get_recipe("fp"))["w_search"] is False  # fp quantizes nothing
 
 
 def test_beside_baselines_gives_every_quantized_row_the_same_weight_quantizer():
@@ -116,7 +117,7 @@ def test_beside_baselines_gives_every_quantized_row_the_same_weight_quantizer():
     runs = beside_baselines(learned, "4-4-4", "gptq", clip=False)
     assert [(r.name, str(b)) for r, b in runs] == [("fp", "16-16-16"), ("rtn", "4-4-4"), ("quarot", "4-4-4"),
                                                    ("rotated", "4-4-4")]
-    assert all(r.weights == "gptq" and not r.w_clip_search for r, _ in runs[1:])
+    assert all(r.weights == "gptq" and r.clip == "fixed" and not r.w_clip_search for r, _ in runs[1:])
     assert runs[3][0].rotation == learned.rotation
 
 
@@ -131,7 +132,7 @@ def test_eval_table_job_streams_rows_and_reuses_each_run(tiny_model_dir):
     assert isinstance(done, Done) and all(isinstance(e, Progress) for e in events[:-1])
     rows = done.result
     assert [(r["recipe"], r["bits"], r["bits_requested"], r["clip"], r["cached"]) for r in rows] == [
-        ("fp", "16-16-16", "4-4-4", False, False), ("rtn", "4-4-4", "4-4-4", False, False)]
+        ("fp", "16-16-16", "4-4-4", "-", False), ("rtn", "4-4-4", "4-4-4", "calibrated", False)]
     partials = [e.partial for e in events if e is not done and e.partial is not None]
     assert partials == [rows[:1], rows]  # the live table: one more row after each run
     inner = [e.message for e in events if e is not done and e.partial is None]

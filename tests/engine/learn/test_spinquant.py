@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engine.events import Done, Metric, run_to_end
+from engine.events import Done, Metric, Progress, run_to_end
 from engine.learn.cayley import cayley_skew
 from engine.learn.rotated_network import LearnedRotations, RotatedTrainingModel
 from engine.learn.spinquant import (
@@ -120,7 +120,7 @@ def test_trained_then_fused_equals_the_on_the_fly_network(method, tmp_cache):
     load_into(rots, result.path)
     net = RotatedTrainingModel(model, arch, rots, Bits(4, 4, 4), RECIPES["rotated"])
     fused = rotate(model, arch, learned_recipe(result.path, method).rotation)
-    for _ in quantize_model(fused, arch, Bits(4, 4, 4), replace(RECIPES["rotated"], w_clip_search=False)):
+    for _ in quantize_model(fused, arch, Bits(4, 4, 4), replace(RECIPES["rotated"], clip="fixed", w_clip_search=False)):
         pass
     ids = data(seed=5)[0]
     with torch.no_grad():
@@ -135,7 +135,7 @@ def test_spinquant_step_zero_is_quarot_with_the_same_seed():
     net = RotatedTrainingModel(model, arch, LearnedRotations(arch, "spinquant", 16, 0), Bits(4, 4, 4),
                                RECIPES["rotated"])
     quarot = rotate(model, arch, RECIPES["quarot"].rotation)
-    for _ in quantize_model(quarot, arch, Bits(4, 4, 4), replace(RECIPES["quarot"], w_clip_search=False)):
+    for _ in quantize_model(quarot, arch, Bits(4, 4, 4), replace(RECIPES["quarot"], clip="fixed", w_clip_search=False)):
         pass
     ids = data(seed=6)[0]
     with torch.no_grad():
@@ -176,6 +176,10 @@ def test_stop_then_resume_equals_an_uninterrupted_run(tmp_cache):
     job.close()  # Stop: steps 1-3 are checkpointed although checkpoint_every is 4
     resumed_events = list(train(model, arch, calib, ev, cfg, key="stopped"))
     assert [e.step for e in resumed_events if isinstance(e, Metric) and e.name == "loss"] == [4, 5, 6]
+    first = resumed_events[0]  # the saved history comes first, for charts that continue where the stop left off
+    assert isinstance(first, Progress) and first.done == 3 and "resumed from the checkpoint at step 3" in first.message
+    assert [h["step"] for h in first.partial.history] == [1, 2, 3]
+    assert [h["loss"] for h in first.partial.history] == [h["loss"] for h in whole.state.history[:3]]
     resumed = resumed_events[-1].result
     # exactly: the checkpoint restores the rotations and the optimizer's state, and the same steps run again
     assert [h["loss"] for h in resumed.state.history] == [h["loss"] for h in whole.state.history]

@@ -26,7 +26,8 @@ def tokens(n: int, t: int, vocab: int = 256, seed: int = 0) -> torch.Tensor:
 def quantized(model, bits: str, recipe: str = "rtn", weights: str | None = None, calib=None):
     """A quantized copy of `model` and the events quantize_model yielded."""
     q = copy.deepcopy(model)
-    events = list(quantize_model(q, resolve(q), Bits.parse(bits), get_recipe(recipe, weights=weights), calib))
+    events = list(quantize_model(q, resolve(q), Bits.parse(bits), get_recipe(recipe, weights=weights, clip="fixed"),
+                                 calib))
     return q, events
 
 
@@ -73,7 +74,7 @@ def test_activation_hooks_put_every_linear_input_on_a_per_token_grid(rotation):
     lm_head sees its input unquantized. On a QuaRot-rotated copy the down_proj input is quantized after the online
     R4 (quantizing before it would leave the input off the grid)."""
     bits, m = 4, tiny_llama()
-    recipe = get_recipe("rtn")
+    recipe = get_recipe("rtn", clip="fixed")
     arch = resolve(m)
     q = copy.deepcopy(m) if rotation is None else rotate(m, arch, rotation)
     seen = {}
@@ -111,7 +112,7 @@ def test_k_is_quantized_after_r3():
     m = tiny_llama(hidden=128, heads=2, kv_heads=1, intermediate=128)  # head_dim 64
     arch = resolve(m)
     kv_bits, ids = 3, tokens(1, 32)
-    recipe = get_recipe("rtn")
+    recipe = get_recipe("rtn", clip="fixed")
     rotated = rotate(m, arch, RotationConfig(r3="hadamard"))
     rotated_q = copy.deepcopy(rotated)
     list(quantize_model(rotated_q, arch, Bits(16, 16, kv_bits), recipe))
@@ -188,8 +189,10 @@ def test_build_model_quantizes_a_rotated_copy_and_never_touches_the_original(tie
     before_logits = logits(m, ids)
     impl = m.config._attn_implementation
     with handle.working_model() as work:  # one device: a deep copy
-        events = list(build_model(handle, work, get_recipe("quarot"), Bits.parse("4-4-4"), EvalConfig(), seed=0))
-    built = events[-1].result
+        events = list(build_model(handle, work, get_recipe("quarot", clip="fixed"), Bits.parse("4-4-4"), EvalConfig(),
+                                  seed=0))
+    built, plan = events[-1].result
+    assert plan.summary(handle.arch.n_layers) == {"weights": {}, "activations": {}}  # fixed: nothing calibrated
     assert isinstance(events[-1], Done) and built is not m
 
     assert m.state_dict().keys() == before_state.keys()
@@ -209,6 +212,6 @@ def test_build_model_quantizes_a_rotated_copy_and_never_touches_the_original(tie
 
 def test_rtn_weights_report_progress_per_layer():
     model = tiny_llama(layers=3)
-    events = list(quantize_model(model, resolve(model), Bits(4, 16, 16), get_recipe("rtn")))
+    events = list(quantize_model(model, resolve(model), Bits(4, 16, 16), get_recipe("rtn", clip="fixed")))
     assert [(e.stage, e.done, e.total) for e in events] == [("weights", i, 3) for i in (1, 2, 3)]
     assert events[-1].message == "RTN weights, layer 3/3"

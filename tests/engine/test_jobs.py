@@ -1,0 +1,145 @@
+"""Jobs you can trust: every phase reports progress, a long forward pass reports inside itself and stops at the
+next layer when its job is closed, an identical Rotate rerun is answered from the cache, and Ctrl-C in the CLI
+keeps what was finished and says where a rerun resumes."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.evaluate import EvalConfig, eval_job, perplexity
+from engine.events import Cancelled, Done, Progress, ticking
+from engine.model.loading import load_model, tiny_llama
+from engine.observe.capture import CaptureConfig
+from engine.observe.compare import compare_job
+from engine.quant.recipes import get_recipe
+from engine.rotation.fusion import RotationConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_ticking_reports_while_the_work_runs_and_stops_it_when_closed():
+    steps = []
+
+    def work(cancel):
+        while True:
+            if cancel.is_set():
+                raise Cancelled
+            steps.append(time.perf_counter())
+            time.sleep(0.02)
+
+    job = ticking(work, lambda: Progress("work", len(steps), 0, 0.0, f"{len(steps)} steps"), every=0.05)
+    ticks = [next(job) for _ in range(3)]
+    assert all(isinstance(t, Progress) for t in ticks) and ticks[-1].done > ticks[0].done  # the work goes on
+    job.close()  # Stop: close() returns only once the worker has ended
+    n = len(steps)
+    time.sleep(0.2)
+    assert len(steps) == n, "the work went on after the job was closed"
+    assert not any(t.name == "spinscope-job" for t in threading.enumerate())
+
+
+def test_ticking_hands_back_the_result_and_the_error():
+    assert list(ticking(lambda cancel: 42, lambda: None))[-1].result == 42
+    with pytest.raises(ValueError, match="bad input"):
+        list(ticking(lambda cancel: (_ for _ in ()).throw(ValueError("bad input")), lambda: None))
+
+
+def slow_layers(model, seconds):
+    """Each decoder layer sleeps `seconds` (a stand-in for a big window on a CPU); returns the layers and the log
+    of layers entered."""
+    layers, entered = list(model.model.layers), []
+
+    def slow(module, args):
+        entered.append(module)
+        time.sleep(seconds)
+
+    for layer in layers:
+        layer.register_forward_pre_hook(slow)
+    return layers, entered
+
+
+def test_perplexity_reports_layer_by_layer_inside_a_window_and_a_stop_ends_it_at_the_next_layer():
+    model = tiny_llama(layers=4)
+    layers, entered = slow_layers(model, 0.3)  # 1.2 s per window: silent for that long without the layer ticks
+    wins = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    job = perplexity(model, wins, layers=layers)
+    first = next(job)
+    assert first.stage == "perplexity" and first.total == 2 * 4 and 0 <= first.done < 4
+    assert "window 1/2, layer" in first.message
+    job.close()
+    n = len(entered)
+    time.sleep(0.5)
+    assert len(entered) == n < 8, "layers kept running after the stop"
+
+    model = tiny_llama(layers=4)
+    layers, _ = slow_layers(model, 0.3)
+    events = list(perplexity(model, wins, layers=layers))
+    fractions = [e.fraction for e in events if isinstance(e, Progress)]
+    assert len(fractions) > 2 and fractions == sorted(fractions) and fractions[-1] == 1.0
+    plain = [e for e in perplexity(tiny_llama(layers=4), wins) if isinstance(e, Done)][0].result
+    assert events[-1].result == pytest.approx(plain, rel=1e-6)  # the worker thread computes the same number
+
+
+@pytest.fixture(scope="module")
+def tiny_handle(tiny_model_dir):
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.mark.parametrize("recipe, weights, stages", [
+    ("quarot", "rtn", ["calibrate", "rotate", "weights", "clips", "perplexity"]),
+    ("rtn", "gptq", ["calibrate", "gptq", "clips", "perplexity"]),
+])
+def test_every_phase_of_an_evaluation_reports_progress(tiny_handle, recipe, weights, stages):
+    cfg = EvalConfig(tokens=128, window=64, calib_tokens=64, calib_window=32)
+    events = list(eval_job(tiny_handle, get_recipe(recipe, weights=weights), "4-4-4", cfg))
+    seen = [e.stage for e in events if isinstance(e, Progress)]
+    assert [s for s in dict.fromkeys(seen)] == stages  # each phase, in order, none silent
+    n_layers = tiny_handle.arch.n_layers
+    for stage in set(stages) - {"calibrate", "perplexity"}:  # the per-layer phases report once per decoder layer
+        assert [e.done for e in events if isinstance(e, Progress) and e.stage == stage][-n_layers:] == \
+            list(range(1, n_layers + 1))
+    assert isinstance(events[-1], Done)
+
+
+def test_an_identical_rotate_rerun_is_answered_from_the_cache(tiny_handle):
+    rot = RotationConfig(r1="hadamard", r2="hadamard", r3="hadamard", r4="hadamard", seed=3)
+    cap = CaptureConfig(tokens=64, window=32)
+    first = list(compare_job(tiny_handle, "wiki", rot, cap, check_tokens=32))
+    assert any(isinstance(e, Progress) and e.stage == "rotate" for e in first)
+    again = list(compare_job(tiny_handle, "wiki", rot, cap, check_tokens=32))
+    assert len(again) == 1 and again[0].cached  # nothing rotated, nothing captured
+    assert again[0].result.check == first[-1].result.check
+    assert again[0].result.after.table.equals(first[-1].result.after.table)
+    other = list(compare_job(tiny_handle, "wiki", RotationConfig(r1="hadamard", seed=4), cap, check_tokens=32))
+    assert not other[-1].cached  # another rotation is computed
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_optimize_saves_the_finished_steps_and_says_where_the_rerun_resumes(tiny_model_dir, tmp_cache):
+    cmd = [sys.executable, "-m", "engine", "optimize", "--model", str(tiny_model_dir), "--steps", "500",
+           "--windows", "2", "--window", "16", "--batch", "1", "--eval-every", "0"]
+    env = {**os.environ, "SPINSCOPE_CACHE": str(tmp_cache), "PYTHONUNBUFFERED": "1"}
+
+    def run_until_step(n):  # the first step line printed, after Ctrl-C once step n is printed
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = None
+        for line in proc.stdout:
+            if line.startswith("step "):
+                first = first or int(line.split()[1].split("/")[0])
+                if int(line.split()[1].split("/")[0]) >= n:
+                    break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        return first, err
+
+    _, err = run_until_step(3)
+    k = int(err.split("stopped; after step ")[1].split()[0])
+    assert k >= 3 and f"the checkpoint of step {k} is saved, the same command resumes at step {k + 1}" in err
+    first, err = run_until_step(k + 1)  # the same command again
+    assert first == k + 1, err
