@@ -276,7 +276,7 @@ def cmd_optimize(args) -> int:
 
         cfg = TrainConfig(method=args.method, bits=args.bits, steps=args.steps, windows=args.windows,
                           window=args.window, batch=args.batch, lr=args.lr, block=args.block, seed=args.seed,
-                          eval_every=args.eval_every, corpus=args.corpus)
+                          eval_every=args.eval_every, corpus=args.corpus, permute=args.permute)
         distributed.local_batch(cfg.batch, info.world_size, info.rank)  # refuse before the model loads
         t0 = time.perf_counter()
         handle = load_model(args.model, dtype=args.dtype, device=info.device if info.distributed else None)
@@ -433,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--batch", type=int, default=1, help="windows per step, over all processes (a multiple of N)")
     o.add_argument("--lr", type=float, default=1.5, help="Cayley SGD step cap, cosine-decayed")
     o.add_argument("--block", type=int, default=128, help="FLRot's R4 block size")
+    o.add_argument("--permute", action="store_true",
+                   help="FLRot: deal the down_proj input channels over R4's blocks by their calibration magnitude "
+                        "before learning the blocks (fused exactly; saved in the rotation file)")
     o.add_argument("--eval-every", type=int, default=5, help="quick perplexity every N steps (0: never)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

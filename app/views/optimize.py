@@ -89,6 +89,10 @@ with st.form("optimize"):
                             help=f"Must divide the intermediate width {arch.intermediate}; FLRot uses 128. "
                                  f"{arch.intermediate} makes R4 one dense learned block.")
     seed = c8.number_input("Seed", 0, 2**31 - 1, 0, key="opt_seed", help="Random Hadamard start and data sample.")
+    permute = c9.checkbox("Permute R4's channels (FLRot)", key="opt_permute",
+                          help="Deal the down_proj input channels over R4's blocks by their calibration magnitude "
+                               "before learning, so every block gets its share of the outlier channels (fused "
+                               "exactly into gate/up and down_proj).")
     restart = c9.checkbox("Start over", key="opt_restart",
                           help="Ignore a saved checkpoint of the same settings (otherwise Start resumes it).")
     start = st.form_submit_button("Start (or resume)", type="primary")
@@ -98,7 +102,7 @@ if start:
     try:
         cfg = TrainConfig(method=method, bits=bits, steps=int(steps), windows=int(n_windows), window=int(window),
                           block=int(block), eval_every=int(every), checkpoint_every=max(int(every), 5),
-                          seed=int(seed))
+                          seed=int(seed), permute=bool(permute) and method == "flrot")
     except ValueError as e:
         st.error(str(e))
         st.stop()

@@ -28,7 +28,7 @@ from engine.quant.quantizers import quantize_weight
 from engine.quant.recipes import Bits, Recipe
 from engine.rotation.algebra import rotated_embedding, rotated_weight
 from engine.rotation.files import RotationSet
-from engine.rotation.fusion import fold_norms
+from engine.rotation.fusion import fold_norms, permute_mlp_channels
 from engine.rotation.hadamard import random_hadamard
 from engine.rotation.orthogonal import BlockDiagonalRotation, FullRotation, check_block_divides
 
@@ -60,6 +60,7 @@ class LearnedRotations(nn.Module):
             self.r3, self.r4 = None, None
             self.register_buffer("r3_fixed", had(hd, ONLINE_SEED + 2000))
             self.register_buffer("r4_fixed", had(inter, ONLINE_SEED + 3000))
+        self.r4_perm: list[torch.Tensor] | None = None  # FLRot's channel order per layer (TrainConfig.permute)
 
     def manifold_params(self) -> list[nn.Parameter]:
         return list(self.parameters())  # every parameter is an orthogonal matrix or a batch of blocks
@@ -78,7 +79,7 @@ class LearnedRotations(nn.Module):
         grab = lambda t: t.detach().float().clone()  # noqa: E731
         return RotationSet(grab(self.r1.weight), [grab(r.weight) for r in self.r2],
                            None if self.r3 is None else [grab(r.weight) for r in self.r3],
-                           None if self.r4 is None else [grab(r.blocks) for r in self.r4])
+                           None if self.r4 is None else [grab(r.blocks) for r in self.r4], self.r4_perm)
 
 
 class _RotatedWeight(nn.Module):
@@ -106,6 +107,8 @@ class RotatedTrainingModel:
         m = copy.deepcopy(model).eval().requires_grad_(False)
         if next(m.parameters()).dtype in (torch.float16, torch.bfloat16):
             m.float()  # the loss and its gradients in float32 at least
+        for i, perm in enumerate(rots.r4_perm or []):  # exact: R4's blocks then see the dealt channel order
+            permute_mlp_channels(m, arch, i, perm)
         fold_norms(m, arch)
         if rots.r4 is None:  # a fixed R4 folds once, as engine.rotation.fusion.install_r4 does (float64, cast back)
             for i in range(arch.n_layers):

@@ -23,7 +23,7 @@ from engine.learn.rotated_network import LearnedRotations, RotatedTrainingModel
 from engine.model.arch import ArchInfo
 from engine.quant.recipes import RECIPES, Bits, Recipe, get_recipe
 from engine.rotation.files import save_rotations
-from engine.rotation.fusion import RotationConfig
+from engine.rotation.fusion import RotationConfig, deal_channels, down_input_magnitudes
 from engine.rotation.orthogonal import check_block_divides
 
 METHODS = ("spinquant", "flrot")
@@ -48,6 +48,8 @@ class TrainConfig:
     corpus: str = "wiki"
     w_clip_search: bool = False  # weight clipping search in the loss, as SpinQuant's --w_clip (80 RTN passes per
                                  # weight per step, minutes on a CPU); evaluate with the quantizer trained for
+    permute: bool = False        # FLRot: deal the down_proj input channels over R4's blocks (by their magnitude on
+                                 # the first calibration windows) before learning the blocks
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -74,6 +76,8 @@ class TrainConfig:
             raise ValueError(f"lr must be in (0, 10] (SpinQuant uses 1.5), got {self.lr}")
         if self.block < 1:
             raise ValueError(f"block must be positive, got {self.block}")
+        if self.permute and self.method != "flrot":
+            raise ValueError("a channel permutation before R4's blocks needs a learned block R4: method flrot")
 
     @property
     def parsed_bits(self) -> Bits:
@@ -181,7 +185,10 @@ def train(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, eval_wins: torc
     info = distributed.current()
     shard = distributed.local_batch(cfg.batch, info.world_size, info.rank)  # refuses b % W != 0 before any work
     rots = LearnedRotations(arch, cfg.method, cfg.block, cfg.seed).to(next(model.parameters()).device)
-    net = RotatedTrainingModel(model, arch, rots, bits, RECIPES["rotated"], cfg.w_clip_search)
+    if cfg.permute:  # the same windows on every rank and at every resume: the same permutation
+        rots.r4_perm = r4_permutations(model, arch, calib, cfg.block)
+    # SpinQuant trains with fixed clips (activations 0.9, KV 0.95): a calibration per step would cost more than the step
+    net = RotatedTrainingModel(model, arch, rots, bits, replace(RECIPES["rotated"], clip="fixed"), cfg.w_clip_search)
     opt = CayleySGD(rots.manifold_params(), lr=cfg.lr)
     state = None
     if info.is_main:  # one process touches cache/: the others get rank 0's state and rotations
@@ -244,6 +251,15 @@ def train(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, eval_wins: torc
     yield Done(TrainResult(cfg.to_dict(), key or "", str(path), state, finished=True), seconds=state.seconds)
 
 
+PERMUTATION_WINDOWS = 4  # calibration windows whose down_proj input magnitudes order R4's channels
+
+
+def r4_permutations(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, block: int) -> list[torch.Tensor]:
+    """Per layer, the channel order R4's blocks learn on (engine.rotation.fusion.deal_channels)."""
+    mags = down_input_magnitudes(model, arch, calib[:PERMUTATION_WINDOWS])
+    return [deal_channels(m, block) for m in mags]
+
+
 def train_job(handle, cfg: TrainConfig, resume: bool = True):
     """train() on a loaded model (engine.model.loading.ModelHandle): calibration windows from the calib split (seeded
     random positions), quick-perplexity windows from the eval split, checkpoints keyed by model, data and cfg."""
@@ -273,6 +289,13 @@ def checkpoint_result(handle, cfg: TrainConfig) -> TrainResult | None:
     state = load_checkpoint(key, rots, CayleySGD(rots.manifold_params(), lr=cfg.lr))
     if state is None:
         return None
+    if cfg.permute:
+        from engine.data.corpus import windows
+
+        window = min(cfg.window, handle.max_length)
+        calib = windows(load_corpus(cfg.corpus), handle.tokenizer, cfg.windows * window, window, "calib",
+                        seed=cfg.seed)
+        rots.r4_perm = r4_permutations(handle.model, handle.arch, calib, cfg.block)
     path = export_path(key, cfg.method, state.step)
     if not path.exists():
         save_rotations(rots.rotation_set(), path)

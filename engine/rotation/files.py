@@ -8,7 +8,9 @@ so a file moves between the two code bases unchanged.
 
 FLRot adds per-layer online rotations that SpinQuant's code ignores: "model.layers.{i}.self_attn.R3"
 [head_dim, head_dim] and "model.layers.{i}.mlp.R4", either dense [intermediate, intermediate] or as its diagonal
-blocks [n_blocks, block, block] (12x smaller for 128-wide blocks); engine.rotation.fusion reads both forms.
+blocks [n_blocks, block, block] (12x smaller for 128-wide blocks); engine.rotation.fusion reads both forms. A
+block R4 learned after a channel permutation adds "model.layers.{i}.mlp.R4_perm" (int64 [intermediate], new
+position -> old channel), fused exactly into gate/up rows and down_proj columns before R4.
 """
 from __future__ import annotations
 
@@ -29,6 +31,10 @@ LOW_PRECISION_TOL = 5e-2  # a bf16/fp16 file is this far off at most; import re-
 
 def r2_key(layer: int) -> str:
     return f"model.layers.{layer}.self_attn.R2"
+
+
+def r4_perm_key(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.R4_perm"
 
 
 def r3_key(layer: int) -> str:
@@ -66,10 +72,11 @@ class RotationSet:
     r2: list[torch.Tensor]
     r3: list[torch.Tensor] | None = None
     r4: list[torch.Tensor] | None = None  # each [inter, inter] or blocks [n_blocks, block, block]
+    r4_perm: list[torch.Tensor] | None = None  # each int64 [inter]: the channel order R4's blocks act on
 
     def __post_init__(self):
         n = len(self.r2)
-        for name, rs in (("R3", self.r3), ("R4", self.r4)):
+        for name, rs in (("R3", self.r3), ("R4", self.r4), ("R4_perm", self.r4_perm)):
             if rs is not None and len(rs) != n:
                 raise ValueError(f"{name} has {len(rs)} layers but R2 has {n}; give one per decoder layer")
 
@@ -84,7 +91,9 @@ class RotationSet:
         for rs, key in ((self.r3, r3_key), (self.r4, r4_key)):
             if rs is not None:
                 out.update({key(i): r for i, r in enumerate(rs)})
-        return {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
+        out = {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
+        out.update({r4_perm_key(i): p.detach().long().contiguous().cpu() for i, p in enumerate(self.r4_perm or [])})
+        return out
 
     def rotation_config(self, path: str | os.PathLike) -> RotationConfig:
         """What engine.rotation.fusion.rotate needs for this file: learned online rotations come from the file too,
@@ -110,6 +119,9 @@ def check_against(rs: RotationSet, arch: ArchInfo, tol: float = ORTHO_TOL) -> No
         if r.dim() == 2 and tuple(r.shape) != (inter, inter):
             raise ValueError(f"R4 of layer {i} is {tuple(r.shape)}; this model needs ({inter}, {inter})")
         checks.append((f"R4 of layer {i}", r, None))
+    for i, perm in enumerate(rs.r4_perm or []):
+        if not torch.equal(torch.sort(perm.long()).values, torch.arange(inter)):
+            raise ValueError(f"R4_perm of layer {i} is not a permutation of this model's {inter} channels")
     for name, r, _ in checks:
         err = orthogonality_error(r)
         if not err <= tol:
@@ -135,7 +147,8 @@ def from_state_dict(data: dict[str, torch.Tensor]) -> RotationSet:
                              f"(missing layer {present.index(False)})")
         return [data[key(i)] for i in range(n)]
 
-    return RotationSet(data[R1_KEY], [data[r2_key(i)] for i in range(n)], per_layer(r3_key), per_layer(r4_key))
+    return RotationSet(data[R1_KEY], [data[r2_key(i)] for i in range(n)], per_layer(r3_key), per_layer(r4_key),
+                       per_layer(r4_perm_key))
 
 
 def save_rotations(rs: RotationSet, path: str | os.PathLike, spinquant_only: bool = False) -> Path:
@@ -169,7 +182,7 @@ def import_spinquant(src: str | os.PathLike, dst: str | os.PathLike, arch: ArchI
     check_against(rs, arch, tol=LOW_PRECISION_TOL)
     fix = nearest_orthogonal
     fixed = RotationSet(fix(rs.r1), [fix(r) for r in rs.r2], None if rs.r3 is None else [fix(r) for r in rs.r3],
-                        None if rs.r4 is None else [fix(r) for r in rs.r4])
+                        None if rs.r4 is None else [fix(r) for r in rs.r4], rs.r4_perm)
     return save_rotations(fixed, dst)
 
 

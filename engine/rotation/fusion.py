@@ -373,6 +373,13 @@ def _from_file(data: dict, key: str, fallback: str | None, n: int, what: str) ->
     return t.double()
 
 
+def _permutation(t: torch.Tensor, n: int, layer: int) -> torch.Tensor:
+    perm = t.long()
+    if not torch.equal(torch.sort(perm).values, torch.arange(n)):
+        raise ValueError(f"R4_perm of layer {layer} in the rotation file is not a permutation of {n} channels")
+    return perm
+
+
 def rotate(model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: bool = False,
            calib: torch.Tensor | None = None) -> nn.Module:
     """A rotated copy of `model` (or the model itself with inplace=True) computing the same function. A model
@@ -423,6 +430,9 @@ def rotate_job(model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: b
         if cfg.r4 != "none":
             if magnitudes is not None:
                 permute_mlp_channels(m, arch, i, deal_channels(magnitudes[i], int(cfg.r4[5:-1])))
+            elif cfg.r4 == "file" and f"model.layers.{i}.mlp.R4_perm" in data:  # a learned permuted block R4
+                permute_mlp_channels(m, arch, i, _permutation(data[f"model.layers.{i}.mlp.R4_perm"],
+                                                              arch.intermediate, i))
             made: dict[int, OnlineRotation] = {}  # per width: every expert's down shares its layer's R4
             for role in arch.down_roles:  # one per expert in a mixture (a shared expert may be narrower)
                 width = arch.module(m, role, i).in_features

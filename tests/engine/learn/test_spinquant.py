@@ -58,6 +58,7 @@ def load_into(rots: LearnedRotations, path) -> None:
             if rots.r3 is not None:
                 rots.r3[i].weight.copy_(rs.r3[i])
                 rots.r4[i].blocks.copy_(rs.r4[i])
+    rots.r4_perm = rs.r4_perm
 
 
 @pytest.mark.parametrize("method", ["spinquant", "flrot"])
@@ -111,14 +112,16 @@ def test_unquantized_on_the_fly_network_equals_the_original():
             torch.testing.assert_close(net.model(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["spinquant", "flrot"])
-def test_trained_then_fused_equals_the_on_the_fly_network(method, tmp_cache):
-    """float64 so that no 4-bit rounding decision differs between the two computations."""
+@pytest.mark.parametrize("method, permute", [("spinquant", False), ("flrot", False), ("flrot", True)])
+def test_trained_then_fused_equals_the_on_the_fly_network(method, permute, tmp_cache):
+    """float64 so that no 4-bit rounding decision differs between the two computations. With `permute` the file
+    carries each layer's channel order, fused into gate/up rows and down columns before the learned blocks."""
     model, arch = tiny(torch.float64)
-    result = run(model, arch, config(method=method, steps=3))
+    result = run(model, arch, config(method=method, steps=3, permute=permute))
+    assert (load_rotations(result.path).r4_perm is not None) == permute
     rots = LearnedRotations(arch, method, 16, 0)
     load_into(rots, result.path)
-    net = RotatedTrainingModel(model, arch, rots, Bits(4, 4, 4), RECIPES["rotated"])
+    net = RotatedTrainingModel(model, arch, rots, Bits(4, 4, 4), replace(RECIPES["rotated"], clip="fixed"))
     fused = rotate(model, arch, learned_recipe(result.path, method).rotation)
     for _ in quantize_model(fused, arch, Bits(4, 4, 4), replace(RECIPES["rotated"], clip="fixed", w_clip_search=False)):
         pass
@@ -133,7 +136,7 @@ def test_spinquant_step_zero_is_quarot_with_the_same_seed():
     """The initial rotations and SpinQuant's fixed R3/R4 are the ones rotate() draws for the 'quarot' recipe."""
     model, arch = tiny(torch.float64)
     net = RotatedTrainingModel(model, arch, LearnedRotations(arch, "spinquant", 16, 0), Bits(4, 4, 4),
-                               RECIPES["rotated"])
+                               replace(RECIPES["rotated"], clip="fixed"))
     quarot = rotate(model, arch, RECIPES["quarot"].rotation)
     for _ in quantize_model(quarot, arch, Bits(4, 4, 4), replace(RECIPES["quarot"], clip="fixed", w_clip_search=False)):
         pass
