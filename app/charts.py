@@ -192,7 +192,12 @@ def clip_heatmap(clips: dict, n_layers: int, title: str) -> go.Figure:
             z.append(clips[kind])
     grid = [[col[i] for col in z] for i in range(n_layers)]
     fig = go.Figure(go.Heatmap(z=grid, x=columns, y=list(range(n_layers)), zmin=0.7, zmax=1.0,
-                               colorscale="Viridis", colorbar=dict(title="ratio"),
-                               hovertemplate="%{x}, layer %{y}: %{z:.3f}<extra></extra>"))
+                               colorscale="Viridis", colorbar=dict(title="clip ratio<br>(1 = none)"),
+                               hovertemplate="%{x}, layer %{y}: clip ratio %{z:.3f}<extra></extra>"))
+    # White rules between the groups (weights | activations | KV cache), which otherwise run into each other.
+    groups = [c[0] if c[:2] in ("W ", "A ") else "KV" for c in columns]
+    for i in range(1, len(groups)):
+        if groups[i] != groups[i - 1]:
+            fig.add_vline(x=i - 0.5, line_color="white", line_width=3)
     return layout(fig, title, "quantized site (W: weight rows' mean shrink, A: input activations, K/V: cache)",
                   "decoder layer", height=max(380, 14 * n_layers + 120))

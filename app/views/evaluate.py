@@ -161,10 +161,15 @@ if calibrated:
                    for v in (kind.values() if isinstance(kind, dict) else [kind]))
     st.plotly_chart(charts.clip_heatmap(row["clips"], n_layers, f"Calibrated clip ratios: {labels[pick]}"),
                     key="eval_clip_heatmap")
+    from engine.quant.calibrate import ACTIVATION_GRID, KV_GRID, WEIGHT_GRID  # the candidates, for the caption
+
+    floor = min(WEIGHT_GRID + ACTIVATION_GRID)
     st.caption("Chosen per layer on the calibration split, never the evaluation split; 1.0 (yellow) is no clipping, "
-               "always a candidate, so each choice is no worse than no clipping on calibration data. Weights: the "
-               "mean of the per-row shrinks; activations: the per-token quantizer of each linear's input; K: on "
-               "the causal attention scores; V: per layer.")
+               "always a candidate, so each choice is no worse than no clipping on calibration data. "
+               f"{floor:g} (dark purple) is the smallest ratio tried for weights and activations (K and V: "
+               f"{min(KV_GRID):g}): a site there took the strongest clipping on offer. Weights: the mean of the "
+               "per-row shrinks; activations: the per-token quantizer of each linear's input; K: on the causal "
+               "attention scores; V: per layer. Hover a cell for its value.")
 
 c1, c2 = st.columns(2)
 c1.download_button("Download CSV", df.to_csv(index=False).encode(), "spinscope_eval.csv", "text/csv")

@@ -97,15 +97,25 @@ if not cells or mcfg is None:
 
 st.header("Perplexity")
 table = pivot(cells, list(mcfg.formats), list(mcfg.rotations))
-fig = go.Figure(go.Heatmap(z=table.values, x=[COLUMN_LABELS.get(c, c) for c in table.columns],
-                           y=list(table.index), text=[[f"{v:.2f}" for v in row] for row in table.values],
-                           texttemplate="%{text}", colorscale="Viridis_r", zmin=float(table.min().min()),
-                           zmax=float(min(table.max().max(), 4 * table.min().min())),
-                           colorbar=dict(title="perplexity")))
+z = [[None if pd.isna(v) else float(v) for v in row] for row in table.values]  # a stopped fill leaves gaps
+zmin, zmax = float(table.min().min()), float(table.max().max())
+cap = min(zmax, 4 * zmin)
+fig = go.Figure(go.Heatmap(z=z, x=[COLUMN_LABELS.get(c, c) for c in table.columns], y=list(table.index),
+                           text=[["" if v is None else f"{v:.2f}" for v in row] for row in z],
+                           texttemplate="%{text}", textfont=dict(size=14), colorscale="Viridis_r", zmin=zmin,
+                           zmax=cap, colorbar=dict(title="perplexity"),
+                           hovertemplate="%{y}, %{x}: perplexity %{z:.3f}<extra></extra>"))
+# Category axes: plotly would read a row named "4" as the number 4 and draw the rows on a numeric axis. The first
+# format on top, as in the table below.
+fig.update_xaxes(type="category")
+fig.update_yaxes(type="category", autorange="reversed")
 st.plotly_chart(charts.layout(fig, f"Perplexity on {cells[0]['tokens']} evaluation tokens (lower is better)",
-                              "rotation (R1 and R4)", "format (weights and activations)"), key="mx_heat")
+                              "rotation (R1 and R4)", "format (weights and activations)",
+                              height=max(300, 70 * len(table) + 160)), key="mx_heat")
 st.caption(f"KV cache {mcfg.kv}; weights {mcfg.weights.upper()} in the row's format; clip ratios calibrated per "
-           "layer. Colours saturate at 4x the best cell so the good cells stay distinguishable.")
+           "layer. " + (f"Colours saturate at {cap:.1f} (4x the best cell) so the good cells stay distinguishable; "
+                        "the number in each cell is its perplexity." if cap < zmax else
+                        "The number in each cell is its perplexity."))
 st.dataframe(table.style.format("{:.3f}", na_rep="-"), column_config=column_labels(table.columns))
 
 st.header("Why: SQNR per layer for one cell")
