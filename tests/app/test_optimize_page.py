@@ -102,7 +102,7 @@ def test_a_stopped_run_is_shown_and_can_be_resumed(tiny_model_dir):
     at.session_state["opt_running"] = True  # the rerun after a Stop press
     at.run()
     assert not at.exception, at.exception
-    assert any("Stopped at step 2 of 3" in w.value for w in at.warning)
+    assert any("Stopped after step 2 of 3" in w.value and "resumes at step 3" in w.value for w in at.warning)
     assert decode(figures(at)["Training loss and quick perplexity"]["data"][0]["x"]) == [1, 2]
 
     set_small_run(at, "spinquant")
