@@ -8,7 +8,7 @@ import streamlit as st
 
 from app import charts, progress, state
 from engine.evaluate import EvalConfig, eval_table_job
-from engine.quant.recipes import CLIP_LABELS, CLIP_MODES, FORMAT_PRESETS, PRESETS, RECIPES, Bits, get_recipe
+from engine.quant.recipes import CLIP_LABELS, CLIP_MODES, PRESETS, RECIPES, Bits, get_recipe
 
 st.title("Evaluate quantized models")
 st.caption("What does W4A4KV4 cost with RTN, with random Hadamard rotations (QuaRot), with learned rotations, "
@@ -31,7 +31,7 @@ with st.form("evaluate"):
     # Names only on the chips: "name: description" chips are cut off in a half-width column.
     recipes = c1.multiselect("Recipes", list(RECIPES), default=["fp", "rtn", "quarot"],
                              help="\n".join(f"- **{r}**: {RECIPES[r].description}" for r in RECIPES))
-    presets = c2.multiselect("Bits (W-A-KV)", PRESETS + FORMAT_PRESETS, default=["4-4-4"], accept_new_options=True,
+    presets = c2.multiselect("Bits (W-A-KV)", PRESETS, default=["4-4-4"], accept_new_options=True,
                              key="eval_bits",
                              help="16 = floating point. 4-4-16: 4-bit weights and activations, 16-bit KV cache. Each "
                                   "part may also name a format: mxfp4, mxfp6, mxfp8 (32 values share a power-of-two "
