@@ -49,14 +49,9 @@ def parse_cases(text: str) -> list[tuple[str, int]]:
 
 
 def engine_encode(y: torch.Tensor, fmt: str, g=None) -> tuple[torch.Tensor, torch.Tensor]:
-    from engine.quant.formats import MXFormat, NVFP4Format, pack_nibbles
-    if fmt == "mxfp4":
-        codes, scales = MXFormat("e2m1").encode(y)
-        return pack_nibbles(codes), scales
-    if fmt == "mxfp8":
-        return MXFormat("e4m3").encode(y)
-    codes, scales, _ = NVFP4Format().encode(y, global_scale=g)
-    return pack_nibbles(codes), scales
+    from engine.quant.formats import packed_encode
+
+    return packed_encode(y, fmt, g)
 
 
 def random_stack(n: int, b: int, dtype=torch.float16) -> torch.Tensor:

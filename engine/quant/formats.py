@@ -363,3 +363,15 @@ class ColumnRounder:
         ok = self.scale > 0
         q = torch.where(ok, self.element.round(col / torch.where(ok, self.scale, 1.0)) * self.scale, 0.0)
         return q.squeeze(-1) if w.dim() == 1 else q
+
+
+def packed_encode(y: Tensor, fmt: str, global_scale=None) -> tuple[Tensor, Tensor]:
+    """(codes, scale bytes) of y in the layout a packing kernel writes: 'mxfp4' and 'nvfp4' E2M1 codes packed two
+    per byte, 'mxfp8' E4M3 bit patterns; the reference kernels/block_quant.py is checked against."""
+    if fmt == "mxfp4":
+        codes, scales = MXFormat("e2m1").encode(y)
+        return pack_nibbles(codes), scales
+    if fmt == "mxfp8":
+        return MXFormat("e4m3").encode(y)
+    codes, scales, _ = NVFP4Format().encode(y, global_scale=global_scale)
+    return pack_nibbles(codes), scales

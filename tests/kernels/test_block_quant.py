@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from engine.quant.formats import MXFormat, NVFP4Format, pack_nibbles
+from engine.quant.formats import pack_nibbles
 from kernels.block_quant import (
     FORMATS,
     block_quantize,
@@ -40,14 +40,9 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED,
 
 
 def engine_encode(y: torch.Tensor, fmt: str, g=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The engine's bytes for y, laid out like the kernel's (E2M1 packed two per byte)."""
-    if fmt == "mxfp4":
-        codes, scales = MXFormat("e2m1").encode(y)
-        return pack_nibbles(codes), scales
-    if fmt == "mxfp8":
-        return MXFormat("e4m3").encode(y)
-    codes, scales, _ = NVFP4Format().encode(y, global_scale=g)
-    return pack_nibbles(codes), scales
+    from engine.quant.formats import packed_encode
+
+    return packed_encode(y, fmt, g)
 
 
 def assert_same(got, want, what=""):

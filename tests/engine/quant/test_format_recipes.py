@@ -15,14 +15,7 @@ from engine.quant.apply import quantize_model
 from engine.quant.formats import ColumnRounder, MXFormat, NVFP4Format
 from engine.quant.gptq import HessianAccumulator, gptq_quantize
 from engine.quant.recipes import Bits, get_recipe
-
-
-def drain(gen):
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+from tests.engine.quant.test_calibrate import drain
 
 
 @pytest.mark.parametrize("weights", ["rtn", "gptq"])
