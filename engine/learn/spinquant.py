@@ -6,6 +6,7 @@ torchrun), the quick perplexity and kurtosis probes, and the exported rotation f
 """
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 import time
@@ -212,9 +213,9 @@ def train(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, eval_wins: torc
         yield Metric("kurtosis", state.step, float(sum(kurt["attn_in"]) / len(kurt["attn_in"])), extra=kurt)
 
     try:
-        if state.step:  # resumed: the history so far, for charts that continue where the stopped run left off
+        if state.step:  # resumed: a snapshot of the history, for charts that continue where the stop left off
             yield Progress("optimize", state.step, cfg.steps, state.seconds,
-                           f"resumed from the checkpoint at step {state.step}", partial=state)
+                           f"resumed from the checkpoint at step {state.step}", partial=copy.deepcopy(state))
         if state.step == 0 and cfg.eval_every and not state.ppl:
             yield Progress("optimize", 0, cfg.steps, 0.0, "evaluating the initial (random Hadamard) rotations")
             yield from probe()

@@ -64,7 +64,8 @@ def test_rotate_check_reports_equivalence_at_float_noise(tmp_cache, tiny_model_d
     assert float(summary.split("max |logit diff| ")[1].split(",")[0]) < 1e-5
     kurt = next(i for i, line in enumerate(lines) if "tok_kurt_before" in line.split())
     assert [r.split()[0] for r in lines[kurt + 1:] if r.split()[0].isdigit()] == ["0", "1"]  # one row per layer
-    assert sorted(p.name for p in tmp_cache.iterdir()) == ["capture", "models"]  # before/after captures, cached here
+    # the before/after captures and the equivalence figures, cached here (a rerun is answered from them)
+    assert sorted(p.name for p in tmp_cache.iterdir()) == ["capture", "models", "rotate"]
 
 
 def snapshot(root: Path) -> dict:
@@ -102,9 +103,10 @@ def test_prepare_readies_the_default_model_and_writes_nothing_else(tmp_cache):
 def test_eval_rtn_with_gptq_weights_reports_a_perplexity(tmp_cache, tiny_model_dir):
     proc = run_engine(tmp_cache, "eval", "--model", tiny_model_dir, "--recipe", "rtn", "--bits", "4-16-16",
                       "--weights", "gptq", "--tokens", 64, "--window", 32, "--calib-tokens", 64)
-    rows = table_after(proc.stdout.splitlines(), ("recipe", "weights", "bits", "ppl"))
+    rows = table_after(proc.stdout.splitlines(), ("recipe", "weights", "bits", "clip", "ppl"))
     assert len(rows) == 1
-    recipe, weights, bits, ppl = rows[0][:4]
+    recipe, weights, bits, clip, ppl = rows[0][:5]
+    assert clip == "calibrated"  # the default
     assert (recipe, weights, bits) == ("rtn", "gptq", "4-16-16")
     assert math.isfinite(float(ppl)) and float(ppl) > 1
     assert "perplexity on 64 evaluation tokens" in proc.stdout
