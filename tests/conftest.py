@@ -102,7 +102,8 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def family_model_dirs(tmp_path_factory):
-    """{name: directory} of a tiny Qwen3 and a tiny Mixtral (2 layers, 4 experts, top-2), random weights, seed 0,
+    """{name: directory} of a tiny Qwen3, a tiny Mixtral (2 layers, 4 experts, top-2) and a tiny GPT-NeoX (outside the
+    architecture table), random weights, seed 0,
     with the default model's tokenizer: local model directories a user could type into the sidebar."""
     import torch
     import transformers
@@ -123,4 +124,11 @@ def family_model_dirs(tmp_path_factory):
         cls(cfg).save_pretrained(path)
         tokenizer.save_pretrained(path)
         out[name] = path
+    # a causal LM the architecture table does not know (engine.model.generic: capture only)
+    torch.manual_seed(0)
+    out["gpt_neox"] = tmp_path_factory.mktemp("gpt_neox")
+    transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=256)).save_pretrained(out["gpt_neox"])
+    tokenizer.save_pretrained(out["gpt_neox"])
     return out

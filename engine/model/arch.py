@@ -3,8 +3,9 @@
 Rotation, capture and quantization code never spell module names; they ask the record of the model's class.
 Llama 1-3.2, Mistral, Qwen2/2.5 and Qwen3 share the layout (Qwen2 adds q/k/v biases); Phi-3 and Phi-4-mini
 fuse q, k, v into one linear and gate, up into another; mixtures of experts add a router and per-expert linears.
-Families whose rotations cannot be fused exactly (Gemma 2/3, OLMo-2, StableLM) carry the reason and are captured
-and evaluated unrotated.
+Families whose rotations cannot be fused exactly (Gemma 2/3, Gemma 3's multimodal class, OLMo-2, StableLM) carry
+the reason and are captured and evaluated unrotated. Causal LMs outside the table are captured only
+(engine.model.generic).
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ class ArchRoles:
     experts: str | None = None          # the ModuleList of ExpertMLP
     shared_expert: str | None = None    # an always-on MLP beside the routed experts (Qwen2-MoE)
     shared_gate: str | None = None      # its sigmoid gate [1, hidden]
+    # a class outside this table (engine.model.generic): only `layers` is known, and `linears` are module paths
+    generic: bool = False
 
 
 LLAMA = ArchRoles()
@@ -70,6 +73,9 @@ _SUBLAYER_NORM = ("{} normalize each sublayer's output before the residual add, 
 _LAYERNORM = ("{} uses LayerNorm, which subtracts each token's mean over the channels; a rotation of the residual "
               "stream does not commute with that centering, so it cannot be fused exactly")
 GEMMA = ArchRoles(post_attn_norm="pre_feedforward_layernorm", rotation_refusal=_SUBLAYER_NORM.format("Gemma 2 and 3"))
+# the multimodal class: the same decoder under model.language_model, beside a vision tower capture never visits
+GEMMA3_MULTIMODAL = replace(GEMMA, embed="model.language_model.embed_tokens", layers="model.language_model.layers",
+                            final_norm="model.language_model.norm")
 OLMO2 = ArchRoles(input_norm=None, post_attn_norm=None, norm_feeds=(),  # no norm before a sublayer: x feeds q/k/v
                   rotation_refusal=_SUBLAYER_NORM.format("OLMo-2"))
 
@@ -88,6 +94,7 @@ ARCHITECTURES: dict[str, ArchRoles] = {
     # captured and evaluated unrotated; Rotate and Optimize refuse with the reason
     "Gemma2ForCausalLM": GEMMA,
     "Gemma3ForCausalLM": GEMMA,
+    "Gemma3ForConditionalGeneration": GEMMA3_MULTIMODAL,  # text settings in config.text_config
     "Olmo2ForCausalLM": OLMO2,
     "StableLmForCausalLM": ArchRoles(rotation_refusal=_LAYERNORM.format("StableLM")),
     # mixtures of experts: the router reads the residual stream (R1 fused into it), every expert's down gets R4
@@ -135,6 +142,11 @@ class ArchInfo:
         if self.roles.rotation_refusal:
             raise UnsupportedArchitectureError(f"{self.name} cannot be rotated exactly: {self.roles.rotation_refusal}")
 
+    def check_known_roles(self, what: str) -> None:
+        """Refuse what needs the roles (quantizer placement, the KV cache, named sites) on a class outside the table."""
+        if self.roles.generic:
+            raise UnsupportedArchitectureError(f"{self.name} cannot {what}: {self.roles.rotation_refusal}")
+
     def check_learnable(self) -> None:
         """Refuse Cayley training (Optimize) with the reason."""
         self.check_rotatable()
@@ -145,8 +157,9 @@ class ArchInfo:
         """What SpinScope does with this model: each of capture, rotate, learn, evaluate is 'yes' or the reason."""
         rotate = self.roles.rotation_refusal or "yes"
         learn = self.roles.rotation_refusal or self.learn_refusal or "yes"
+        evaluate = f"floating point only: {self.roles.rotation_refusal}" if self.roles.generic else "yes"
         return {"capture (Explore)": "yes", "rotate (Rotate)": rotate, "learn rotations (Optimize)": learn,
-                "evaluate (fp, rtn, qrazor)": "yes",
+                "evaluate (fp, rtn, qrazor)": evaluate,
                 "evaluate rotated recipes (quarot, rotated)": rotate}
 
     def module(self, model: nn.Module, role: str, layer: int | None = None) -> nn.Module:
@@ -155,6 +168,8 @@ class ArchInfo:
             path = f"{self.roles.experts}.{int(head[6:])}.{leaf}_proj"
         elif head == "shared" and leaf:
             path = f"{self.roles.shared_expert}.{leaf}_proj"
+        elif self.roles.generic and role in self.linears:  # a module path inside the block
+            path = role
         else:
             path = getattr(self.roles, role)
         if path is None:
@@ -179,13 +194,15 @@ def _layer_roles(roles: ArchRoles, n_experts: int) -> dict:
 
 
 def resolve(model: nn.Module) -> ArchInfo:
-    """Look up the model's class in the table and read its shapes; refuse anything else clearly."""
+    """Look up the model's class in the table and read its shapes; a causal LM outside it gets its blocks and linears
+    found from the module tree (engine.model.generic: capture only); anything else is refused clearly."""
     name = type(model).__name__
     if name not in ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"architecture {name} is not supported; SpinScope knows {', '.join(sorted(ARCHITECTURES))}"
-        )
-    cfg, roles = model.config, ARCHITECTURES[name]
+        from engine.model.generic import discover  # capture only: the roles are unknown
+
+        return discover(model, _refusal(name))
+    # a multimodal model keeps the decoder's shapes in its text config (get_text_config is the config itself else)
+    cfg, roles = model.config.get_text_config(), ARCHITECTURES[name]
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     n_experts, intermediate, learn_refusal = 0, cfg.intermediate_size, None
     if roles.experts:
@@ -213,18 +230,29 @@ def resolve(model: nn.Module) -> ArchInfo:
         n_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
         head_dim=head_dim,
         vocab=cfg.vocab_size,
-        tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        tied_embeddings=bool(getattr(model.config, "tie_word_embeddings", getattr(cfg, "tie_word_embeddings", False))),
         n_experts=n_experts,
         learn_refusal=learn_refusal,
         **_layer_roles(roles, n_experts),
     )
 
 
+def causal_lm_classes() -> set[str]:
+    """The class names transformers' AutoModelForCausalLM builds (decoder-only causal LMs, no remote code)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    return {n for v in names for n in ((v,) if isinstance(v, str) else v)}
+
+
+def _refusal(shown: str) -> str:
+    return (f"architecture {shown} is not supported: SpinScope reads decoder-only causal LMs that transformers "
+            f"builds (AutoModelForCausalLM), and knows the roles of {', '.join(sorted(ARCHITECTURES))}")
+
+
 def check_config_supported(config) -> None:
-    """Refuse an architecture before any weights are loaded (config.architectures from config.json)."""
+    """Refuse, before any weights are loaded (config.architectures from config.json), what is neither in the table
+    nor a causal LM class of transformers (those outside the table are captured only: engine.model.generic)."""
     names = list(getattr(config, "architectures", None) or [])
-    if not any(n in ARCHITECTURES for n in names):
-        shown = ", ".join(names) or getattr(config, "model_type", "unknown")
-        raise UnsupportedArchitectureError(
-            f"architecture {shown} is not supported; SpinScope knows {', '.join(sorted(ARCHITECTURES))}"
-        )
+    if not any(n in ARCHITECTURES or n in causal_lm_classes() for n in names):
+        raise UnsupportedArchitectureError(_refusal(", ".join(names) or getattr(config, "model_type", "unknown")))

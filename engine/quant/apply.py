@@ -184,6 +184,7 @@ def quantize_model(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe,
     plan = ClipPlan()
     if not recipe.quantize:
         return plan
+    arch.check_known_roles("be quantized")  # which linears read what, and where the KV cache is, are unknown
     weights, acts = WEIGHT_METHODS[recipe.weights], ACTIVATION_METHODS[recipe.activations]
     weights.check(bits.w)  # refuse an impossible setting before any weight is touched
     acts.activation_fn(bits.a, recipe), acts.kv_fn(bits.kv, recipe, arch.head_dim)

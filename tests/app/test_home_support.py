@@ -1,5 +1,6 @@
 """Home's support table for the loaded model, as a user sees it after choosing a local model directory: every
-capability 'yes' for a Llama; for a Gemma 3 capture and evaluation 'yes', rotation refused with the reason."""
+capability 'yes' for a Llama; for a Gemma 3 capture and evaluation 'yes', rotation refused with the reason; for a
+model outside the architecture table (GPT-NeoX) capture only."""
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,11 @@ def test_a_gemma3_directory_is_captured_and_evaluated_but_not_rotated(gemma3_dir
     assert support["capture (Explore)"] == support["evaluate (fp, rtn, qrazor)"] == "yes"
     assert "normalize each sublayer's output before the residual add" in support["rotate (Rotate)"]
     assert support["learn rotations (Optimize)"] == support["rotate (Rotate)"]
+
+
+def test_a_model_outside_the_table_is_captured_only(family_model_dirs):
+    table = support_table(family_model_dirs["gpt_neox"])
+    assert table["capture (Explore)"] == "yes"
+    reason = "not in the architecture table: roles unknown, rotations cannot be fused"
+    assert reason in table["rotate (Rotate)"] and reason in table["learn rotations (Optimize)"]
+    assert table["evaluate (fp, rtn, qrazor)"].startswith("floating point only")

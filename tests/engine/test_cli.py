@@ -38,7 +38,7 @@ def sentinel():
 
 
 def _bad_inputs(tmp_path: Path, tiny: Path) -> dict:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BertConfig, BertForMaskedLM
 
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()
@@ -49,8 +49,9 @@ def _bad_inputs(tmp_path: Path, tiny: Path) -> dict:
     (damaged / "model.safetensors").write_bytes(b"garbage" * 10)
     weights_file = tmp_path / "model.safetensors"
     weights_file.write_bytes(b"\x00" * 64)
-    gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)).save_pretrained(gpt2)
+    bert = tmp_path / "bert"  # no causal LM: refused (causal LMs outside the table are captured only)
+    BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32)).save_pretrained(bert)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     binary = tmp_path / "binary.txt"
@@ -61,7 +62,7 @@ def _bad_inputs(tmp_path: Path, tiny: Path) -> dict:
         "directory without weights": (["--model", no_weights], "no weights"),
         "damaged weight file": (["--model", damaged], "cannot load the weights"),
         "file instead of directory": (["--model", weights_file], "is a file"),
-        "architecture outside the table": (["--model", gpt2], "GPT2LMHeadModel is not supported"),
+        "not a causal LM": (["--model", bert], "BertForMaskedLM is not supported"),
         "empty text file": (["--model", tiny, "--corpus", empty], "is empty"),
         "binary text file": (["--model", tiny, "--corpus", binary], "looks binary"),
         "missing corpus": (["--model", tiny, "--corpus", tmp_path / "nope.txt"], "not found"),
@@ -73,7 +74,7 @@ def _bad_inputs(tmp_path: Path, tiny: Path) -> dict:
 
 
 BAD = ["unknown model id", "directory without weights", "damaged weight file", "file instead of directory",
-       "architecture outside the table", "empty text file", "binary text file", "missing corpus", "token budget 0",
+       "not a causal LM", "empty text file", "binary text file", "missing corpus", "token budget 0",
        "budget beyond the corpus", "window of one token"]
 
 

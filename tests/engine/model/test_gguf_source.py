@@ -1,6 +1,6 @@
 """A .gguf file as a model source: converted once into the cache like the default model, with a note naming the
-quantization it was dequantized from; a split GGUF's part and an architecture transformers cannot read from GGUF
-are refused with the reason, before any conversion."""
+quantization it was dequantized from; a split GGUF's part not named as one and an architecture transformers cannot
+read from GGUF are refused with the reason, before any conversion (split GGUFs: test_gguf_split.py)."""
 import shutil
 
 import pytest
@@ -32,8 +32,8 @@ def test_an_architecture_transformers_cannot_read_is_refused_with_the_reason(tmp
     assert not list((tmp_cache / "models").glob("tiny-rwkv*"))  # nothing converted
 
 
-def test_a_part_of_a_split_gguf_is_refused_with_how_to_merge_it(tmp_path):
-    path = write_gguf(tmp_path / "model-00001-of-00002.gguf", "llama", **{"split.count": 2, "split.no": 0})
+def test_a_split_part_not_named_as_one_is_refused_with_how_to_merge_it(tmp_path):
+    path = write_gguf(tmp_path / "model-part1.gguf", "llama", **{"split.count": 2, "split.no": 0})
     with pytest.raises(ModelLoadError, match="one part of a split GGUF \\(2 parts\\).*llama-gguf-split --merge"):
         load_model(str(path))
 

@@ -236,11 +236,12 @@ def test_mistral_and_qwen2_resolve_and_capture(family):
 
 
 def test_unsupported_architecture_is_refused_clearly():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BertConfig, BertForMaskedLM
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32))
-    with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
-        resolve(gpt2)
+    bert = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32))  # no causal LM (those outside the table: capture only)
+    with pytest.raises(UnsupportedArchitectureError, match="BertForMaskedLM.*LlamaForCausalLM"):
+        resolve(bert)
 
 
 @pytest.mark.slow
