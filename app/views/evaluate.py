@@ -1,6 +1,7 @@
 """Evaluate: recipes x bit settings on the same perplexity and zero-shot numbers; results fill in live."""
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -62,6 +63,7 @@ def _weights(row) -> str:
 
 
 ROWS, RUNNING = "eval_rows", "eval_running"  # RUNNING holds the request (n runs) while it runs, None after
+REQUEST = "eval_request"  # (runs, cfg) behind the rows, in their order: what the Export button rebuilds
 st.session_state.setdefault(ROWS, [])
 st.session_state.setdefault(RUNNING, None)
 
@@ -90,6 +92,7 @@ if run:
 
     if jobs:
         st.session_state[ROWS] = []
+        st.session_state[REQUEST] = (jobs, cfg)
         st.session_state[RUNNING] = len(jobs)
         try:
             progress.run(eval_table_job(handle, jobs, cfg), f"{len(jobs)} run{'s' * (len(jobs) > 1)}",
@@ -171,7 +174,52 @@ if calibrated:
                "per-row shrinks; activations: the per-token quantizer of each linear's input; K: on the causal "
                "attention scores; V: per layer. Hover a cell for its value.")
 
+
+def export_section(rows: list[dict]) -> None:
+    """Any finished row as a compressed-tensors checkpoint, built with the same settings as its evaluation."""
+    from engine.export import ExportError, check_exportable, export_job
+
+    request = st.session_state.get(REQUEST)
+    if request is None:
+        return
+    runs, cfg = request
+    st.header("Export for serving")
+    st.caption("Writes the row as a Hugging Face model directory in the compressed-tensors format (what vLLM and "
+               "llm-compressor read): R1/R2 fused, weights packed with their scales, the activation and KV-cache "
+               "quantizers and the online R3/R4 rotations in its config. The same directory loads back here as a "
+               "model (Model page, or --model DIR).")
+    pick = st.selectbox("Row", range(len(rows)), format_func=lambda i: labels[i], key="eval_export_row")
+    recipe, bits = runs[pick]
+    try:
+        check_exportable(recipe, bits, handle)
+    except ExportError as e:
+        st.info(f"This row cannot be exported: {e}")
+        return
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(handle.name).name)
+    out = st.text_input("Output directory", str(Path("exports") / f"{slug}-{recipe.name}-{bits}"),
+                        key=f"eval_export_dir_{pick}", help="A new directory (written to a temporary one beside it and "
+                        "renamed at the end, so an error leaves nothing behind).")
+    force = st.checkbox("Replace an earlier export in that directory", key="eval_export_force")
+    if not st.button("Export", key="eval_export"):
+        return
+    if Path(out).expanduser().exists() and not force:  # the CLI says --force; here it is the checkbox
+        st.error(f"{out} already exists: tick 'Replace an earlier export in that directory' or choose another one.")
+        return
+    try:
+        done = progress.run(export_job(handle, recipe, bits, out, cfg, force), f"export {labels[pick]}")
+    except ExportError as e:
+        st.error(str(e))
+        return
+    if done is None:
+        return
+    r = done.result
+    st.success(f"Wrote {r['out']}: {r['bytes'] / 2**20:.1f} MiB in {r['seconds']:.0f} s ({', '.join(r['files'])}).")
+    for note in r["notes"]:
+        st.caption(f"Note: {note}")
+
 c1, c2 = st.columns(2)
 c1.download_button("Download CSV", df.to_csv(index=False).encode(), "spinscope_eval.csv", "text/csv")
 c2.download_button("Download JSON", json.dumps(rows, indent=1, default=str).encode(), "spinscope_eval.json",
                    "application/json")
+
+export_section(rows)

@@ -310,6 +310,9 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, note, kw, config = _read_config(name)
+    from engine.export import fold_online_transforms, import_kwargs, import_note
+
+    kw = {**kw, **import_kwargs(config)}  # a compressed-tensors checkpoint loads dequantized (engine.export)
     placement = None
     if device == "auto" or max_memory is not None or device_map is not None:
         if any(ARCHITECTURES.get(a, LLAMA).experts for a in config.architectures or ()):  # before any weight is read
@@ -329,6 +332,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
         raise ModelLoadError(f"cannot load the tokenizer of {name!r} (put its tokenizer files, e.g. "
                              f"tokenizer.json, next to config.json): {e}") from e
     unfuse_experts(model)  # each expert as a pair of linears (engine.model.experts)
+    if "config" in kw:  # its online rotations folded back into the weights: the floating-point model they mean
+        note = import_note(config, fold_online_transforms(model, src))
     if placement is None:
         model.to(dev)
     else:
