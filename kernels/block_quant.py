@@ -30,7 +30,7 @@ Tiles: the autotuner picks the output width (16 to 128 columns; 64 won every rot
 H200) and the row walk. (A variant without any reshape, two dots of 16 columns per group for the even and odd
 elements, was 2x to 4x slower there.)
 Tried and removed (2026-12-02, H200): two dots per tile, for the even and the odd output columns, so that neither
-the group reshape nor the packing split is needed: 1.2x to 2.1x slower (and its MXFP8 went wrong with the hardware
+the group reshape nor the packing split is needed: 1.2x to 1.9x slower (and its MXFP8 went wrong with the hardware
 E4M3 conversion). Triton 3.6 keeps the reshape and the split in registers (no shared-memory round trip in the sm_90
 code), so they were not the cost; the arithmetic per value and its overlap with the loads are the suspects left.
 H200, d = 11008, L = 8192, fp16, over a copy of x (89.6 us): MXFP4 b = 32 1.16x (rotate, then quantize: 2.00x),
