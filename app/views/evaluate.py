@@ -187,7 +187,7 @@ def export_section(rows: list[dict]) -> None:
     st.caption("Writes the row as a Hugging Face model directory in the compressed-tensors format (what vLLM and "
                "llm-compressor read): R1/R2 fused, weights packed with their scales, the activation and KV-cache "
                "quantizers and the online R3/R4 rotations in its config. The same directory loads back here as a "
-               "model (Model page, or --model DIR).")
+               "model: type its path in the sidebar's Model box, or pass --model DIR.")
     pick = st.selectbox("Row", range(len(rows)), format_func=lambda i: labels[i], key="eval_export_row")
     recipe, bits = runs[pick]
     try:
