@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.export_roundtrip import load_elsewhere
+from benchmarks.export_roundtrip import load_elsewhere, nudge_embeddings
 from engine.evaluate import EvalConfig, build_model, perplexity
 from engine.events import run_to_end
 from engine.export import MARKER, ExportError, check_exportable, export_row, float_grid, integer_grid, write_checkpoint
@@ -42,10 +42,8 @@ def reference(handle, recipe, bits, ids, wins, cfg=CFG, out: Path | None = None,
                             if n.endswith("_proj.weight")})
         if not nudged:
             return logits, ppl
-        emb = handle.arch.module(model, "embed").weight
-        g = torch.Generator().manual_seed(0)
+        nudge_embeddings(model, handle.arch)
         with torch.no_grad():
-            emb.mul_(1 + 2.0 ** -23 * torch.randint(-1, 2, emb.shape, generator=g).to(emb.dtype))
             return logits, ppl, model(ids, use_cache=False).logits, run_to_end(perplexity(model, wins))
 
 
