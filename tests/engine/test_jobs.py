@@ -121,7 +121,9 @@ def test_an_identical_rotate_rerun_is_answered_from_the_cache(tiny_handle):
 
 @pytest.mark.slow
 def test_ctrl_c_in_optimize_saves_the_finished_steps_and_says_where_the_rerun_resumes(tiny_model_dir, tmp_cache):
-    cmd = [sys.executable, "-m", "engine", "optimize", "--model", str(tiny_model_dir), "--steps", "500",
+    # far more steps than can run before the Ctrl-C: a starved reader on a loaded CPU once read "step 3" only after
+    # all 500 steps had finished (exit 0, nothing to stop)
+    cmd = [sys.executable, "-m", "engine", "optimize", "--model", str(tiny_model_dir), "--steps", "100000",
            "--windows", "2", "--window", "16", "--batch", "1", "--eval-every", "0"]
     env = {**os.environ, "SPINSCOPE_CACHE": str(tmp_cache), "PYTHONUNBUFFERED": "1"}
 
