@@ -121,14 +121,16 @@ def test_an_identical_rotate_rerun_is_answered_from_the_cache(tiny_handle):
 
 @pytest.mark.slow
 def test_ctrl_c_in_optimize_saves_the_finished_steps_and_says_where_the_rerun_resumes(tiny_model_dir, tmp_cache):
-    # far more steps than can run before the Ctrl-C: a starved reader on a loaded CPU once read "step 3" only after
-    # all 500 steps had finished (exit 0, nothing to stop)
+    # far more steps than can run before the Ctrl-C
     cmd = [sys.executable, "-m", "engine", "optimize", "--model", str(tiny_model_dir), "--steps", "100000",
            "--windows", "2", "--window", "16", "--batch", "1", "--eval-every", "0"]
     env = {**os.environ, "SPINSCOPE_CACHE": str(tmp_cache), "PYTHONUNBUFFERED": "1"}
 
     def run_until_step(n):  # the first step line printed, after Ctrl-C once step n is printed
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # SIGINT back to its default in the child, as in a terminal: a test run started in the background of a
+        # non-interactive shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         first = None
         for line in proc.stdout:
             if line.startswith("step "):
