@@ -52,6 +52,19 @@ torch.save({"logits": logits, "ppl": math.exp(nll / count) if count else math.na
 '''
 
 
+def run_isolated(python: str, script: Path, args: list, result: Path, what: str, timeout: int, env=None) -> dict:
+    """Run `script` with `python` in a fresh interpreter and load the dict it saved at `result`; raises with its
+    output if it failed, or if that process imported SpinScope (the dict's "engine" list of module names)."""
+    proc = subprocess.run([python, "-W", "ignore", str(script), *map(str, args)], cwd=script.parent,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"{what} failed:\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
+    res = torch.load(result)
+    if res["engine"]:
+        raise RuntimeError(f"{what}: the process imported SpinScope ({res['engine'][:3]})")
+    return res
+
+
 def load_elsewhere(directory: Path, ids: torch.Tensor, wins: torch.Tensor, workdir: Path, mode: str) -> dict:
     """Logits on `ids`, perplexity on `wins` (nan for none) and the linears' weights of the checkpoint at
     `directory`, computed by DRIVER in a fresh interpreter (mode "plain": transformers only; "loader":
@@ -60,14 +73,8 @@ def load_elsewhere(directory: Path, ids: torch.Tensor, wins: torch.Tensor, workd
     data, out, script = workdir / f"data-{mode}.pt", workdir / f"out-{mode}.pt", workdir / "driver.py"
     torch.save({"ids": ids, "windows": wins}, data)
     script.write_text(DRIVER)
-    proc = subprocess.run([sys.executable, "-W", "ignore", str(script), str(directory), str(data), str(out), mode],
-                          cwd=workdir, capture_output=True, text=True, timeout=3600)
-    if proc.returncode:
-        raise RuntimeError(f"loading {directory} elsewhere failed:\n{proc.stderr[-2000:]}")
-    res = torch.load(out)
-    if res["engine"]:
-        raise RuntimeError(f"the loading process imported SpinScope ({res['engine'][:3]})")
-    return res
+    return run_isolated(sys.executable, script, [directory, data, out, mode], out, f"loading {directory} elsewhere",
+                        3600)
 
 
 def nudge_embeddings(model, arch, seed: int = 0) -> None:

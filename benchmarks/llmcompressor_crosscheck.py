@@ -60,7 +60,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -69,7 +68,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.export_roundtrip import load_elsewhere
+from benchmarks.export_roundtrip import load_elsewhere, run_isolated
 
 BITS = 4
 ROTATIONS = ("R1", "R2", "R4")  # R3 would need the KV cache's online transform, outside this weight-only check
@@ -178,15 +177,8 @@ def run_llmcompressor(python: str, model_dir: Path, out: Path, work: Path, rotat
     """llm-compressor's checkpoint at `out`; returns its fused float weights, scales and versions."""
     script, extras = work / "llmc_driver.py", work / "llmc_extras.pt"
     script.write_text(LLMC_DRIVER)
-    proc = subprocess.run([python, "-W", "ignore", str(script), str(model_dir), str(out), str(extras),
-                           ",".join(rotations)], cwd=work, capture_output=True, text=True, timeout=1800,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
-    if proc.returncode:
-        raise RuntimeError(f"llm-compressor failed:\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
-    res = torch.load(extras)
-    if res["engine"]:
-        raise RuntimeError(f"llm-compressor's process imported SpinScope ({res['engine'][:3]})")
-    return res
+    return run_isolated(python, script, [model_dir, out, extras, ",".join(rotations)], extras, "llm-compressor", 1800,
+                        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
 
 
 def run_spinscope(model_dir: Path, out: Path, work: Path, rotations: tuple[str, ...]) -> dict:

@@ -80,10 +80,9 @@ def default_handle():
     return load_model("default")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A 2-layer random Llama saved with save_pretrained, with the default model's tokenizer: a real local model
-    directory that loads in about a second (for loader and CLI tests)."""
+def save_tiny_llama(path, hidden: int = 16, intermediate: int = 32):
+    """A 2-layer random Llama (seed 0, tied embeddings) saved at `path` with the default model's tokenizer: a real
+    local model directory that loads in about a second."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -91,13 +90,18 @@ def tiny_model_dir(tmp_path_factory):
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
                       tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny_llama")
     LlamaForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """save_tiny_llama's model (hidden 16) in a session directory, for loader and CLI tests."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from engine.model.loading import load_model
 from engine.quant.recipes import Bits, get_recipe
 from engine.rotation.files import RotationSet, save_rotations
 from engine.rotation.hadamard import random_orthogonal
+from tests.conftest import save_tiny_llama
 
 CFG = EvalConfig(calib_tokens=512, calib_window=128)
 
@@ -55,19 +56,7 @@ def tiny(tiny_model_dir):
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
     """A 2-layer random Llama whose linears take 64 and 128 inputs: whole MX (32) and NVFP4 (16) blocks."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from engine.model.loading import default_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                      tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("wide_llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return load_model(str(path))
+    return load_model(str(save_tiny_llama(tmp_path_factory.mktemp("wide_llama"), hidden=64, intermediate=128)))
 
 
 @pytest.fixture(scope="module")
