@@ -8,9 +8,9 @@ and the activation/KV quantizers installed); what it computes is then written in
   read back from the fake-quantized weight (integer_grid) -> `weights` int, symmetric, strategy channel (group),
   format pack-quantized. The scale is stored, so whatever clipping chose it (search, calibrated per row, GPTQ) is
   kept exactly.
-- activations: per token, asymmetric, dynamic -> `input_activations` int, asymmetric, strategy token, dynamic. Its
-  grid [-2^(b-1), 2^(b-1)-1] with a zero point is the engine's [0, 2^b-1] shifted by 2^(b-1) (the same values);
-  its range is each token's min and max with 0 included, i.e. clip ratio 1.0.
+- activations: per token, asymmetric, dynamic -> `input_activations` int, asymmetric, strategy token, dynamic: the
+  engine's grid [-2^(b-1), 2^(b-1)-1] and float32 operations (engine.quant.quantizers); its range is each token's
+  min and max with 0 included, i.e. clip ratio 1.0.
 - KV cache: K (after RoPE and R3) and V, one asymmetric grid per token and head -> `kv_cache_scheme` int,
   asymmetric, strategy group, group_size head_dim, dynamic. (Strategy attn_head is one static scale per head.)
 - R1, R2 (and the folded RMSNorm gains) are fused into the weights; transform_config lists them as offline
@@ -35,10 +35,12 @@ calibrated global scale where the engine recomputes amax / (6 * 448) per tensor)
 below 1.0 on activations or the KV cache (calibrated or fixed: dynamic quantizers cannot clip); mixtures of experts;
 nothing quantized.
 
-Fidelity (measured on SmolLM2-135M, tests/engine/test_export.py): weights, scales and R1-R4 round-trip to float
-rounding (W4A16 logits equal; rotations 1.5e-4 of logits up to 40). The dynamic 4-bit quantizers agree except on
-~1e-7 of the values, which sit at a half step where compressed-tensors' round(x/s + z) and the engine's
-round(x/s) + z part in float32; a W4A4KV4 network amplifies each such flip (perplexity 1-2 % apart).
+Fidelity (SmolLM2-135M, tests/engine/test_export.py and benchmarks/export_roundtrip.py): integer W4A16 and
+W4A4KV4 rows, rotated or not, give the engine's logits bit for bit. That needs the same float32 operations in the
+same order on both sides, because a 4-bit row is chaotic (one ulp on a third of the embedding values moves its
+perplexity by 0.3-1 %): the engine's asymmetric quantizer is compressed-tensors' round(x / s + z) on its signed
+grid, and its dense Hadamards are applied as (x @ M) / sqrt(n) with the +-1 matrix M, as compressed-tensors'
+Hadamard transforms apply them (engine.rotation.fusion.OnlineRotation).
 
 Runtimes (checked here with transformers 5.23 and compressed-tensors 0.20.1): transformers applies the quantization
 (packed weights, dynamic activation and KV quantizers) but ignores transform_config, so a rotated export needs its

@@ -1,6 +1,6 @@
 """Fake quantizers (quantize then dequantize) for weights, activations and the KV cache.
 
-Conventions follow the SpinQuant / QuaRot code, with one deliberate difference noted below:
+Conventions follow the SpinQuant / QuaRot code, with two deliberate differences noted below:
 
 - Weights: per output channel (one row of W [out, in], HF layout y = x @ W.T) or per group of
   `group_size` input columns within a row; symmetric, round to nearest, optional clipping search.
@@ -11,9 +11,13 @@ Integer grids:
 - symmetric:  q in [-maxq, maxq] with maxq = 2^(b-1) - 1 and scale = absmax / maxq; x_hat = scale * q.
   The reference code clamps to [-(maxq+1), maxq]; the extra negative level is only reachable when the
   range is clipped, so we keep the grid odd-symmetric (quantize(-x) = -quantize(x)) instead.
-- asymmetric: q in [0, 2^b - 1], scale = (xmax - xmin) / (2^b - 1), zero = round(-xmin / scale),
-  x_hat = scale * (q - zero). As in the reference, the range always includes 0 (xmin <= 0 <= xmax),
-  so 0 is exactly representable and zero padding of a ragged last group never changes a grid.
+- asymmetric: q in [-2^(b-1), 2^(b-1) - 1], scale = (xmax - xmin) / (2^b - 1),
+  zero = round(-2^(b-1) - xmin / scale), q = round(x / scale + zero), x_hat = scale * (q - zero). As in the
+  reference, the range always includes 0 (xmin <= 0 <= xmax), so 0 is exactly representable and zero padding of
+  a ragged last group never changes a grid. The reference's grid is [0, 2^b - 1] with q = round(x / scale) + zero:
+  the same values shifted by 2^(b-1), but we take compressed-tensors' signed grid and its order of float32
+  operations (calculate_qparams, _quantize), so that its dynamic quantizers in an exported checkpoint round every
+  value as we did (in float32 the two orders part on about 1e-7 of the values, at half steps).
 bits = 16 means "no quantization": every function returns its input unchanged.
 
 Every fake quantizer returns `x + (x_hat - x).detach()`: the forward value is x_hat and the gradient
@@ -64,7 +68,7 @@ class QuantSpec:
     """How to quantize one tensor kind (weights, activations or KV cache)."""
 
     bits: int  # 2..16; 16 means identity (no quantization)
-    symmetric: bool  # True: q in [-maxq, maxq], no zero point; False: q in [0, 2^b-1] with zero point
+    symmetric: bool  # True: q in [-maxq, maxq], no zero point; False: q in [-2^(b-1), 2^(b-1)-1] with zero point
     group_size: int | None = None  # None: one grid per row (last dim); else per group of this many values
     clip_ratio: float = 1.0  # shrink the range by this factor before quantizing (activations, KV)
 
@@ -98,8 +102,7 @@ class QuantGrid:
 
     def to_int(self, x: Tensor) -> Tensor:
         """Integer codes (as float32) of x, clamped to [qmin, qmax]."""
-        q = torch.round(x.float() / self.scale) + self.zero
-        return q.clamp(self.qmin, self.qmax)
+        return torch.round(x.float() / self.scale + self.zero).clamp(self.qmin, self.qmax)
 
     def dequantize(self, q: Tensor) -> Tensor:
         return self.scale * (q - self.zero)
@@ -110,12 +113,10 @@ class QuantGrid:
 
 
 def integer_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """(qmin, qmax) of the integer grid: [-(2^(b-1)-1), 2^(b-1)-1] or [0, 2^b-1]."""
+    """(qmin, qmax) of the integer grid: [-(2^(b-1)-1), 2^(b-1)-1] or [-2^(b-1), 2^(b-1)-1]."""
     check_bits(bits)
-    if symmetric:
-        maxq = 2 ** (bits - 1) - 1
-        return -maxq, maxq
-    return 0, 2**bits - 1
+    maxq = 2 ** (bits - 1) - 1
+    return (-maxq, maxq) if symmetric else (-maxq - 1, maxq)
 
 
 def find_grid(x: Tensor, bits: int, symmetric: bool, shrink: float | Tensor = 1.0) -> QuantGrid:
@@ -128,10 +129,10 @@ def find_grid(x: Tensor, bits: int, symmetric: bool, shrink: float | Tensor = 1.
     if symmetric:
         scale = torch.maximum(-xmin, xmax) / qmax
     else:
-        scale = (xmax - xmin) / qmax
+        scale = (xmax - xmin) / (qmax - qmin)
     # An all-zero row: any positive scale reproduces it exactly.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = torch.zeros_like(scale) if symmetric else torch.round(-xmin / scale).clamp(qmin, qmax)
+    zero = torch.zeros_like(scale) if symmetric else torch.round(qmin - xmin / scale).clamp(qmin, qmax)
     return QuantGrid(scale=scale, zero=zero, qmin=qmin, qmax=qmax)
 
 
@@ -144,7 +145,7 @@ def clip_search_error(x: Tensor, grid: QuantGrid, buffer: Tensor | None = None) 
     """
     x = x.float()
     err = torch.div(x, grid.scale, out=buffer) if buffer is not None else x / grid.scale
-    err.round_().add_(grid.zero).clamp_(grid.qmin, grid.qmax).sub_(grid.zero).mul_(grid.scale)
+    err.add_(grid.zero).round_().clamp_(grid.qmin, grid.qmax).sub_(grid.zero).mul_(grid.scale)
     return err.sub_(x).abs_().pow_(CLIP_SEARCH_NORM).sum(-1)
 
 

@@ -7,6 +7,7 @@ no reload. R1 and R2 are fused into the weights (in float64, cast back); R3 (que
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -98,14 +99,21 @@ class RotationConfig:
 class OnlineRotation(nn.Module):
     """x -> x @ R on the last dim. Three forms: a dense matrix (float32 matmul), a random Hadamard H diag(s) as a
     fast transform (O(n log n)), or block-diagonal blocks [nb, b, b] (FLRot), which run through the Triton kernel
-    on a GPU in fp16/bf16 and a batched matmul elsewhere."""
+    on a GPU in fp16/bf16 and a batched matmul elsewhere.
+
+    A dense matrix of +-1 / sqrt(n) entries (a Hadamard) is kept as its +-1 matrix M and applied as
+    (x @ M) / sqrt(n), in float32, as compressed-tensors' Hadamard transforms compute it: an exported checkpoint
+    (engine.export) then computes bit for bit what the engine evaluated (a 4-bit row turns any one-ulp difference
+    into a different network, tests/engine/test_export.py)."""
 
     def __init__(self, matrix: torch.Tensor | None = None, hadamard_signs: torch.Tensor | None = None,
                  blocks: torch.Tensor | None = None):
         super().__init__()
         if sum(t is not None for t in (matrix, hadamard_signs, blocks)) != 1:
             raise ValueError("give exactly one of matrix, hadamard_signs or blocks")
-        self.register_buffer("matrix", None if matrix is None else matrix.float())
+        pm1 = None if matrix is None else _pm1_form(matrix)
+        self.register_buffer("matrix", None if matrix is None or pm1 is not None else matrix.float())
+        self.register_buffer("pm1", pm1)
         self.register_buffer("signs", None if hadamard_signs is None else hadamard_signs.float())
         self.register_buffer("blocks", None if blocks is None else blocks.float())
 
@@ -116,11 +124,16 @@ class OnlineRotation(nn.Module):
             return blockdiag_rotate(x, self.blocks)
         dtype = x.dtype
         xf = x.float()
-        y = xf @ self.matrix if self.matrix is not None else apply_hadamard(xf) * self.signs
+        if self.pm1 is not None:
+            y = (xf @ self.pm1) / math.sqrt(self.pm1.shape[0])
+        else:
+            y = xf @ self.matrix if self.matrix is not None else apply_hadamard(xf) * self.signs
         return y.to(dtype)
 
     def dense(self) -> torch.Tensor:
-        """The matrix R (float64)."""
+        """The matrix R (float64; a dense one as the float32 values it was given)."""
+        if self.pm1 is not None:
+            return (self.pm1.double() / math.sqrt(self.pm1.shape[0])).float().double()
         if self.matrix is not None:
             return self.matrix.double()
         if self.blocks is not None:
@@ -128,6 +141,15 @@ class OnlineRotation(nn.Module):
         from engine.rotation.hadamard import hadamard_matrix
 
         return hadamard_matrix(self.signs.numel()).to(self.signs.device) * self.signs.double()
+
+
+def _pm1_form(r: torch.Tensor) -> torch.Tensor | None:
+    """M (float32 +-1) with R = M / sqrt(n) to float32 rounding, or None when R is no such matrix."""
+    n = r.shape[0]
+    m = (r.double() * math.sqrt(n)).round()
+    if not bool((m.abs() == 1).all()) or not torch.equal((m / math.sqrt(n)).float(), r.float()):
+        return None
+    return m.float()
 
 
 def as_blocks(r: torch.Tensor, sizes: tuple = BLOCK_SIZES) -> torch.Tensor | None:

@@ -230,7 +230,41 @@ def test_activation_error_bound_inside_clip_range():
     assert ((xq - x).abs() > step / 2 + 1e-6)[~inside].any()  # clipped values do lose more
     grid = find_grid(x, bits, symmetric=False, shrink=clip)
     codes = grid.to_int(x)
-    assert codes.min() >= 0 and codes.max() <= 2**bits - 1
+    assert integer_range(bits, symmetric=False) == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    assert codes.min() >= -(2 ** (bits - 1)) and codes.max() <= 2 ** (bits - 1) - 1
+
+
+def near_half_steps(bits: int, rows: int = 2048, d: int = 64, seed: int = 0) -> torch.Tensor:
+    """Per-token rows whose values sit at or within a few float32 ulps of a half step of the row's own grid, where
+    round(x / s + z) and round(x / s) + z can part. In the second half of the rows the step is a power of two and
+    the range a whole number of steps, so the half steps are exact ties."""
+    g = torch.Generator().manual_seed(seed)
+    levels = 2**bits - 1
+    lo, hi = -torch.rand(rows, 1, generator=g) * 4, torch.rand(rows, 1, generator=g) * 4
+    exact = torch.arange(rows)[:, None] >= rows // 2
+    below = torch.randint(1, levels, (rows, 1), generator=g).float()  # steps below 0
+    step = torch.exp2(-torch.randint(0, 6, (rows, 1), generator=g).float())
+    lo, hi = torch.where(exact, -below * step, lo), torch.where(exact, (levels - below) * step, hi)
+    s = (hi - lo) / levels
+    x = lo + s * (torch.randint(0, levels, (rows, d), generator=g).float() + 0.5)
+    nudge = x.abs() * 2.0**-23 * torch.randint(-3, 4, (rows, d), generator=g)
+    x = torch.where(exact, x, x + nudge)
+    x[:, 0], x[:, 1] = lo[:, 0], hi[:, 0]  # each row's range is [lo, hi]
+    return x
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_asymmetric_quantizer_equals_compressed_tensors_dynamic_one(bits):
+    """Per-token asymmetric fake quantization equals compressed-tensors' (its calculate_qparams and fake_quantize,
+    as a dynamic `token` quantizer in an exported checkpoint runs them) bit for bit, half steps included."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    x = near_half_steps(bits)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="token", dynamic=True)
+    scale, zero = calculate_qparams(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), args)
+    assert torch.equal(quantize_activation(x, bits), fake_quantize(x, scale, zero, args))
 
 
 def test_kv_one_group_per_head():
