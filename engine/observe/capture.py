@@ -21,13 +21,13 @@ from engine.observe.stats import SiteAccumulator
 
 # site -> (description for the UI, what the channels are)
 SITES: dict[str, str] = {
-    "resid_attn": "residual stream entering attention (decoder-layer input, before RMSNorm)",
+    "resid_attn": "residual stream entering attention (decoder-layer input, before its norm)",
     "attn_in": "input of q/k/v_proj (after the input RMSNorm)",
     "q": "queries after RoPE (heads x head_dim channels)",
     "k": "keys after RoPE (KV heads x head_dim channels)",
     "v": "values (KV heads x head_dim channels)",
     "o_in": "input of o_proj (attention output)",
-    "resid_mlp": "residual stream entering the MLP (before RMSNorm)",
+    "resid_mlp": "residual stream entering the MLP (before its norm)",
     "mlp_in": "input of gate/up_proj (after the post-attention RMSNorm)",
     "down_in": "input of down_proj (SiLU(gate) * up)",
 }

@@ -1,4 +1,5 @@
-"""Explore and Rotate in a real browser on a tiny Qwen3 and a tiny mixture of experts (Mixtral).
+"""Explore and Rotate in a real browser on a tiny Qwen3 and a tiny mixture of experts (Mixtral); Explore on a tiny
+GPT-NeoX, a model outside the architecture table.
 
 Each model is saved to a local directory with the default model's tokenizer (as tests/app/test_explore_families.py
 builds them), and its path is typed into the sidebar's Model box as a user would. Explore captures a small budget
@@ -81,6 +82,24 @@ def test_explore_on_a_tiny_model_family(app_url, page, family_model_dirs, name):
 
     _no_errors(page)
     shots.full_page_screenshot(page, ARTIFACTS / f"explore_{name}.png", TIMEOUT_MS)
+
+
+def test_explore_on_a_model_outside_the_architecture_table(app_url, page, family_model_dirs):
+    """GPT-NeoX (engine.model.generic: capture only): Explore captures it, draws the kurtosis chart, offers each
+    linear's input by its module path, and the close-up follows the chosen one."""
+    _choose_model(page, app_url, "explore", family_model_dirs["gpt_neox"])
+    page.get_by_role("heading", name="Explore activation outliers").wait_for(timeout=TIMEOUT_MS)
+    for action in (f"fill:Token budget={TOKENS}", f"fill:Window length={WINDOW}", "click:Capture",
+                   "wait:svg=Kurtosis per layer"):
+        shots.apply(page, shots.parse_action(action), timeout_ms=TIMEOUT_MS)
+    points = _chart(page, "Kurtosis per layer").locator("g.scatterlayer g.trace").first.locator("path.point")
+    assert points.count() == N_LAYERS, "one marker per decoder layer"
+    for site in ("linear_in[attention.query_key_value]", "linear_in[mlp.dense_4h_to_h]"):  # offered by module path
+        shots.apply(page, shots.parse_action(f"select:Site for this layer={site}"), timeout_ms=TIMEOUT_MS)
+        page.locator("text.gtitle", has_text=f"Per-channel max |x|, layer 1, {site}").first.wait_for(
+            timeout=TIMEOUT_MS)
+    _no_errors(page)
+    shots.full_page_screenshot(page, ARTIFACTS / "explore_gpt_neox.png", TIMEOUT_MS)
 
 
 @pytest.mark.parametrize("name", MODELS)
