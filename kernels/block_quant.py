@@ -18,24 +18,37 @@ the group) and walks ROW_TILES row tiles of BLOCK_M tokens: y = x_tile @ W_tile 
 group's amax, scale and codes in registers, then plain stores. W_tile is [max(b, BLOCK_N), BLOCK_N]: the columns
 of B for b >= BLOCK_N, or, for b < BLOCK_N, the block-diagonal of the BLOCK_N / b blocks it spans (zeros off the
 diagonal, loaded masked), so a group may span several small rotation blocks (b = 16 under MX's group of 32).
+W_tile's columns are permuted so that each thread holds BLOCK_N / 4 consecutive outputs of a row (the MMA
+accumulator gives a quad's lane q the columns 8 c + 2 q + p): a group's amax then needs no shuffles and its scale
+is computed once, not by four lanes (NVFP4 b = 16, L = 8192, 64 x 64 tiles: 1.57x a copy without, 1.30x with).
 Supported: b in 16..256 (a power of two: b divides the group or the group divides b), d a multiple of b and of
 the group (no ragged last group: a ValueError), fp16 / bf16 / fp32 inputs with blocks of the same dtype (fp32 dots
 run in IEEE fp32, not TF32). NVFP4's g must be given: a one-pass kernel cannot see the tensor-wide amax of y, so
 the caller supplies a calibrated or static one (`nvfp4_global_scale` computes amax / (6 * 448) from sample data).
 Inputs are assumed finite; fp32 subnormals may be flushed on a GPU (the interpreter keeps them).
-Rounding: E8M0 exponents from the fp32 exponent field (exact at powers of two, unlike log2), E2M1 by a binade
-step and the 1.5 * 2^23 rint trick, E4M3 by the hardware's RNE saturating conversion on sm_89+ (HW_FP8) and by
-the same arithmetic as E2M1 elsewhere (the interpreter tests that path; the GPU tests the hardware one).
-Tiles: the autotuner picks the output width (16 to 128 columns; 64 won every rotate case at d = 11008 on the
-H200) and the row walk. (A variant without any reshape, two dots of 16 columns per group for the even and odd
-elements, was 2x to 4x slower there.)
-Tried and removed (2026-12-02, H200): two dots per tile, for the even and the odd output columns, so that neither
-the group reshape nor the packing split is needed: 1.2x to 1.9x slower (and its MXFP8 went wrong with the hardware
-E4M3 conversion). Triton 3.6 keeps the reshape and the split in registers (no shared-memory round trip in the sm_90
-code), so they were not the cost; the arithmetic per value and its overlap with the loads are the suspects left.
-H200, d = 11008, L = 8192, fp16, over a copy of x (89.6 us): MXFP4 b = 32 1.16x (rotate, then quantize: 2.00x),
-b = 128 1.61x (2.05x); NVFP4 b = 16 1.58x, b = 128 2.19x (2.36x); MXFP8 b = 32 0.93x
-(benchmarks/gpu_block_quant.py).
+Rounding, in few instructions per value (sm_90 code from triton 3.6, one row-tile iteration over the values it
+quantizes: MXFP4 14.3, NVFP4 22.0 at 64 x 64 tiles; it was 22.3 for MXFP4 at 128 x 64, and about 35 for NVFP4
+compiled with triton 3.9):
+- E8M0 exponents from the fp32 exponent field (exact at powers of two, unlike log2); MX values y * 2^-shared_exp.
+- E2M1 by one magic add: a = min(|v|, 6) plus M = 2^(E - 105) * (1.5 + j 2^-23), E = max(exponent field of a,
+  127), j = 2 (E - 127), rounds a to its binade's grid (step 2^(E - 128), the ulp of M) with ties to even (j is
+  even), and the sum's last 3 bits are the code (the step count plus j); y's sign goes to bit 3 (exhaustive check
+  on every fp32 in [0, 6]).
+- NVFP4 divisions (amax / (6 g) per group, y / (s g) per value) by a correctly rounded reciprocal r per group and
+  two corrections q + (y - q b) r (exact remainders by fma): the first brings q within 1 ulp, the second gives the
+  IEEE quotient (Markstein's theorem), while 2^-64 <= g <= 2^64 keeps remainders far from underflow; any other g
+  takes IEEE divisions (a uniform branch). On the H200, of 1.6e9 pairs (random, near midpoints, all-ones
+  significands) none differed from div_rn where the quotient is in [1/8, 16] (with one correction alone neither,
+  but that is not proven).
+- E4M3 by the hardware's RNE saturating conversion on sm_89+ (HW_FP8), elsewhere by the 1.5 * 2^23 rint trick per
+  binade (the interpreter tests that path; the GPU tests the hardware one).
+Tiles: the autotuner picks among TILE_CANDIDATES. H200, d = 11008, per-block B, fp16, over a copy of x (L = 8192,
+then 2048; benchmarks/gpu_block_quant.py, 2026-12-02 08:12 UTC): MXFP4 b = 32 0.91x, 1.07x (was 1.16x, 1.28x);
+NVFP4 b = 16 1.21x, 1.31x (1.58x, 1.67x); MXFP4 b = 128 1.16x, 1.37x (1.62x, 1.63x); NVFP4 b = 128 1.44x, 1.56x
+(2.19x, 2.18x). Not better there: 128-wide tiles for b < 128 (block-diagonal zeros double the dot), 8 warps, 2 or 4
+stages, 1, 2 or 16 row tiles, streaming (.cs) stores; earlier, two dots per tile for the even and odd columns
+(1.2x to 1.9x slower). One correction instead of two in the NVFP4 division was 8% to 11% faster but is not proven
+exact, so it is not used.
 
 Bit-exactness: given the same fp32 y, the codes equal the engine's (the interpreter tests check it). y itself is
 an fp32 sum whose order differs between tl.dot (tensor cores on a GPU) and torch, so on general inputs a value
@@ -69,8 +82,10 @@ ROTATION_BLOCKS = (16, 32, 64, 128, 256)
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 E2M1_MAX, E4M3_MAX = 6.0, 448.0
 E8M0_BIAS = 127
-# row-tile candidates (block_m, row_tiles, num_warps, num_stages), as kernels/launch.py's rotate + quantize ones
-TILE_CANDIDATES = ((64, 4, 4, 3), (64, 8, 4, 4), (128, 4, 8, 3), (64, 1, 4, 3), (32, 1, 4, 2), (16, 1, 4, 2))
+# autotune candidates (block_m, block_n, row_tiles, num_warps, num_stages): the fastest of an H200 sweep at
+# d = 11008, L = 2048 and 8192 (scratch runs of 2026-12-02), and a small tile for few tokens
+TILE_CANDIDATES = ((64, 64, 4, 4, 3), (64, 64, 8, 4, 3), (128, 64, 8, 8, 3), (64, 128, 8, 4, 3), (64, 128, 16, 4, 3),
+                   (16, 64, 1, 4, 2))
 
 
 @dataclass(frozen=True)
@@ -170,14 +185,16 @@ def shared_memory_estimate(block: int, config: TileConfig, element_size: int) ->
 
 
 def block_quant_candidates(block: int, group: int, d: int, element_size: int = 2) -> tuple[TileConfig, ...]:
-    """Autotune candidates: output tiles of every power-of-two width from the group to 128 that divides d (narrower
-    than b: several programs share one x block through L2; wider: several small rotation blocks per program, with a
-    block-diagonal W tile); tiles over the shared-memory budget are dropped."""
-    base = min(max(block, group), 128)
-    widths = [n for n in (16, 32, 64, 128) if n >= group and d % n == 0] or [base]
-    configs = [TileConfig(bm, bn, rt, w, s) for bn in widths for bm, rt, w, s in TILE_CANDIDATES]
+    """Autotune candidates: TILE_CANDIDATES (the 128-wide ones for b >= 128 only: for a smaller b they double the
+    dot's depth with block-diagonal zeros, which was slower) whose width divides d; otherwise the widest power of
+    two from the group to 128 that divides d; tiles over the shared-memory budget are dropped."""
+    configs = [TileConfig(*c) for c in TILE_CANDIDATES if d % c[1] == 0 and (c[1] <= 64 or block >= 128)]
+    if not configs:
+        widths = [n for n in (16, 32, 64, 128) if n >= group and d % n == 0]
+        n = widths[-1] if widths else min(max(block, group), 128)
+        configs = [TileConfig(64, n, 4, 4, 3), TileConfig(16, n, 1, 4, 2)]
     fits = tuple(c for c in configs if shared_memory_estimate(block, c, element_size) <= SHARED_MEMORY_BUDGET)
-    return fits or (TileConfig(16, base, 1, 4, 1),)
+    return fits or (TileConfig(16, configs[0].block_n, 1, 4, 1),)
 
 
 def check_tile(config: TileConfig, block: int, group: int, d: int, element_size: int) -> TileConfig:
@@ -197,6 +214,7 @@ def _block_quant_kernel(
     x_ptr, w_ptr, g_ptr, q_ptr, s_ptr,  # x [M, D]; w [b, b] or [D / b, b, b]; g fp32 [1]; codes; scales [M, D / G]
     M, D, stride_xm, stride_qm, stride_sm,
     M_BUCKET,  # autotune key only
+    SEVEN,  # 7 as a runtime value: LLVM cannot fold the E2M1 code's bit select (below) into two ANDs and an OR
     FMT: tl.constexpr, GROUP: tl.constexpr, EMAX: tl.constexpr,
     ROTATE: tl.constexpr,  # False: quantize x itself (block_quantize)
     W_SHARED: tl.constexpr,  # one [b, b] matrix for every block
@@ -221,6 +239,11 @@ def _block_quant_kernel(
         if not W_SHARED:
             w_off += (offs_n // BLOCK)[None, :] * (BLOCK * BLOCK)
         w = tl.load(w_ptr + w_off, mask=same_block, other=0.0, eviction_policy="evict_last")
+        # dot column j = 8 c + 2 q + p computes tile column q * BLOCK_N / 4 + 2 c + p: the MMA accumulator gives
+        # lane q of each quad the columns 8 c + 2 q + p, so each thread then holds BLOCK_N / 4 consecutive output
+        # columns of a row (a whole NVFP4 group at 64 wide): a group's amax and scale need no shuffles and are
+        # computed by one lane, not four. W is loaded in order (wide loads), permuted in registers once
+        w = tl.reshape(tl.permute(tl.reshape(w, (K_TILE, 4, BLOCK_N // 8, 2)), (0, 2, 1, 3)), (K_TILE, BLOCK_N))
         if DOT_FP32:
             w = w.to(tl.float32)
     else:
@@ -228,6 +251,10 @@ def _block_quant_kernel(
     if FMT == 1:
         g = tl.load(g_ptr)
         g6 = 6.0 * g  # NVFP4: E2M1's max normal times g, rounded to fp32 first (as the engine computes it)
+        # divisions by a correctly rounded reciprocal (Markstein), valid while g keeps every scale and remainder
+        # far from fp32 under- and overflow; any other g takes IEEE divisions (a uniform branch)
+        fast = (g >= 5.421010862427522e-20) & (g <= 1.8446744073709552e19)  # 2^-64 <= g <= 2^64
+        rg6 = tl.math.div_rn(1.0, g6)
     first = row_group * ROW_TILES
     last = tl.minimum(first + ROW_TILES, (M + BLOCK_M - 1) // BLOCK_M)  # no tl.cdiv: see kernels/blockdiag.py
     for tile in range(first, last):
@@ -243,13 +270,21 @@ def _block_quant_kernel(
                 y = tl.dot(x.to(tl.float32), w, input_precision="ieee")
             else:
                 y = tl.dot(x, w)  # fp16/bf16 products are exact in the fp32 accumulator
+            # back to the tile's column order: a relabelling of registers, no data movement
+            y = tl.reshape(tl.permute(tl.reshape(y, (BLOCK_M, BLOCK_N // 8, 4, 2)), (0, 2, 1, 3)), (BLOCK_M, BLOCK_N))
         else:
             y = x.to(tl.float32)
         yg = tl.reshape(y, (BLOCK_M, NG, GROUP))
         amax = tl.max(tl.abs(yg), axis=2)  # [BLOCK_M, NG]
         if FMT == 1:
             # NVFP4 block scale s = e4m3(amax / (6 g)), RNE with subnormals, saturating at 448
-            t = tl.math.div_rn(amax, g6)
+            if fast:
+                t = amax * rg6
+                t = tl.fma(tl.fma(-t, g6, amax), rg6, t)
+                t = tl.fma(tl.fma(-t, g6, amax), rg6, t)  # = amax / g6 (see v below); an overflow gives NaN:
+                t = tl.minimum(t, 448.0)  # min ignores NaN, and anything above 448 saturates anyway
+            else:
+                t = tl.math.div_rn(amax, g6)
             if HW_FP8:
                 s8 = t.to(tl.float8e4nv)  # cvt.rn.satfinite
                 s_code = s8.to(tl.uint8, bitcast=True).to(tl.int32)
@@ -265,7 +300,18 @@ def _block_quant_kernel(
                                   (s * 512.0).to(tl.int32))
             scale = s * g
             ok = scale > 0  # a group whose s * g is 0 dequantizes to 0: +0 codes
-            v = tl.math.div_rn(yg, tl.where(ok, scale, 1.0)[:, :, None])  # IEEE division, as the engine's
+            b = tl.where(ok, scale, 1.0)
+            if fast:
+                # v = y / b from one correctly rounded reciprocal per group (see the module doc); a group that is
+                # not ok gets r = 0, so v = +-0
+                r = tl.where(ok, tl.math.div_rn(1.0, b), 0.0)[:, :, None]
+                b3 = b[:, :, None]
+                q = yg * r
+                q = tl.fma(tl.fma(-q, b3, yg), r, q)  # within 1 ulp of y / b
+                v = tl.fma(tl.fma(-q, b3, yg), r, q)  # = y / b (Markstein's theorem)
+            else:
+                v = tl.where(ok[:, :, None], tl.math.div_rn(yg, b[:, :, None]), 0.0)  # IEEE division, as the engine's
+            sign_shift = tl.where(ok, 28, 31)[:, :, None].to(tl.uint32)  # 31: the sign bit leaves the code
         else:
             # OCP MX v1.0: shared_exp = floor(log2 amax) - emax, clamped to [-127, 127]; an all-zero (or fp32
             # subnormal) amax reads -127 from the exponent field, which the clamp maps where the engine puts it
@@ -274,13 +320,14 @@ def _block_quant_kernel(
             s_code = shared + 127  # E8M0
             # y / 2^shared as y * 2^-shared: exact (shared <= 125 for finite amax, so 2^-shared is a normal)
             v = yg * ((127 - shared) << 23).to(tl.float32, bitcast=True)[:, :, None]
-        sign = (v.to(tl.int32, bitcast=True) >> 31) & 1  # sign bit, kept by a negative value rounding to 0
-        a = tl.abs(v)
+            sign_shift = 28
         if FMT == 2:
             # MXFP8 element: E4M3 RNE saturating at 448, as the NVFP4 scale above
             if HW_FP8:
                 code = v.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)  # keeps the sign of -0
             else:
+                sign = (v.to(tl.int32, bitcast=True) >> 31) & 1
+                a = tl.abs(v)
                 e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
                 r = (a * ((130 - e) << 23).to(tl.float32, bitcast=True) + 12582912.0) - 12582912.0
                 r = tl.minimum(r * ((124 + e) << 23).to(tl.float32, bitcast=True), 448.0)
@@ -290,18 +337,19 @@ def _block_quant_kernel(
             tl.store(q_ptr + rows64[:, None] * stride_qm + offs_n[None, :],
                      tl.reshape(code, (BLOCK_M, BLOCK_N)).to(tl.uint8), mask=row_mask[:, None])
         else:
-            # E2M1 (grid 0, .5, 1, 1.5, 2, 3, 4, 6 = codes 0..7) rounded to nearest even, saturating at 6. The grid
-            # has step 2^(e - 1) in binade e = clamp(floor(log2 a), 0, 2) (e = 0 takes in the subnormal 0.5), and
-            # code = rint(a / step) + 2e, whose parity is the element's: rint's ties to even are E2M1's. rint by
-            # the 1.5 * 2^23 trick (a / step < 2^22 once a <= 8; a >= 7 saturates to code 7 either way)
-            a = tl.minimum(a, 8.0)
-            e = tl.minimum(tl.maximum((a.to(tl.int32, bitcast=True) >> 23) - 127, 0), 2)
-            t = a * ((128 - e) << 23).to(tl.float32, bitcast=True) + 12582912.0
-            code = tl.minimum(t.to(tl.int32, bitcast=True) - 0x4B400000 + 2 * e, 7) | (sign << 3)
-            if FMT == 1:
-                code = tl.where(ok[:, :, None], code, 0)
+            # E2M1 (grid 0, .5, 1, 1.5, 2, 3, 4, 6 = codes 0..7), RNE saturating at 6, by one magic add: a =
+            # min(|v|, 6) in binade E = max(fp32 exponent field, 127) has grid step 2^(E - 128), the ulp of
+            # M = 2^(E - 105) * (1.5 + j 2^-23) with j = 2 (E - 127). a + M rounds a to that grid (RNE: j is even,
+            # so the parity of the sum's last bit is that of the step count k) and its last 3 bits are k + j, the
+            # code (k + j <= 7 as a <= 6). Checked against the thresholds on every fp32 in [0, 6].
+            a = tl.minimum(tl.abs(v), 6.0)  # NaN (NVFP4 overflow) -> 6: min ignores NaN
+            e = tl.maximum(a.to(tl.int32, bitcast=True) >> 23, 127)
+            t = a + (e * 0x800002 + 188743426).to(tl.float32, bitcast=True)  # 188743426 = (22 << 23) + 2^22 - 254
+            sign = (yg.to(tl.uint32, bitcast=True) >> sign_shift).to(tl.int32)  # y's sign (that of v) at bit 3
+            # code bits 0-2 from t, bit 3 from the sign (a negative value rounding to 0 keeps it)
+            code = ((t.to(tl.int32, bitcast=True) ^ sign) & SEVEN) ^ sign  # one LOP3
             even, odd = tl.split(tl.reshape(code, (BLOCK_M, BLOCK_N // 2, 2)))  # columns 2i and 2i + 1
-            packed = (even | (odd << 4)).to(tl.uint8)  # element 2i in the low nibble
+            packed = (even + (odd << 4)).to(tl.uint8)  # element 2i in the low nibble (an add: one IMAD)
             tl.store(q_ptr + rows64[:, None] * stride_qm + col0 // 2 + tl.arange(0, BLOCK_N // 2)[None, :], packed,
                      mask=row_mask[:, None])
         tl.store(s_ptr + rows64[:, None] * stride_sm + col0 // GROUP + tl.arange(0, NG)[None, :],
@@ -339,7 +387,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor | None, spec: BlockFormat, g: torch
         if x.is_cuda:
             meta["enable_fp_fusion"] = False  # no FMA: each rounding step must see the fp32 result of the one before
         args = (x2, w if rotate else x2, g if g is not None else x2, codes, scales, m, d, x2.stride(0),
-                codes.stride(0), scales.stride(0), m_bucket(m))
+                codes.stride(0), scales.stride(0), m_bucket(m), 7)
         if config is not None:
             launch(_block_quant_kernel, tile_grid(m, d, config.meta()), args, {**meta, **config.launch_kwargs()})
         else:  # keyed by format and mode too: the autotuner's cache would otherwise share one winner among them

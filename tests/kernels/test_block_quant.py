@@ -221,6 +221,42 @@ def test_quantize_only_is_exact_on_any_values(fmt):
 
 
 @interpreted
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_e2m1_rounding_next_to_every_boundary(fmt):
+    # values at, and 1 or 2 fp32 ulps either side of, each E2M1 midpoint and grid point, both signs; every group
+    # leads with a value that makes its scale 1 (MX: amax 4 -> 2^0; NVFP4 with g = 1: amax 6 -> s = 1)
+    points = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 7.0])
+    vals = [points]
+    for k in (1, 2):
+        up, down = points.clone(), points.clone()
+        for _ in range(k):
+            up, down = torch.nextafter(up, torch.tensor(9.0)), torch.nextafter(down, torch.tensor(0.0))
+        vals += [up, down]
+    vals = torch.cat(vals)
+    vals = torch.cat([vals, -vals, torch.tensor([-0.0, 0.0, -1e-30])])
+    group = FORMATS[fmt].group
+    lead = 4.0 if fmt == "mxfp4" else 6.0
+    n_groups = -(-len(vals) // (group - 1))
+    rest = torch.zeros(n_groups * (group - 1))
+    rest[:len(vals)] = vals
+    y = torch.cat([torch.full((n_groups, 1), lead), rest.reshape(n_groups, group - 1)], dim=1).reshape(1, -1)
+    y = torch.cat([y, torch.zeros(1, (-y.shape[1]) % 64)], dim=1) if y.shape[1] % 64 else y
+    g = 1.0 if fmt == "nvfp4" else None
+    assert_same(block_quantize(y, fmt, g), engine_encode(y, fmt, g), fmt)
+
+
+@interpreted
+@pytest.mark.parametrize("g", [2.0 ** -64, 2.0 ** 64, 1e-25, 1e25, 3e-30])
+def test_nvfp4_global_scale_at_and_beyond_the_reciprocal_range(g):
+    # 2^-64 <= g <= 2^64 divides by a correctly rounded reciprocal per group (Markstein); beyond, by IEEE division
+    torch.manual_seed(4)
+    y = torch.randn(6, 128) * g * torch.logspace(-3, 3, 6)[:, None]
+    y[1, :16] = -0.0
+    y[2, :16] = -y[2, :16].abs() * 1e-6
+    assert_same(block_quantize(y, "nvfp4", g), engine_encode(y, "nvfp4", g), f"nvfp4 g={g}")
+
+
+@interpreted
 @pytest.mark.parametrize("fmt, block", [("mxfp4", 32), ("nvfp4", 16)])  # Triton blockdiag; torch bmm for b = 16
 def test_rotate_then_quantize_quantizes_the_rounded_rotation(fmt, block):
     x, blocks = exact_rotation_inputs(10, 64, block, torch.float16, shared=True, seed=5)
@@ -261,6 +297,17 @@ def test_gpu_kernel_matches_the_engine(fmt, block):
     differ = group_mismatch(rotate_quantize_mx(x, blocks, fmt, g), engine_encode(y, fmt, g), fmt)
     assert not (differ & ~boundary_groups(y, fmt, g, rotation_tolerance(x, blocks))).any()
     assert differ.float().mean() <= 1e-3
+
+
+@needs_gpu
+def test_gpu_nvfp4_divisions_match_the_engine_for_any_global_scale():
+    # per-group reciprocal + two corrections for 2^-64 <= g <= 2^64, IEEE division beyond: exact either way
+    torch.manual_seed(6)
+    y = torch.randn(512, 11008, device="cuda") * torch.logspace(-6, 6, 512, device="cuda")[:, None]
+    y[3] = -0.0
+    for g in (1e-3, 0.37, 2.0 ** -64, 2.0 ** 64, 1e-25, 1e25):
+        yg = y * g
+        assert_same(block_quantize(yg, "nvfp4", g), engine_encode(yg, "nvfp4", g), f"g={g}")
 
 
 @needs_gpu
