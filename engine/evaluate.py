@@ -20,7 +20,8 @@ from engine.quant.apply import needs_calibration, quantize_model
 from engine.quant.recipes import Bits, Recipe, get_recipe
 from engine.rotation.fusion import rotate_job
 
-CODE_VERSION = "eval-1"  # bump when a change alters evaluation numbers: old cache entries stop matching
+CODE_VERSION = "eval-2"  # bump when a change alters evaluation numbers: old cache entries stop matching
+# eval-2: asymmetric quantizers in compressed-tensors' order, dense Hadamards as (x @ M) / sqrt(n)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from engine.rotation.orthogonal import check_block_divides
 
 METHODS = ("spinquant", "flrot")
 TRAIN_BITS = ("4-4-4", "16-4-4")  # W4A4KV4 and W16A4KV4 (SpinQuant's choice when GPTQ follows)
-CODE_VERSION = "optimize-1"
+CODE_VERSION = "optimize-2"  # 2: the asymmetric quantizer in compressed-tensors' order (engine.evaluate eval-2)
 
 
 @dataclass(frozen=True)

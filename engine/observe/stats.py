@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-CODE_VERSION = "stats-2"  # bump when a change alters any statistic: cached captures stop matching
+CODE_VERSION = "stats-3"  # bump when a change alters any statistic: cached captures stop matching
+# stats-3: the quantizers and Hadamards of engine.evaluate eval-2 (SQNR sites, rotated captures)
 TOP_TOKENS = 8          # largest-norm tokens kept per site
 SAMPLE_ROWS = 64        # token rows kept (uniform reservoir) for histograms
 NORM_SAMPLE = 2048      # token norms kept (uniform reservoir) for the median
