@@ -42,13 +42,22 @@ compiled with triton 3.9):
   but that is not proven).
 - E4M3 by the hardware's RNE saturating conversion on sm_89+ (HW_FP8), elsewhere by the 1.5 * 2^23 rint trick per
   binade (the interpreter tests that path; the GPU tests the hardware one).
-Tiles: the autotuner picks among TILE_CANDIDATES. H200, d = 11008, per-block B, fp16, over a copy of x (L = 8192,
-then 2048; benchmarks/gpu_block_quant.py, 2026-12-02 08:12 UTC): MXFP4 b = 32 0.91x, 1.07x (was 1.16x, 1.28x);
-NVFP4 b = 16 1.21x, 1.31x (1.58x, 1.67x); MXFP4 b = 128 1.16x, 1.37x (1.62x, 1.63x); NVFP4 b = 128 1.44x, 1.56x
-(2.19x, 2.18x). Not better there: 128-wide tiles for b < 128 (block-diagonal zeros double the dot), 8 warps, 2 or 4
-stages, 1, 2 or 16 row tiles, streaming (.cs) stores; earlier, two dots per tile for the even and odd columns
-(1.2x to 1.9x slower). One correction instead of two in the NVFP4 division was 8% to 11% faster but is not proven
-exact, so it is not used.
+Memory side: on sm_90+, 2-byte inputs with 16-byte aligned rows, x tiles come by the tensor memory accelerator
+(TMA: a tensor descriptor made in the kernel, rows past M read as zeros); elsewhere, and in the interpreter, by
+masked loads (USE_TMA = False forces those). The descriptor needs Triton's global-scratch allocator: `_use_tma`
+installs a torch-backed one unless the caller has set one. Tiles: the autotuner picks among TILE_CANDIDATES.
+H200, d = 11008, per-block B, fp16, over a copy of x (L = 8192, then 2048; benchmarks/gpu_block_quant.py,
+2026-12-02 08:40 UTC): MXFP4 b = 32 0.87x, 1.04x (08:12 UTC, masked loads and the previous candidates: 0.91x,
+1.07x); NVFP4 b = 16 1.13x, 1.24x (1.21x, 1.31x); MXFP4 b = 128 0.99x, 1.14x (1.16x, 1.37x); NVFP4 b = 128 1.28x,
+1.39x (1.44x, 1.56x). The gains are from TMA (3% to 6% at equal tiles for NVFP4 and for MXFP4 b = 32 at
+L = 8192; none for the latter at L = 2048) and from grids of about one wave (the 11 and 43 row-tile candidates;
+most of the gain at b = 128). Not better there: strided row walks (program r of a column tile taking row
+tiles r, r + R, ...), walks along a row with W reloaded per tile (up to 2x slower), 128-row tiles with 8 warps,
+128-wide tiles for b < 128 (block-diagonal zeros double the dot), 2 or 4 stages, 1, 2 or 16 row tiles, streaming
+(.cs) stores; earlier, two dots per tile for the even and odd columns (1.2x to 1.9x slower). One correction
+instead of two in the NVFP4 division was 8% to 11% faster but is not proven exact, so it is not used. Registers
+(sm_90, 64 x 64 tiles, 4 warps, TMA): MXFP4 63 (6 programs per SM, bound by 32 KiB of shared memory each), NVFP4
+96 (5 per SM); 64 x 128 at b = 128: 96 and 183 (2 per SM, 86 KiB each); no spills.
 
 Bit-exactness: given the same fp32 y, the codes equal the engine's (the interpreter tests check it). y itself is
 an fp32 sum whose order differs between tl.dot (tensor cores on a GPU) and torch, so on general inputs a value
@@ -61,6 +70,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
 import triton.language as tl
 
 from kernels.blockdiag import blockdiag_matmul_reference, blockdiag_matmul_triton
@@ -82,10 +92,11 @@ ROTATION_BLOCKS = (16, 32, 64, 128, 256)
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 E2M1_MAX, E4M3_MAX = 6.0, 448.0
 E8M0_BIAS = 127
-# autotune candidates (block_m, block_n, row_tiles, num_warps, num_stages): the fastest of an H200 sweep at
-# d = 11008, L = 2048 and 8192 (scratch runs of 2026-12-02), and a small tile for few tokens
-TILE_CANDIDATES = ((64, 64, 4, 4, 3), (64, 64, 8, 4, 3), (128, 64, 8, 8, 3), (64, 128, 8, 4, 3), (64, 128, 16, 4, 3),
-                   (16, 64, 1, 4, 2))
+# autotune candidates (block_m, block_n, row_tiles, num_warps, num_stages): the fastest of H200 sweeps at
+# d = 11008, L = 2048 and 8192 (scratch runs of 2026-12-02), and a small tile for few tokens. 11 and 43 row tiles
+# make 3 row groups at L = 2048 and 8192 (516 programs at 64 wide, 258 at 128: about one wave at 4 or 2 per SM)
+TILE_CANDIDATES = ((64, 64, 4, 4, 3), (64, 64, 8, 4, 3), (64, 64, 11, 4, 3), (128, 64, 8, 8, 3), (64, 128, 8, 4, 3),
+                   (64, 128, 11, 4, 3), (64, 128, 43, 4, 3), (16, 64, 1, 4, 2))
 
 
 @dataclass(frozen=True)
@@ -222,6 +233,7 @@ def _block_quant_kernel(
     HW_FP8: tl.constexpr,  # E4M3 rounding by the hardware's RNE saturating conversion (sm_89+), else arithmetic
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr,
     DOT_FP32: tl.constexpr,  # the interpreter's dot cannot read bf16: upcast there (exact products)
+    TMA: tl.constexpr,  # x tiles by the tensor memory accelerator (a device-side tensor descriptor; sm_90+)
 ):
     pid = tl.program_id(0)
     n_col_tiles = D // BLOCK_N
@@ -230,9 +242,12 @@ def _block_quant_kernel(
     col0 = col_tile * BLOCK_N
     NG: tl.constexpr = BLOCK_N // GROUP  # scale groups per row of the tile
     offs_n = col0 + tl.arange(0, BLOCK_N)
+    K_TILE: tl.constexpr = BLOCK_N * ((BLOCK - 1) // BLOCK_N + 1)  # max(BLOCK, BLOCK_N), both powers of two
+    k0 = (col0 // K_TILE) * K_TILE
+    offs_k = k0 + tl.arange(0, K_TILE)  # input columns feeding this output tile (offs_n without rotation)
+    if TMA:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, D], strides=[stride_xm, 1], block_shape=[BLOCK_M, K_TILE])
     if ROTATE:
-        K_TILE: tl.constexpr = BLOCK_N * ((BLOCK - 1) // BLOCK_N + 1)  # max(BLOCK, BLOCK_N), both powers of two
-        offs_k = (col0 // K_TILE) * K_TILE + tl.arange(0, K_TILE)  # input columns feeding this output tile
         # W_tile[k, n] = B_{n // b}[k % b, n % b] inside a rotation block, 0 across blocks (b < BLOCK_N only)
         same_block = (offs_k // BLOCK)[:, None] == (offs_n // BLOCK)[None, :]
         w_off = (offs_k % BLOCK)[:, None] * BLOCK + (offs_n % BLOCK)[None, :]
@@ -246,8 +261,6 @@ def _block_quant_kernel(
         w = tl.reshape(tl.permute(tl.reshape(w, (K_TILE, 4, BLOCK_N // 8, 2)), (0, 2, 1, 3)), (K_TILE, BLOCK_N))
         if DOT_FP32:
             w = w.to(tl.float32)
-    else:
-        offs_k = offs_n
     if FMT == 1:
         g = tl.load(g_ptr)
         g6 = 6.0 * g  # NVFP4: E2M1's max normal times g, rounded to fp32 first (as the engine computes it)
@@ -261,8 +274,11 @@ def _block_quant_kernel(
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < M
         rows64 = rows.to(tl.int64)
-        x = tl.load(x_ptr + rows64[:, None] * stride_xm + offs_k[None, :], mask=row_mask[:, None], other=0.0,
-                    eviction_policy="evict_first")
+        if TMA:
+            x = x_desc.load([tile * BLOCK_M, k0])  # rows past M read as zeros
+        else:
+            x = tl.load(x_ptr + rows64[:, None] * stride_xm + offs_k[None, :], mask=row_mask[:, None], other=0.0,
+                        eviction_policy="evict_first")
         if ROTATE:
             if DOT_IEEE:
                 y = tl.dot(x, w, input_precision="ieee")
@@ -366,6 +382,29 @@ def _hardware_fp8(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
 
 
+USE_TMA = True  # False: x tiles by plain loads on every GPU
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _use_tma(x2: torch.Tensor) -> bool:
+    """TMA loads of x: on sm_90+, 2-byte inputs with 16-byte aligned rows. A device-side tensor descriptor needs
+    Triton's global-scratch allocator; one backed by torch is installed here unless the caller set another."""
+    if not (USE_TMA and x2.is_cuda and x2.element_size() == 2 and torch.cuda.get_device_capability(x2.device)[0] >= 9
+            and x2.data_ptr() % 16 == 0 and (x2.stride(0) * 2) % 16 == 0):
+        return False
+    try:  # Triton keeps the allocator in a private module: if it moves, plain loads rather than a failed launch
+        from triton.runtime import _allocation
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):
+        return False
+    if unset:
+        triton.set_allocator(_scratch)
+    return True
+
+
 def _launch(x: torch.Tensor, w: torch.Tensor | None, spec: BlockFormat, g: torch.Tensor | None, block: int,
             shared: bool, config: TileConfig | None) -> tuple[torch.Tensor, torch.Tensor]:
     x2 = as_rows(x)
@@ -383,7 +422,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor | None, spec: BlockFormat, g: torch
             config = check_tile(config, tile_block, spec.group, d, element)
         meta = {"FMT": spec.kind, "GROUP": spec.group, "EMAX": spec.emax, "ROTATE": rotate, "W_SHARED": shared,
                 "DOT_IEEE": x.dtype == torch.float32, "HW_FP8": _hardware_fp8(x), "BLOCK": tile_block,
-                "DOT_FP32": not x.is_cuda and x.dtype == torch.bfloat16}
+                "DOT_FP32": not x.is_cuda and x.dtype == torch.bfloat16, "TMA": _use_tma(x2)}
         if x.is_cuda:
             meta["enable_fp_fusion"] = False  # no FMA: each rounding step must see the fp32 result of the one before
         args = (x2, w if rotate else x2, g if g is not None else x2, codes, scales, m, d, x2.stride(0),
