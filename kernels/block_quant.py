@@ -20,15 +20,13 @@ of B for b >= BLOCK_N, or, for b < BLOCK_N, the block-diagonal of the BLOCK_N / 
 diagonal, loaded masked), so a group may span several small rotation blocks (b = 16 under MX's group of 32).
 W_tile's columns are permuted so that each thread holds BLOCK_N / 4 consecutive outputs of a row (the MMA
 accumulator gives a quad's lane q the columns 8 c + 2 q + p): a group's amax then needs no shuffles and its scale
-is computed once, not by four lanes (NVFP4 b = 16, L = 8192, 64 x 64 tiles: 1.57x a copy without, 1.30x with).
+is computed once, not by four lanes.
 Supported: b in 16..256 (a power of two: b divides the group or the group divides b), d a multiple of b and of
 the group (no ragged last group: a ValueError), fp16 / bf16 / fp32 inputs with blocks of the same dtype (fp32 dots
 run in IEEE fp32, not TF32). NVFP4's g must be given: a one-pass kernel cannot see the tensor-wide amax of y, so
 the caller supplies a calibrated or static one (`nvfp4_global_scale` computes amax / (6 * 448) from sample data).
 Inputs are assumed finite; fp32 subnormals may be flushed on a GPU (the interpreter keeps them).
-Rounding, in few instructions per value (sm_90 code from triton 3.6, one row-tile iteration over the values it
-quantizes: MXFP4 14.3, NVFP4 22.0 at 64 x 64 tiles; it was 22.3 for MXFP4 at 128 x 64, and about 35 for NVFP4
-compiled with triton 3.9):
+Rounding, in few instructions per value (sm_90 SASS: MXFP4 14.3, NVFP4 22.0 per value, from 22.3 and about 35):
 - E8M0 exponents from the fp32 exponent field (exact at powers of two, unlike log2); MX values y * 2^-shared_exp.
 - E2M1 by one magic add: a = min(|v|, 6) plus M = 2^(E - 105) * (1.5 + j 2^-23), E = max(exponent field of a,
   127), j = 2 (E - 127), rounds a to its binade's grid (step 2^(E - 128), the ulp of M) with ties to even (j is
@@ -46,18 +44,8 @@ Memory side: on sm_90+, 2-byte inputs with 16-byte aligned rows, x tiles come by
 (TMA: a tensor descriptor made in the kernel, rows past M read as zeros); elsewhere, and in the interpreter, by
 masked loads (USE_TMA = False forces those). The descriptor needs Triton's global-scratch allocator: `_use_tma`
 installs a torch-backed one unless the caller has set one. Tiles: the autotuner picks among TILE_CANDIDATES.
-H200, d = 11008, per-block B, fp16, over a copy of x (L = 8192, then 2048; benchmarks/gpu_block_quant.py,
-2026-12-02 08:40 UTC): MXFP4 b = 32 0.87x, 1.04x (08:12 UTC, masked loads and the previous candidates: 0.91x,
-1.07x); NVFP4 b = 16 1.13x, 1.24x (1.21x, 1.31x); MXFP4 b = 128 0.99x, 1.14x (1.16x, 1.37x); NVFP4 b = 128 1.28x,
-1.39x (1.44x, 1.56x). The gains are from TMA (3% to 6% at equal tiles for NVFP4 and for MXFP4 b = 32 at
-L = 8192; none for the latter at L = 2048) and from grids of about one wave (the 11 and 43 row-tile candidates;
-most of the gain at b = 128). Not better there: strided row walks (program r of a column tile taking row
-tiles r, r + R, ...), walks along a row with W reloaded per tile (up to 2x slower), 128-row tiles with 8 warps,
-128-wide tiles for b < 128 (block-diagonal zeros double the dot), 2 or 4 stages, 1, 2 or 16 row tiles, streaming
-(.cs) stores; earlier, two dots per tile for the even and odd columns (1.2x to 1.9x slower). One correction
-instead of two in the NVFP4 division was 8% to 11% faster but is not proven exact, so it is not used. Registers
-(sm_90, 64 x 64 tiles, 4 warps, TMA): MXFP4 63 (6 programs per SM, bound by 32 KiB of shared memory each), NVFP4
-96 (5 per SM); 64 x 128 at b = 128: 96 and 183 (2 per SM, 86 KiB each); no spills.
+Times against a copy of x, what each change gained and the variants that did not pay (one fma correction instead
+of two in the NVFP4 division among them: faster, but not proven exact): docs/BENCHMARKS.md (issue 18 section).
 
 Bit-exactness: given the same fp32 y, the codes equal the engine's (the interpreter tests check it). y itself is
 an fp32 sum whose order differs between tl.dot (tensor cores on a GPU) and torch, so on general inputs a value
