@@ -351,25 +351,30 @@ def _offline_schemes(recipe, arch) -> dict:
 def transform_type(r: torch.Tensor) -> str:
     """compressed-tensors' name for an orthogonal R [n, n]: "hadamard" for its own Sylvester matrix over sqrt(n)
     (vLLM runs it with its Hadamard kernel), "random-hadamard" for any other +-1/sqrt(n) matrix of an order it can
-    build (a Hadamard transform divides the stored +-1 matrix by sqrt(n)), else "random-matrix" (stored as is)."""
+    build (a Hadamard transform divides the stored +-1 matrix by sqrt(n)), else "random-matrix" (stored as is).
+    The +-1 test is the one that makes the engine apply R as (x @ M) / sqrt(n) (pm1_form), so both sides compute
+    the same float32 values."""
     from compressed_tensors.transform.utils.hadamard import (
         _fetch_hadamard_divisor,
         deterministic_hadamard_matrix,
         is_pow2,
     )
 
-    n = r.shape[0]
-    signs = r.double() * math.sqrt(n)
-    if (signs.abs() - 1).abs().max() > 1e-6 or _fetch_hadamard_divisor(n, torch.float32) is None:
+    from engine.rotation.fusion import pm1_form
+
+    n, signs = r.shape[0], pm1_form(r)
+    if signs is None or _fetch_hadamard_divisor(n, torch.float32) is None:
         return "random-matrix"
-    if is_pow2(n) and torch.equal(signs.round(), deterministic_hadamard_matrix(n, torch.float64)):
+    if is_pow2(n) and torch.equal(signs.double(), deterministic_hadamard_matrix(n, torch.float64)):
         return "hadamard"
     return "random-hadamard"
 
 
 def stored_matrix(r: torch.Tensor, kind: str) -> torch.Tensor:
     """What a transform of that type stores for R: the +-1 matrix sqrt(n) R for Hadamard types, R otherwise."""
-    return (r.double() * math.sqrt(r.shape[0])).round().float() if kind != "random-matrix" else r.float()
+    from engine.rotation.fusion import pm1_form
+
+    return pm1_form(r) if kind != "random-matrix" else r.float()
 
 
 def _online_schemes(model: nn.Module, arch) -> tuple[dict, dict]:

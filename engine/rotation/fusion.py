@@ -111,7 +111,7 @@ class OnlineRotation(nn.Module):
         super().__init__()
         if sum(t is not None for t in (matrix, hadamard_signs, blocks)) != 1:
             raise ValueError("give exactly one of matrix, hadamard_signs or blocks")
-        pm1 = None if matrix is None else _pm1_form(matrix)
+        pm1 = None if matrix is None else pm1_form(matrix)
         self.register_buffer("matrix", None if matrix is None or pm1 is not None else matrix.float())
         self.register_buffer("pm1", pm1)
         self.register_buffer("signs", None if hadamard_signs is None else hadamard_signs.float())
@@ -143,8 +143,9 @@ class OnlineRotation(nn.Module):
         return hadamard_matrix(self.signs.numel()).to(self.signs.device) * self.signs.double()
 
 
-def _pm1_form(r: torch.Tensor) -> torch.Tensor | None:
-    """M (float32 +-1) with R = M / sqrt(n) to float32 rounding, or None when R is no such matrix."""
+def pm1_form(r: torch.Tensor) -> torch.Tensor | None:
+    """M (float32 +-1) with R = M / sqrt(n) to float32 rounding, or None when R is no such matrix. Such an R is
+    applied as (x @ M) / sqrt(n) here and exported as a Hadamard transform (engine.export.transform_type)."""
     n = r.shape[0]
     m = (r.double() * math.sqrt(n)).round()
     if not bool((m.abs() == 1).all()) or not torch.equal((m / math.sqrt(n)).float(), r.float()):
