@@ -5,11 +5,11 @@
 The kernel reads 2 bytes per value and writes about 0.53 (E2M1 codes and a scale per group), 0.63x a copy's
 bytes. Beside a copy of x and the kernel itself (autotuned, MXFP4 b = 32 and NVFP4 b = 16), two probe kernels move
 exactly those bytes with almost no arithmetic (codes = 4 bits of each fp16, scale = the group amax's exponent):
-  stream      x read as one flat array, CHUNK contiguous values per step, a grid-stride loop: the best access
-              pattern for DRAM, the floor of any Triton kernel that must move these bytes
+  stream      x read as one flat array, CHUNK contiguous values per step, a grid-stride loop: a copy's access
+              pattern, about as well as a Triton kernel that must move these bytes can hope to do
   tiles       x read as the kernel reads it: [BLOCK_M, BLOCK_N] boxes by TMA, each program a column stripe of
               BLOCK_N values walking its row tiles, the same stores: the floor of the kernel's tiling
-If even `stream` cannot get under a copy's time by much, no rotate-and-quantize kernel can. Each is a CUDA-graph
+If `stream` does not get far under a copy's time, a kernel that also rotates and rounds will not. Each is a CUDA-graph
 replay under do_bench with the L2 flushed (kernels/timing.py). The probes are not the product's kernels.
 """
 
@@ -87,6 +87,10 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name()} | triton {triton.__version__} | d = {d}, fp16, group 32 (probes)")
     torch.manual_seed(0)
     for tokens in (int(v) for v in args.L.split(",")):
+        if tokens * d >= 2 ** 31:
+            print(f"error: L = {tokens} makes x hold 2^31 values or more (the stream probe indexes in int32)",
+                  file=sys.stderr)
+            return 2
         x = torch.randn(tokens, d, dtype=torch.float16, device="cuda")
         x[:, 7] *= 40.0
         _use_tma(x)  # installs the allocator that device-side tensor descriptors need
