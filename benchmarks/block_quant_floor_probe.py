@@ -75,9 +75,14 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         print("error: needs a CUDA GPU and TRITON_INTERPRET unset", file=sys.stderr)
         return 2
+    from benchmarks.gpu_block_quant import random_stack
     from kernels.block_quant import _use_tma, nvfp4_global_scale, rotate_quantize_mx
     from kernels.timing import median_us
     d, sms = args.d, torch.cuda.get_device_properties(0).multi_processor_count
+    widths = [n for _, n in TILE_SHAPES] + [32]
+    if d < 1 or any(d % n for n in widths):
+        print(f"error: --d must be a positive multiple of {max(widths)} (the probes' tile widths)", file=sys.stderr)
+        return 2
     rows = []
 
     def record(tokens, op, us, memcpy):
@@ -87,9 +92,9 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name()} | triton {triton.__version__} | d = {d}, fp16, group 32 (probes)")
     torch.manual_seed(0)
     for tokens in (int(v) for v in args.L.split(",")):
-        if tokens * d >= 2 ** 31:
-            print(f"error: L = {tokens} makes x hold 2^31 values or more (the stream probe indexes in int32)",
-                  file=sys.stderr)
+        if tokens * d >= 2 ** 31 or any(tokens * d % chunk for chunk, _ in STREAM_SHAPES):
+            print(f"error: L = {tokens} must make L * d a multiple of every stream step ({STREAM_SHAPES}) and below "
+                  "2^31 (the stream probe has no ragged last step and indexes in int32)", file=sys.stderr)
             return 2
         x = torch.randn(tokens, d, dtype=torch.float16, device="cuda")
         x[:, 7] *= 40.0
@@ -113,8 +118,7 @@ def main(argv=None) -> int:
                 BLOCK_M=block_m, BLOCK_N=block_n, ROW_TILES=row_tiles, num_warps=4, num_stages=3), 10, 60)[0]
             record(tokens, f"tiles {block_m} x {block_n}, {row_tiles} row tiles", us, memcpy)
         for fmt, block in (("mxfp4", 32), ("nvfp4", 16)):
-            q, _ = torch.linalg.qr(torch.randn(d // block, block, block, device="cuda"))
-            w = q.half().contiguous()
+            w = random_stack(d // block, block)
             g = nvfp4_global_scale(x[:256], w).cuda() if fmt == "nvfp4" else None
             us = median_us(lambda: rotate_quantize_mx(x, w, fmt, g), 10, 60)[0]  # noqa: B023
             record(tokens, f"kernel {fmt} b={block} (autotuned)", us, memcpy)
