@@ -158,7 +158,7 @@ def wait_idle(page, timeout_ms: int = 120_000) -> None:
         }""", timeout=timeout_ms, polling=200)
 
 
-def _wait_rerun(page, timeout_ms: int) -> None:
+def wait_rerun(page, timeout_ms: int) -> None:
     """After an input that may rerun the script: give the rerun a moment to start, then wait for it to end.
     (Inside a form nothing reruns until the submit button; the short wait then simply expires.)"""
     try:
@@ -195,16 +195,19 @@ def apply(page, action: Action, out: Path | None = None, timeout_ms: int = 120_0
         # No such button: a toggle, checkbox, radio option or tab is clicked through its visible label.
         (button if button.count() else _nth(page.get_by_text, action.target)).click()
     elif action.kind == "select":
-        # Streamlit's selectbox is a searchable combobox: type to filter its options, Enter takes the first match.
+        # Streamlit's selectbox is a searchable combobox: type to filter its options and click the first one left.
+        # (Enter instead could land before the list has filtered, and then pick nothing.)
         box = _nth(page.get_by_label, action.target)
         box.click()
         box.fill(action.value)
-        box.press("Enter")
+        page.get_by_role("option").filter(has_text=action.value).first.click(timeout=timeout_ms)
     elif action.kind == "wait":
-        if action.target.startswith("svg="):
-            page.locator("svg text", has_text=action.target[4:]).first.wait_for(timeout=timeout_ms)
-        else:
-            page.get_by_text(action.target).first.wait_for(timeout=timeout_ms)
+        found = (page.locator("svg text", has_text=action.target[4:]) if action.target.startswith("svg=") else
+                 page.get_by_text(action.target)).first
+        try:
+            found.wait_for(timeout=timeout_ms)
+        except PlaywrightTimeout as e:
+            raise PlaywrightTimeout(f"{e}\n--- what the page showed instead ---\n{describe(page)}") from None
     elif action.kind == "sleep":
         time.sleep(float(action.target))
     elif action.kind == "shot":
@@ -212,10 +215,29 @@ def apply(page, action: Action, out: Path | None = None, timeout_ms: int = 120_0
             raise ValueError("a 'shot' action needs an output folder")
         return full_page_screenshot(page, out / f"{action.target}.png", timeout_ms)
     if action.kind in ("fill", "click", "select"):
-        _wait_rerun(page, timeout_ms)
+        wait_rerun(page, timeout_ms)
     else:
         wait_idle(page, timeout_ms)
+    if action.kind == "select" and action.value.lower() not in box.input_value().lower():
+        raise ValueError(f"selectbox {action.target!r} shows {box.input_value()!r} after picking {action.value!r}")
     return None
+
+
+def describe(page) -> str:
+    """What a failed wait leaves on the page, in a few lines of text for the test log: the script's state, error
+    and warning messages, progress bars, selectbox values and chart titles."""
+    return page.evaluate("""() => {
+        const texts = sel => [...document.querySelectorAll(sel)].map(el => el.innerText.trim()).filter(t => t);
+        const app = document.querySelector('[data-testid="stApp"]');
+        return [
+            `script ${app?.dataset.testScriptState}, connection ${app?.dataset.testConnectionState}`,
+            ...texts('[data-testid="stException"], [data-testid="stAlert"]').map(t => `message: ${t.slice(0, 500)}`),
+            ...texts('[data-testid="stProgress"]').map(t => `progress: ${t}`),
+            ...[...document.querySelectorAll('[data-testid="stSelectbox"] input')]
+                .map(el => `selectbox ${el.getAttribute('aria-label')}: ${el.value}`),
+            ...[...document.querySelectorAll('.js-plotly-plot')].map(el => `chart: ${el.layout?.title?.text}`),
+        ].join('\\n');
+    }""")
 
 
 def full_page_screenshot(page, path: Path, timeout_ms: int = 120_000) -> Path:
