@@ -58,8 +58,8 @@ def _choose(page, label: str, keep: list[str]) -> None:
 
 
 def _no_error(page) -> None:
-    assert page.locator('[data-testid="stException"]').count() == 0
-    assert page.locator('[data-testid="stAlertContentError"]').count() == 0
+    assert page.locator('[data-testid="stException"]').count() == 0, shots.describe(page)
+    assert page.locator('[data-testid="stAlertContentError"]').count() == 0, shots.describe(page)
 
 
 @pytest.mark.timeout(1800)  # four cells and an SQNR measurement: past the suite's 900 s on a loaded CPU
