@@ -1,4 +1,5 @@
-"""Plotly figures. Every figure has a title and axis titles with units; the page adds a caption under it."""
+"""Every plotly figure of the app, one public builder per figure. Each has a title and axis titles with units; the
+page adds a caption under it. Pages only draw what these return."""
 from __future__ import annotations
 
 import math
@@ -116,17 +117,28 @@ def channel_absmax(absmax: np.ndarray, outliers: list[int], title: str, y_label:
     return layout(fig, title, "channel index", y_label)
 
 
-def surface(mat: np.ndarray, title: str, first_token: int = 0, channel_bin: int = 1) -> go.Figure:
+def surface(mat: np.ndarray, title: str, first_token: int = 0, channel_bin: int = 1,
+            token_axis: str = "token position") -> go.Figure:
     """mat [tokens, channels] of |x|; first_token is the position of row 0 (1 when the sink row is dropped)."""
     tokens = np.arange(first_token, first_token + mat.shape[0])
     channels = np.arange(mat.shape[1]) * channel_bin
     fig = go.Figure(go.Surface(z=mat, x=channels, y=tokens, colorscale="Viridis", colorbar=dict(title="|x|")))
     # A wide, flat box fills the page's width; the default cube leaves most of it empty.
     fig.update_layout(title=title, height=520, margin=dict(l=10, r=10, t=60, b=10),
-                      scene=dict(xaxis_title="channel", yaxis_title="token position", zaxis_title="|activation|",
+                      scene=dict(xaxis_title="channel", yaxis_title=token_axis, zaxis_title="|activation|",
                                  aspectmode="manual", aspectratio=dict(x=2.0, y=1.0, z=0.7),
                                  # the camera fills the frame
                                  camera=dict(eye=dict(x=1.3, y=-1.75, z=0.85), center=dict(x=0, y=0, z=-0.2))))
+    return fig
+
+
+def half_width_surface(mat: np.ndarray, title: str, first_token: int = 0) -> go.Figure:
+    """surface() for a half-width column (before / after side by side)."""
+    fig = surface(mat, title, first_token=first_token)
+    # In a half-width column the full-width box and camera cut off the token and z axes: a squarer box seen from
+    # further back, with the colour bar below the scene instead of beside it.
+    fig.update_layout(scene_aspectratio=dict(x=1.5, y=1.0, z=0.7), scene_camera_eye=dict(x=1.5, y=-2.3, z=1.2))
+    fig.update_traces(colorbar=dict(orientation="h", y=0, yanchor="top", len=0.6, thickness=12))
     return fig
 
 
@@ -178,9 +190,10 @@ def expert_tokens(tokens: pd.DataFrame, title: str) -> go.Figure:
     return layout(fig, title, "expert", "decoder layer", height=max(300, 40 + 22 * len(tokens)))
 
 
-def clip_heatmap(clips: dict, n_layers: int, title: str) -> go.Figure:
+def clip_heatmap(clips: dict, title: str) -> go.Figure:
     """The clip ratios a calibrated row chose (engine.quant.calibrate.ClipPlan.summary): one column per site
     (weights: the mean over a linear's rows), one row per decoder layer; 1.0 = not clipped."""
+    n_layers = max(len(v) for kind in clips.values() for v in (kind.values() if isinstance(kind, dict) else [kind]))
     columns, z = [], []
     for kind, label in (("weights", "W"), ("activations", "A")):
         for role, values in clips.get(kind, {}).items():
@@ -201,3 +214,155 @@ def clip_heatmap(clips: dict, n_layers: int, title: str) -> go.Figure:
             fig.add_vline(x=i - 0.5, line_color="white", line_width=3)
     return layout(fig, title, "quantized site (W: weight rows' mean shrink, A: input activations, K/V: cache)",
                   "decoder layer", height=max(380, 14 * n_layers + 120))
+
+
+# ---- Home ------------------------------------------------------------------------------------------------------
+
+def device_weights(device_bytes: dict[str, int]) -> go.Figure:
+    """Bars of the weight bytes a placement puts on each device (GiB)."""
+    fig = go.Figure(go.Bar(x=list(device_bytes), y=[b / 2 ** 30 for b in device_bytes.values()]))
+    return layout(fig, "Weights per device", "device", "GiB", height=320)
+
+
+# ---- Evaluate ----------------------------------------------------------------------------------------------------
+
+def perplexity_bars(labels: list[str], ppl: list[float], fp: float | None, title: str) -> go.Figure:
+    """One bar per evaluated row on a log axis, the floating-point model's perplexity `fp` as a dashed line."""
+    fig = go.Figure(go.Bar(x=labels, y=ppl, marker_color=COLORS["token"], text=[f"{p:.1f}" for p in ppl],
+                           textposition="outside", name="perplexity"))
+    # From perplexity 1 (a perfect model): on a log axis a bar has no natural base, and plotly's would hide the fp bar.
+    top = max((p for p in ppl if math.isfinite(p)), default=10.0)
+    _log_y(fig, range=[0, math.log10(max(top, 10.0)) + 0.35])
+    if fp:
+        fig.add_hline(y=fp, line_dash="dash", line_color=COLORS["outlier"])
+        # Not add_hline's annotation_text: on a log axis plotly places that label at 10**fp and stretches the axis.
+        fig.add_annotation(x=1, xref="paper", y=math.log10(fp), yref="y", text=f"fp {fp:.2f}", showarrow=False,
+                           xanchor="right", yanchor="bottom", font=dict(color=COLORS["outlier"]))
+    return layout(fig, title, "recipe and bits (W-A-KV)", "perplexity (log scale, lower is better)")
+
+
+def task_accuracy(labels: list[str], tasks: list[str], accuracy: list[list[float]]) -> go.Figure:
+    """Grouped bars: accuracy[i][j] of row labels[i] on task tasks[j]."""
+    fig = go.Figure()
+    for label, row in zip(labels, accuracy):
+        fig.add_trace(go.Bar(x=tasks, y=row, name=label))
+    return layout(fig, "Zero-shot accuracy per task", "task", "accuracy (acc, 0-1)")
+
+
+# ---- Optimize ----------------------------------------------------------------------------------------------------
+
+def training_curves(history: list[dict], ppl: list[dict]) -> go.Figure:
+    """The loss of every step ({step, loss}) and, on a second axis, the quick perplexity probes ({step, ppl})."""
+    fig = go.Figure(go.Scatter(x=[h["step"] for h in history], y=[h["loss"] for h in history], mode="lines+markers",
+                               name="training loss (one step's windows)", line=dict(color=COLORS["token"])))
+    if ppl:
+        fig.add_trace(go.Scatter(x=[p["step"] for p in ppl], y=[p["ppl"] for p in ppl], mode="lines+markers",
+                                 name="quick perplexity (evaluation windows)", yaxis="y2",
+                                 line=dict(color=COLORS["tensor"], dash="dot")))
+        fig.update_layout(yaxis2=dict(title="perplexity", overlaying="y", side="right", showgrid=False))
+    fig.update_xaxes(rangemode="tozero")
+    return layout(fig, "Training loss and quick perplexity", "optimizer step", "cross-entropy (nats per token)")
+
+
+def kurtosis_over_training(kurtosis: list[dict], site: str, n_layers: int, title: str) -> go.Figure:
+    """Heat map [decoder layer x checkpoint] of one site's per-token kurtosis; kurtosis: {step, site: [layers]}."""
+    z = [[k[site][layer] for k in kurtosis] for layer in range(n_layers)]
+    fig = go.Figure(go.Heatmap(z=z, x=[f"step {k['step']}" for k in kurtosis], y=list(range(n_layers)),
+                               colorscale="Viridis", colorbar=dict(title="kurtosis")))
+    return layout(fig, title, "checkpoint", "decoder layer")
+
+
+def random_spread(random: pd.DataFrame, learned: pd.DataFrame, title: str) -> go.Figure:
+    """One box of perplexities per random family (rows: family, label, ppl), each learned rotation a dashed line."""
+    fig = go.Figure()
+    for fam, g in random.groupby("family"):
+        fig.add_trace(go.Box(y=g.ppl, name=f"random {fam}", boxpoints="all", jitter=0.4, pointpos=0,
+                             text=g.label, marker=dict(color=COLORS["token"]), line=dict(color="#888")))
+    for _, row in learned.iterrows():
+        fig.add_hline(y=row.ppl, line_dash="dash", line_color=COLORS["outlier"],
+                      annotation_text=f"{row.label}: {row.ppl:.2f}", annotation_position="top left")
+    return layout(fig, title, "rotation family", "perplexity (lower is better)")
+
+
+# ---- Formats x rotations -----------------------------------------------------------------------------------------
+
+def colour_cap(table: pd.DataFrame) -> float:
+    """Where the perplexity heat map's colours saturate: 4x the best cell, so one broken cell does not flatten the
+    good ones into one colour."""
+    return min(float(table.max().max()), 4 * float(table.min().min()))
+
+
+def perplexity_matrix(table: pd.DataFrame, column_labels: dict[str, str], title: str) -> go.Figure:
+    """Heat map of perplexity [format x rotation] with each cell's value written in it; NaN (not computed) blank."""
+    z = [[None if pd.isna(v) else float(v) for v in row] for row in table.values]  # a stopped fill leaves gaps
+    fig = go.Figure(go.Heatmap(z=z, x=[column_labels.get(c, c) for c in table.columns], y=list(table.index),
+                               text=[["" if v is None else f"{v:.2f}" for v in row] for row in z],
+                               texttemplate="%{text}", textfont=dict(size=14), colorscale="Viridis_r",
+                               zmin=float(table.min().min()), zmax=colour_cap(table),
+                               colorbar=dict(title="perplexity"),
+                               hovertemplate="%{y}, %{x}: perplexity %{z:.3f}<extra></extra>"))
+    # Category axes: plotly would read a row named "4" as the number 4 and draw the rows on a numeric axis. The first
+    # format on top, as in the table below.
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category", autorange="reversed")
+    return layout(fig, title, "rotation (R1 and R4)", "format (weights and activations)",
+                  height=max(300, 70 * len(table) + 160))
+
+
+def sqnr_by_layer(sqnr: dict[str, list[float]], title: str) -> go.Figure:
+    """Activation SQNR (dB) per decoder layer at down_proj's input and the attention input."""
+    fig = go.Figure()
+    for site, label, color in (("down_in", "down_proj input (after R4)", COLORS["tensor"]),
+                               ("attn_in", "attention input (residual stream after R1)", COLORS["token"])):
+        fig.add_trace(go.Scatter(x=list(range(len(sqnr[site]))), y=sqnr[site], mode="lines+markers", name=label,
+                                 line=dict(color=color)))
+    return layout(fig, title, "decoder layer", "SQNR (dB, higher is better)")
+
+
+# ---- Rotate ------------------------------------------------------------------------------------------------------
+
+def sqnr_before_after(before: pd.DataFrame, after: pd.DataFrame, title: str) -> go.Figure:
+    """4- and 8-bit SQNR per layer (site tables indexed by layer, columns sqnr4 and sqnr8): dotted before the
+    rotation, solid after."""
+    fig = go.Figure()
+    for t, tag, dash in ((before, "before", "dot"), (after, "after", "solid")):
+        for bits, color in ((4, COLORS["tensor"]), (8, COLORS["token"])):
+            fig.add_trace(go.Scatter(x=t.index, y=t[f"sqnr{bits}"], mode="lines+markers", name=f"{bits}-bit, {tag}",
+                                     line=dict(color=color, dash=dash)))
+    return layout(fig, title, "decoder layer", "SQNR (dB, higher is better)")
+
+
+# ---- QRazor ------------------------------------------------------------------------------------------------------
+
+QRAZOR_COLORS = {"SDR": COLORS["outlier"], "RTN-4": COLORS["normal"], "Hadamard + RTN-4": COLORS["channel"]}
+
+
+def error_histograms(errors: dict[str, tuple[str, np.ndarray]], title: str, x_label: str) -> go.Figure:
+    """errors: {method: (its short name, |x_hat - x| of every value)}. One line per method: the share of values (%)
+    per logarithmic bin of |error|; exact zeros have no place on a log axis and are left out (the caption says how
+    many)."""
+    fig = go.Figure()
+    for method, (short, err) in errors.items():
+        nonzero = err[err > 0]
+        if nonzero.size:
+            edges = np.logspace(np.log10(nonzero.min()), np.log10(nonzero.max()), 61)
+            counts, _ = np.histogram(nonzero, bins=edges)
+            centers = np.sqrt(edges[:-1] * edges[1:])
+            fig.add_trace(go.Scatter(x=centers, y=100 * counts / err.size, mode="lines", name=method,
+                                     line=dict(color=QRAZOR_COLORS[short], width=2)))
+    fig.update_xaxes(type="log", exponentformat="power", dtick=1)  # decades only: the 2 and 5 between them crowd
+    return layout(fig, title, x_label, "share of values (% per bin)")
+
+
+def group_size_lines(sweep: pd.DataFrame, y: str, title: str, y_label: str, chosen: int,
+                     sizes: tuple[int, ...]) -> go.Figure:
+    """Column `y` of a group-size sweep (rows: sdr_group, method, y) per method against the SDR group size, with
+    the chosen size dotted."""
+    fig = go.Figure()
+    for method, part in sweep.groupby("method", sort=False):
+        dash = "dash" if "Hadamard" in method else None  # drawn over RTN's identical bits: keep both visible
+        fig.add_trace(go.Scatter(x=part.sdr_group, y=part[y], mode="lines+markers", name=method,
+                                 line=dict(color=QRAZOR_COLORS[method], dash=dash)))
+    fig.add_vline(x=chosen, line_dash="dot", line_color=COLORS["normal"])
+    fig.update_xaxes(type="log", tickvals=list(sizes), ticktext=[str(g) for g in sizes])
+    return layout(fig, title, "SDR group size g (values per flag, log scale)", y_label)

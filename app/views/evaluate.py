@@ -1,13 +1,11 @@
 """Evaluate: recipes x bit settings on the same perplexity and zero-shot numbers; results fill in live."""
 import json
-import math
-from pathlib import Path
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
 from app import charts, progress, state
+from app.sections import export
 from engine.evaluate import EvalConfig, eval_table_job
 from engine.quant.recipes import CLIP_LABELS, CLIP_MODES, PRESETS, RECIPES, Bits, get_recipe
 
@@ -30,7 +28,7 @@ except ImportError:  # zero-shot support missing: perplexity only
 with st.form("evaluate"):
     c1, c2 = st.columns(2)
     # Names only on the chips: "name: description" chips are cut off in a half-width column.
-    recipes = c1.multiselect("Recipes", list(RECIPES), default=["fp", "rtn", "quarot"],
+    recipes = c1.multiselect("Recipes", list(RECIPES), default=["fp", "rtn", "quarot"], key="eval_recipes",
                              help="\n".join(f"- **{r}**: {RECIPES[r].description}" for r in RECIPES))
     presets = c2.multiselect("Bits (W-A-KV)", PRESETS, default=["4-4-4"], accept_new_options=True,
                              key="eval_bits",
@@ -40,32 +38,29 @@ with st.form("evaluate"):
                                   "of 128). The presets are shortcuts: type any W-A-KV (e.g. 8-8-8, 16-4-4 or "
                                   "nvfp4-nvfp4-fp8) and press Enter.")
     c3, c4, c5 = st.columns(3)
-    weights = c3.radio("Weight quantizer", ["rtn", "gptq"], horizontal=True,
+    weights = c3.radio("Weight quantizer", ["rtn", "gptq"], horizontal=True, key="eval_weights",
                        help="Round to nearest, or GPTQ (calibrated on the calibration split), on the grid of the "
                             "weights' format.")
-    mode = c4.radio("Mode", list(MODES), horizontal=True,
+    mode = c4.radio("Mode", list(MODES), horizontal=True, key="eval_mode",
                     help="quick: 4096 tokens, 50 documents per task; full: 16384 tokens, 200 documents.")
-    rotation_file = c5.text_input("Rotation file (recipe 'rotated')", placeholder="cache/rotations/....bin")
+    rotation_file = c5.text_input("Rotation file (recipe 'rotated')", placeholder="cache/rotations/....bin",
+                                  key="eval_rotation_file")
     c6, c7, c8 = st.columns([2, 2, 1])
     clip = c6.radio("Clipping", CLIP_MODES, format_func=CLIP_LABELS.get, key="eval_clip",
                     help="calibrated: clip ratios chosen per layer on the calibration split, on the error of each "
                          "linear's output (weights per row, activations per linear, K on the attention scores, V "
                          "per layer); no clipping is always a candidate. fixed: QuaRot's settings. QRazor has none.")
-    tasks = c7.multiselect("Zero-shot tasks (optional; minutes each on a CPU)", list(TASKS), default=[])
+    tasks = c7.multiselect("Zero-shot tasks (optional; minutes each on a CPU)", list(TASKS), default=[],
+                           key="eval_tasks")
     custom_tokens = c8.number_input("Perplexity tokens (0 = the mode's)", 0, 1_000_000, 0, step=1024,
-                                    help="Override the mode's evaluation token budget.")
-    run = st.form_submit_button("Run", type="primary")
+                                    key="eval_tokens", help="Override the mode's evaluation token budget.")
+    run = st.form_submit_button("Run", type="primary", key="eval_run")
 
 
 def _weights(row) -> str:
     # fp rows store "-", which st.table's markdown would draw as a list bullet.
     return "none (fp)" if row["weights"] == "-" else row["weights"]
 
-
-ROWS, RUNNING = "eval_rows", "eval_running"  # RUNNING holds the request (n runs) while it runs, None after
-REQUEST = "eval_request"  # (runs, cfg) behind the rows, in their order: what the Export button rebuilds
-st.session_state.setdefault(ROWS, [])
-st.session_state.setdefault(RUNNING, None)
 
 if run:
     m = MODES[mode]
@@ -86,31 +81,29 @@ if run:
     table = st.empty()  # live results while the runs go on; the Results section below replaces it at the end
 
     def show_rows(rows):  # after each run: keep the rows so far and show them
-        st.session_state[ROWS] = rows
+        st.session_state[state.EVAL_ROWS] = rows
         table.table(pd.DataFrame([{"recipe": r["recipe"], "weights": _weights(r), "bits": r["bits"],
                                    "perplexity": f"{r['ppl']:.2f}"} for r in rows]))
 
     if jobs:
-        st.session_state[ROWS] = []
-        st.session_state[REQUEST] = (jobs, cfg)
-        st.session_state[RUNNING] = len(jobs)
+        st.session_state[state.EVAL_ROWS] = []
+        st.session_state[state.EVAL_REQUEST] = (jobs, cfg)
         try:
             progress.run(eval_table_job(handle, jobs, cfg), f"{len(jobs)} run{'s' * (len(jobs) > 1)}",
                          on_partial=show_rows,
-                         stop_help="Stops the current run; the runs already finished are kept (and cached).")
+                         stop_help="Stops the current run; the runs already finished are kept (and cached).",
+                         running_key=state.EVAL_RUNNING, running=len(jobs))
         except ValueError as e:  # the rows finished before it stay
             st.error(str(e))
-        st.session_state[RUNNING] = None
     table.empty()
-elif st.session_state[RUNNING]:  # the rerun a Stop press causes: the job was closed at its last event
-    n, kept = st.session_state[RUNNING], len(st.session_state[ROWS])
-    st.session_state[RUNNING] = None
-    st.warning(f"Stopped after {kept} of {n} runs. " + (
-        f"The {kept} finished row{'s are' if kept > 1 else ' is'} kept below and cached: **Run** with the same "
-        "settings computes only the rest." if kept else "No run had finished, so nothing was kept; the runs start "
-        "from the beginning on **Run**."))
+elif n := progress.was_stopped(state.EVAL_RUNNING):  # the rerun a Stop press causes: the job was closed
+    kept = len(st.session_state[state.EVAL_ROWS])
+    progress.stopped_after(kept, n, "run",
+                           kept=f"The {kept} finished row{'s are' if kept > 1 else ' is'} kept below and cached: "
+                                "**Run** with the same settings computes only the rest.",
+                           nothing="nothing was kept; the runs start from the beginning on **Run**.")
 
-rows = st.session_state[ROWS]
+rows = st.session_state[state.EVAL_ROWS]
 if not rows:
     st.info("Pick recipes and bit settings and press **Run**. A quick 4-4-4 comparison of fp, rtn and quarot "
             "takes a few minutes on a laptop CPU.")
@@ -130,27 +123,15 @@ st.table(df.assign(weights=[_weights(r) for r in rows]).style.hide(axis="index")
 fp = next((r["ppl"] for r in rows if r["recipe"] == "fp"), None)
 labels = [f"{r['recipe']} {r['bits']}" + (f" ({r['weights']})" if r["weights"] not in ("-", "rtn") else "")
           for r in rows]
-fig = go.Figure(go.Bar(x=labels, y=[r["ppl"] for r in rows], marker_color=charts.COLORS["token"],
-                       text=[f"{r['ppl']:.1f}" for r in rows], textposition="outside", name="perplexity"))
-# From perplexity 1 (a perfect model): on a log axis a bar has no natural base, and plotly's would hide the fp bar.
-top = max((r["ppl"] for r in rows if math.isfinite(r["ppl"])), default=10.0)
-charts._log_y(fig, range=[0, math.log10(max(top, 10.0)) + 0.35])
-if fp:
-    fig.add_hline(y=fp, line_dash="dash", line_color=charts.COLORS["outlier"])
-    # Not add_hline's annotation_text: on a log axis plotly places that label at 10**fp and stretches the axis.
-    fig.add_annotation(x=1, xref="paper", y=math.log10(fp), yref="y", text=f"fp {fp:.2f}", showarrow=False,
-                       xanchor="right", yanchor="bottom", font=dict(color=charts.COLORS["outlier"]))
-st.plotly_chart(charts.layout(fig, f"Perplexity on {rows[0]['tokens']} evaluation tokens",
-                               "recipe and bits (W-A-KV)", "perplexity (log scale, lower is better)"))
+st.plotly_chart(charts.perplexity_bars(labels, [r["ppl"] for r in rows], fp,
+                                       f"Perplexity on {rows[0]['tokens']} evaluation tokens"))
 st.caption(f"Corpus: {rows[0]['corpus']}. The dashed line is the floating-point model: the closer a bar comes to "
            "it, the less its quantization costs.")
 
 task_cols = [c for c in df.columns if c.endswith(" acc")]
 if task_cols:
-    tfig = go.Figure()
-    for lab, (_, r) in zip(labels, df.iterrows()):
-        tfig.add_trace(go.Bar(x=[c.removesuffix(" acc") for c in task_cols], y=[r[c] for c in task_cols], name=lab))
-    st.plotly_chart(charts.layout(tfig, "Zero-shot accuracy per task", "task", "accuracy (acc, 0-1)"))
+    st.plotly_chart(charts.task_accuracy(labels, [c.removesuffix(" acc") for c in task_cols],
+                                         df[task_cols].values.tolist()))
     st.caption(f"lm-eval acc on {rows[0]['limit']} documents per task from local copies of the task data "
                "(no network). Chance is 0.5 for two-choice tasks and 0.25 for four-choice ones.")
 
@@ -159,10 +140,7 @@ calibrated = [(i, r) for i, (r, lab) in enumerate(zip(rows, labels)) if r.get("c
 if calibrated:
     st.header("Clip ratios chosen")
     pick = st.selectbox("Row", [i for i, _ in calibrated], format_func=lambda i: labels[i], key="eval_clip_row")
-    row = rows[pick]
-    n_layers = max(len(v) for kind in row["clips"].values()
-                   for v in (kind.values() if isinstance(kind, dict) else [kind]))
-    st.plotly_chart(charts.clip_heatmap(row["clips"], n_layers, f"Calibrated clip ratios: {labels[pick]}"),
+    st.plotly_chart(charts.clip_heatmap(rows[pick]["clips"], f"Calibrated clip ratios: {labels[pick]}"),
                     key="eval_clip_heatmap")
     from engine.quant.calibrate import ACTIVATION_GRID, KV_GRID, WEIGHT_GRID  # the candidates, for the caption
 
@@ -175,51 +153,9 @@ if calibrated:
                "attention scores; V: per layer. Hover a cell for its value.")
 
 
-def export_section(rows: list[dict]) -> None:
-    """Any finished row as a compressed-tensors checkpoint, built with the same settings as its evaluation."""
-    from engine.export import ExportError, check_exportable, export_job
-
-    request = st.session_state.get(REQUEST)
-    if request is None:
-        return
-    runs, cfg = request
-    st.header("Export for serving")
-    st.caption("Writes the row as a Hugging Face model directory in the compressed-tensors format (what vLLM and "
-               "llm-compressor read): R1/R2 fused, weights packed with their scales, the activation and KV-cache "
-               "quantizers and the online R3/R4 rotations in its config. The same directory loads back here as a "
-               "model: type its path in the sidebar's Model box, or pass --model DIR.")
-    pick = st.selectbox("Row", range(len(rows)), format_func=lambda i: labels[i], key="eval_export_row")
-    recipe, bits = runs[pick]
-    try:
-        check_exportable(recipe, bits, handle)
-    except ExportError as e:
-        st.info(f"This row cannot be exported: {e}")
-        return
-    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(handle.name).name)
-    out = st.text_input("Output directory", str(Path("exports") / f"{slug}-{recipe.name}-{bits}"),
-                        key=f"eval_export_dir_{pick}", help="A new directory (written to a temporary one beside it and "
-                        "renamed at the end, so an error leaves nothing behind).")
-    force = st.checkbox("Replace an earlier export in that directory", key="eval_export_force")
-    if not st.button("Export", key="eval_export"):
-        return
-    if Path(out).expanduser().exists() and not force:  # the CLI says --force; here it is the checkbox
-        st.error(f"{out} already exists: tick 'Replace an earlier export in that directory' or choose another one.")
-        return
-    try:
-        done = progress.run(export_job(handle, recipe, bits, out, cfg, force), f"export {labels[pick]}")
-    except ExportError as e:
-        st.error(str(e))
-        return
-    if done is None:
-        return
-    r = done.result
-    st.success(f"Wrote {r['out']}: {r['bytes'] / 2**20:.1f} MiB in {r['seconds']:.0f} s ({', '.join(r['files'])}).")
-    for note in r["notes"]:
-        st.caption(f"Note: {note}")
-
 c1, c2 = st.columns(2)
 c1.download_button("Download CSV", df.to_csv(index=False).encode(), "spinscope_eval.csv", "text/csv")
 c2.download_button("Download JSON", json.dumps(rows, indent=1, default=str).encode(), "spinscope_eval.json",
                    "application/json")
 
-export_section(rows)
+export.draw(handle, labels)

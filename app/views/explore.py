@@ -18,14 +18,15 @@ if handle is None:
 with st.form("capture"):
     c1, c2, c3 = st.columns([2, 1, 1])
     corpus_choice = c1.radio("Corpus", ["Wikipedia sample (default)", "My text file or WikiText-2 directory"],
-                             help=WIKI_LABEL, horizontal=True)
-    corpus_path = c1.text_input("Path (for your own text)", placeholder="/path/to/text.txt or /path/to/wikitext-2")
+                             help=WIKI_LABEL, horizontal=True, key="explore_corpus")
+    corpus_path = c1.text_input("Path (for your own text)", placeholder="/path/to/text.txt or /path/to/wikitext-2",
+                                key="explore_path")
     tokens = c2.number_input("Token budget", min_value=1, max_value=1_000_000, value=2048, step=512,
-                             help="Tokens captured, from the calibration split (whole articles).")
+                             key="explore_tokens", help="Tokens captured, from the calibration split (whole articles).")
     window = c3.number_input("Window length", min_value=2, max_value=handle.max_length,
-                             value=min(512, handle.max_length), step=128,
+                             value=min(512, handle.max_length), step=128, key="explore_window",
                              help="Tokens per forward pass; the first token of each window is an attention sink.")
-    submitted = st.form_submit_button("Capture", type="primary")
+    submitted = st.form_submit_button("Capture", type="primary", key="explore_capture")
 
 if submitted:
     corpus = WIKI if corpus_choice.startswith("Wikipedia") else corpus_path.strip()
@@ -35,18 +36,16 @@ if submitted:
         t = partial[partial.site == "resid_attn"].set_index("layer")
         live.plotly_chart(charts.kurtosis_by_layer(t, "Residual stream kurtosis so far"), key=None)
 
-    st.session_state[state.CAPTURE_STOPPED] = True  # still True on the rerun that a Stop press causes
     try:
         cfg = CaptureConfig(tokens=int(tokens), window=int(window))
         done = progress.run(capture_job(handle, corpus, cfg), "Capturing", on_partial=show_partial,
-                            stop_help="Stops the capture; nothing partial is kept or cached.")
+                            stop_help="Stops the capture; nothing partial is kept or cached.",
+                            running_key=state.CAPTURE_RUNNING)
         st.session_state[state.CAPTURE] = done.result  # earlier results stay until new ones replace them
     except ValueError as e:
         st.error(str(e))
     live.empty()
-    st.session_state[state.CAPTURE_STOPPED] = False
-elif st.session_state[state.CAPTURE_STOPPED]:
-    st.session_state[state.CAPTURE_STOPPED] = False
+elif progress.was_stopped(state.CAPTURE_RUNNING):
     kept = " The previous capture is shown below." if st.session_state[state.CAPTURE] is not None else ""
     st.warning("Capture stopped: nothing partial was kept or cached; press **Capture** to start again." + kept)
 
@@ -95,13 +94,11 @@ surf = res.array(layer, site2, "surface").float().numpy()
 routed = "[expert" in site2  # an expert's rows are the tokens of window 0 routed to it, in order, not positions
 first = 0 if with_sink or routed else 1
 bin_width = int(np.ceil(res.array(layer, site2, "absmax").numel() / SURFACE_CHANNELS)) if surf.shape[1] else 1
-fig = charts.surface(surf[first:], f"|x| over tokens and channels, layer {layer}, {site2} "
-                     + (f"(the first {surf.shape[0]} tokens of window 0 routed to it)" if routed else
-                        f"(positions {first}-{surf.shape[0] - 1} of window 0)"), first_token=first,
-                     channel_bin=max(bin_width, 1))
-if routed:
-    fig.update_layout(scene_yaxis_title="token routed to it (in order)")
-st.plotly_chart(fig)
+st.plotly_chart(charts.surface(surf[first:], f"|x| over tokens and channels, layer {layer}, {site2} "
+                               + (f"(the first {surf.shape[0]} tokens of window 0 routed to it)" if routed else
+                                  f"(positions {first}-{surf.shape[0] - 1} of window 0)"), first_token=first,
+                               channel_bin=max(bin_width, 1),
+                               token_axis="token routed to it (in order)" if routed else "token position"))
 st.caption("As in SpinQuant's Figure 2: ridges along the token axis are outlier channels (fixed channels, every "
            "token); a spike at one token is a massive activation. Drag to rotate."
            + (f" Channels are max-pooled in bins of {bin_width}." if bin_width > 1 else "")

@@ -1,6 +1,5 @@
 """Home: what SpinScope is, the loaded model, and what each page does."""
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
 from app import charts, state
@@ -19,10 +18,8 @@ elif placement is not None and (placement.devices != ["cpu"] or st.session_state
     st.subheader("Memory plan")
     st.caption(f"Before loading, from the config alone: {placement.summary()}. Each decoder layer stays whole on "
                "one device; offloaded weights (CPU when a GPU computes, or disk) are streamed in for every forward.")
-    devices = placement.device_bytes
     left, right = st.columns([1, 2])
-    left.plotly_chart(charts.layout(go.Figure(go.Bar(x=list(devices), y=[b / 2 ** 30 for b in devices.values()])),
-                                    "Weights per device", "device", "GiB", height=320))
+    left.plotly_chart(charts.device_weights(placement.device_bytes))
     right.dataframe(pd.DataFrame(placement.rows()), hide_index=True, height=320)
     for note in placement.notes:
         st.warning(note)

@@ -75,7 +75,7 @@ with st.form("bench"):
                         help="How many tokens (rows of activations) one call rotates.")
     dtype = c3.radio("dtype", ["fp16", "bf16"], horizontal=True)
     kernels = st.multiselect("Kernels", list(KERNELS), default=list(KERNELS), format_func=LABELS.get)
-    run = st.form_submit_button("Run benchmark", type="primary")
+    run = st.form_submit_button("Run benchmark", type="primary", key="kern_run")
 
 if run:
     rows = []

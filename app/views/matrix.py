@@ -2,7 +2,6 @@
 import json
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
 from app import charts, progress, state
@@ -25,9 +24,6 @@ COLUMN_LABELS = {"none": "none", "hadamard": "global Hadamard",
                  **{k: f"block {k[5:].rstrip('p')}" + (" + permutation" if k.endswith("p") else "")
                     for k in COLUMN_KINDS if k.startswith("block")}}
 FORMAT_CHOICES = ("4", "8", "int4g128") + tuple(FORMATS)
-CELLS, REQUEST, RUNNING = "matrix_cells", "matrix_request", "matrix_running"
-st.session_state.setdefault(CELLS, [])
-st.session_state.setdefault(RUNNING, None)
 
 with st.form("matrix"):
     c1, c2 = st.columns(2)
@@ -44,7 +40,7 @@ with st.form("matrix"):
                              help="Perplexity on this many tokens of the evaluation split, windows of 1024.")
     rotation_file = c6.text_input("Also a rotation file (optional)", placeholder="cache/rotations/....bin",
                                   key="mx_file", help="Adds a column with R1/R2 (and R3/R4 if present) from it.")
-    run = st.form_submit_button("Fill the matrix", type="primary")
+    run = st.form_submit_button("Fill the matrix", type="primary", key="mx_fill")
 
 
 def pivot(cells: list, formats: list, rotations: list) -> pd.DataFrame:
@@ -69,27 +65,27 @@ if run:
         live = st.empty()
 
         def show(cells):
-            st.session_state[CELLS] = cells
+            st.session_state[state.MATRIX_CELLS] = cells
             # strings: st.dataframe draws a styled NaN as "None"; a cell still to come reads "computing..."
             table = pivot(cells, list(mcfg.formats), list(mcfg.rotations))
             live.dataframe(table.map(lambda v: "computing..." if pd.isna(v) else f"{v:.2f}"),
                            column_config=column_labels(table.columns))
 
-        st.session_state.update({CELLS: [], REQUEST: mcfg, RUNNING: len(mcfg.runs())})
+        st.session_state.update({state.MATRIX_CELLS: [], state.MATRIX_REQUEST: mcfg})
         try:
             progress.run(matrix_job(handle, mcfg, cfg), f"{len(mcfg.runs())} cells", on_partial=show,
-                         stop_help="Stops the cell in progress; finished cells are kept (and cached).")
+                         stop_help="Stops the cell in progress; finished cells are kept (and cached).",
+                         running_key=state.MATRIX_RUNNING, running=len(mcfg.runs()))
         except ValueError as e:
             st.error(str(e))
-        st.session_state[RUNNING] = None
         live.empty()
-elif st.session_state[RUNNING]:  # the rerun a Stop press causes
-    n, kept = st.session_state[RUNNING], len(st.session_state[CELLS])
-    st.session_state[RUNNING] = None
-    st.warning(f"Stopped after {kept} of {n} cells; the finished cells are kept below and cached, so **Fill the "
-               "matrix** with the same settings computes only the rest.")
+elif n := progress.was_stopped(state.MATRIX_RUNNING):  # the rerun a Stop press causes
+    progress.stopped_after(len(st.session_state[state.MATRIX_CELLS]), n, "cell",
+                           kept="The finished cells are kept below and cached, so **Fill the matrix** with the same "
+                                "settings computes only the rest.",
+                           nothing="nothing was kept; **Fill the matrix** starts from the beginning.")
 
-cells, mcfg = st.session_state[CELLS], st.session_state.get(REQUEST)
+cells, mcfg = st.session_state[state.MATRIX_CELLS], st.session_state[state.MATRIX_REQUEST]
 if not cells or mcfg is None:
     st.info("Pick formats and rotations and press **Fill the matrix**. Each cell takes about half a minute on a "
             "laptop CPU for 4096 tokens; cells already computed come back at once.")
@@ -97,24 +93,13 @@ if not cells or mcfg is None:
 
 st.header("Perplexity")
 table = pivot(cells, list(mcfg.formats), list(mcfg.rotations))
-z = [[None if pd.isna(v) else float(v) for v in row] for row in table.values]  # a stopped fill leaves gaps
-zmin, zmax = float(table.min().min()), float(table.max().max())
-cap = min(zmax, 4 * zmin)
-fig = go.Figure(go.Heatmap(z=z, x=[COLUMN_LABELS.get(c, c) for c in table.columns], y=list(table.index),
-                           text=[["" if v is None else f"{v:.2f}" for v in row] for row in z],
-                           texttemplate="%{text}", textfont=dict(size=14), colorscale="Viridis_r", zmin=zmin,
-                           zmax=cap, colorbar=dict(title="perplexity"),
-                           hovertemplate="%{y}, %{x}: perplexity %{z:.3f}<extra></extra>"))
-# Category axes: plotly would read a row named "4" as the number 4 and draw the rows on a numeric axis. The first
-# format on top, as in the table below.
-fig.update_xaxes(type="category")
-fig.update_yaxes(type="category", autorange="reversed")
-st.plotly_chart(charts.layout(fig, f"Perplexity on {cells[0]['tokens']} evaluation tokens (lower is better)",
-                              "rotation (R1 and R4)", "format (weights and activations)",
-                              height=max(300, 70 * len(table) + 160)), key="mx_heat")
+cap = charts.colour_cap(table)
+st.plotly_chart(charts.perplexity_matrix(table, COLUMN_LABELS,
+                                         f"Perplexity on {cells[0]['tokens']} evaluation tokens (lower is better)"),
+                key="mx_heat")
 st.caption(f"KV cache {mcfg.kv}; weights {mcfg.weights.upper()} in the row's format; clip ratios calibrated per "
            "layer. " + (f"Colours saturate at {cap:.1f} (4x the best cell) so the good cells stay distinguishable; "
-                        "the number in each cell is its perplexity." if cap < zmax else
+                        "the number in each cell is its perplexity." if cap < float(table.max().max()) else
                         "The number in each cell is its perplexity."))
 st.dataframe(table.style.format("{:.3f}", na_rep="-"), column_config=column_labels(table.columns))
 
@@ -127,18 +112,13 @@ if st.button("Measure the SQNR of this cell", key="mx_sqnr_go"):
     try:
         done = progress.run(cell_sqnr_job(handle, pick_f, pick_r), "SQNR",
                             stop_help="Stops the measurement; nothing is kept.")
-        st.session_state["mx_sqnr"] = (pick_f, pick_r, done.result)
+        st.session_state[state.MATRIX_SQNR] = (pick_f, pick_r, done.result)
     except ValueError as e:
         st.error(str(e))
-if st.session_state.get("mx_sqnr"):
-    f, r, sq = st.session_state["mx_sqnr"]
-    sfig = go.Figure()
-    for site, label, color in (("down_in", "down_proj input (after R4)", charts.COLORS["tensor"]),
-                               ("attn_in", "attention input (residual stream after R1)", charts.COLORS["token"])):
-        sfig.add_trace(go.Scatter(x=list(range(len(sq[site]))), y=sq[site], mode="lines+markers", name=label,
-                                  line=dict(color=color)))
-    st.plotly_chart(charts.layout(sfig, f"Activation SQNR per layer: {f}, {COLUMN_LABELS.get(r, r)}",
-                                  "decoder layer", "SQNR (dB, higher is better)"), key="mx_sqnr_fig")
+if st.session_state[state.MATRIX_SQNR]:
+    f, r, sq = st.session_state[state.MATRIX_SQNR]
+    st.plotly_chart(charts.sqnr_by_layer(sq, f"Activation SQNR per layer: {f}, {COLUMN_LABELS.get(r, r)}"),
+                    key="mx_sqnr_fig")
     st.caption("10 log10 of signal over quantization noise of the row's activation quantizer (no clipping) on 512 "
                "evaluation tokens; each 6 dB is about one bit.")
 

@@ -2,7 +2,6 @@
 from pathlib import Path
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
 from app import charts, progress, state
@@ -20,13 +19,6 @@ from engine.learn.spinquant import (
 )
 from engine.quant.recipes import PRESETS
 
-# session_state keys of this page
-CFG, RESULT, RUNNING, EVAL_ROWS, SPREAD = "opt_config", "opt_result", "opt_running", "opt_eval_rows", "opt_spread"
-RESUMED = "opt_resumed"  # what the last Start resumed from, said beside the result
-for k in (CFG, RESULT, EVAL_ROWS, SPREAD, RESUMED):
-    st.session_state.setdefault(k, None)
-st.session_state.setdefault(RUNNING, False)
-
 METHOD_LABELS = {"spinquant": "SpinQuant: learn R1 and every layer's R2 (R3, R4 fixed random Hadamard)",
                  "flrot": "FLRot: learn R1, R2, R3 and a block-diagonal R4"}
 BITS_LABELS = {"4-4-4": "W4A4KV4 (RTN weights)", "16-4-4": "W16A4KV4 (weights by GPTQ afterwards)"}
@@ -43,31 +35,13 @@ if handle is None:
 arch = handle.arch
 
 
-def loss_figure(history: list, ppl: list) -> go.Figure:
-    fig = go.Figure(go.Scatter(x=[h["step"] for h in history], y=[h["loss"] for h in history], mode="lines+markers",
-                               name="training loss (one step's windows)", line=dict(color=charts.COLORS["token"])))
-    if ppl:
-        fig.add_trace(go.Scatter(x=[p["step"] for p in ppl], y=[p["ppl"] for p in ppl], mode="lines+markers",
-                                 name="quick perplexity (evaluation windows)", yaxis="y2",
-                                 line=dict(color=charts.COLORS["tensor"], dash="dot")))
-        fig.update_layout(yaxis2=dict(title="perplexity", overlaying="y", side="right", showgrid=False))
-    fig.update_xaxes(rangemode="tozero")
-    return charts.layout(fig, "Training loss and quick perplexity", "optimizer step",
-                          "cross-entropy (nats per token)")
-
-
-def kurtosis_heatmap(kurtosis: list, site: str) -> go.Figure:
-    z = [[k[site][layer] for k in kurtosis] for layer in range(arch.n_layers)]
-    fig = go.Figure(go.Heatmap(z=z, x=[f"step {k['step']}" for k in kurtosis], y=list(range(arch.n_layers)),
-                               colorscale="Viridis", colorbar=dict(title="kurtosis")))
-    return charts.layout(fig, f"Per-token kurtosis: {SITE_LABELS[site]}", "checkpoint", "decoder layer")
-
-
 def draw_training(slots, history, ppl, kurtosis, tag: str) -> None:
-    slots[0].plotly_chart(loss_figure(history, ppl), key=f"opt_loss_{tag}")
+    slots[0].plotly_chart(charts.training_curves(history, ppl), key=f"opt_loss_{tag}")
     if kurtosis:
         for slot, site in zip(slots[1:], KURTOSIS_SITES):
-            slot.plotly_chart(kurtosis_heatmap(kurtosis, site), key=f"opt_heat_{site}_{tag}")
+            slot.plotly_chart(charts.kurtosis_over_training(kurtosis, site, arch.n_layers,
+                                                            f"Per-token kurtosis: {SITE_LABELS[site]}"),
+                              key=f"opt_heat_{site}_{tag}")
 
 
 # ---- the form -----------------------------------------------------------------------------------------------
@@ -95,10 +69,11 @@ with st.form("optimize"):
                                "exactly into gate/up and down_proj).")
     restart = c9.checkbox("Start over", key="opt_restart",
                           help="Ignore a saved checkpoint of the same settings (otherwise Start resumes it).")
-    start = st.form_submit_button("Start (or resume)", type="primary")
+    start = st.form_submit_button("Start (or resume)", type="primary", key="opt_start")
 
 if start:
-    st.session_state.update({RESULT: None, EVAL_ROWS: None, SPREAD: None, RESUMED: None})
+    st.session_state.update({state.OPT_RESULT: None, state.OPT_EVAL_ROWS: None, state.OPT_SPREAD: None,
+                             state.OPT_RESUMED: None})
     try:
         cfg = TrainConfig(method=method, bits=bits, steps=int(steps), windows=int(n_windows), window=int(window),
                           block=int(block), eval_every=int(every), checkpoint_every=max(int(every), 5),
@@ -106,7 +81,7 @@ if start:
     except ValueError as e:
         st.error(str(e))
         st.stop()
-    st.session_state[CFG] = cfg
+    st.session_state[state.OPT_CONFIG] = cfg
     resume_slot, loss_slot, (left, right) = st.empty(), st.empty(), st.columns(2)
     slots = [loss_slot, left.empty(), right.empty()]
     live = {"history": [], "ppl": [], "kurtosis": [], "resumed": 0}
@@ -127,40 +102,37 @@ if start:
             live["kurtosis"].append({"step": m.step, **m.extra})
         draw_training(slots, live["history"], live["ppl"], live["kurtosis"], f"live{len(live['history'])}_{m.name}")
 
-    st.session_state[RUNNING] = True  # still True on the rerun that a Stop press causes
     try:
         done = progress.run(train_job(handle, cfg, resume=not restart), f"Training {cfg.method}",
                             on_partial=on_resumed, on_metric=on_metric,
                             stop_help="Stops after the step in progress; the finished steps are checkpointed and "
-                                      "Start with the same settings resumes from there.")
+                                      "Start with the same settings resumes from there.",
+                            running_key=state.OPT_RUNNING)
     except ValueError as e:
         st.error(str(e))
         done = None
-    st.session_state[RUNNING] = False
     for s in [resume_slot, *slots]:
         s.empty()
     if done is not None:
-        st.session_state[RESULT] = done.result
+        st.session_state[state.OPT_RESULT] = done.result
         end = done.result.state.step
         if live["resumed"] == end:  # no step left to train: the checkpoint held them all
-            st.session_state[RESUMED] = (f"Resumed from the checkpoint at step {end}: nothing left to train "
-                                         "(**Start over** trains again).")
+            st.session_state[state.OPT_RESUMED] = (f"Resumed from the checkpoint at step {end}: nothing left to "
+                                                   "train (**Start over** trains again).")
         elif live["resumed"]:
-            st.session_state[RESUMED] = (f"Resumed from the checkpoint at step {live['resumed']}: trained steps "
-                                         f"{live['resumed'] + 1}-{end}.")
-elif st.session_state[RUNNING]:  # the rerun a Stop press causes: the job saved its last finished step on closing
-    st.session_state[RUNNING] = False
-    cfg = st.session_state[CFG]
+            st.session_state[state.OPT_RESUMED] = (f"Resumed from the checkpoint at step {live['resumed']}: trained "
+                                                   f"steps {live['resumed'] + 1}-{end}.")
+elif progress.was_stopped(state.OPT_RUNNING):  # the rerun a Stop press causes: the job saved its last step on closing
+    cfg = st.session_state[state.OPT_CONFIG]
     stopped = checkpoint_result(handle, cfg) if cfg is not None else None
-    st.session_state[RESULT] = stopped
-    if stopped is not None:
-        k = stopped.state.step
-        st.warning(f"Stopped after step {k} of {cfg.steps}. The checkpoint of step {k} is saved: **Start** with the "
-                   f"same settings resumes at step {k + 1}; the rotations as they are can be evaluated below.")
-    else:
-        st.warning("Stopped before the first step finished: nothing was saved; **Start** begins at step 1.")
+    st.session_state[state.OPT_RESULT] = stopped
+    k = stopped.state.step if stopped is not None else 0
+    progress.stopped_after(k, cfg.steps if cfg is not None else 0, "step", sequential=True,
+                           kept=f"The checkpoint of step {k} is saved: **Start** with the same settings resumes at "
+                                f"step {k + 1}; the rotations as they are can be evaluated below.",
+                           nothing="nothing was saved; **Start** begins at step 1.")
 
-res = st.session_state[RESULT]
+res = st.session_state[state.OPT_RESULT]
 if res is None:
     st.info("Choose a method and press **Start**. On the default model a 20-step run on 256-token windows takes a "
             "few minutes on a laptop CPU; the loss curve and the kurtosis heat maps update as it learns.")
@@ -174,8 +146,8 @@ run = res.state
     f"{cfg.window} tokens, {run.seconds:.0f} s of training. Rotations saved to `{res.path}` (SpinQuant's layout: "
     "'R1' and 'model.layers.{i}.self_attn.R2'" + (", plus FLRot's R3 and R4 blocks" if cfg.method == "flrot" else "")
     + ").")
-if st.session_state[RESUMED]:
-    st.info(st.session_state[RESUMED])
+if st.session_state[state.OPT_RESUMED]:
+    st.info(st.session_state[state.OPT_RESUMED])
 draw_training([st.empty()] + [c.empty() for c in st.columns(2)], run.history, run.ppl, run.kurtosis, "final")
 st.caption("Loss: next-token cross-entropy of the rotated, fake-quantized model on that step's calibration window "
            "(noisy: a different window each step). Quick perplexity: the same model on 512 evaluation tokens. Heat "
@@ -200,23 +172,23 @@ with st.form("optimize_eval"):
     eval_tokens = c4.number_input("Evaluation tokens", 64, 1_000_000, 4096, step=1024, key="opt_eval_tokens",
                                   help="Perplexity on this many tokens of the evaluation split, windows of 1024 "
                                        "(the Evaluate page's quick mode). The random spread below uses it too.")
-    go_eval = st.form_submit_button("Evaluate beside fp, rtn and quarot")
+    go_eval = st.form_submit_button("Evaluate beside fp, rtn and quarot", key="opt_eval_go")
 # seed 0: the random Hadamard R3/R4 that SpinQuant training used (and quarot's seed, where training started)
 EVAL = EvalConfig(tokens=int(eval_tokens), window=min(1024, int(eval_tokens)), seed=ONLINE_SEED)
 if go_eval:
     try:
         done = progress.run(eval_table_job(handle, beside_baselines(learned, eval_bits, weights, clip), EVAL),
                             "Evaluating fp, rtn, quarot and the learned rotations")
-        st.session_state[EVAL_ROWS] = done.result
+        st.session_state[state.OPT_EVAL_ROWS] = done.result
     except ValueError as e:
         st.error(str(e))
-if st.session_state[EVAL_ROWS]:
+if st.session_state[state.OPT_EVAL_ROWS]:
     names = {"rotated": f"{cfg.method} (learned, rotated recipe)", "flrot": "flrot (learned)"}
     table = pd.DataFrame([{"recipe": names.get(r["recipe"], r["recipe"]),
                            "weights": "fp" if r["weights"] == "-" else r["weights"] + " + clip" * r["w_search"],
                            "bits": r["bits"],
                            "perplexity": round(r["ppl"], 3), "tokens": r["tokens"]}
-                          for r in st.session_state[EVAL_ROWS]])
+                          for r in st.session_state[state.OPT_EVAL_ROWS]])
     st.table(table)
     st.caption(f"Perplexity on {EVAL.tokens} tokens of the evaluation split. quarot is random Hadamard R1-R4 with "
                "seed 0: where the learned rotations started. Runs are cached (the Evaluate page shows them too). "
@@ -230,29 +202,22 @@ with st.form("optimize_spread"):
     n_seeds = c1.number_input("Random rotations per family", 1, 100, 10, key="opt_spread_seeds")
     families = c2.multiselect("Families", list(FAMILIES), default=list(FAMILIES), key="opt_spread_families")
     spread_bits = c3.selectbox("Bits (W-A-KV)", PRESETS, index=PRESETS.index("4-4-4"), key="opt_spread_bits")
-    go_spread = st.form_submit_button("Run the random spread")
+    go_spread = st.form_submit_button("Run the random spread", key="opt_spread_go")
 if go_spread:
     try:
         scfg = SpreadConfig(seeds=int(n_seeds), families=tuple(families), bits=spread_bits, eval=EVAL,
                             weights=weights, w_clip_search=clip)
         done = progress.run(spread_job(handle, scfg, learned={f"{cfg.method} (learned)": (res.path, cfg.method)}),
                             "Random rotations")
-        st.session_state[SPREAD] = done.result
+        st.session_state[state.OPT_SPREAD] = done.result
     except ValueError as e:
         st.error(str(e))
-spread = st.session_state[SPREAD]
+spread = st.session_state[state.OPT_SPREAD]
 if spread is not None:
-    rnd, mine = spread.random(), spread.learned()
-    fig = go.Figure()
-    for fam, g in rnd.groupby("family"):
-        fig.add_trace(go.Box(y=g.ppl, name=f"random {fam}", boxpoints="all", jitter=0.4, pointpos=0,
-                             text=g.label, marker=dict(color=charts.COLORS["token"]), line=dict(color="#888")))
-    for _, row in mine.iterrows():
-        fig.add_hline(y=row.ppl, line_dash="dash", line_color=charts.COLORS["outlier"],
-                      annotation_text=f"{row.label}: {row.ppl:.2f}", annotation_position="top left")
     quantizer = spread.weights + (" with clipping search" if spread.w_clip_search else "")
-    st.plotly_chart(charts.layout(fig, f"Perplexity of random rotations at {spread.bits} ({quantizer} weights)",
-                                   "rotation family", "perplexity (lower is better)"), key="opt_spread_fig")
+    st.plotly_chart(charts.random_spread(spread.random(), spread.learned(),
+                                         f"Perplexity of random rotations at {spread.bits} ({quantizer} weights)"),
+                    key="opt_spread_fig")
     st.caption("Each dot is one random rotation (a seed); the box spans the middle half, the line inside is the "
                "median. The dashed red line is the learned rotation. SpinQuant's Figure 1 makes the same point on "
                "LLaMA-2: random rotations vary a lot, and learning removes the luck.")

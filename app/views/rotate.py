@@ -1,6 +1,5 @@
 """Rotate: apply R1-R4, prove the network is unchanged, and see the outliers flatten layer by layer."""
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
 from app import charts, progress, state
@@ -27,18 +26,17 @@ with st.form("rotate"):
         kinds[r] = col.selectbox(r.upper(), CHOICES, index=CHOICES.index(default), format_func=KIND_LABELS.get,
                                  key=f"rot_{r}")
     c1, c2, c3, c4 = st.columns(4)
-    path = c1.text_input("Rotation file (SpinQuant layout)", placeholder="/path/to/R.bin",
+    path = c1.text_input("Rotation file (SpinQuant layout)", placeholder="/path/to/R.bin", key="rot_file",
                          help="A torch file with 'R1' and 'model.layers.{i}.self_attn.R2' (optional R3, R4).")
-    seed = c2.number_input("Seed", 0, 2**31 - 1, 0, help="Seeds the random Hadamard signs / orthogonal draws.")
+    seed = c2.number_input("Seed", 0, 2**31 - 1, 0, key="rot_seed",
+                           help="Seeds the random Hadamard signs / orthogonal draws.")
     tokens = c3.number_input("Token budget", 1, 1_000_000, 1024, step=512, key="rot_tokens")
     window = c4.number_input("Window length", 2, handle.max_length, min(512, handle.max_length), step=128,
                              key="rot_window")
-    go_button = st.form_submit_button("Rotate and compare", type="primary")
+    go_button = st.form_submit_button("Rotate and compare", type="primary", key="rot_go")
 
-ROTATE_RUNNING = "rot_running"  # True while a comparison runs; still True on the rerun that a Stop press causes
 if go_button:
     live = st.empty()
-    st.session_state[ROTATE_RUNNING] = True
     try:
         rot = RotationConfig(**kinds, seed=int(seed), file=path.strip() or None)
         cap = CaptureConfig(tokens=int(tokens), window=int(window), sqnr_bits=(4, 8))
@@ -48,14 +46,13 @@ if go_button:
             live.plotly_chart(charts.kurtosis_by_layer(t, "Residual stream kurtosis (capture in progress)"))
 
         done = progress.run(compare_job(handle, "wiki", rot, cap), "Rotating and capturing",
-                            on_partial=show_partial, stop_help="Stops the job; nothing partial is kept or cached.")
+                            on_partial=show_partial, stop_help="Stops the job; nothing partial is kept or cached.",
+                            running_key=state.ROTATE_RUNNING)
         st.session_state[state.COMPARE] = done.result  # earlier results stay until new ones replace them
     except ValueError as e:
         st.error(str(e))
     live.empty()
-    st.session_state[ROTATE_RUNNING] = False
-elif st.session_state.get(ROTATE_RUNNING):
-    st.session_state[ROTATE_RUNNING] = False
+elif progress.was_stopped(state.ROTATE_RUNNING):
     kept = " The previous comparison is shown below." if st.session_state[state.COMPARE] is not None else ""
     st.warning("Stopped: nothing partial was kept or cached (a capture that finished before the stop is cached and "
                "comes back at once); press **Rotate and compare** to start again." + kept)
@@ -106,14 +103,8 @@ with st.expander("Table: kurtosis per layer before and after (sink excluded)"):
 
 # ---- quantization error --------------------------------------------------------------------------------------
 st.header("Why it helps quantization")
-fig = go.Figure()
-for res, tag, dash in ((before, "before", "dot"), (after, "after", "solid")):
-    t = res.site_table(site)
-    for bits, color in ((4, charts.COLORS["tensor"]), (8, charts.COLORS["token"])):
-        fig.add_trace(go.Scatter(x=t.index, y=t[f"sqnr{bits}"], mode="lines+markers", name=f"{bits}-bit, {tag}",
-                                 line=dict(color=color, dash=dash)))
-st.plotly_chart(charts.layout(fig, f"Activation quantization SQNR per layer: {site}", "decoder layer",
-                               "SQNR (dB, higher is better)"))
+st.plotly_chart(charts.sqnr_before_after(before.site_table(site), after.site_table(site),
+                                         f"Activation quantization SQNR per layer: {site}"))
 st.caption("Per-token asymmetric round-to-nearest on this site's activations (sink excluded). Each 6 dB is one "
            "bit of precision: the gap between the dotted (before) and solid (after) lines is what rotation buys.")
 
@@ -125,17 +116,8 @@ pair(lambda r, tag: charts.channel_absmax(r.array(layer, site, "absmax_nosink").
      "Outlier channels (red, above 6x the median) before; after rotation their energy is spread over all channels.")
 
 
-def surface(r, tag):
-    fig = charts.surface(r.array(layer, site, "surface").float().numpy()[1:], f"|x| tokens x channels, {tag}",
-                         first_token=1)
-    # In a half-width column the full-width box and camera cut off the token and z axes: a squarer box seen from
-    # further back, with the colour bar below the scene instead of beside it.
-    fig.update_layout(scene_aspectratio=dict(x=1.5, y=1.0, z=0.7), scene_camera_eye=dict(x=1.5, y=-2.3, z=1.2))
-    fig.update_traces(colorbar=dict(orientation="h", y=0, yanchor="top", len=0.6, thickness=12))
-    return fig
-
-
-pair(surface,
+pair(lambda r, tag: charts.half_width_surface(r.array(layer, site, "surface").float().numpy()[1:],
+                                              f"|x| tokens x channels, {tag}", first_token=1),
      "The sink token (position 0) is left out. Ridges along tokens (outlier channels) vanish after rotation.")
 
 

@@ -1,5 +1,5 @@
-"""QRazor page helpers: the bit table against sdr_encode, effective bits, the matched-bits comparison, and the
-one-layer capture on a tiny real model directory."""
+"""SDR against RTN on real tensors (engine.quant.qrazor_compare): effective bits, the matched-bits comparison, and
+the one-layer capture on a tiny real model directory."""
 
 import math
 
@@ -7,109 +7,48 @@ import pytest
 import torch
 
 from engine.model import attention
-from engine.quant import qrazor_view as qv
-from engine.quant.qrazor import flag_bits, qrazor_fake_quant, quantize_absmax, sdr_decode, sdr_encode
+from engine.quant import qrazor_compare as qc
+from engine.quant.qrazor import flag_bits, qrazor_fake_quant
 
 
-def _activation(rows=8, d=64, seed=0, outlier_channel=5, outlier=40.0) -> qv.QRazorTensor:
-    """Gaussian activations with one outlier channel, an all-zero group (row 2, group 1) and a group whose
-    razored code is all ones (row 3, group 2: the row's largest value is the tensor's absmax)."""
+def _activation(rows=8, d=64, seed=0, outlier_channel=5, outlier=40.0) -> qc.QRazorTensor:
+    """Gaussian activations with one outlier channel, an all-zero group (row 2, group 1) and a value at the
+    tensor's absmax (row 3)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, d, generator=g)
     x[:, outlier_channel] *= outlier
     x[2, 16:32] = 0.0
     x[3, 32] = float(x.abs().max()) * 1.0
-    return qv.QRazorTensor("test activation", x, "activation", False, "token", d)
+    return qc.QRazorTensor("test activation", x, "activation", False, "token", d)
 
 
-def _weight(out=16, d=64, seed=1) -> qv.QRazorTensor:
+def _weight(out=16, d=64, seed=1) -> qc.QRazorTensor:
     w = torch.randn(out, d, generator=torch.Generator().manual_seed(seed)) * 0.05
-    return qv.QRazorTensor("test weight", w, "weight", True, "output channel", d)
-
-
-# ------------------------------------------------------------------------------------------- bit table
-
-@pytest.mark.parametrize("make,g", [(_activation, 16), (_activation, 8), (_weight, 16), (_weight, 32)])
-def test_bit_table_rows_match_sdr_encode(make, g):
-    t = make()
-    base = t.base_bits
-    q, scale = quantize_absmax(t.values, base, per_channel=t.per_channel)
-    razored = sdr_encode(q, base, 4, g)
-    decoded = sdr_decode(razored.codes, razored.flags, g)
-    for row in range(t.values.shape[0]):
-        for group in range(t.values.shape[1] // g):
-            gb = qv.bit_table(t, row, group, g)
-            lo, hi = group * g, (group + 1) * g
-            assert gb.rows["code"].tolist() == razored.codes[row, lo:hi].tolist()
-            assert set(gb.rows["flag"]) == {int(razored.flags[row, group])} == {gb.flag}
-            assert gb.rows["decoded q"].tolist() == decoded[row, lo:hi].tolist()
-            assert gb.rows["q (base int)"].tolist() == q[row, lo:hi].tolist()
-            s = float(scale[row] if t.per_channel else scale)
-            assert gb.rows["decoded x"].tolist() == pytest.approx((decoded[row, lo:hi].double() * s).tolist())
-            group_or = 0
-            for v in q[row, lo:hi].tolist():
-                group_or |= abs(v)
-            assert gb.group_or == group_or and int(gb.or_bits, 2) == group_or
-            assert gb.razoring_point == group_or.bit_length() - 1
-            assert gb.flag_bits == flag_bits(base) and gb.stored_bits == g * 4 + flag_bits(base)
-            for r in gb.rows.to_dict("records"):
-                mag = abs(r["q (base int)"])  # "magnitude bits" reads: zeros [kept] dropped
-                assert int(r["magnitude bits"].replace("[", "").replace("]", ""), 2) == mag
-                dropped = "" if r["dropped"] == "none" else r["dropped"]
-                assert len(r["kept"]) == 3 and len(dropped) == gb.flag
-                assert int(r["kept"], 2) == mag >> gb.flag
-                assert r["sign bit"] == ("1 (−)" if r["q (base int)"] < 0 else "0 (+)")
-                bump = 1 if r["rounding"].startswith("round up") else 0
-                assert abs(r["code"]) == int(r["kept"], 2) + bump
-
-
-def test_bit_table_labels_zero_and_all_ones_groups():
-    t = _activation()
-    zero = qv.bit_table(t, 2, 1, 16)
-    assert zero.group_or == 0 and zero.razoring_point == -1 and zero.flag == 0
-    assert set(zero.rows["code"]) == {0} and set(zero.rows["rounding"]) == {"exact (nothing dropped)"}
-    ones = qv.bit_table(t, 3, 2, 16)  # holds the tensor's absmax: q = 32767, all 15 magnitude bits set
-    top = ones.rows[ones.rows["channel"] == 32].iloc[0]
-    assert top["q (base int)"] == 32767 and top["kept"] == "111"
-    assert top["rounding"] == "floor (kept bits all ones)" and top["code"] == 7
-
-
-def test_bit_table_rejects_out_of_range():
-    t = _activation()
-    with pytest.raises(ValueError, match="row must be in"):
-        qv.bit_table(t, 99, 0, 16)
-    with pytest.raises(ValueError, match="group must be in"):
-        qv.bit_table(t, 0, 4, 16)
-
-
-def test_largest_group_skips_the_sink_row():
-    t = _activation()
-    t.values[0, 60] = 1e4  # a sink-like token 0
-    row, group = qv.largest_group(t, 16)
-    flat = int(t.values[1:].abs().argmax())
-    assert (row, group) == (flat // 64 + 1, (flat % 64) // 16)
+    return qc.QRazorTensor("test weight", w, "weight", True, "output channel", d)
 
 
 # ------------------------------------------------------------------------------------------ effective bits
 
 @pytest.mark.parametrize("base,flags", [(16, 4), (8, 3)])
 def test_sdr_effective_bits_is_4_plus_flag_bits_over_g(base, flags):
-    for g in qv.GROUP_SIZES:
-        assert qv.sdr_effective_bits(512, base, g) == 4 + flags / g
+    for g in qc.GROUP_SIZES:
+        assert qc.sdr_effective_bits(512, base, g) == 4 + flags / g
     # a ragged last group is zero-padded and stores its own flag
-    assert qv.sdr_effective_bits(576, base, 128) == 4 + flags * 5 / 576
+    assert qc.sdr_effective_bits(576, base, 128) == 4 + flags * 5 / 576
 
 
 def test_compare_methods_reports_sdr_effective_bits_and_errors():
     t = _activation()
     for g in (4, 16, 64):
-        sdr, rtn, had = qv.compare_methods(t, g)
+        sdr, rtn, had = qc.compare_methods(t, g)
         assert sdr.effective_bits == 4 + flag_bits(16) / g
         expected = qrazor_fake_quant(t.values, 16, 4, g)
         assert torch.equal(sdr.errors, expected - t.values)
         assert sdr.mse == pytest.approx(float((expected - t.values).pow(2).mean()))
         assert sdr.sqnr_db == pytest.approx(10 * math.log10(float(t.values.pow(2).sum())
                                                             / float((expected - t.values).pow(2).sum())))
+        assert sdr.zero_share == pytest.approx(float((expected == t.values).double().mean()))
+        assert (sdr.name, rtn.name, had.name) == ("SDR", "RTN-4", "Hadamard + RTN-4")
 
 
 # ------------------------------------------------------------------------------------- matched comparison
@@ -120,37 +59,37 @@ def test_rtn_is_matched_to_the_sdr_budget(make):
     d = t.values.shape[1]
     symmetric = t.role == "weight"
     divisors = [k for k in range(1, d + 1) if d % k == 0]
-    for g in qv.GROUP_SIZES:
-        sdr, rtn, had = qv.compare_methods(t, g)
+    for g in qc.GROUP_SIZES:
+        sdr, rtn, had = qc.compare_methods(t, g)
         assert rtn.group_size == had.group_size and rtn.effective_bits == had.effective_bits
-        assert rtn.effective_bits == qv.rtn_effective_bits(d, rtn.group_size, 4, symmetric)
+        assert rtn.effective_bits == qc.rtn_effective_bits(d, rtn.group_size, 4, symmetric)
         finer = [k for k in divisors if k < rtn.group_size]
         if rtn.effective_bits <= sdr.effective_bits:
             # the finest grid within the budget: the next finer one would cost more than SDR
-            assert not finer or qv.rtn_effective_bits(d, max(finer), 4, symmetric) > sdr.effective_bits
+            assert not finer or qc.rtn_effective_bits(d, max(finer), 4, symmetric) > sdr.effective_bits
         else:  # only when even one grid per row costs more than SDR's flags
             assert rtn.group_size == d
 
 
 def test_matched_group_examples():
     # SDR from a 16-bit base at g = 16 costs 4.25 bits; RTN asymmetric (fp16 scale + 4-bit zero = 20 bits per grid)
-    assert qv.matched_rtn_group(1536, 4.25) == 96  # 4 + 20/96 = 4.208 <= 4.25 < 4 + 20/64
+    assert qc.matched_rtn_group(1536, 4.25) == 96  # 4 + 20/96 = 4.208 <= 4.25 < 4 + 20/64
     # symmetric weights pay 16 bits per grid: 8-bit base at g = 16 costs 4.1875 -> grids of 96 (4.167)
-    assert qv.matched_rtn_group(576, 4.1875, symmetric=True) == 96
-    assert qv.matched_rtn_group(64, 4.01) == 64  # nothing fits: one grid per row
+    assert qc.matched_rtn_group(576, 4.1875, symmetric=True) == 96
+    assert qc.matched_rtn_group(64, 4.01) == 64  # nothing fits: one grid per row
 
 
 def test_hadamard_roundtrip_is_exact_without_quantization_and_helps_an_outlier_channel():
     t = _activation(rows=32)
-    assert torch.allclose(qv.hadamard_rtn_roundtrip(t, 64, bits=16), t.values, atol=1e-4)
-    rtn = qv.rtn_roundtrip(t, 64)
-    had = qv.hadamard_rtn_roundtrip(t, 64)
+    assert torch.allclose(qc.hadamard_rtn_roundtrip(t, 64, bits=16), t.values, atol=1e-4)
+    rtn = qc.rtn_roundtrip(t, 64)
+    had = qc.hadamard_rtn_roundtrip(t, 64)
     assert (had - t.values).pow(2).mean() < 0.5 * (rtn - t.values).pow(2).mean()
 
 
 def test_group_size_sweep_has_every_size_and_method():
-    sweep = qv.group_size_sweep(_activation())
-    assert sorted(set(sweep.sdr_group)) == list(qv.GROUP_SIZES)
+    sweep = qc.group_size_sweep(_activation())
+    assert sorted(set(sweep.sdr_group)) == list(qc.GROUP_SIZES)
     assert set(sweep.method) == {"SDR", "RTN-4", "Hadamard + RTN-4"}
     sdr = sweep[sweep.method == "SDR"].set_index("sdr_group")
     assert sdr.effective_bits.is_monotonic_decreasing
@@ -175,7 +114,7 @@ def text_corpus(tmp_path):
 
 def test_capture_layer_reads_the_linear_inputs_and_removes_its_hooks(tiny_handle, text_corpus):
     arch, model = tiny_handle.arch, tiny_handle.model
-    got = qv.capture_layer(tiny_handle, 1, tokens=32, corpus=text_corpus)
+    got = qc.capture_layer(tiny_handle, 1, tokens=32, corpus=text_corpus)
     kv = arch.n_kv_heads * arch.head_dim
     assert {s: tuple(v.shape) for s, v in got.items()} == {
         "attn_in": (32, arch.hidden), "o_in": (32, arch.hidden), "mlp_in": (32, arch.hidden),
@@ -191,21 +130,21 @@ def test_capture_layer_reads_the_linear_inputs_and_removes_its_hooks(tiny_handle
     assert torch.allclose(got["mlp_in"], seen["x"][0].float(), atol=1e-6)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert not getattr(arch.module(model, "attn", 1), attention.HOOKS_ATTR, [])
-    assert qv.capture_layer(tiny_handle, 1, tokens=32, corpus=text_corpus) is got  # memoised
+    assert qc.capture_layer(tiny_handle, 1, tokens=32, corpus=text_corpus) is got  # memoised
 
 
 def test_site_tensor_roles_and_bad_input(tiny_handle, text_corpus):
-    act = qv.site_tensor(tiny_handle, 0, "k", tokens=32, corpus=text_corpus)
+    act = qc.site_tensor(tiny_handle, 0, "k", tokens=32, corpus=text_corpus)
     assert act.role == "kv" and act.base_bits == 8 and act.hadamard_block == tiny_handle.arch.head_dim
-    w = qv.site_tensor(tiny_handle, 0, "down_in", "down", tokens=32, corpus=text_corpus)
+    w = qc.site_tensor(tiny_handle, 0, "down_in", "down", tokens=32, corpus=text_corpus)
     assert w.role == "weight" and w.base_bits == 8 and w.per_channel
     assert torch.equal(w.values, tiny_handle.arch.module(tiny_handle.model, "down", 0).weight.float())
     with pytest.raises(ValueError, match="site must be one of"):
-        qv.site_tensor(tiny_handle, 0, "resid_attn")
+        qc.site_tensor(tiny_handle, 0, "resid_attn")
     with pytest.raises(ValueError, match="linear reading"):
-        qv.site_tensor(tiny_handle, 0, "o_in", "down")
+        qc.site_tensor(tiny_handle, 0, "o_in", "down")
     with pytest.raises(ValueError, match="layer must be"):
-        qv.capture_layer(tiny_handle, 7, tokens=32, corpus=text_corpus)
+        qc.capture_layer(tiny_handle, 7, tokens=32, corpus=text_corpus)
 
 
 def test_layer_capture_uses_capture_s_hooks_and_stops_after_the_layer(tiny_handle, text_corpus):
@@ -216,7 +155,7 @@ def test_layer_capture_uses_capture_s_hooks_and_stops_after_the_layer(tiny_handl
     from engine.observe.capture import CaptureConfig, capture, layer_sites
 
     arch, model = tiny_handle.arch, tiny_handle.model
-    qv._captured.clear()
+    qc._captured.clear()
     read, later = {}, []
 
     def reader(role):
@@ -228,7 +167,7 @@ def test_layer_capture_uses_capture_s_hooks_and_stops_after_the_layer(tiny_handl
                for role in ("q", "o", "gate", "down")]
     handles.append(arch.layer(model, 1).register_forward_pre_hook(lambda m, args: later.append(1)))
     try:
-        got = qv.capture_layer(tiny_handle, 0, tokens=32, corpus=text_corpus)
+        got = qc.capture_layer(tiny_handle, 0, tokens=32, corpus=text_corpus)
     finally:
         for h in handles:
             h.remove()
@@ -236,8 +175,8 @@ def test_layer_capture_uses_capture_s_hooks_and_stops_after_the_layer(tiny_handl
     for site, role in (("attn_in", "q"), ("o_in", "o"), ("mlp_in", "gate"), ("down_in", "down")):
         assert torch.equal(got[site], read[role]), site
     ids = windows(load_corpus(text_corpus), tiny_handle.tokenizer, 32, 32, "calib")[:1]
-    full = run_to_end(capture(model, arch, ids, CaptureConfig(tokens=32, window=32, sites=tuple(qv.SITE_ROLES))))
-    for site in qv.SITE_ROLES:
+    full = run_to_end(capture(model, arch, ids, CaptureConfig(tokens=32, window=32, sites=tuple(qc.SITE_ROLES))))
+    for site in qc.SITE_ROLES:
         assert torch.equal(full.array(0, site, "absmax"), got[site].abs().amax(0)), site
     with pytest.raises(ValueError, match="unknown capture sites"):
         layer_sites(model, arch, ids, 0, ("nosuch",))

@@ -1,5 +1,5 @@
-"""Engine side of the QRazor page: real tensors of one layer, the bit-level view of one SDR group, and the
-SDR vs RTN-4 vs Hadamard+RTN-4 comparison at matched effective bits. No streamlit here.
+"""QRazor's SDR on real tensors: one layer's activations, KV cache or weights, and SDR against RTN-4 and
+Hadamard+RTN-4 at matched effective bits (what the QRazor page compares; app/qrazor_bits.py spells one group out).
 
 Tensors are laid out [rows, d]: rows are tokens for activations and the KV cache, output channels for weights;
 SDR groups and RTN grids both run along d. The base precision follows QRazor: activations A16 and KV8 per tensor
@@ -26,7 +26,7 @@ SITE_ROLES = {"attn_in": "activation", "o_in": "activation", "mlp_in": "activati
               "k": "kv", "v": "kv"}
 SITE_LABELS = {"attn_in": "input of q/k/v_proj", "o_in": "input of o_proj", "mlp_in": "input of gate/up_proj",
                "down_in": "input of down_proj", "k": "K cache (after RoPE)", "v": "V cache"}
-GROUP_SIZES = (4, 8, 16, 32, 64, 128)  # the page's group-size slider
+GROUP_SIZES = (4, 8, 16, 32, 64, 128)  # the SDR group sizes swept (the QRazor page's slider offers the same)
 SCALE_BITS = 16  # an RTN grid stores an fp16 scale; an asymmetric one adds a zero point of the code's width
 _CACHE_ENTRIES = 16
 _captured: OrderedDict = OrderedDict()  # (fingerprint, dtype, layer, tokens, corpus) -> {site: [T, d]}
@@ -102,81 +102,10 @@ def site_tensor(handle, layer: int, site: str, source: str = "activation", token
                         True, "output channel", weight.shape[-1])
 
 
-# ------------------------------------------------------------------------------------------ one group in bits
-
-@dataclass(frozen=True)
-class GroupBits:
-    """One SDR group, bit by bit. rows: one per value (see bit_table); the rest describes the group."""
-    rows: pd.DataFrame
-    group_or: int        # OR of the magnitudes
-    or_bits: str         # the OR, base_bits - 1 digits
-    razoring_point: int  # bit index (0 = LSB) of the OR's leading one; -1 for an all-zero group
-    flag: int            # right shift applied to the group (the stored flag)
-    flag_bits: int       # bits that store the flag
-    stored_bits: int     # group_size * target_bits + flag_bits
-
-
-def _pad_to_groups(q: torch.Tensor, g: int) -> torch.Tensor:
+def pad_to_groups(q: torch.Tensor, g: int) -> torch.Tensor:
     """Zero-pad the last dim to a multiple of g: zeros change neither a group's OR nor anyone's code."""
     pad = -q.shape[-1] % g
     return torch.nn.functional.pad(q, (0, pad)) if pad else q
-
-
-def bit_table(tensor: QRazorTensor, row: int, group: int, group_size: int = 16, target_bits: int = 4) -> GroupBits:
-    """Razor the base-precision integers of `tensor` and spell out one group of one row.
-
-    Columns: channel, x, q (base integer), sign bit, magnitude bits as `leading zeros [kept] dropped` (the '[' is
-    the razoring point), kept bits, dropped bits, rounding, code (signed stored value), flag, decoded q and
-    decoded x (= decoded q * base scale). Codes and flags are those of sdr_encode on the whole row.
-    """
-    rows, d = tensor.values.shape
-    if not 0 <= row < rows:
-        raise ValueError(f"row must be in [0, {rows - 1}], got {row}")
-    n_groups = math.ceil(d / group_size)
-    if not 0 <= group < n_groups:
-        raise ValueError(f"group must be in [0, {n_groups - 1}] ({d} values in groups of {group_size}), got {group}")
-    base = tensor.base_bits
-    q, scale = quantize_absmax(tensor.values, base, per_channel=tensor.per_channel)
-    razored = sdr_encode(_pad_to_groups(q[row:row + 1], group_size), base, target_bits, group_size)
-    lo, hi = group * group_size, min((group + 1) * group_size, d)
-    codes = razored.codes[0, lo:hi].tolist()
-    shift = int(razored.flags[0, group])
-    row_scale = float(scale[row] if tensor.per_channel else scale)
-    width, kept = base - 1, target_bits - 1
-    group_or = 0
-    for v in q[row, lo:hi].tolist():
-        group_or |= abs(v)
-    table = []
-    for ch, x, v, code in zip(range(lo, hi), tensor.values[row, lo:hi].tolist(), q[row, lo:hi].tolist(), codes):
-        bits = format(abs(v), f"0{width}b")
-        top = width - shift - kept  # digits above the kept window: zeros for every value of the group
-        kept_str, dropped = bits[top:width - shift], bits[width - shift:]
-        if not shift:
-            rounding = "exact (nothing dropped)"
-        elif kept_str == "1" * kept:
-            rounding = "floor (kept bits all ones)"
-        elif dropped[0] == "1":
-            rounding = "round up (|code| + 1)"
-        else:
-            rounding = "round down"
-        decoded_q = (1 if code >= 0 else -1) * (abs(code) << shift)
-        table.append({"channel": ch, "x": x, "q (base int)": v, "sign bit": "1 (−)" if v < 0 else "0 (+)",
-                      "magnitude bits": f"{bits[:top]}[{kept_str}]{dropped}", "kept": kept_str,
-                      "dropped": dropped or "none", "rounding": rounding, "code": code, "flag": shift,
-                      "decoded q": decoded_q, "decoded x": decoded_q * row_scale})
-    fb = flag_bits(base, target_bits)
-    return GroupBits(pd.DataFrame(table), group_or, format(group_or, f"0{width}b"), group_or.bit_length() - 1,
-                     shift, fb, group_size * target_bits + fb)
-
-
-def largest_group(tensor: QRazorTensor, group_size: int, skip_first_row: bool = True) -> tuple[int, int]:
-    """(row, group) holding the largest |value| (the outlier a 4-bit grid struggles with); row 0 is skipped for
-    activations by default (the attention sink)."""
-    vals = tensor.values.abs()
-    first = 1 if skip_first_row and tensor.row_name == "token" and vals.shape[0] > 1 else 0
-    flat = int(vals[first:].argmax())
-    row, col = divmod(flat, vals.shape[1])
-    return row + first, col // group_size
 
 
 # ------------------------------------------------------------------------------- matched-bits comparison
@@ -206,7 +135,7 @@ def sdr_roundtrip(tensor: QRazorTensor, group_size: int, target_bits: int = 4) -
     """Base precision, razor, decode, dequantize: float32 [rows, d]."""
     d = tensor.values.shape[-1]
     q, scale = quantize_absmax(tensor.values, tensor.base_bits, per_channel=tensor.per_channel)
-    razored = sdr_encode(_pad_to_groups(q, group_size), tensor.base_bits, target_bits, group_size)
+    razored = sdr_encode(pad_to_groups(q, group_size), tensor.base_bits, target_bits, group_size)
     decoded = sdr_decode(razored.codes, razored.flags, group_size)[:, :d]
     return dequantize(decoded, scale)
 
@@ -253,6 +182,17 @@ class Comparison:
     sqnr_db: float
     errors: torch.Tensor
 
+    @property
+    def name(self) -> str:
+        """The method without its settings: 'SDR', 'RTN-4' or 'Hadamard + RTN-4'."""
+        return self.method.split(" (")[0]
+
+    @property
+    def zero_share(self) -> float:
+        """The share of values this method reproduces exactly (error 0)."""
+        err = self.errors.abs().numpy().ravel()
+        return 1 - err[err > 0].size / err.size
+
 
 def compare_methods(tensor: QRazorTensor, group_size: int = 16, bits: int = 4) -> list[Comparison]:
     """SDR (g = group_size) vs RTN and Hadamard+RTN at the same effective bits: both RTNs get the finest grid
@@ -278,6 +218,6 @@ def group_size_sweep(tensor: QRazorTensor, sizes: tuple = GROUP_SIZES, bits: int
     rows = []
     for g in sizes:
         for c in compare_methods(tensor, g, bits):
-            rows.append({"sdr_group": g, "method": c.method.split(" (")[0], "grid": c.group_size,
+            rows.append({"sdr_group": g, "method": c.name, "grid": c.group_size,
                          "effective_bits": c.effective_bits, "mse": c.mse, "sqnr_db": c.sqnr_db})
     return pd.DataFrame(rows)
