@@ -3,7 +3,7 @@ directory typed (a compressed-tensors checkpoint that transformers reads), a sec
 refused until 'Replace' is ticked, and a row with calibrated activation clipping says why it cannot be exported."""
 import json
 
-from tests.app.test_evaluate_bits import evaluate_page, run_with
+from tests.app.apptest import open_page, run_evaluate
 
 
 def export_to(at, row: int, out) -> None:
@@ -14,8 +14,9 @@ def export_to(at, row: int, out) -> None:
 
 
 def test_a_finished_row_exports_and_a_row_that_cannot_says_why(tiny_model_dir, tmp_path):
-    at = evaluate_page(tiny_model_dir)
-    run_with(at, ["rtn", "quarot"], ["4-16-16", "4-4-4"])
+    at = open_page("evaluate", tiny_model_dir)
+    at.number_input(key="eval_tokens").set_value(64)  # perplexity tokens
+    run_evaluate(at, ["rtn", "quarot"], ["4-16-16", "4-4-4"])
     assert not at.error, [e.value for e in at.error]
     assert [h.value for h in at.header if h.value == "Export for serving"]
 

@@ -2,32 +2,21 @@
 default model's tokenizer and chosen in the sidebar as a user would: the capture runs and every chart draws; for
 the mixture, the per-expert sites are offered and the tokens-per-expert heat map adds up to top-k per token; for a
 GPT-NeoX (outside the architecture table), its linears are offered by module path."""
-import json
-from pathlib import Path
-
 from streamlit.testing.v1 import AppTest
 
-from tests.app.test_pages import decode
+from tests.app.apptest import decode, figure, open_page, titles
 
-APP = str(Path(__file__).resolve().parents[2] / "app" / "streamlit_app.py")
 TOKENS = 128
 
 
 def explore(model_dir) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=300)
-    at.session_state["model_name"] = str(model_dir)
-    at.run()
-    at.switch_page("views/explore.py").run()
-    at.number_input[0].set_value(TOKENS)
-    at.number_input[1].set_value(64)
-    at.button[0].click().run()
+    at = open_page("explore", model_dir)
+    at.number_input(key="explore_tokens").set_value(TOKENS)
+    at.number_input(key="explore_window").set_value(64)
+    at.button(key="explore_capture").click().run()
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
     return at
-
-
-def titles(at: AppTest) -> list[str]:
-    return [json.loads(el.proto.spec)["layout"]["title"]["text"] for el in at.get("plotly_chart")]
 
 
 def test_explore_on_a_tiny_qwen3(family_model_dirs):
@@ -41,8 +30,7 @@ def test_explore_on_a_tiny_mixture_of_experts(family_model_dirs):
     at = explore(family_model_dirs["mixtral"])
     options = at.selectbox(key="explore_site").options
     assert "down_in" not in options and any(o.startswith("down_in[expert3]") for o in options)
-    heat = next(json.loads(el.proto.spec) for el in at.get("plotly_chart")
-                if json.loads(el.proto.spec)["layout"]["title"]["text"].startswith("Tokens routed"))
+    heat = figure(at, "Tokens routed")
     z = heat["data"][0]["z"]
     counts = decode(z) if isinstance(z, dict) else [c for row in z for c in row]  # [layer 0 experts, layer 1 ...]
     assert len(counts) == 2 * 4

@@ -1,13 +1,10 @@
 """Home's support table for the loaded model, as a user sees it after choosing a local model directory: every
 capability 'yes' for a Llama; for a Gemma 3 capture and evaluation 'yes', rotation refused with the reason; for a
 model outside the architecture table (GPT-NeoX) capture only."""
-from pathlib import Path
-
 import pytest
 import torch
-from streamlit.testing.v1 import AppTest
 
-APP = str(Path(__file__).resolve().parents[2] / "app" / "streamlit_app.py")
+from tests.app.apptest import open_page
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +24,7 @@ def gemma3_dir(tmp_path_factory):
 
 
 def support_table(model_dir) -> dict:
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.session_state["model_name"] = str(model_dir)
-    at.run()
-    assert not at.exception, at.exception
+    at = open_page("home", model_dir)
     assert any("What SpinScope can do with this model" in m.value for m in at.markdown)
     table = at.dataframe[-1].value
     return dict(zip(table["what"], table["supported"]))

@@ -1,6 +1,5 @@
 """The Kernels page on this CPU machine, as a user meets it: the no-GPU warning, the latest recorded GPU run (the one
 docs/BENCHMARKS.md calls latest, with its numbers), and the run form, which says why nothing can be timed here."""
-import json
 import re
 from pathlib import Path
 
@@ -10,11 +9,9 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from kernels.bench import KERNEL_LABELS
-from tests.app.test_pages import decode
+from tests.app.apptest import decode, figures, open_page, table, title
 
 ROOT = Path(__file__).resolve().parents[2]
-APP = str(ROOT / "app" / "streamlit_app.py")
-TIMEOUT = 120
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what the page shows without a CUDA GPU")
 
@@ -30,17 +27,12 @@ def latest_recorded_csv() -> Path:
 
 
 @pytest.fixture
-def kernels_page(tmp_cache) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.run()
-    assert not at.exception, at.exception
-    at.switch_page("views/kernels.py").run()
-    assert not at.exception, at.exception
-    return at
+def kernels_page() -> AppTest:
+    return open_page("kernels")
 
 
 def _figures(at: AppTest) -> dict[str, dict]:
-    return {(spec := json.loads(el.proto.spec))["layout"]["title"]["text"]: spec for el in at.get("plotly_chart")}
+    return {title(f): f for f in figures(at)}
 
 
 def test_without_gpu_the_page_says_so_and_shows_the_latest_recorded_run(kernels_page):
@@ -69,17 +61,16 @@ def test_without_gpu_the_page_says_so_and_shows_the_latest_recorded_run(kernels_
     assert len(traces) == at_d.kernel.nunique() + 1  # plus the package's padded FHT, recorded separately
 
     # the table holds the same numbers, the floor first
-    table = at.table[0].value
-    table = table.data if hasattr(table, "data") else table
-    assert table.index[0] == "memcpy (clone)"
+    times = table(at, 0)
+    assert times.index[0] == "memcpy (clone)"
     memcpy = at_d[at_d.kernel == "memcpy"].sort_values("L")
-    assert table.loc["memcpy (clone)"].tolist() == pytest.approx(memcpy.median_us.tolist())
+    assert times.loc["memcpy (clone)"].tolist() == pytest.approx(memcpy.median_us.tolist())
 
 
 def test_run_form_without_gpu_shows_why_nothing_is_timed(kernels_page):
     at = kernels_page
     assert [b.label for b in at.button] == ["Run benchmark"], "the form's submit button"
-    at.button[0].click().run()
+    at.button(key="kern_run").click().run()
     assert not at.exception, at.exception
     errors = [e.value for e in at.error]
     assert len(errors) == 1, errors
@@ -95,6 +86,6 @@ def test_run_form_checks_its_inputs_before_the_gpu(kernels_page):
     at = kernels_page
     widths = next(m for m in at.multiselect if m.label == "Widths d")
     widths.set_value([])
-    at.button[0].click().run()
+    at.button(key="kern_run").click().run()
     assert not at.exception, at.exception
     assert [e.value for e in at.error] == ["give at least one width d and one token count L"]

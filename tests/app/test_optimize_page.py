@@ -1,38 +1,16 @@
 """AppTest of the Optimize page on a tiny random Llama directory (tests/conftest.py: tiny_model_dir), chosen in the
 sidebar as a user would choose any local model: train, see the curves, evaluate, run the random spread, and the
 page a Stop press leads to."""
-import json
-from pathlib import Path
-
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tests.app.test_pages import decode
-
-APP = str(Path(__file__).resolve().parents[2] / "app" / "streamlit_app.py")
-TIMEOUT = 300
-
-
-
-def optimize_page(model_dir) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.session_state["model_name"] = str(model_dir)
-    at.run()
-    at.switch_page("views/optimize.py").run()
-    assert not at.exception, at.exception
-    return at
-
-
-def button(at: AppTest, label: str):
-    return next(b for b in at.button if b.label.startswith(label))
+from app import state
+from tests.app import apptest
+from tests.app.apptest import decode, open_page
 
 
 def figures(at: AppTest) -> dict:
-    out = {}
-    for el in at.get("plotly_chart"):
-        fig = json.loads(el.proto.spec)
-        out[fig["layout"]["title"]["text"]] = fig
-    return out
+    return {apptest.title(f): f for f in apptest.figures(at)}
 
 
 def set_small_run(at: AppTest, method: str, steps: int = 3) -> None:
@@ -45,10 +23,10 @@ def set_small_run(at: AppTest, method: str, steps: int = 3) -> None:
 
 @pytest.mark.slow  # trains
 def test_train_then_evaluate_then_random_spread(tiny_model_dir):
-    at = optimize_page(tiny_model_dir)
+    at = open_page("optimize", tiny_model_dir)
     assert any("press **Start**" in i.value for i in at.info)
     set_small_run(at, "flrot")
-    button(at, "Start").click().run()
+    at.button(key="opt_start").click().run()
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
     done = " ".join(s.value for s in at.success)
@@ -64,7 +42,7 @@ def test_train_then_evaluate_then_random_spread(tiny_model_dir):
     assert at.get("download_button")
 
     at.number_input(key="opt_eval_tokens").set_value(256)  # also the random spread's budget
-    button(at, "Evaluate").click().run()
+    at.button(key="opt_eval_go").click().run()
     assert not at.exception, at.exception
     table = at.table[0].value
     assert list(table["recipe"]) == ["fp", "rtn", "quarot", "flrot (learned)"]
@@ -72,7 +50,7 @@ def test_train_then_evaluate_then_random_spread(tiny_model_dir):
     assert (table["perplexity"].astype(float) > 1).all()
 
     at.number_input(key="opt_spread_seeds").set_value(2)
-    button(at, "Run the random spread").click().run()
+    at.button(key="opt_spread_go").click().run()
     assert not at.exception, at.exception
     spread = next(f for t, f in figures(at).items() if t.startswith("Perplexity of random rotations"))
     boxes = [t for t in spread["data"] if t["type"] == "box"]
@@ -97,23 +75,23 @@ def test_a_stopped_run_is_shown_and_can_be_resumed(tiny_model_dir):
             break
     job.close()
 
-    at = optimize_page(tiny_model_dir)
-    at.session_state["opt_config"] = cfg
-    at.session_state["opt_running"] = True  # the rerun after a Stop press
+    at = open_page("optimize", tiny_model_dir)
+    at.session_state[state.OPT_CONFIG] = cfg
+    at.session_state[state.OPT_RUNNING] = True  # the marker a Stop press leaves for the rerun it causes
     at.run()
     assert not at.exception, at.exception
     assert any("Stopped after step 2 of 3" in w.value and "resumes at step 3" in w.value for w in at.warning)
     assert decode(figures(at)["Training loss and quick perplexity"]["data"][0]["x"]) == [1, 2]
 
     set_small_run(at, "spinquant")
-    button(at, "Start").click().run()  # the same settings resume: only step 3 is left
+    at.button(key="opt_start").click().run()  # the same settings resume: only step 3 is left
     assert not at.exception, at.exception
     assert any("3 of 3 steps" in s.value for s in at.success)
     # the first step trained after Start is the one after the checkpoint's (a broken resume trains 1-3 again)
     assert [i.value for i in at.info] == ["Resumed from the checkpoint at step 2: trained steps 3-3."]
     assert decode(figures(at)["Training loss and quick perplexity"]["data"][0]["x"]) == [1, 2, 3]
 
-    button(at, "Start").click().run()  # again: the checkpoint now holds every step
+    at.button(key="opt_start").click().run()  # again: the checkpoint now holds every step
     assert not at.exception, at.exception
     assert any("3 of 3 steps" in s.value for s in at.success)
     assert [i.value for i in at.info] == ["Resumed from the checkpoint at step 3: nothing left to train "
@@ -121,9 +99,9 @@ def test_a_stopped_run_is_shown_and_can_be_resumed(tiny_model_dir):
 
 
 def test_bad_settings_show_a_clear_error(tiny_model_dir):
-    at = optimize_page(tiny_model_dir)
+    at = open_page("optimize", tiny_model_dir)
     set_small_run(at, "flrot")
     at.number_input(key="opt_block").set_value(5)
-    button(at, "Start").click().run()
+    at.button(key="opt_start").click().run()
     assert not at.exception, at.exception
     assert any("not divisible by block 5" in e.value for e in at.error)

@@ -1,20 +1,14 @@
 """AppTest of the QRazor page on the real default model: the bit view, the comparison and the group-size charts."""
-import json
-from pathlib import Path
-
 from streamlit.testing.v1 import AppTest
 
-APP = str(Path(__file__).resolve().parents[2] / "app" / "streamlit_app.py")
-TIMEOUT = 300
+from tests.app.apptest import figures, open_page
+
 BIT_COLUMNS = ["channel", "x", "q (base int)", "sign bit", "magnitude bits", "kept", "dropped", "rounding", "code",
                "flag", "decoded q", "decoded x"]
 
 
 def _open() -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.run()
-    at.switch_page("views/qrazor.py").run()
-    assert not at.exception, at.exception
+    at = open_page("qrazor")
     assert not at.error, [e.value for e in at.error]
     return at
 
@@ -22,10 +16,6 @@ def _open() -> AppTest:
 def _or_bits(at: AppTest) -> str:
     line = next(m.value for m in at.markdown if m.value.startswith("OR of the group's magnitudes"))
     return line.split("`")[1]
-
-
-def _figures(at: AppTest) -> list[dict]:
-    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
 
 
 def test_qrazor_page_shows_bit_view_comparison_and_curves():
@@ -40,7 +30,7 @@ def test_qrazor_page_shows_bit_view_comparison_and_curves():
     assert metrics["Flag (right shift)"].startswith(f"{bits['flag'].iloc[0]} (4 bits)")
     methods = at.table[1].value["method"].tolist()
     assert methods[0].startswith("SDR") and methods[1].startswith("RTN-4") and methods[2].startswith("Hadamard")
-    figs = _figures(at)
+    figs = figures(at)
     titles = [f["layout"]["title"]["text"] for f in figs]
     assert titles[0].startswith("|quantization error|")
     assert "Effective bits per value vs SDR group size" in titles and "Quantization SQNR vs SDR group size" in titles
