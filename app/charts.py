@@ -346,6 +346,7 @@ def error_histograms(errors: dict[str, tuple[str, np.ndarray]], title: str, x_la
         nonzero = err[err > 0]
         if nonzero.size:
             edges = np.logspace(np.log10(nonzero.min()), np.log10(nonzero.max()), 61)
+            edges[[0, -1]] = nonzero.min(), nonzero.max()  # 10**log10(v) may round past v and drop it from the bins
             counts, _ = np.histogram(nonzero, bins=edges)
             centers = np.sqrt(edges[:-1] * edges[1:])
             fig.add_trace(go.Scatter(x=centers, y=100 * counts / err.size, mode="lines", name=method,
