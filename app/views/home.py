@@ -4,6 +4,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import charts, state
+from engine.model import memory
 
 st.title("SpinScope")
 st.markdown(
@@ -24,6 +25,9 @@ elif placement is not None and (placement.devices != ["cpu"] or st.session_state
     left.plotly_chart(charts.layout(go.Figure(go.Bar(x=list(devices), y=[b / 2 ** 30 for b in devices.values()])),
                                     "Weights per device", "device", "GiB", height=320))
     right.dataframe(pd.DataFrame(placement.rows()), hide_index=True, height=320)
+    st.caption("Each job's predicted peak on one device (engine.model.memory, as benchmarks.gpu_scale measures it):")
+    st.dataframe(pd.DataFrame(memory.plan_rows(st.session_state[state.MODEL_NAME],
+                                               st.session_state[state.MODEL_DTYPE])), hide_index=True)
     for note in placement.notes:
         st.warning(note)
 
