@@ -490,6 +490,39 @@ def run_phase(handle, settings, phase: str, meter: Meter) -> dict:
             **({"error": error} if error else {})}
 
 
+def markdown_table(paths: list[str]) -> str:
+    """The rows of one or more JSON files of this benchmark as a markdown table (docs/BENCHMARKS.md), each file's
+    device named above its rows."""
+    out = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        out += [f"{data['device']}, {data['dtype']}, torch {data['torch']}, transformers {data['transformers']}; "
+                f"peak: {data['peak_method']}", "",
+                "| size | phase | seconds | peak GiB | x weights | predicted GiB | tokens/s | note |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in data["rows"]:
+            num = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
+            ratio = r["peak_bytes"] / r["weights_bytes"] if r.get("peak_bytes") else None
+            out.append(f"| {r['size']} | {r['phase']} | {num(r['seconds'], '.1f')} | "
+                       f"{num(r['peak_bytes'] and r['peak_bytes'] / 2 ** 30, '.2f')} | {num(ratio, '.2f')} | "
+                       f"{r['predicted_peak_bytes'] / 2 ** 30:.2f} | {num(r.get('tokens_per_s'), '.0f')} | "
+                       f"{(r.get('error') or '').replace('|', '/')[:160]} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def preload() -> None:
+    """Import what the phases import lazily, before any baseline: on a CPU the resident set would otherwise count
+    pandas or compressed-tensors as a phase's memory."""
+    import importlib
+
+    names = ("engine.observe.capture", "engine.observe.compare", "engine.evaluate", "engine.matrix", "engine.export",
+             "engine.quant.gptq", "compressed_tensors.compressors", "compressed_tensors.transform")
+    for name in names:
+        with contextlib.suppress(ImportError):  # compressed-tensors may be missing: only export needs it
+            importlib.import_module(name)
+
+
 def parse_list(text: str, known: tuple, what: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in items if t not in known]
@@ -511,14 +544,23 @@ def main(argv=None) -> int:
     p.add_argument("--calib-tokens", type=int, help="calibration tokens (default 8192; 512 on a CPU)")
     p.add_argument("--max-seconds", type=float, default=math.inf, help="total budget: later phases are skipped")
     p.add_argument("--force", action="store_true", help="run phases the memory model predicts will not fit")
+    p.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's own; 1 is much faster for the "
+                   "small operations of a CPU run on a busy machine, whose spinning threads wait for each other)")
     p.add_argument("--json", metavar="FILE", help="write the rows here (rewritten after every row)")
+    p.add_argument("--table", nargs="+", metavar="JSON", help="print these runs' rows as a markdown table; run nothing")
     args = p.parse_args(argv)
+    if args.table:
+        print(markdown_table(args.table))
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU here (use --device cpu)")
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     sizes = parse_list(args.sizes, SIZES, "sizes")
     phases = parse_list(args.phases, PHASES, "phases")
     deadline = time.monotonic() + args.max_seconds
+    threads, cache = torch.get_num_threads(), os.environ.get("SPINSCOPE_CACHE")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="gpu-scale-"))
     os.environ["SPINSCOPE_CACHE"] = str(workdir / "cache")  # evaluation rows are saved: never in the user's cache
     meter = Meter(args.device)
@@ -529,14 +571,20 @@ def main(argv=None) -> int:
                   SHAPES_NOTE, "predicted_peak_bytes: engine.model.memory.job_peaks from the config",
                   "tokens: tokens run through the model in the phase (export: 0, its build needs no calibration)"],
               "settings": {**Settings.from_args(args).to_dict(), "phases": phases, "sizes": sizes}}
-    report = Report(args.json, header)
-    report.write()
-    print(f"device: {header['device']}, {args.dtype}; {SHAPES_NOTE}", flush=True)
     try:
+        report = Report(args.json, header)
+        report.write()
+        print(f"device: {header['device']}, {args.dtype}; {SHAPES_NOTE}", flush=True)
+        preload()
         for size in sizes:
             run_size(size, phases, args, report, meter, deadline, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        torch.set_num_threads(threads)
+        if cache is None:
+            os.environ.pop("SPINSCOPE_CACHE", None)
+        else:
+            os.environ["SPINSCOPE_CACHE"] = cache
     return 0
 
 

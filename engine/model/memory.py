@@ -68,7 +68,7 @@ class Shapes:
     layer_hessians: int   # sum over one layer's linears of in_features^2 (GPTQ's Hessians)
     layer_inputs: int     # sum over one layer's linears of in_features (calibration's sampled inputs)
     layer_expert_bytes: int  # one layer's experts (unfused at load one layer at a time)
-    untie_bytes: int      # tied embeddings: the copy of the embedding lm_head gets when a rotation unties them
+    untie_bytes: int      # tied embeddings: a separate lm_head weight (built, then tied; untied by a rotation)
 
 
 def _layer_linears(layer: nn.Module) -> list[tuple[int, int]]:
@@ -192,7 +192,7 @@ def job_peaks(s: Shapes, w: Windows = Windows(), device: str = "cuda") -> dict[s
     fwd_q = forward_bytes(s, w.eval, quantized=True, perplexity=True)
     build = max(surgery_bytes(s), weight_search_bytes(s), forward_bytes(s, w.calib))
     peaks = {
-        "load": W + s.layer_expert_bytes,
+        "load": W + s.untie_bytes + s.layer_expert_bytes,  # lm_head's own weight is made before it is tied
         "capture": W + forward_bytes(s, w.capture),
         "rotate": rotated + max(surgery_bytes(s), forward_bytes(s, w.capture)),
         "calibrate": 2 * W + max(weight_search_bytes(s), forward_bytes(s, w.calib)),

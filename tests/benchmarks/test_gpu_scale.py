@@ -3,12 +3,15 @@ counted exactly, and a phase's measured peak within the predicted one."""
 import json
 
 import pytest
+import torch
 from transformers import LlamaConfig, Qwen2Config
 
 from benchmarks import gpu_scale
 from engine.model import memory
 
-SMALL = ["--device", "cpu", "--tokens", "64", "--eval-tokens", "64", "--matrix-tokens", "64", "--calib-tokens", "128"]
+# one torch thread: a CPU run's many small operations are much faster so on a busy machine (see --threads)
+SMALL = ["--device", "cpu", "--threads", "1", "--tokens", "64", "--eval-tokens", "64", "--matrix-tokens", "64",
+         "--calib-tokens", "128"]
 
 
 def run(tmp_path, *args) -> dict:
@@ -41,6 +44,26 @@ def test_a_failing_phase_is_recorded_and_the_others_keep_their_rows(tmp_path):
     assert "mixture of experts" in by["export"]["error"]  # export refuses a mixture, in its own words
     assert "error" not in by["capture"] and "error" not in by["rotate"]
     assert by["rotate"]["seconds"] > 0
+
+
+def test_table_renders_each_row_of_a_run(tmp_path):
+    result = run(tmp_path, "--sizes", "tiny", "--max-seconds", "0", "--phases", "gptq")
+    table = gpu_scale.markdown_table([str(tmp_path / "gs.json")])
+    assert result["device"] in table
+    assert [line.split(" | ")[1] for line in table.splitlines() if line.startswith("| tiny")] == ["load", "gptq"]
+
+
+def test_home_plan_rows_read_a_model_directory_before_any_weight(tmp_path):
+    """memory.plan_rows (the Home page's memory plan) from a model directory's config.json alone."""
+    config = gpu_scale.model_config("8b")
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")  # a weight file must be there; it is never read
+    rows = memory.plan_rows(str(tmp_path), "bfloat16")
+    assert [r["job"] for r in rows] == list(memory.PHASES)
+    by = {r["job"]: r for r in rows}
+    assert by["load"]["x weights"] == 1.0 and by["load"]["predicted peak"] == "14.96 GiB"  # 8.03e9 x 2 bytes
+    assert by["rotate"]["x weights"] > 2  # the working copy beside the original
 
 
 def test_spent_time_budget_skips_every_phase_with_the_reason(tmp_path):
@@ -91,7 +114,15 @@ def test_memory_model_weights_equal_the_built_models_parameter_bytes(name, dtype
     assert memory.shapes(config, dtype).weights_bytes == gpu_scale.parameter_bytes(handle.model)
 
 
-def test_measured_cpu_peak_of_rotation_stays_within_the_memory_model(tmp_path):
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_measured_cpu_peak_of_rotation_stays_within_the_memory_model(tmp_path, one_thread):
     """The rotate phase (compare_job: a working copy, float64 fusion, the logits check) on a model whose weights
     dwarf the process's own allocations, measured by the resident-set high-water mark: within the prediction, and
     above the two copies of the weights it must hold (so the measurement sees what it claims to)."""
