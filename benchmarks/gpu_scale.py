@@ -165,6 +165,12 @@ class Meter:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 
+    def current(self) -> int:
+        """What is held now: allocated GPU memory, or the RSS beyond the baseline."""
+        if self.device == "cpu":
+            return _status_kib("VmRSS") * 1024 - self.baseline
+        return int(torch.cuda.memory_allocated())
+
     def peak(self) -> int:
         if self.device == "cpu":
             return _status_kib("VmHWM") * 1024 - self.baseline
@@ -472,6 +478,7 @@ def run_phase(handle, settings, phase: str, meter: Meter) -> dict:
     """Run one phase's job on the handle's model, measured: seconds, peak_bytes, tokens, tokens_per_s, details and
     error (only when it failed; the exception is not raised)."""
     meter.start()
+    start = meter.current()  # the weights, and whatever an earlier phase left behind
     t0 = time.perf_counter()
     error, tokens, details = None, 0, {}
     try:
@@ -485,7 +492,7 @@ def run_phase(handle, settings, phase: str, meter: Meter) -> dict:
     gc.collect()
     if handle.device != "cpu":
         torch.cuda.empty_cache()
-    return {"seconds": seconds, "peak_bytes": peak, "tokens": tokens,
+    return {"seconds": seconds, "peak_bytes": peak, "start_bytes": start, "tokens": tokens,
             "tokens_per_s": tokens / seconds if tokens and seconds > 0 else None, "details": details,
             **({"error": error} if error else {})}
 
@@ -569,7 +576,8 @@ def main(argv=None) -> int:
     header = {"device": device_name(args.device), "dtype": args.dtype, "torch": torch.__version__,
               "transformers": transformers.__version__, "peak_method": meter.method, "notes": [
                   SHAPES_NOTE, "predicted_peak_bytes: engine.model.memory.job_peaks from the config",
-                  "tokens: tokens run through the model in the phase (export: 0, its build needs no calibration)"],
+                  "tokens: tokens run through the model in the phase (export: 0, its build needs no calibration)",
+                  "start_bytes: what was held when the phase started (peak_bytes is measured the same way)"],
               "settings": {**Settings.from_args(args).to_dict(), "phases": phases, "sizes": sizes}}
     try:
         report = Report(args.json, header)

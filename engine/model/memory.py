@@ -4,6 +4,8 @@ Weights are counted exactly: a skeleton of the model is built on the meta device
 bytes summed (tied embeddings once). Each job's peak on its device is then the copies of the weights it holds plus
 the largest transient it makes, each term named after the code that makes it:
 
+- loading builds a tied lm_head's own weight before tying it, and unfuses a mixture's experts one layer at a time
+  (engine.model.experts), each layer's beside the weights;
 - every job that rotates or quantizes works on a copy of the model (ModelHandle.working_model deep-copies it on
   one device), so it holds the weights twice;
 - rotation fuses each weight in float64 (engine.rotation.fusion: read as float64, the product, the cast back),
@@ -173,14 +175,15 @@ def host_bytes(s: Shapes, phase: str, w: Windows) -> int:
     # down_proj's input (one site per expert in a mixture)
     widths = [s.hidden] * 4 + [s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim,
                                s.n_heads * s.head_dim] + [s.mlp_width] * max(1, s.n_experts)
-    capture = s.n_layers * sum(state_bytes_bound(c) for c in widths)
+    # the accumulators, and at the end the result's arrays made from them while they are still held
+    capture = 2 * s.n_layers * sum(state_bytes_bound(c) for c in widths)
     if phase == "capture":
         return capture
     if phase == "rotate":  # engine.observe.compare: captures before and after, the check's float64 logits twice
         return 2 * capture + 2 * 8 * w.check * s.vocab
-    if phase in ("calibrate", "eval", "matrix", "export"):
+    if phase in ("calibrate", "eval", "matrix"):  # each linear's sampled inputs, as parts then joined, and q, k, v
         qkv = KV_TOKENS * (s.n_heads + 2 * s.n_kv_heads) * s.head_dim
-        return s.n_layers * 4 * (SAMPLE_TOKENS * s.layer_inputs + qkv)
+        return s.n_layers * 4 * (2 * SAMPLE_TOKENS * s.layer_inputs + qkv)
     return 0
 
 
