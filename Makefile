@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8501
 
-.PHONY: setup browser prepare run test test-fast lint bench constraints clean-cache
+.PHONY: setup browser prepare run test test-fast test-gpu lint bench constraints clean-cache
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,14 @@ test: setup browser prepare lint
 # The quick loop while you work: no test that loads the real model, trains, or drives a browser.
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not browser" -q
+
+# On a machine with a CUDA GPU: the tests marked gpu (the Triton kernels compiled for the GPU, and the engine's GPU
+# results against the CPU's on the same code paths); without a GPU each skips with its reason. No setup: the GPU
+# machine brings its own torch, so this runs with the venv's python if there is one, else python3 (with pytest).
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_TESTS := tests/kernels tests/engine/test_gpu_matches_cpu.py
+test-gpu:
+	TRITON_INTERPRET=0 $(GPU_PYTHON) -m pytest -m gpu -o addopts="-ra" -p no:cacheprovider -q $(GPU_TESTS)
 
 bench: setup
 	$(BIN)/python -m benchmarks.capture_overhead

@@ -55,11 +55,15 @@ def pytest_unconfigure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """A test that uses the real default model is slow (left out of `make test-fast`) by that fact alone; the
-    real-cache check runs after every other test, whatever the order of collection."""
+    """A test that uses the real default model is slow (left out of `make test-fast`) by that fact alone, one that
+    skips without a CUDA GPU is a gpu test; the real-cache check runs after every other test, whatever the order of
+    collection."""
     for item in items:
         if "default_handle" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+        if any(m.name == "skipif" and str(m.kwargs.get("reason", "")).startswith("needs a CUDA GPU")
+               for m in item.iter_markers()):  # the kernels' GPU tests too: `make test-gpu` selects the marker
+            item.add_marker(pytest.mark.gpu)
     last = [i for i in items if i.get_closest_marker("runs_last")]
     items[:] = [i for i in items if not i.get_closest_marker("runs_last")] + last
 

@@ -59,8 +59,9 @@ def is_fused_experts(module: nn.Module) -> bool:
 
 def unfuse_experts(model: nn.Module) -> int:
     """Replace every stacked-parameter Experts module in `model` by UnfusedExperts; returns how many."""
-    targets = [(name, m) for name, m in model.named_modules() if is_fused_experts(m)]
-    for name, fused in targets:
+    names = [name for name, m in model.named_modules() if is_fused_experts(m)]
+    for name in names:  # by name, holding no fused module: each is freed once replaced (peak: one layer's experts)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, UnfusedExperts(fused))
-    return len(targets)
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, UnfusedExperts(getattr(owner, child)))
+    return len(names)

@@ -248,6 +248,11 @@ def _read_config(name: str):
     return src, note, kw, config
 
 
+def read_config(name: str):
+    """The config of the user's model name, checked for support, without reading any weight (engine.model.memory)."""
+    return _read_config(name)[3]
+
+
 def _check_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
