@@ -1,23 +1,42 @@
-"""Number formats as types: integer grids, OCP MX (block floating point), NVIDIA NVFP4 and per-row FP8.
+"""Number formats as types: integer grids, OCP MX (block floating point and MXINT8), NVIDIA NVFP4, per-row FP8.
 
-Every format fake-quantizes along the last dim of x [..., d] (a ragged last block is padded with zeros, which
-never changes a block's scale, and cut back), computes in float32, returns x's dtype and has the identity
-gradient (straight_through). The encoders produce the bytes a packing kernel must write: codes are the
-sign/exponent/mantissa bit patterns of the element format, equal to torch's float8 bit patterns for e4m3/e5m2.
-A negative value that rounds to zero keeps its sign bit (code 0x8 in E2M1), as a hardware cast does.
+A format is one class (a subclass of Format) that carries everything the rest of SpinScope asks of it:
+- `encode(x) -> Encoded` (codes, scales, and NVFP4's global scale) and `decode(encoded) -> values`; fake
+  quantization is decode(encode(x)) with the identity gradient (straight_through);
+- `column_rounder(weight)`: the per-column rounding GPTQ needs, on the format's own grid;
+- `ct_weights` / `ct_input_activations` / `ct_kv_cache`: its compressed-tensors description for export, or a
+  NotExportable carrying the reason;
+- `kernel`: the name of the Triton kernel format that writes its codes (kernels/block_quant.py), if one exists.
+REGISTRY lists the named formats; everything else (parse_format, bit settings, help texts, export) reads it, so a
+new format is its class, its tests and one line in REGISTRY.
+
+Every format quantizes along the last dim of x [..., d] (a ragged last block is padded with zeros, which never
+changes a block's scale, and cut back), computes in float32 and returns x's dtype. Codes are the integers of an
+integer grid (int8/int16) or the sign/exponent/mantissa bit patterns of a minifloat element (uint8, equal to
+torch's float8 bit patterns for e4m3/e5m2). A negative value that rounds to zero keeps its sign bit (code 0x8 in
+E2M1), as a hardware cast does.
 """
 
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from engine.quant.quantizers import QuantSpec, check_clip_ratio, merge_groups, split_groups, straight_through
-from engine.quant.quantizers import fake_quantize as int_fake_quantize
+from engine.quant.quantizers import (
+    QuantGrid,
+    check_clip_ratio,
+    find_grid,
+    integer_range,
+    merge_groups,
+    search_clip_grid,
+    split_groups,
+    straight_through,
+)
 
 E8M0_MIN, E8M0_MAX, E8M0_BIAS = -127, 127, 127
 
@@ -120,15 +139,182 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
 
 
-class Format(Protocol):
-    rule: ClassVar[str]
+class NotExportable(ValueError):
+    """What compressed-tensors cannot express of a format, with the format's own one-sentence reason."""
+
+
+@dataclass(eq=False)
+class Encoded:
+    """x [..., d] in one format: what encode and the weight quantizers return, and what export writes.
+
+    codes: [..., d padded to whole groups], int8/int16 integers or uint8 element bit patterns (see the top);
+    scales: [..., groups] in the format's stored form (float32, or uint8 E8M0 / E4M3 bit patterns);
+    zero: [..., groups] float32 zero points of an asymmetric integer grid, else None;
+    global_scale: NVFP4's per-tensor FP32 scale g (0-dim), else None."""
+
+    fmt: Format
+    codes: Tensor
+    scales: Tensor
+    d: int
+    zero: Tensor | None = None
+    global_scale: Tensor | None = None
+
+    def dequantize(self) -> Tensor:
+        return self.fmt.decode(self)
+
+
+@dataclass
+class Scales:
+    """One fitted grid of a group of values (shapes [..., G, 1]): the scale the elements are rounded against (its
+    float32 value), its stored form, and an asymmetric grid's zero point."""
+
+    value: Tensor
+    stored: Tensor
+    zero: Tensor | None = None
+
+
+class Format(ABC):
+    """A number format along the last dim. Subclasses give the four primitives below (fit scales to groups,
+    round groups to elements, elements <-> codes, dequantize) and their compressed-tensors description."""
+
+    rule: ClassVar[str]  # the convention followed, with its source
+    summary: ClassVar[str]  # one phrase for help texts
+    kernel: ClassVar[str | None] = None  # kernels/block_quant.py's name for a kernel writing these codes, if any
 
     @property
+    @abstractmethod
     def name(self) -> str: ...
 
-    def fake_quantize(self, x: Tensor, clip_ratio: float = 1.0) -> Tensor: ...
+    @property
+    @abstractmethod
+    def group(self) -> int | None:
+        """Values sharing one scale along the last dim (None: the whole row)."""
 
+    @abstractmethod
     def bits_per_value(self, d: int) -> float: ...
+
+    # ---- the primitives, on groups [..., G, g] of float32 values
+    @abstractmethod
+    def fit(self, groups: Tensor, clip: Tensor | float, context: Tensor | None, search: bool) -> Scales:
+        """The scales of each group; `clip` shrinks the range they come from ([..., 1, 1] or a float)."""
+
+    @abstractmethod
+    def elements(self, groups: Tensor, scales: Scales, context: Tensor | None) -> Tensor:
+        """The elements (integers, or minifloat values) nearest to groups on the fitted grid, float32."""
+
+    @abstractmethod
+    def dequantize(self, elements: Tensor, scales: Scales, context: Tensor | None) -> Tensor: ...
+
+    @abstractmethod
+    def to_codes(self, elements: Tensor) -> Tensor: ...
+
+    @abstractmethod
+    def from_codes(self, codes: Tensor) -> Tensor: ...
+
+    def load_scales(self, stored: Tensor) -> Tensor:
+        """The float32 scale of a stored one (the identity where the stored form is the float32 value)."""
+        return stored
+
+    def context(self, x: Tensor, global_scale: Tensor | float | None = None) -> Tensor | None:
+        """What is fixed for a whole tensor before its groups are quantized (NVFP4: g); None for most formats."""
+        if global_scale is not None:
+            raise ValueError(f"{self.name} has no global scale; pass global_scale=None")
+        return None
+
+    # ---- built on the primitives
+    def encode(self, x: Tensor, clip_ratio: Tensor | float = 1.0, *, search: bool = False,
+               global_scale: Tensor | float | None = None) -> Encoded:
+        """Codes and scales of x [..., d]. clip_ratio: a float in (0, 1], or a tensor [..., 1] of one ratio per row
+        of x; search: QuaRot's |err|^2.4 range search per group (integer grids only; ignored by formats whose
+        scale follows a fixed rule)."""
+        xf = x.detach().float()
+        context = self.context(xf, global_scale)
+        groups = split_groups(xf, self.group)
+        clip = clip_ratio.unsqueeze(-1) if torch.is_tensor(clip_ratio) else check_clip_ratio(clip_ratio)
+        scales = self.fit(groups, clip, context, search)
+        codes = self.to_codes(self.elements(groups, scales, context))
+        zero = None if scales.zero is None else scales.zero.squeeze(-1)
+        return Encoded(self, codes.flatten(-2), scales.stored.squeeze(-1), x.shape[-1], zero, context)
+
+    def decode(self, enc: Encoded) -> Tensor:
+        """float32 values [..., d] of encoded codes and scales."""
+        elements = split_groups(self.from_codes(enc.codes), self.group)
+        zero = None if enc.zero is None else enc.zero.unsqueeze(-1)
+        scales = Scales(self.load_scales(enc.scales).unsqueeze(-1), enc.scales.unsqueeze(-1), zero)
+        return merge_groups(self.dequantize(elements, scales, enc.global_scale), enc.d)
+
+    def fake_quantize(self, x: Tensor, clip_ratio: Tensor | float = 1.0,
+                      global_scale: Tensor | float | None = None) -> Tensor:
+        """decode(encode(x)) in x's dtype, with the identity gradient."""
+        return straight_through(x, self.decode(self.encode(x, clip_ratio, global_scale=global_scale)))
+
+    def column_rounder(self, weight: Tensor, search: bool = False) -> ColumnRounder:
+        return ColumnRounder(self, weight, search)
+
+    @property
+    def element_bits(self) -> int:
+        """Bits of one code (4-bit codes are packed two per byte)."""
+        return 8
+
+    def kernel_encode(self, y: Tensor, global_scale: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+        """(codes, scales) in the layout the Triton kernel `self.kernel` writes: 4-bit codes packed two per byte."""
+        enc = self.encode(y, global_scale=global_scale)
+        return (pack_nibbles(enc.codes) if self.element_bits == 4 else enc.codes), enc.scales
+
+    # ---- compressed-tensors (0.20.1) descriptions for export
+    def ct_weights(self) -> tuple[dict, str]:
+        """(QuantizationArgs keywords of `weights`, compression format) that hold exactly these weights."""
+        raise NotExportable(f"compressed-tensors has no scheme holding {self.name} weights")
+
+    def ct_weight_tensors(self, enc: Encoded, scale_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """What compressed-tensors is given for weight codes [out, in]: the dequantized weight (which it rounds
+        back to exactly these codes), weight_scale [out, groups] float32 and, for NVFP4, weight_global_scale."""
+        return {"weight": self.decode(enc), "weight_scale": self.load_scales(enc.scales)}
+
+    def ct_input_activations(self) -> dict:
+        """QuantizationArgs keywords of a dynamic per-token input quantizer computing what this format does."""
+        raise NotExportable(f"compressed-tensors has no dynamic quantizer computing {self.name} as SpinScope does")
+
+    def ct_kv_cache(self, head_dim: int) -> dict:
+        """QuantizationArgs keywords of a dynamic KV-cache quantizer (per token and head) computing this format."""
+        return self.ct_input_activations()
+
+
+class ColumnRounder:
+    """GPTQ's view of a format: `fit(columns [out, k])` fixes each row's scales for one group of columns (a block,
+    a group, or the whole row when the format's group is None), `round(w)` rounds a column of w onto that grid,
+    and `encoded(elements)` assembles the weight's codes with the scales fitted, so the error feedback works on
+    the format's own grid. A whole-tensor context (NVFP4's g) is taken from the weight before any column moves.
+    For static groups (act_order), fit every group first, then `select` the group of each column."""
+
+    def __init__(self, fmt: Format, weight: Tensor, search: bool = False) -> None:
+        self.fmt, self.search, self.group = fmt, search, fmt.group
+        self.context = fmt.context(weight.detach().float())
+        self.fitted: list[Scales] = []
+        self.current: Scales | None = None
+
+    def fit(self, columns: Tensor) -> None:
+        self.current = self.fmt.fit(columns.detach().float().unsqueeze(-2), 1.0, self.context, self.search)
+        self.fitted.append(self.current)
+
+    def select(self, index: int) -> None:
+        self.current = self.fitted[index]
+
+    def round(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """(elements, values) of one column w [out] (float32) on the current group's grid."""
+        if self.current is None:
+            raise ValueError("ColumnRounder.fit(columns) must be called before round(w)")
+        col = w.float()[:, None, None]
+        elements = self.fmt.elements(col, self.current, self.context)
+        return elements[:, 0, 0], self.fmt.dequantize(elements, self.current, self.context)[:, 0, 0]
+
+    def encoded(self, elements: Tensor) -> Encoded:
+        """The Encoded weight of elements [out, in] (column order) with the scales of every group fitted."""
+        codes = self.fmt.to_codes(split_groups(elements, self.group)).flatten(-2)
+        stored = torch.cat([s.stored for s in self.fitted], dim=-2).squeeze(-1)
+        zeros = [s.zero for s in self.fitted]
+        zero = None if zeros[0] is None else torch.cat(zeros, dim=-2).squeeze(-1)
+        return Encoded(self.fmt, codes, stored, elements.shape[-1], zero, self.context)
 
 
 def _check_block(block: int) -> None:
@@ -136,41 +322,116 @@ def _check_block(block: int) -> None:
         raise ValueError(f"block must be a positive int, got {block!r}")
 
 
+def _e8m0_scales(groups: Tensor, clip: Tensor | float, emax: int) -> Scales:
+    """OCP MX v1.0 section 6.3: shared_exp = floor(log2 amax) - emax of the element (-127 for an all-zero block),
+    clamped to E8M0's [-127, 127]; stored as the E8M0 byte shared_exp + 127."""
+    amax = groups.abs().amax(-1, keepdim=True) * clip
+    shared = torch.where(amax > 0, floor_log2(amax) - emax, E8M0_MIN).clamp(E8M0_MIN, E8M0_MAX)
+    return Scales(torch.exp2(shared.float()), (shared + E8M0_BIAS).to(torch.uint8))
+
+
+def _e8m0_values(stored: Tensor) -> Tensor:
+    return torch.exp2(stored.to(torch.int32).float() - E8M0_BIAS)
+
+
 @dataclass(frozen=True)
-class IntFormat:
+class IntFormat(Format):
     """Uniform integer grid per row (group None) or per group of the last dim; name 'int4', 'int4g128', and an
-    'a' suffix when asymmetric ('int4a', 'int4g128a'). Bits 2..15: 16 is "no quantization", i.e. no format."""
+    'a' suffix when asymmetric ('int4a', 'int4g128a'). Bits 2..15: 16 is "no quantization", i.e. no format.
+    The grids and their float32 operations are engine.quant.quantizers' (find_grid, QuantGrid)."""
 
     bits: int
-    group: int | None = None
+    group: int | None = None  # type: ignore[assignment]  (a field here, Format's property elsewhere)
     symmetric: bool = True
     rule: ClassVar[str] = "Round-to-nearest integer grid of the GPTQ/QuaRot/SpinQuant code (see quantizers.py)."
+    summary: ClassVar[str] = "intB or intBgG: B-bit integers per row or per group of G, 'a' for asymmetric"
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 15:
             raise ValueError(f"IntFormat bits must be 2..15 (16 = no quantization, no format), got {self.bits!r}")
-        self.spec()  # checks group and symmetric
-
-    def spec(self, clip_ratio: float = 1.0) -> QuantSpec:
-        return QuantSpec(bits=self.bits, symmetric=self.symmetric, group_size=self.group, clip_ratio=clip_ratio)
+        if self.group is not None:
+            _check_block(self.group)
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric must be True or False, got {self.symmetric!r}")
 
     @property
     def name(self) -> str:
         group = "" if self.group is None else f"g{self.group}"
         return f"int{self.bits}{group}{'' if self.symmetric else 'a'}"
 
-    def fake_quantize(self, x: Tensor, clip_ratio: float = 1.0) -> Tensor:
-        return int_fake_quantize(x, self.spec(clip_ratio))
+    @property
+    def element_bits(self) -> int:
+        return self.bits
 
     def bits_per_value(self, d: int) -> float:
         per = d if self.group is None else self.group  # one fp16 scale (and a b-bit zero if asymmetric) per `per`
         return self.bits + (16 + (0 if self.symmetric else self.bits)) / per
 
+    def fit(self, groups, clip, context, search) -> Scales:
+        if search:
+            grid = search_clip_grid(groups, self.bits, self.symmetric)
+        else:
+            grid = find_grid(groups, self.bits, self.symmetric, clip)
+        return Scales(grid.scale, grid.scale, None if self.symmetric else grid.zero)
+
+    def _grid(self, scales: Scales) -> QuantGrid:
+        qmin, qmax = integer_range(self.bits, self.symmetric)
+        zero = torch.zeros_like(scales.value) if scales.zero is None else scales.zero
+        return QuantGrid(scale=scales.value, zero=zero, qmin=qmin, qmax=qmax)
+
+    def elements(self, groups, scales, context) -> Tensor:
+        return self._grid(scales).to_int(groups)
+
+    def dequantize(self, elements, scales, context) -> Tensor:
+        return self._grid(scales).dequantize(elements)
+
+    def to_codes(self, elements: Tensor) -> Tensor:
+        return elements.to(torch.int8 if self.bits <= 8 else torch.int16)
+
+    def from_codes(self, codes: Tensor) -> Tensor:
+        return codes.float()
+
+    def ct_weights(self) -> tuple[dict, str]:
+        if not self.symmetric:
+            raise NotExportable("asymmetric integer weights have a zero point per group, and SpinScope exports "
+                                "symmetric integer weights only (per row or per group)")
+        if self.bits > 8:
+            raise NotExportable(f"{self.bits}-bit weights cannot be exported: pack-quantized holds 1- to 8-bit "
+                                "integers")
+        return dict(num_bits=self.bits, type="int", symmetric=True, group_size=self.group,
+                    strategy="group" if self.group else "channel"), "pack-quantized"
+
+    def ct_weight_tensors(self, enc: Encoded, scale_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        # the scale in the checkpoint's dtype first, then q * scale: what compressed-tensors will dequantize
+        scale = enc.scales.to(scale_dtype)
+        codes = split_groups(self.from_codes(enc.codes).to(scale_dtype), self.group)
+        return {"weight": merge_groups(codes * scale.unsqueeze(-1), enc.d), "weight_scale": scale}
+
+    def ct_input_activations(self) -> dict:
+        # compressed-tensors' asymmetric quantizer does our float32 operations in our order (quantizers.py's top)
+        if self.symmetric or self.group is not None:
+            raise NotExportable("only per-token (per-head) asymmetric integer grids map to compressed-tensors' "
+                                "dynamic integer quantizers with SpinScope's float32 operations")
+        return dict(num_bits=self.bits, type="int", symmetric=False, strategy="token", dynamic=True)
+
+    def ct_kv_cache(self, head_dim: int) -> dict:
+        if self.symmetric or self.group not in (None, head_dim):
+            raise NotExportable("only per-head asymmetric integer grids map to compressed-tensors' dynamic KV-cache "
+                                "quantizers with SpinScope's float32 operations")
+        return dict(num_bits=self.bits, type="int", symmetric=False, strategy="group", group_size=head_dim,
+                    dynamic=True)
+
+
+MX_REFUSED_DYNAMIC = (
+    "compressed-tensors' dynamic MX scale rounds each block's max to the nearest power of two before taking its "
+    "exponent (round_to_power_2: up once the mantissa reaches 1.75, or 1.9375 for E2M3), where the engine takes "
+    "floor(log2 max) as OCP MX v1.0 does, so such blocks get twice the engine's scale")
+
 
 @dataclass(frozen=True)
-class MXFormat:
-    """OCP MX: one E8M0 power-of-two scale per block of 32. Names mxfp4 (e2m1), mxfp6 (e2m3), mxfp8 (e4m3); the
-    other elements are named mxfp6_e3m2 / mxfp8_e5m2, and a block other than 32 adds 'b<block>'."""
+class MXFormat(Format):
+    """OCP MX: one E8M0 power-of-two scale per block of 32 minifloats. Names mxfp4 (e2m1), mxfp6 (e2m3), mxfp8
+    (e4m3); the other elements are named mxfp6_e3m2 / mxfp8_e5m2, and a block other than 32 adds 'b<block>'."""
 
     element: str = "e2m1"
     block: int = 32
@@ -178,6 +439,9 @@ class MXFormat:
         "OCP Microscaling Formats (MX) v1.0, section 6.3: shared_exp = floor(log2 amax) - emax_elem, "
         "elements rounded to nearest even and saturated to the max normal."
     )
+    summary: ClassVar[str] = "32 values share a power-of-two scale"
+    CT_NAMES: ClassVar[dict] = {"e2m1": (4, "mxfp4-pack-quantized"), "e2m3": (6, "mxfp6-pack-quantized"),
+                                "e4m3": (8, "mxfp8-quantized")}
 
     def __post_init__(self) -> None:
         if self.element not in ELEMENTS:
@@ -185,41 +449,57 @@ class MXFormat:
         _check_block(self.block)
 
     @property
+    def group(self) -> int:
+        return self.block
+
+    @property
     def name(self) -> str:
         el = ELEMENTS[self.element]
         base = {"e2m1": "mxfp4", "e2m3": "mxfp6", "e4m3": "mxfp8"}.get(self.element, f"mxfp{el.bits}_{el.name}")
         return base if self.block == 32 else f"{base}b{self.block}"
 
+    @property
+    def kernel(self) -> str | None:  # type: ignore[override]
+        return self.name if self.name in ("mxfp4", "mxfp8") else None
+
+    @property
+    def element_bits(self) -> int:
+        return ELEMENTS[self.element].bits
+
     def bits_per_value(self, d: int) -> float:
         return ELEMENTS[self.element].bits + 8 / self.block  # nominal: the padding of a ragged block is ignored
 
-    def _quantize(self, x: Tensor, clip_ratio: float) -> tuple[Tensor, Tensor, Tensor]:
-        """(element values [..., G, block], shared exponents int32 [..., G, 1], scales float32 [..., G, 1])."""
-        el = ELEMENTS[self.element]
-        groups = split_groups(x.detach().float(), self.block)
-        amax = groups.abs().amax(-1, keepdim=True) * check_clip_ratio(clip_ratio)
-        shared = torch.where(amax > 0, floor_log2(amax) - el.emax, E8M0_MIN).clamp(E8M0_MIN, E8M0_MAX)
-        scale = torch.exp2(shared.float())
-        return el.round(groups / scale), shared, scale
+    def fit(self, groups, clip, context, search) -> Scales:
+        return _e8m0_scales(groups, clip, ELEMENTS[self.element].emax)
 
-    def fake_quantize(self, x: Tensor, clip_ratio: float = 1.0) -> Tensor:
-        v, _, scale = self._quantize(x, clip_ratio)
-        return straight_through(x, merge_groups(v * scale, x.shape[-1]))
+    def elements(self, groups, scales, context) -> Tensor:
+        return ELEMENTS[self.element].round(groups / scales.value)
 
-    def encode(self, x: Tensor, clip_ratio: float = 1.0) -> tuple[Tensor, Tensor]:
-        """(uint8 element codes [..., d padded to the block], uint8 E8M0 scales [..., blocks] = shared_exp + 127)."""
-        v, shared, _ = self._quantize(x, clip_ratio)
-        codes = minifloat_codes(v, ELEMENTS[self.element]).flatten(-2)
-        return codes, (shared + E8M0_BIAS).squeeze(-1).to(torch.uint8)
+    def dequantize(self, elements, scales, context) -> Tensor:
+        return elements * scales.value
 
-    def decode(self, codes: Tensor, scale_bits: Tensor, d: int) -> Tensor:
-        v = split_groups(minifloat_values(codes, ELEMENTS[self.element]), self.block)
-        scale = torch.exp2(scale_bits.to(torch.int32).float() - E8M0_BIAS).unsqueeze(-1)
-        return merge_groups(v * scale, d)
+    def to_codes(self, elements: Tensor) -> Tensor:
+        return minifloat_codes(elements, ELEMENTS[self.element])
+
+    def from_codes(self, codes: Tensor) -> Tensor:
+        return minifloat_values(codes, ELEMENTS[self.element])
+
+    def load_scales(self, stored: Tensor) -> Tensor:
+        return _e8m0_values(stored)
+
+    def ct_weights(self) -> tuple[dict, str]:
+        if self.block != 32 or self.element not in self.CT_NAMES:
+            raise NotExportable("compressed-tensors holds MX weights as mxfp4/mxfp6/mxfp8 in blocks of 32 only")
+        bits, name = self.CT_NAMES[self.element]
+        return dict(num_bits=bits, type="float", strategy="group", group_size=32, symmetric=True,
+                    scale_dtype=torch.uint8, zp_dtype=torch.uint8), name
+
+    def ct_input_activations(self) -> dict:
+        raise NotExportable(MX_REFUSED_DYNAMIC)
 
 
 @dataclass(frozen=True)
-class NVFP4Format:
+class NVFP4Format(Format):
     """NVIDIA NVFP4: E2M1 values, one E4M3 scale per block of 16 and one FP32 scale g per tensor.
 
     g = amax(|x|) / (6 * 448) over the whole tensor (1 if x is all zero) unless given; block scale
@@ -231,13 +511,26 @@ class NVFP4Format:
     rule: ClassVar[str] = (
         "NVIDIA NVFP4 recipe: E2M1 elements, an E4M3 scale per 16 values and an FP32 per-tensor scale amax / (6 * 448)."
     )
+    summary: ClassVar[str] = "16 share an FP8 scale"
 
     def __post_init__(self) -> None:
         _check_block(self.block)
 
     @property
+    def group(self) -> int:
+        return self.block
+
+    @property
     def name(self) -> str:
         return "nvfp4" if self.block == 16 else f"nvfp4b{self.block}"
+
+    @property
+    def kernel(self) -> str | None:  # type: ignore[override]
+        return "nvfp4" if self.block == 16 else None
+
+    @property
+    def element_bits(self) -> int:
+        return E2M1.bits
 
     def bits_per_value(self, d: int) -> float:
         return E2M1.bits + 8 / self.block  # the one FP32 scale per tensor is ignored
@@ -253,41 +546,60 @@ class NVFP4Format:
             raise ValueError(f"global_scale must be one finite positive number, got {global_scale!r}")
         return g.reshape(())
 
-    def _quantize(self, x: Tensor, clip_ratio: float, global_scale) -> tuple[Tensor, Tensor, Tensor]:
-        """(E2M1 values [..., G, block], E4M3 block scales [..., G, 1], g 0-dim), all float32."""
-        g = self.global_scale(x, global_scale)
-        groups = split_groups(x.detach().float(), self.block)
-        amax = groups.abs().amax(-1, keepdim=True) * check_clip_ratio(clip_ratio)
-        s = E4M3.round(amax / (E2M1.max_normal * g))
-        scale = s * g
+    def context(self, x: Tensor, global_scale: Tensor | float | None = None) -> Tensor:
+        return self.global_scale(x, global_scale)
+
+    def fit(self, groups, clip, context, search) -> Scales:
+        amax = groups.abs().amax(-1, keepdim=True) * clip
+        s = E4M3.round(amax / (E2M1.max_normal * context))
+        return Scales(s, minifloat_codes(s, E4M3))
+
+    def elements(self, groups, scales, context) -> Tensor:
+        scale = scales.value * context
         ok = scale > 0
-        v = torch.where(ok, E2M1.round(groups / torch.where(ok, scale, 1.0)), 0.0)
-        return v, s, g
+        return torch.where(ok, E2M1.round(groups / torch.where(ok, scale, 1.0)), 0.0)
 
-    def fake_quantize(self, x: Tensor, clip_ratio: float = 1.0, global_scale: Tensor | float | None = None) -> Tensor:
-        v, s, g = self._quantize(x, clip_ratio, global_scale)
-        return straight_through(x, merge_groups(v * s * g, x.shape[-1]))
+    def dequantize(self, elements, scales, context) -> Tensor:
+        return elements * scales.value * context
 
-    def encode(
-        self, x: Tensor, global_scale: Tensor | float | None = None, clip_ratio: float = 1.0
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """(uint8 E2M1 codes [..., d padded], uint8 float8_e4m3fn bits of the block scales [..., blocks], g)."""
-        v, s, g = self._quantize(x, clip_ratio, global_scale)
-        return e2m1_codes(v).flatten(-2), minifloat_codes(s, E4M3).squeeze(-1), g
+    def to_codes(self, elements: Tensor) -> Tensor:
+        return minifloat_codes(elements, E2M1)
 
-    def decode(self, codes: Tensor, block_scales: Tensor, global_scale: Tensor | float, d: int) -> Tensor:
-        v = split_groups(e2m1_values(codes), self.block)
-        s = minifloat_values(block_scales, E4M3).unsqueeze(-1)
-        return merge_groups(v * s * torch.as_tensor(global_scale, dtype=torch.float32), d)
+    def from_codes(self, codes: Tensor) -> Tensor:
+        return minifloat_values(codes, E2M1)
+
+    def load_scales(self, stored: Tensor) -> Tensor:
+        return minifloat_values(stored, E4M3)
+
+    def ct_weights(self) -> tuple[dict, str]:
+        if self.block != 16:
+            raise NotExportable("compressed-tensors holds NVFP4 weights in blocks of 16 only")
+        return dict(num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True,
+                    scale_dtype=torch.float8_e4m3fn, zp_dtype=torch.float8_e4m3fn), "nvfp4-pack-quantized"
+
+    def ct_weight_tensors(self, enc: Encoded, scale_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        # compressed-tensors divides by its global scale 448 * 6 / amax where the engine multiplies by g
+        return {**super().ct_weight_tensors(enc), "weight_global_scale": 1 / enc.global_scale}
+
+    def ct_input_activations(self) -> dict:
+        raise NotExportable(
+            "compressed-tensors' NVFP4 activations divide by a stored, calibrated input_global_scale (only the "
+            "block scales are dynamic), where the engine recomputes the per-tensor scale amax / (6 * 448) from "
+            "every tensor it quantizes")
 
 
 @dataclass(frozen=True)
-class FP8Format:
+class FP8Format(Format):
     """FP8 E4M3 with one FP32 scale per row (token / output channel): scale = amax_row * clip / 448 (1 for a zero
     row), x_hat = e4m3(x / scale) * scale. axis_per_row=False uses one scale for the whole tensor ('fp8_tensor')."""
 
     axis_per_row: bool = True
     rule: ClassVar[str] = "FP8 E4M3 (OCP 8-bit floating point, 'fn' variant) with a per-row FP32 amax / 448 scale."
+    summary: ClassVar[str] = "one scale per row"
+
+    @property
+    def group(self) -> None:
+        return None
 
     @property
     def name(self) -> str:
@@ -296,17 +608,110 @@ class FP8Format:
     def bits_per_value(self, d: int) -> float:
         return E4M3.bits + (32 / d if self.axis_per_row else 0.0)
 
-    def fake_quantize(self, x: Tensor, clip_ratio: float = 1.0) -> Tensor:
-        xf = x.detach().float()
-        amax = xf.abs().amax(-1, keepdim=True) if self.axis_per_row else xf.abs().amax()
-        scale = amax * check_clip_ratio(clip_ratio) / E4M3.max_normal
+    def fit(self, groups, clip, context, search) -> Scales:
+        amax = groups.abs().amax(-1, keepdim=True) if self.axis_per_row else groups.abs().amax().expand(
+            groups.shape[:-1] + (1,))
+        scale = amax * clip / E4M3.max_normal
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return straight_through(x, E4M3.round(xf / scale) * scale)
+        return Scales(scale, scale)
+
+    def elements(self, groups, scales, context) -> Tensor:
+        return E4M3.round(groups / scales.value)
+
+    def dequantize(self, elements, scales, context) -> Tensor:
+        return elements * scales.value
+
+    def to_codes(self, elements: Tensor) -> Tensor:
+        return minifloat_codes(elements, E4M3)
+
+    def from_codes(self, codes: Tensor) -> Tensor:
+        return minifloat_values(codes, E4M3)
+
+    def _per_row(self) -> None:
+        if not self.axis_per_row:
+            raise NotExportable("compressed-tensors' FP8 schemes scale per row (channel, token); fp8_tensor's one "
+                                "scale per tensor is not exported")
+
+    def ct_weights(self) -> tuple[dict, str]:
+        self._per_row()
+        return dict(num_bits=8, type="float", strategy="channel", symmetric=True), "float-quantized"
+
+    def ct_input_activations(self) -> dict:  # FP8_DYNAMIC's per-token E4M3, scale amax / 448
+        self._per_row()
+        return dict(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True)
+
+    def ct_kv_cache(self, head_dim: int) -> dict:  # the same per token and head
+        self._per_row()
+        return dict(num_bits=8, type="float", symmetric=True, strategy="group", group_size=head_dim, dynamic=True)
 
 
-FORMATS: dict[str, Format] = {
-    f.name: f for f in (MXFormat("e2m1"), MXFormat("e2m3"), MXFormat("e4m3"), NVFP4Format(), FP8Format())
-}
+@dataclass(frozen=True)
+class MXINT8Format(Format):
+    """OCP MX MXINT8: one E8M0 power-of-two scale per block of 32 signed 8-bit integers with an implicit scale of
+    2^-6, i.e. elements k / 64 for integers k. The shared exponent is the MX rule with emax_elem = 0 (the largest
+    element magnitude lies in [1, 2)): shared_exp = floor(log2 amax); k = x / 2^shared_exp * 64 rounded to nearest
+    even and saturated to [-127, 127], as the microxcaling reference does (max_norm = 127/64 for either sign: the
+    grid stays odd-symmetric and code -128 is never written)."""
+
+    block: int = 32
+    rule: ClassVar[str] = (
+        "OCP Microscaling Formats (MX) v1.0: MXINT8, INT8 elements with an implicit scale 2^-6 (emax_elem 0), "
+        "shared_exp = floor(log2 amax), elements rounded to nearest even and saturated to +-127/64."
+    )
+    summary: ClassVar[str] = "32 8-bit integers share a power-of-two scale"
+    emax: ClassVar[int] = 0
+    implicit: ClassVar[float] = 64.0  # 2^6: the element k means k / 64
+
+    def __post_init__(self) -> None:
+        _check_block(self.block)
+
+    @property
+    def group(self) -> int:
+        return self.block
+
+    @property
+    def name(self) -> str:
+        return "mxint8" if self.block == 32 else f"mxint8b{self.block}"
+
+    def bits_per_value(self, d: int) -> float:
+        return 8 + 8 / self.block
+
+    def fit(self, groups, clip, context, search) -> Scales:
+        return _e8m0_scales(groups, clip, self.emax)
+
+    def elements(self, groups, scales, context) -> Tensor:
+        return torch.round(groups / scales.value * self.implicit).clamp(-127, 127)  # powers of two: exact products
+
+    def dequantize(self, elements, scales, context) -> Tensor:
+        return elements / self.implicit * scales.value
+
+    def to_codes(self, elements: Tensor) -> Tensor:
+        return elements.to(torch.int8)
+
+    def from_codes(self, codes: Tensor) -> Tensor:
+        return codes.float()
+
+    def load_scales(self, stored: Tensor) -> Tensor:
+        return _e8m0_values(stored)
+
+    def ct_weights(self) -> tuple[dict, str]:
+        raise NotExportable("compressed-tensors 0.20.1 has no MXINT8 scheme (its MX formats are mxfp4, mxfp6 and "
+                            "mxfp8, with float elements)")
+
+    def ct_input_activations(self) -> dict:
+        raise NotExportable("compressed-tensors 0.20.1 has no MXINT8 scheme for dynamic activations or KV cache")
+
+
+# The named formats: parse_format, bit settings, help texts, the matrix page and export all read this list.
+REGISTRY: tuple[Format, ...] = (
+    MXFormat("e2m1"),
+    MXFormat("e2m3"),
+    MXFormat("e4m3"),
+    NVFP4Format(),
+    FP8Format(),
+    MXINT8Format(),
+)
+FORMATS: dict[str, Format] = {f.name: f for f in REGISTRY}
 _INT_NAME = re.compile(r"int(\d+)(?:g(\d+))?(a?)")
 
 
@@ -328,50 +733,10 @@ def parse_format(text: str) -> Format | None:
     )
 
 
-class ColumnRounder:
-    """GPTQ's view of a floating-point format: `fit(columns [out, k])` fixes each row's scale for one group of
-    columns (MX and NVFP4: a block; FP8: the whole row), then `quantize(w)` rounds columns of w onto that grid, so
-    the error feedback works on the format's own grid with group scales fixed per group. NVFP4's tensor scale g is
-    taken from the whole weight before any column moves."""
-
-    def __init__(self, fmt: Format, weight: Tensor) -> None:
-        if isinstance(fmt, MXFormat):
-            self.element, self.group = ELEMENTS[fmt.element], fmt.block
-        elif isinstance(fmt, NVFP4Format):
-            self.element, self.group = E2M1, fmt.block
-            self.g = NVFP4Format.global_scale(weight)
-        elif isinstance(fmt, FP8Format) and fmt.axis_per_row:
-            self.element, self.group = E4M3, None
-        else:
-            raise ValueError(f"no column rounder for {fmt.name}: integer formats use GPTQ's integer grids")
-        self.fmt, self.scale = fmt, None
-
-    def fit(self, columns: Tensor) -> None:
-        amax = columns.detach().float().abs().amax(-1, keepdim=True)  # [out, 1]
-        if isinstance(self.fmt, MXFormat):  # the same rules as the format's own quantizer (see its classes)
-            shared = torch.where(amax > 0, floor_log2(amax) - self.element.emax, E8M0_MIN).clamp(E8M0_MIN, E8M0_MAX)
-            self.scale = torch.exp2(shared.float())
-        elif isinstance(self.fmt, NVFP4Format):
-            self.scale = E4M3.round(amax / (E2M1.max_normal * self.g)) * self.g
-        else:
-            self.scale = torch.where(amax > 0, amax / E4M3.max_normal, torch.ones_like(amax))
-
-    def quantize(self, w: Tensor) -> Tensor:
-        if self.scale is None:
-            raise ValueError("ColumnRounder.fit(columns) must be called before quantize(w)")
-        col = w.float().unsqueeze(-1) if w.dim() == 1 else w.float()
-        ok = self.scale > 0
-        q = torch.where(ok, self.element.round(col / torch.where(ok, self.scale, 1.0)) * self.scale, 0.0)
-        return q.squeeze(-1) if w.dim() == 1 else q
-
-
-def packed_encode(y: Tensor, fmt: str, global_scale=None) -> tuple[Tensor, Tensor]:
-    """(codes, scale bytes) of y in the layout a packing kernel writes: 'mxfp4' and 'nvfp4' E2M1 codes packed two
-    per byte, 'mxfp8' E4M3 bit patterns; the reference kernels/block_quant.py is checked against."""
-    if fmt == "mxfp4":
-        codes, scales = MXFormat("e2m1").encode(y)
-        return pack_nibbles(codes), scales
-    if fmt == "mxfp8":
-        return MXFormat("e4m3").encode(y)
-    codes, scales, _ = NVFP4Format().encode(y, global_scale=global_scale)
-    return pack_nibbles(codes), scales
+def describe_formats() -> str:
+    """The named formats for help texts: 'mxfp4 (32 values share ...), ..., int4g128 (...)'."""
+    by_summary: dict[str, list[str]] = {}
+    for f in REGISTRY:
+        by_summary.setdefault(f.summary, []).append(f.name)
+    return ", ".join(f"{', '.join(names)} ({summary})" for summary, names in by_summary.items()) + (
+        f", {IntFormat.summary}")

@@ -297,7 +297,7 @@ def test_the_cli_refuses_before_loading_and_never_overwrites_without_force(tiny_
 
 @pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
 def test_a_write_failing_midway_leaves_nothing(tiny, tmp_path, monkeypatch, error):
-    import engine.export as export
+    import engine.export.writer as export
 
     tmp_path = tmp_path / "work"  # beside the test's own cache/
     tmp_path.mkdir()

@@ -40,9 +40,9 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED,
 
 
 def engine_encode(y: torch.Tensor, fmt: str, g=None) -> tuple[torch.Tensor, torch.Tensor]:
-    from engine.quant.formats import packed_encode
+    from engine.quant.formats import FORMATS
 
-    return packed_encode(y, fmt, g)
+    return FORMATS[fmt].kernel_encode(y, g)
 
 
 def assert_same(got, want, what=""):
