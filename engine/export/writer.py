@@ -92,10 +92,11 @@ def check_exportable(recipe, bits, handle=None) -> None:
         raise ExportError("QRazor cannot be exported: its significant-data razoring keeps each value's 4 bits from "
                           "its group's leading one, with a per-group shift flag, and compressed-tensors' integer "
                           "formats hold only a scale and a zero point per group")
-    w, a, kv = _formats(recipe, bits, handle.arch.head_dim if handle is not None else None)
+    head_dim = handle.arch.head_dim if handle is not None else None
+    w, a, kv = _formats(recipe, bits, head_dim)
     for part, name, fmt, describe in (("w", "weight", w, lambda f: f.ct_weights()),
                                       ("a", "activation", a, lambda f: f.ct_input_activations()),
-                                      ("kv", "KV-cache", kv, lambda f: f.ct_kv_cache(None))):
+                                      ("kv", "KV-cache", kv, lambda f: f.ct_kv_cache(head_dim))):
         try:
             if fmt is not None:
                 describe(fmt)

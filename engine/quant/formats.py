@@ -222,19 +222,25 @@ class Format(ABC):
         return None
 
     # ---- built on the primitives
-    def encode(self, x: Tensor, clip_ratio: Tensor | float = 1.0, *, search: bool = False,
-               global_scale: Tensor | float | None = None) -> Encoded:
-        """Codes and scales of x [..., d]. clip_ratio: a float in (0, 1], or a tensor [..., 1] of one ratio per row
-        of x; search: QuaRot's |err|^2.4 range search per group (integer grids only; ignored by formats whose
-        scale follows a fixed rule)."""
+    def _quantize(self, x: Tensor, clip_ratio: Tensor | float, search: bool,
+                  global_scale: Tensor | float | None) -> tuple[Tensor, Scales, Tensor | None]:
+        """(elements [..., G, g], their Scales, the tensor's context) of x [..., d]."""
         xf = x.detach().float()
         context = self.context(xf, global_scale)
         groups = split_groups(xf, self.group)
         clip = clip_ratio.unsqueeze(-1) if torch.is_tensor(clip_ratio) else check_clip_ratio(clip_ratio)
         scales = self.fit(groups, clip, context, search)
-        codes = self.to_codes(self.elements(groups, scales, context))
+        return self.elements(groups, scales, context), scales, context
+
+    def encode(self, x: Tensor, clip_ratio: Tensor | float = 1.0, *, search: bool = False,
+               global_scale: Tensor | float | None = None) -> Encoded:
+        """Codes and scales of x [..., d]. clip_ratio: a float in (0, 1], or a tensor [..., 1] of one ratio per row
+        of x; search: QuaRot's |err|^2.4 range search per group (integer grids only; ignored by formats whose
+        scale follows a fixed rule)."""
+        elements, scales, context = self._quantize(x, clip_ratio, search, global_scale)
         zero = None if scales.zero is None else scales.zero.squeeze(-1)
-        return Encoded(self, codes.flatten(-2), scales.stored.squeeze(-1), x.shape[-1], zero, context)
+        return Encoded(self, self.to_codes(elements).flatten(-2), scales.stored.squeeze(-1), x.shape[-1], zero,
+                       context)
 
     def decode(self, enc: Encoded) -> Tensor:
         """float32 values [..., d] of encoded codes and scales."""
@@ -245,8 +251,11 @@ class Format(ABC):
 
     def fake_quantize(self, x: Tensor, clip_ratio: Tensor | float = 1.0,
                       global_scale: Tensor | float | None = None) -> Tensor:
-        """decode(encode(x)) in x's dtype, with the identity gradient."""
-        return straight_through(x, self.decode(self.encode(x, clip_ratio, global_scale=global_scale)))
+        """decode(encode(x)) in x's dtype, with the identity gradient. It skips the codes themselves (elements ->
+        codes -> elements is the identity, tests/engine/quant/test_formats.py checks it for every format): packing
+        bit patterns on every forward pass made activation quantization about 4x slower."""
+        elements, scales, context = self._quantize(x, clip_ratio, False, global_scale)
+        return straight_through(x, merge_groups(self.dequantize(elements, scales, context), x.shape[-1]))
 
     def column_rounder(self, weight: Tensor, search: bool = False) -> ColumnRounder:
         return ColumnRounder(self, weight, search)
@@ -341,7 +350,7 @@ class IntFormat(Format):
     The grids and their float32 operations are engine.quant.quantizers' (find_grid, QuantGrid)."""
 
     bits: int
-    group: int | None = None  # type: ignore[assignment]  (a field here, Format's property elsewhere)
+    group: int | None = None  # type: ignore[assignment]  # a field here; the other formats derive it
     symmetric: bool = True
     rule: ClassVar[str] = "Round-to-nearest integer grid of the GPTQ/QuaRot/SpinQuant code (see quantizers.py)."
     summary: ClassVar[str] = "intB or intBgG: B-bit integers per row or per group of G, 'a' for asymmetric"

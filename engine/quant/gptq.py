@@ -10,15 +10,11 @@ codes and scales (gptq_encode), as every weight quantizer does.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
+from engine.quant.formats import ColumnRounder, Encoded, IntFormat
 from engine.quant.quantizers import MAX_BITS, check_bits, check_group_size, split_groups
-
-if TYPE_CHECKING:
-    from engine.quant.formats import ColumnRounder, Encoded
 
 
 class HessianAccumulator:
@@ -161,8 +157,6 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int | None = None
     """GPTQ fake quantization of W [out, in] on the symmetric integer grid of `bits` per row (or per group of
     `group_size` input columns), optionally with QuaRot's clipping search: gptq_encode's result dequantized, in
     W's dtype. bits = 16 returns W unchanged."""
-    from engine.quant.formats import IntFormat
-
     _check_inputs(W, H, damp, block)
     if check_bits(bits) >= MAX_BITS:
         return W.clone()

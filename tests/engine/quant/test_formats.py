@@ -286,6 +286,17 @@ def test_zeros_sign_symmetry_dtype_and_gradient(fmt):
     assert torch.equal(leaf.grad, torch.ones_like(x))
 
 
+@pytest.mark.parametrize("fmt", ALL_FORMATS, ids=lambda f: f.name)
+def test_fake_quantization_is_decode_of_encode_bit_for_bit(fmt):
+    x = rand(4, 70, seed=10, scale=3) ** 3
+    for clip in (1.0, 0.85):
+        enc = fmt.encode(x, clip)
+        by_codes = fmt.decode(enc)
+        direct = fmt.fake_quantize(x, clip)
+        assert torch.equal(by_codes, direct)
+        assert torch.equal(fmt.from_codes(fmt.to_codes(fmt.from_codes(enc.codes))), fmt.from_codes(enc.codes))
+
+
 @pytest.mark.parametrize("fmt", [FORMATS["mxfp4"], FORMATS["mxfp8"], FORMATS["nvfp4"], IntFormat(4, group=32)])
 def test_ragged_last_block_is_zero_padding(fmt):
     x = rand(5, 70, seed=9, scale=2)
