@@ -281,12 +281,14 @@ def _online_schemes(model: nn.Module, arch) -> tuple[dict, dict]:
     return schemes, weights
 
 
-def _weight_tensors(linear: nn.Module, name: str, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _weight_tensors(linear: nn.Module, name: str, fmt, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """What compressed-tensors stores for one built linear: its format's tensors of the codes and scales its weight
     quantizer returned (engine.quant.apply keeps them as `spinscope_codes`)."""
     enc = getattr(linear, "spinscope_codes", None)
     if enc is None:
         raise ExportError(f"{name} has no codes and scales: its weight was not quantized by SpinScope's RTN or GPTQ")
+    if enc.fmt != fmt:
+        raise ExportError(f"{name} holds {enc.fmt.name} codes where the row's weights are {fmt.name}")
     w = linear.weight
     if not torch.equal(enc.dequantize().to(device=w.device, dtype=w.dtype), w):
         raise ExportError(f"{name}'s weight changed after it was quantized, so its codes and scales no longer say "
@@ -306,12 +308,12 @@ def _pack(model: nn.Module, recipe, bits, arch):
     plain = _plain_model(model)
     qconfig = _quantization_config(recipe, bits, arch)
     apply_quantization_config(plain, qconfig, show_progress=False)
-    built = dict(model.named_modules())
+    built, fmt = dict(model.named_modules()), _formats(recipe, bits)[0]
     for name, module in plain.named_modules():
         scheme = getattr(module, "quantization_scheme", None)
         if not isinstance(module, nn.Linear) or scheme is None or scheme.weights is None:
             continue
-        for key, value in _weight_tensors(built[name], name, module.weight_scale.dtype).items():
+        for key, value in _weight_tensors(built[name], name, fmt, module.weight_scale.dtype).items():
             # new tensors (the built model is left as it was) that compressed-tensors packs back to exactly the codes
             param = getattr(module, key)
             if key == "weight":
