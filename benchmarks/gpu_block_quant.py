@@ -49,9 +49,9 @@ def parse_cases(text: str) -> list[tuple[str, int]]:
 
 
 def engine_encode(y: torch.Tensor, fmt: str, g=None) -> tuple[torch.Tensor, torch.Tensor]:
-    from engine.quant.formats import packed_encode
+    from engine.quant.formats import FORMATS
 
-    return packed_encode(y, fmt, g)
+    return FORMATS[fmt].kernel_encode(y, g)
 
 
 def random_stack(n: int, b: int, dtype=torch.float16) -> torch.Tensor:

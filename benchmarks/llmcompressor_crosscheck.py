@@ -32,11 +32,11 @@ with range = q_max - q_min = 7 - (-8) = 15 (_calculate_range), i.e. amax / 7.5, 
 (quantization/lifecycle/forward_helpers.py) clamps x / scale to [-8, 7] and rounds (round_to_quantized_type_args):
 +amax lands on the 7.5 tie and is clamped to 7 (dequantized 0.933 amax), -amax rounds to -8 or -7 by float32
 rounding of the tie. SpinScope's grid (engine/quant/quantizers.py: integer_range, find_grid) is [-7, 7] with
-scale = amax / 7, so +-amax are exact; engine.export.integer_grid reads that grid back from the fake-quantized weight
-and stores those scales and codes. Scales therefore differ by 7 / 7.5 = 14/15 and some codes differ, but both
-checkpoints hold the same fused weights quantized by round-to-nearest on their own grid, and each decompresses to
-q * scale (compressed-tensors' _dequantize, for any q in [-8, 7]), so SpinScope's checkpoint means exactly the
-weights the engine evaluated. Applying each tool's rule to the other's fused weights reproduces its codes.
+scale = amax / 7, so +-amax are exact; engine.export writes the codes and scales the engine's RTN returned.
+Scales therefore differ by 7 / 7.5 = 14/15 and some codes differ, but both checkpoints hold the same fused
+weights quantized by round-to-nearest on their own grid, and each decompresses to q * scale (compressed-tensors'
+_dequantize, for any q in [-8, 7]), so SpinScope's checkpoint means exactly the weights the engine evaluated.
+Applying each tool's rule to the other's fused weights reproduces its codes.
 
 Result (llm-compressor 0.14.0.1 with compressed-tensors 0.19.0; SpinScope with compressed-tensors 0.20.1; R1, R2, R4):
 transform_config agrees in every scheme's type (hadamard), head_dim (R2: 16), targets, locations and inverse flags;
@@ -372,11 +372,11 @@ def compare_logits(ss_dir: Path, lc_dir: Path, model_dir: Path, work: Path, ss_t
     the q * scale read here."""
     from transformers import AutoModelForCausalLM
 
-    from engine.export import LOADER, LOADER_FILE
+    from engine.export import LOADER_FILE, LOADER_PATH
 
     ids, none = token_ids(), torch.zeros(0, 2, dtype=torch.long)
     if not (lc_dir / LOADER_FILE).exists():  # llm-compressor writes no loader; the same loader reads its config
-        (lc_dir / LOADER_FILE).write_text(LOADER)
+        shutil.copyfile(LOADER_PATH, lc_dir / LOADER_FILE)
     swapped = swap_weights(ss_dir, lc_dir, work / "spinscope-with-llmc-weights")
     got = {}
     for label, directory in (("spinscope", ss_dir), ("llmcompressor", lc_dir), ("swapped", swapped)):

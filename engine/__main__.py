@@ -340,6 +340,8 @@ def placement_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.quant.formats import FORMATS  # the registry: help texts list every named format
+
     p = argparse.ArgumentParser(prog="python -m engine", description="SpinScope engine")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("capture", help="capture activation statistics and print the per-layer table")
@@ -390,8 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     mx = sub.add_parser("matrix", help="what-if matrix: perplexity of number formats (rows) x rotations (columns)")
     mx.add_argument("--model", default="default")
     mx.add_argument("--formats", default="4,mxfp4,nvfp4,fp8",
-                    help="comma-separated: a bit width (integers) or a format (mxfp4, mxfp6, mxfp8, nvfp4, fp8, "
-                         "int4g128) for weights and activations")
+                    help=f"comma-separated: a bit width (integers) or a format ({', '.join(FORMATS)}, int4g128) for "
+                         "weights and activations")
     mx.add_argument("--rotations", default="none,hadamard,block16,block32,block128,block32p",
                     help="comma-separated R1/R4: none, hadamard, block<b>, block<b>p (R4 permuted), file:<path>")
     mx.add_argument("--kv", default="16", help="the KV cache's bit width or format in every cell")

@@ -35,6 +35,7 @@ import torch
 
 from kernels import hadamard
 from kernels.block_quant import (
+    FORMATS,
     block_quantize_reference,
     group_mismatch,
     nvfp4_global_scale,
@@ -73,7 +74,7 @@ ROW_FIELDS = ("kernel", "d", "L", "dtype", "block", "median_us", "gbps", "over_m
 CHECK_TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 CHECK_ROWS = 256  # rows compared against the FHT and GEMM references (cheaper than all L rows)
 MAX_OFF_BY_ONE = 1e-3  # rotate + quantize: fraction of integers allowed one step off the reference (quant_error)
-MX_FORMATS = ("mxfp4", "nvfp4", "mxfp8")
+MX_FORMATS = tuple(FORMATS)  # kernels/block_quant.py's formats
 
 
 class NoGPUError(RuntimeError):

@@ -5,7 +5,7 @@ Output for x [..., d] rotated by B (one [b, b] matrix shared by every block, or 
   is the sign) for "mxfp4" / "nvfp4", [..., d / 2]; float8_e4m3fn bit patterns for "mxfp8", [..., d];
 - `scales` uint8 [..., d / group]: E8M0 (shared_exp + 127) for MX (group 32), E4M3 bit patterns for NVFP4
   (group 16), whose per-tensor FP32 scale g the caller passes in.
-The rules are those of engine/quant/formats.py (MXFormat / NVFP4Format .encode), bit for bit:
+The rules are those of engine/quant/formats.py (the formats whose `kernel` names one here), bit for bit:
 - OCP MX v1.0 (section 6.3): shared_exp = floor(log2 amax) - emax_elem (e2m1: 2, e4m3: 8), -127 for an all-zero
   group, clamped to [-127, 127]; elements = x / 2^shared_exp rounded to nearest even, saturating at the max normal.
 - NVFP4: s = e4m3(amax / (6 * g)) (RNE, saturating at 448); elements e2m1(x / (s * g)), all float32 in this

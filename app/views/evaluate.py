@@ -7,6 +7,7 @@ import streamlit as st
 from app import charts, progress, state
 from app.sections import export
 from engine.evaluate import EvalConfig, eval_table_job
+from engine.quant.formats import describe_formats
 from engine.quant.recipes import CLIP_LABELS, CLIP_MODES, PRESETS, RECIPES, Bits, get_recipe
 
 st.title("Evaluate quantized models")
@@ -33,10 +34,8 @@ with st.form("evaluate"):
     presets = c2.multiselect("Bits (W-A-KV)", PRESETS, default=["4-4-4"], accept_new_options=True,
                              key="eval_bits",
                              help="16 = floating point. 4-4-16: 4-bit weights and activations, 16-bit KV cache. Each "
-                                  "part may also name a format: mxfp4, mxfp6, mxfp8 (32 values share a power-of-two "
-                                  "scale), nvfp4 (16 share an FP8 scale), fp8 (one scale per row), int4g128 (groups "
-                                  "of 128). The presets are shortcuts: type any W-A-KV (e.g. 8-8-8, 16-4-4 or "
-                                  "nvfp4-nvfp4-fp8) and press Enter.")
+                                  f"part may also name a format: {describe_formats()}. The presets are shortcuts: "
+                                  "type any W-A-KV (e.g. 8-8-8, 16-4-4 or nvfp4-nvfp4-fp8) and press Enter.")
     c3, c4, c5 = st.columns(3)
     weights = c3.radio("Weight quantizer", ["rtn", "gptq"], horizontal=True, key="eval_weights",
                        help="Round to nearest, or GPTQ (calibrated on the calibration split), on the grid of the "

@@ -22,6 +22,7 @@ from torch import nn
 from engine import store
 from engine.model import dispatch
 from engine.model.arch import ARCHITECTURES, LLAMA, ArchInfo, check_config_supported, resolve
+from engine.model.compressed import fold_online_transforms, import_kwargs, import_note
 from engine.model.dispatch import Placement
 from engine.model.experts import unfuse_experts
 from engine.model.gguf_split import PART_NAME, SplitGGUFError, merge_parts, split_parts
@@ -315,9 +316,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, note, kw, config = _read_config(name)
-    from engine.export import fold_online_transforms, import_kwargs, import_note
-
-    kw = {**kw, **import_kwargs(config)}  # a compressed-tensors checkpoint loads dequantized (engine.export)
+    kw = {**kw, **import_kwargs(config)}  # a compressed-tensors checkpoint loads dequantized (engine.model.compressed)
     placement = None
     if device == "auto" or max_memory is not None or device_map is not None:
         if any(ARCHITECTURES.get(a, LLAMA).experts for a in config.architectures or ()):  # before any weight is read

@@ -20,12 +20,18 @@ from engine.quant.calibrate import (
     search_kv,
     search_weight,
 )
+from engine.quant.formats import Encoded
 from engine.quant.gptq import HessianAccumulator
 from engine.quant.methods import ACTIVATION_METHODS, WEIGHT_METHODS, weight_format
 from engine.quant.recipes import Bits, Recipe
 
 
-def _set_weight(lin: nn.Linear, w: torch.Tensor) -> None:
+def _set_weight(lin: nn.Linear, w: torch.Tensor | Encoded) -> None:
+    """Write a quantized weight; an Encoded one (codes and scales) is also kept on the linear as
+    `spinscope_codes`, which export writes as it is."""
+    if isinstance(w, Encoded):
+        lin.spinscope_codes = w
+        w = w.dequantize()
     dispatch.write_tensor(lin, "weight", w)  # also where an offloaded weight lives (engine.model.dispatch)
 
 
@@ -46,8 +52,9 @@ def quantize_weights_direct(model: nn.Module, arch: ArchInfo, bits: Bits, recipe
         for role in arch.linears:
             lin = arch.module(model, role, i)
             if calibrated:
-                w, plan.weights[(i, role)] = search_weight(_weight(lin), inputs.x.get((i, role)),
-                                                           weight_format(bits.w, recipe))
+                fmt, w = weight_format(bits.w, recipe), _weight(lin)
+                _, plan.weights[(i, role)] = search_weight(w, inputs.x.get((i, role)), fmt)
+                w = fmt.encode(w, clip_ratio=plan.weights[(i, role)][:, None])  # the codes of the chosen clips
             else:
                 w = method.quantize(_weight(lin), bits.w, recipe)
             _set_weight(lin, w)

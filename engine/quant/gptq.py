@@ -3,8 +3,9 @@ rounding error onto the columns not yet quantized through the inverse Hessian of
 
 For a linear y = x @ W.T with calibration inputs X [n, in], the layer loss ||X W.T - X Wq.T||^2 has
 Hessian H = 2 X.T X / n [in, in] (HessianAccumulator). The grid is the symmetric per-row grid of
-engine.quant.quantizers (same integer range, same optional clipping search), so GPTQ and RTN outputs are
-directly comparable.
+engine.quant.quantizers (same integer range, same optional clipping search), or a named format's grid, through
+the format's column rounder (engine.quant.formats), so GPTQ and RTN outputs are directly comparable. GPTQ returns
+codes and scales (gptq_encode), as every weight quantizer does.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from engine.quant.quantizers import MAX_BITS, WeightQuantizer, check_bits, check_group_size, split_groups
+from engine.quant.formats import ColumnRounder, Encoded, IntFormat
+from engine.quant.quantizers import MAX_BITS, check_bits, check_group_size, split_groups
 
 
 class HessianAccumulator:
@@ -82,40 +84,24 @@ def _check_inputs(W: Tensor, H: Tensor, damp: float, block: int) -> None:
 
 
 @torch.no_grad()
-def gptq_quantize(
-    W: Tensor,
-    H: Tensor,
-    bits: int,
-    group_size: int | None = None,
-    damp: float = 0.01,
-    block: int = 128,
-    clip_search: bool = False,
-    act_order: bool = False,
-    rounder=None,
-) -> Tensor:
-    """GPTQ fake quantization of W [out, in] given H [in, in]; returns W's dtype, device and shape.
+def gptq_encode(W: Tensor, H: Tensor, rounder: ColumnRounder, damp: float = 0.01, block: int = 128,
+                act_order: bool = False) -> Encoded:
+    """GPTQ of W [out, in] given H [in, in] on a format's grid: the codes and scales of the result.
 
+    - rounder: the format's column rounder built on W (Format.column_rounder: integer grids with or without
+      QuaRot's clipping search, or a floating-point format's grid); its group (a group, a block, or None for one
+      grid per row) is fitted when the loop reaches the group's first column, on the weights as updated so far
+      (as in the reference). With act_order the groups stay the contiguous groups of the original column order
+      and their grids are fitted once on the original weights ("static groups"), so the result is a valid grouped
+      format.
     - damp: H += damp * mean(diag H) * I before inverting.
     - Dead columns (diag H = 0: the input channel is always zero) are set to 0 and ignored.
-    - group_size: one grid per row per group of input columns, fitted when the loop reaches the
-      group's first column on the weights as updated so far (as in the reference). With act_order the
-      groups stay the contiguous groups of the original column order and their grids are fitted once
-      on the original weights ("static groups"), so the result is a valid grouped format.
     - act_order: quantize columns in order of decreasing diag H.
     - block: columns per lazy batch update (only speed, not the result, depends on it up to rounding).
-    - rounder: a floating-point format's grid instead of the integer one (engine.quant.formats.ColumnRounder,
-      built on W): its group (a block, or None for per-row FP8) replaces group_size; `bits` is then ignored.
     Math runs in float32.
     """
     _check_inputs(W, H, damp, block)
-    if rounder is not None:
-        if act_order:
-            raise ValueError("act_order is not supported with a floating-point format's grid")
-        bits, group_size = MAX_BITS - 1, rounder.group
-    bits = check_bits(bits)
-    group_size = check_group_size(group_size)
-    if bits >= MAX_BITS:
-        return W.clone()
+    group_size = rounder.group
     out_features, in_features = W.shape
     weight = W.detach().float().clone()  # [out, in], updated in place as errors are pushed forward
     H = H.detach().to(device=W.device, dtype=torch.float32).clone()
@@ -124,12 +110,13 @@ def gptq_quantize(
     H[dead, dead] = 1.0
     weight[:, dead] = 0.0
 
-    quantizer = rounder if rounder is not None else WeightQuantizer(bits, clip_search=clip_search)
-    static_grids = None
+    static = act_order and group_size is not None
     if group_size is None:
-        quantizer.fit(weight)
-    elif act_order:
-        static_grids = _fit_static_groups(weight, bits, group_size, clip_search)  # one per group
+        rounder.fit(weight)
+    elif static:  # one grid per contiguous group, on the original weights
+        groups = split_groups(weight, group_size)  # [out, G, g]
+        for g in range(groups.shape[1]):
+            rounder.fit(groups[:, g])
 
     order = torch.arange(in_features, device=W.device)  # position -> original column
     if act_order:
@@ -139,7 +126,7 @@ def gptq_quantize(
 
     U = _inverse_hessian_factor(H, damp)  # [in, in], upper triangular
     original_column = order.tolist()  # on the host: no device sync per column
-    quantized = torch.zeros_like(weight)
+    elements = torch.zeros_like(weight)  # [out, in]: each column's integers or element values
 
     for start in range(0, in_features, block):
         stop = min(start + block, in_features)
@@ -149,21 +136,32 @@ def gptq_quantize(
         for i in range(stop - start):
             col = start + i
             if group_size is not None:
-                if static_grids is not None:
-                    quantizer.grid = static_grids[original_column[col] // group_size]
+                if static:
+                    rounder.select(original_column[col] // group_size)
                 elif col % group_size == 0:
-                    quantizer.fit(_current_group(weight, w_block, errors, U, start, i, group_size))
+                    rounder.fit(_current_group(weight, w_block, errors, U, start, i, group_size))
             w = w_block[:, i]
-            q = quantizer.quantize(w)
-            quantized[:, col] = q
+            elements[:, col], q = rounder.round(w)
             err = (w - q) / U_block[i, i]
             w_block[:, i:] -= err.unsqueeze(1) * U_block[i, i:].unsqueeze(0)
             errors[:, i] = err
         weight[:, stop:] -= errors @ U[start:stop, stop:]
 
     if act_order:
-        quantized = quantized[:, torch.argsort(order)]
-    return quantized.to(W.dtype)
+        elements = elements[:, torch.argsort(order)]
+    return rounder.encoded(elements)
+
+
+def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, damp: float = 0.01,
+                  block: int = 128, clip_search: bool = False, act_order: bool = False) -> Tensor:
+    """GPTQ fake quantization of W [out, in] on the symmetric integer grid of `bits` per row (or per group of
+    `group_size` input columns), optionally with QuaRot's clipping search: gptq_encode's result dequantized, in
+    W's dtype. bits = 16 returns W unchanged."""
+    _check_inputs(W, H, damp, block)
+    if check_bits(bits) >= MAX_BITS:
+        return W.clone()
+    rounder = IntFormat(bits, group=check_group_size(group_size)).column_rounder(W, search=clip_search)
+    return gptq_encode(W, H, rounder, damp, block, act_order).dequantize().to(W.dtype)
 
 
 def _current_group(
@@ -182,13 +180,3 @@ def _current_group(
         return inside
     later = weight[:, stop : stop + beyond] - errors[:, :i] @ U[start : start + i, stop : stop + beyond]
     return torch.cat([inside, later], dim=1)
-
-
-def _fit_static_groups(weight: Tensor, bits: int, group_size: int, clip_search: bool) -> list:
-    """One per-row grid (scale [out, 1]) per contiguous group of input columns of weight [out, in]."""
-    groups = split_groups(weight, group_size)  # [out, G, g]
-    grids = []
-    for g in range(groups.shape[1]):
-        quantizer = WeightQuantizer(bits, clip_search=clip_search)
-        grids.append(quantizer.fit(groups[:, g]))
-    return grids

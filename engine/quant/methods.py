@@ -12,10 +12,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from engine.quant.formats import ColumnRounder, Format, IntFormat, parse_format
-from engine.quant.gptq import gptq_quantize
+from engine.quant.formats import Encoded, Format, IntFormat
+from engine.quant.gptq import gptq_encode
 from engine.quant.qrazor import ROLE_BASE_BITS, dequantize, qrazor_fake_quant, quantize_absmax
-from engine.quant.quantizers import quantize_activation, quantize_kv, quantize_weight
 
 if TYPE_CHECKING:
     from engine.quant.recipes import Recipe
@@ -27,26 +26,37 @@ QRAZOR_GROUP = 16  # integers sharing one razoring flag (the paper's group size)
 
 
 # ---- weights ---------------------------------------------------------------------------------------------------
-def weight_format(spec: int | str, recipe: Recipe) -> Format:
+def weight_format(spec: int | Format, recipe: Recipe) -> Format:
     """The format of a weight setting: a bit width is the symmetric per-row (or the recipe's per-group) integer
-    grid; a name is that format (engine.quant.formats), quantized along the input dim."""
-    return IntFormat(spec, group=recipe.w_group) if isinstance(spec, int) else parse_format(spec)
+    grid; a named format (engine.quant.formats, as Bits holds it) is itself, quantized along the input dim."""
+    return spec if isinstance(spec, Format) else IntFormat(spec, group=recipe.w_group)
+
+
+def activation_format(spec: int | Format) -> Format | None:
+    """A bit width is the per-token asymmetric integer grid; None at 16 bits (floating point)."""
+    if isinstance(spec, Format):
+        return spec
+    return None if spec == FP_BITS else IntFormat(spec, symmetric=False)
+
+
+def kv_format(spec: int | Format, head_dim: int) -> Format | None:
+    """A bit width is the asymmetric integer grid per head (groups of head_dim along K's and V's last dim)."""
+    if isinstance(spec, Format):
+        return spec
+    return None if spec == FP_BITS else IntFormat(spec, group=head_dim, symmetric=False)
 
 
 class RTNWeights:
     """Round to nearest per output row (or per group, or in a named format), optionally with QuaRot's clipping
-    search (integer grids)."""
+    search (integer grids). Returns the weight's codes and scales (Encoded)."""
 
     needs_calibration = False
 
-    def check(self, bits: int | str) -> None:
+    def check(self, bits: int | Format) -> None:
         """Refuse a setting this method cannot honour (before any work)."""
 
-    def quantize(self, w: Tensor, bits: int | str, recipe: Recipe) -> Tensor:
-        fmt = weight_format(bits, recipe)
-        if isinstance(fmt, IntFormat):
-            return quantize_weight(w, fmt.bits, group_size=fmt.group, clip_search=recipe.weight_search)
-        return fmt.fake_quantize(w)
+    def quantize(self, w: Tensor, bits: int | Format, recipe: Recipe) -> Encoded:
+        return weight_format(bits, recipe).encode(w, search=recipe.weight_search)
 
 
 class GPTQWeights(RTNWeights):
@@ -55,21 +65,19 @@ class GPTQWeights(RTNWeights):
 
     needs_calibration = True
 
-    def quantize_with_hessian(self, w: Tensor, hessian: Tensor, bits: int | str, recipe: Recipe, damp: float = 0.01,
-                              block: int = 128) -> Tensor:
-        fmt = weight_format(bits, recipe)
-        if isinstance(fmt, IntFormat):
-            return gptq_quantize(w, hessian, fmt.bits, group_size=fmt.group, damp=damp, block=block,
-                                 clip_search=recipe.weight_search)
-        return gptq_quantize(w, hessian, 16, damp=damp, block=block, rounder=ColumnRounder(fmt, w))
+    def quantize_with_hessian(self, w: Tensor, hessian: Tensor, bits: int | Format, recipe: Recipe,
+                              damp: float = 0.01, block: int = 128) -> Encoded:
+        rounder = weight_format(bits, recipe).column_rounder(w, search=recipe.weight_search)
+        return gptq_encode(w, hessian, rounder, damp=damp, block=block)
 
 
 class QRazorWeights:
-    """QRazor: per-row absmax integers at the weight base precision, razored (SDR) to the requested bits."""
+    """QRazor: per-row absmax integers at the weight base precision, razored (SDR) to the requested bits. Returns
+    the dequantized weight: SDR's per-group shift flags are no format's codes and scales."""
 
     needs_calibration = False
 
-    def check(self, bits: int | str) -> None:
+    def check(self, bits: int | Format) -> None:
         _check_integer(bits)
         if bits < FP_BITS:
             qrazor_target("weight", bits)
@@ -85,28 +93,22 @@ class RTNActivations:
 
     calibrates = True  # its clip ratios can be chosen per layer (engine.quant.calibrate)
 
-    def activation_quant(self, bits: int | str) -> ClipFn | None:
-        if bits == FP_BITS:
-            return None
-        if isinstance(bits, str):
-            return parse_format(bits).fake_quantize
-        return lambda x, ratio: quantize_activation(x, bits, clip_ratio=ratio)
+    def activation_quant(self, bits: int | Format) -> ClipFn | None:
+        fmt = activation_format(bits)
+        return None if fmt is None else fmt.fake_quantize
 
-    def kv_quant(self, bits: int | str, head_dim: int) -> ClipFn | None:
-        if bits == FP_BITS:
-            return None
-        if isinstance(bits, str):
-            return parse_format(bits).fake_quantize
-        return lambda x, ratio: quantize_kv(x, bits, head_dim, clip_ratio=ratio)
+    def kv_quant(self, bits: int | Format, head_dim: int) -> ClipFn | None:
+        fmt = kv_format(bits, head_dim)
+        return None if fmt is None else fmt.fake_quantize
 
-    def activation_fn(self, bits: int | str, recipe: Recipe, ratio: float | None = None) -> TensorFn | None:
+    def activation_fn(self, bits: int | Format, recipe: Recipe, ratio: float | None = None) -> TensorFn | None:
         quant = self.activation_quant(bits)
         if quant is None:
             return None
         ratio = recipe.fixed_clips[0] if ratio is None else ratio
         return lambda x: quant(x, ratio)
 
-    def kv_fn(self, bits: int | str, recipe: Recipe, head_dim: int, ratio: float | None = None) -> TensorFn | None:
+    def kv_fn(self, bits: int | Format, recipe: Recipe, head_dim: int, ratio: float | None = None) -> TensorFn | None:
         quant = self.kv_quant(bits, head_dim)
         if quant is None:
             return None
@@ -119,12 +121,12 @@ class QRazorActivations:
 
     calibrates = False  # SDR keeps the leading bits: no clip ratio to choose
 
-    def activation_fn(self, bits: int | str, recipe: Recipe, ratio: float | None = None) -> TensorFn | None:
+    def activation_fn(self, bits: int | Format, recipe: Recipe, ratio: float | None = None) -> TensorFn | None:
         _check_integer(bits)
         qrazor_target("activation", bits)  # refuse an impossible setting before any forward pass
         return lambda x: qrazor(x, "activation", bits)  # at 16 bits: the 16-bit base integers
 
-    def kv_fn(self, bits: int | str, recipe: Recipe, head_dim: int, ratio: float | None = None) -> TensorFn | None:
+    def kv_fn(self, bits: int | Format, recipe: Recipe, head_dim: int, ratio: float | None = None) -> TensorFn | None:
         _check_integer(bits)
         if bits >= FP_BITS:
             return None
@@ -135,8 +137,8 @@ class QRazorActivations:
         return lambda x: qrazor(x, "kv", bits)
 
 
-def _check_integer(bits: int | str) -> None:
-    if isinstance(bits, str):
+def _check_integer(bits: int | Format) -> None:
+    if isinstance(bits, Format):
         raise ValueError(f"qrazor razors integers: its bits must be bit widths (e.g. 4-4-4), got the format {bits!r}")
 
 

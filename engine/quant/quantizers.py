@@ -241,35 +241,6 @@ def quantize_weight(W: Tensor, bits: int, group_size: int | None = None, clip_se
     return fake_quantize(W, spec, clip_search=clip_search)
 
 
-class WeightQuantizer:
-    """Per-row symmetric grid fitted on some columns of W, then applied column by column (for GPTQ)."""
-
-    def __init__(self, bits: int, clip_search: bool = False, symmetric: bool = True) -> None:
-        self.bits = check_bits(bits)
-        self.clip_search = clip_search
-        self.symmetric = symmetric
-        self.grid: QuantGrid | None = None
-
-    def fit(self, W_columns: Tensor) -> QuantGrid:
-        """Fit one grid per row of W_columns [out, k] (a whole weight or one group of its columns)."""
-        _check_weight(W_columns)
-        if self.clip_search:
-            self.grid = search_clip_grid(W_columns, self.bits, self.symmetric)
-        else:
-            self.grid = find_grid(W_columns, self.bits, self.symmetric)
-        return self.grid
-
-    def quantize(self, w: Tensor) -> Tensor:
-        """Round trip of w [out] (one column) or [out, k] on the fitted per-row grid; float32."""
-        if self.grid is None:
-            raise ValueError("WeightQuantizer.fit(W) must be called before quantize(w)")
-        if self.bits >= MAX_BITS:
-            return w.float()
-        if w.dim() == 1:
-            return self.grid.round_trip(w.unsqueeze(-1)).squeeze(-1)
-        return self.grid.round_trip(w)
-
-
 # ---------------------------------------------------------------- activations and KV cache
 
 

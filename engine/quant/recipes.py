@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, replace
 
+from engine.quant.formats import Format, IntFormat, parse_format
 from engine.rotation.fusion import RotationConfig
 
 CLIP_MODES = ("calibrated", "fixed", "none")
@@ -20,35 +21,37 @@ _BITS_FORMS = (re.compile(r"([\w.]+)-([\w.]+)-([\w.]+)"), re.compile(r"W(\d+)A(\
 @dataclass(frozen=True)
 class Bits:
     """What each of weights, activations and KV cache becomes: an integer bit width (16 = left in floating point;
-    weights per row symmetric, activations per token asymmetric, KV per head asymmetric) or a number format's
-    name from engine.quant.formats (mxfp4, nvfp4, fp8, int4g128, ...), each quantized along its last dim."""
+    weights per row symmetric, activations per token asymmetric, KV per head asymmetric: the role decides the
+    grid) or a named number format (engine.quant.formats: mxfp4, nvfp4, fp8, int4g128, ...), each quantized along
+    its last dim. Names are resolved once, here: a part holds an int or a Format object."""
 
-    w: int | str = 16
-    a: int | str = 16
-    kv: int | str = 16
+    w: int | Format = 16
+    a: int | Format = 16
+    kv: int | Format = 16
 
     def __post_init__(self):
-        from engine.quant.formats import IntFormat, parse_format
-
         for field, name in (("w", "weight"), ("a", "activation"), ("kv", "KV-cache")):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, str)):
+            if isinstance(value, Format):
+                fmt = value
+            elif isinstance(value, bool) or not isinstance(value, (int, str)):
                 raise ValueError(f"{name} bits must be an integer bit width from 2 to 16 or a format name, "
                                  f"got {value!r}")
-            if isinstance(value, int) and not 2 <= value <= 16:
+            elif isinstance(value, int) and not 2 <= value <= 16:
                 raise ValueError(f"{name} bits must be an integer from 2 to 16, got {value!r}")
-            try:
-                fmt = parse_format(str(value))
-            except ValueError as e:
-                raise ValueError(f"bits must look like W-A-KV, each part a bit width or a format; the {name} part: "
-                                 f"{e}") from None
-            # a plain bit width stays an int (the role's own integer grid); any other format by its canonical name
-            plain = fmt is None or (isinstance(fmt, IntFormat) and fmt.group is None and fmt.symmetric)
-            object.__setattr__(self, field, (16 if fmt is None else fmt.bits) if plain else fmt.name)
+            else:
+                try:
+                    fmt = parse_format(str(value))
+                except ValueError as e:
+                    raise ValueError(f"bits must look like W-A-KV, each part a bit width or a format; the {name} "
+                                     f"part: {e}") from None
+            # a plain bit width stays an int (the role's own integer grid); any other format as its Format object
+            plain = fmt is None or fmt == IntFormat(fmt.element_bits)
+            object.__setattr__(self, field, (16 if fmt is None else fmt.element_bits) if plain else fmt)
 
     @staticmethod
     def parse(text: str) -> "Bits":
-        """'4-4-4' -> Bits(4, 4, 4); 'mxfp4-mxfp4-16' -> Bits('mxfp4', 'mxfp4', 16)."""
+        """'4-4-4' -> Bits(4, 4, 4); 'mxfp4-mxfp4-16' -> Bits(MXFormat('e2m1'), MXFormat('e2m1'), 16)."""
         match = next((m for form in _BITS_FORMS if (m := form.fullmatch(str(text).strip()))), None)
         if match is None:
             raise ValueError(f"bits must look like W-A-KV, each a bit width or a format, e.g. 4-4-16, W4A4KV16 or "
@@ -59,12 +62,15 @@ class Bits:
         """Whether 'w', 'a' or 'kv' is quantized at all (not left at 16 bits)."""
         return getattr(self, part) != 16
 
-    def format(self, part: str):
-        """The named format of 'w', 'a' or 'kv' (engine.quant.formats), or None for a plain bit width."""
-        from engine.quant.formats import parse_format
-
+    def format(self, part: str) -> Format | None:
+        """The named format of 'w', 'a' or 'kv', or None for a plain bit width."""
         value = getattr(self, part)
-        return parse_format(value) if isinstance(value, str) else None
+        return value if isinstance(value, Format) else None
+
+    def label(self, part: str) -> str:
+        """A part as written: its bit width or its format's name."""
+        value = getattr(self, part)
+        return value.name if isinstance(value, Format) else str(value)
 
     @property
     def integer(self) -> bool:
@@ -72,7 +78,7 @@ class Bits:
         return all(isinstance(getattr(self, p), int) for p in ("w", "a", "kv"))
 
     def __str__(self) -> str:
-        return f"{self.w}-{self.a}-{self.kv}"
+        return "-".join(self.label(p) for p in ("w", "a", "kv"))
 
 
 @dataclass(frozen=True)

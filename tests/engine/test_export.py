@@ -15,7 +15,7 @@ import torch
 from benchmarks.export_roundtrip import load_elsewhere
 from engine.evaluate import EvalConfig, build_model, perplexity
 from engine.events import run_to_end
-from engine.export import MARKER, ExportError, check_exportable, export_row, float_grid, integer_grid, write_checkpoint
+from engine.export import MARKER, ExportError, check_exportable, export_row, write_checkpoint
 from engine.model.loading import load_model
 from engine.quant.recipes import Bits, get_recipe
 from engine.rotation.files import RotationSet, save_rotations
@@ -164,13 +164,35 @@ def test_the_transform_config_has_llm_compressors_spinquant_layout(tiny, tmp_pat
     assert {v["type"] for v in t["config_groups"].values()} == {"random-hadamard"}
 
 
-def test_integer_grid_reads_rtn_and_gptq_style_rows_back():
-    w = torch.tensor([[0.7, -0.3, 0.1, 0.0], [0.12, -0.24, 0.36, 0.6]])  # row 2: max |q| = 5 of 7 (GPTQ can do this)
-    scale = torch.tensor([[0.1], [0.12]])
-    q, s = integer_grid(torch.round(w / scale) * scale, bits=4)
-    assert torch.equal(q, torch.round(w / scale).to(torch.int8)) and torch.allclose(s, scale)
-    with pytest.raises(ExportError, match="not on a 4-bit integer grid"):
-        integer_grid(torch.tensor([[0.7, 0.3137, 0.1, 0.05]]), bits=4)
+def test_the_checkpoint_holds_the_codes_and_scales_the_quantizer_returned(tiny, tmp_path):
+    """GPTQ's codes and scales (kept on each built linear) are what the checkpoint stores, read back with
+    compressed-tensors' own unpacking; no grid is searched for. A linear whose weight changed after quantization,
+    or that has no codes, is refused."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file
+
+    recipe, bits = get_recipe("rtn", weights="gptq", clip="none"), Bits.parse("4-16-16")
+    cfg = replace(CFG, corpus=text_corpus(tmp_path / "c.txt"))
+    torch.manual_seed(cfg.seed)
+    with tiny.working_model() as model:
+        model, _ = run_to_end(build_model(tiny, model, recipe, bits, cfg, cfg.seed))
+        write_checkpoint(tiny, model, recipe, bits, tmp_path / "x", seed=cfg.seed)
+        stored = load_file(tmp_path / "x" / "model.safetensors")
+        linears = [(n, m) for n, m in model.named_modules() if n.endswith("_proj")]
+        for name, lin in linears:
+            enc = lin.spinscope_codes
+            codes = unpack_from_int32(stored[f"{name}.weight_packed"], 4, lin.weight.shape)
+            assert torch.equal(codes, enc.codes), name
+            assert torch.equal(stored[f"{name}.weight_scale"].float(), enc.scales), name
+        name, lin = linears[0]
+        with torch.no_grad():
+            lin.weight[0, 0] += 1.0
+        with pytest.raises(ExportError, match=f"{name}'s weight changed after it was quantized"):
+            write_checkpoint(tiny, model, recipe, bits, tmp_path / "y", seed=cfg.seed)
+        del lin.spinscope_codes
+        with pytest.raises(ExportError, match=f"{name} has no codes and scales"):
+            write_checkpoint(tiny, model, recipe, bits, tmp_path / "y", seed=cfg.seed)
+    assert not (tmp_path / "y").exists()
 
 
 FLOAT_ROWS = {  # bits: (weights' recipe, compression format, num_bits, strategy, group_size, scale_dtype)
@@ -235,23 +257,6 @@ def test_floating_point_formats_round_trip(wide, tokens, tmp_path, bits):
         assert torch.equal(back[name], got["weights"][name].float()), name  # the same numbers as the runtime's
 
 
-def test_float_grid_reads_gptq_style_blocks_back():
-    """A block whose largest code is below the format's top (GPTQ's error feedback can leave it there) is read back
-    on another scale candidate: MXFP8 and FP8 with top code 240 (of 448), NVFP4 with top code 4 (of 6)."""
-    from engine.quant.formats import FP8Format, MXFormat, NVFP4Format
-
-    gen = torch.Generator().manual_seed(0)
-    for fmt, codes, step in ((MXFormat("e4m3"), [240.0, -3.0, 0.5, 96.0], 2.0 ** -6), (FP8Format(), [240.0, -3.0,
-                             0.5, 96.0], 0.01), (NVFP4Format(), [4.0, -3.0, 2.0, 0.5], None)):
-        w = fmt.fake_quantize(torch.randn(4, 64, generator=gen))
-        step = step or 96 * float(w.abs().max()) / 2688  # NVFP4: block scale s = 96 (E4M3) times the tensor's g
-        w[1] = torch.tensor(codes * 16) * step
-        exact, _, _ = float_grid(w, fmt)
-        assert torch.allclose(exact, w, rtol=1e-6, atol=0), fmt.name
-    with pytest.raises(ExportError, match="not on the mxfp4 grid"):
-        float_grid(torch.tensor([[0.7, 0.3137] + [0.0] * 30]), MXFormat("e2m1"))
-
-
 # ---- refusals and failures -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("recipe, bits, match", [
     (get_recipe("qrazor"), "4-4-4", "QRazor cannot be exported"),
@@ -297,7 +302,7 @@ def test_the_cli_refuses_before_loading_and_never_overwrites_without_force(tiny_
 
 @pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
 def test_a_write_failing_midway_leaves_nothing(tiny, tmp_path, monkeypatch, error):
-    import engine.export as export
+    import engine.export.writer as export
 
     tmp_path = tmp_path / "work"  # beside the test's own cache/
     tmp_path.mkdir()

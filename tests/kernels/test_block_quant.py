@@ -40,9 +40,9 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED,
 
 
 def engine_encode(y: torch.Tensor, fmt: str, g=None) -> tuple[torch.Tensor, torch.Tensor]:
-    from engine.quant.formats import packed_encode
+    from engine.quant.formats import FORMATS
 
-    return packed_encode(y, fmt, g)
+    return FORMATS[fmt].kernel_encode(y, g)
 
 
 def assert_same(got, want, what=""):
@@ -60,6 +60,14 @@ def small_g(x, blocks):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The kernels-side torch reference equals the engine's encoders (kernels/ may not import engine.quant)
+
+def test_every_kernel_format_is_named_by_exactly_one_engine_format():
+    from engine.quant.formats import REGISTRY
+
+    named = [f.kernel for f in REGISTRY if f.kernel is not None]
+    assert sorted(named) == sorted(FORMATS)  # and engine_encode finds each by the kernel's name
+    assert all(f.name == f.kernel for f in REGISTRY if f.kernel is not None)
+
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_torch_reference_equals_the_engine_encoders(fmt):

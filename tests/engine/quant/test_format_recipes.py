@@ -12,8 +12,8 @@ from engine.learn.spinquant import TrainConfig
 from engine.model.arch import resolve
 from engine.model.loading import tiny_llama
 from engine.quant.apply import quantize_model
-from engine.quant.formats import ColumnRounder, MXFormat, NVFP4Format
-from engine.quant.gptq import HessianAccumulator, gptq_quantize
+from engine.quant.formats import IntFormat, MXFormat, NVFP4Format
+from engine.quant.gptq import HessianAccumulator, gptq_encode, gptq_quantize
 from engine.quant.recipes import Bits, get_recipe
 from tests.engine.quant.test_calibrate import drain
 
@@ -41,7 +41,7 @@ def test_mxfp4_weights_land_on_the_mx_grid_and_activations_are_quantized(weights
         assert torch.isfinite(q(ids).logits).all()
 
 
-def test_gptq_on_an_nvfp4_grid_lowers_the_layer_loss_below_rtn():
+def test_gptq_on_an_nvfp4_grid_lowers_the_layer_loss_below_rtn_and_returns_its_codes():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(32, 64, generator=g)
     x = torch.randn(256, 64, generator=g) @ torch.randn(64, 64, generator=g)  # correlated inputs: GPTQ's case
@@ -49,25 +49,40 @@ def test_gptq_on_an_nvfp4_grid_lowers_the_layer_loss_below_rtn():
     acc.add_batch(x)
     fmt = NVFP4Format()
     rtn = fmt.fake_quantize(w)
-    gptq = gptq_quantize(w, acc.hessian, 16, rounder=ColumnRounder(fmt, w))
+    enc = gptq_encode(w, acc.hessian, fmt.column_rounder(w))
+    gptq = enc.dequantize()
     loss = lambda q: float(((q - w) @ x.T).pow(2).sum())  # noqa: E731
     assert loss(gptq) < 0.9 * loss(rtn)
-    g_scale = float(NVFP4Format.global_scale(w))  # every GPTQ value: an E2M1 value times its block's E4M3 scale
-    e4m3 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
-    scales = [float(s) for s in e4m3 if np.isfinite(s) and s > 0]
-    for block in gptq.reshape(32, -1, 16).reshape(-1, 16):
-        v = block.double().numpy()
-        assert any(np.allclose((c := (v / (s * g_scale)).astype(np.float32)),
-                               c.astype(ml_dtypes.float4_e2m1fn).astype(np.float32), rtol=0, atol=1e-5)
-                   for s in scales)
-    assert ColumnRounder(fmt, w).group == 16
+    # the codes and scales, decoded by ml_dtypes: E2M1 value * E4M3 block scale * the tensor's g, in that order
+    assert enc.codes.shape == (32, 64) and enc.scales.shape == (32, 4) and float(enc.global_scale) == float(
+        NVFP4Format.global_scale(w))
+    v = enc.codes.numpy().view(ml_dtypes.float4_e2m1fn).astype(np.float32).reshape(32, 4, 16)
+    s = enc.scales.numpy().view(ml_dtypes.float8_e4m3fn).astype(np.float32)[..., None]
+    want = (v * s * np.float32(enc.global_scale)).reshape(32, 64)
+    np.testing.assert_array_equal(gptq.numpy(), want)
+    assert fmt.column_rounder(w).group == 16
 
 
 def test_mx_column_rounder_matches_the_format_on_a_fitted_group():
     w = torch.randn(8, 32, generator=torch.Generator().manual_seed(2)) * 3
-    rounder = ColumnRounder(MXFormat(), w)
+    rounder = MXFormat().column_rounder(w)
     rounder.fit(w)
-    assert torch.equal(rounder.quantize(w), MXFormat().fake_quantize(w))
+    columns = torch.stack([rounder.round(w[:, j])[1] for j in range(32)], dim=1)
+    assert torch.equal(columns, MXFormat().fake_quantize(w))
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_gptq_returns_integer_codes_and_scales_that_make_its_weight(bits):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 96, generator=g)
+    acc = HessianAccumulator(96)
+    acc.add_batch(torch.randn(128, 96, generator=g))
+    enc = gptq_encode(w, acc.hessian, IntFormat(bits, group=32).column_rounder(w))
+    maxq = 2 ** (bits - 1) - 1
+    assert enc.codes.dtype == torch.int8 and int(enc.codes.abs().max()) <= maxq and enc.scales.shape == (16, 3)
+    by_hand = enc.codes.float().reshape(16, 3, 32) * enc.scales[..., None]  # q * scale per group of 32
+    assert torch.equal(enc.dequantize(), by_hand.reshape(16, 96))
+    assert torch.equal(gptq_quantize(w, acc.hessian, bits, group_size=32), by_hand.reshape(16, 96))
 
 
 def test_nvfp4_weights_and_fp8_kv_run_end_to_end_with_calibrated_clips():

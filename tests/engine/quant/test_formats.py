@@ -133,7 +133,8 @@ def test_mx_scale_by_hand():
     x[0, 64] = 2.0**-130  # shared_exp -132 clamps to -127; x / 2^-127 = 1/8 rounds to 0 in E2M1
     # block 3 is all zeros
     fmt = FORMATS["mxfp4"]
-    codes, scale_bits = fmt.encode(x)
+    enc = fmt.encode(x)
+    scale_bits = enc.scales
     assert scale_bits.tolist() == [[e8m0_bits(0), e8m0_bits(-2), e8m0_bits(-127), e8m0_bits(-127)]]
     assert scale_bits.tolist() == [[127, 125, 0, 0]]
     expected = torch.zeros(1, 128)
@@ -141,11 +142,11 @@ def test_mx_scale_by_hand():
     expected[0, 32:35] = torch.tensor([1.0, 0.25, -0.125])
     y = fmt.fake_quantize(x)
     assert torch.equal(y, expected)
-    assert torch.equal(fmt.decode(codes, scale_bits, 128), y)
+    assert torch.equal(fmt.decode(enc), y)
     # MXFP8 keeps the tiny value: 2^-130 / 2^-127 = 2^-3 is an E4M3 value.
     tiny = torch.zeros(1, 32)
     tiny[0, 0] = 2.0**-130
-    codes8, bits8 = FORMATS["mxfp8"].encode(tiny)
+    bits8 = FORMATS["mxfp8"].encode(tiny).scales
     assert bits8.tolist() == [[0]] and FORMATS["mxfp8"].fake_quantize(tiny)[0, 0].item() == 2.0**-130
 
 
@@ -172,10 +173,11 @@ def test_mx_idempotent(name):
 def test_mx_encode_decode_exact(name):
     fmt = FORMATS[name]
     x = rand(3, 5, 70, seed=3, scale=10)
-    codes, scale_bits = fmt.encode(x, clip_ratio=0.9)
+    enc = fmt.encode(x, clip_ratio=0.9)
+    codes, scale_bits = enc.codes, enc.scales
     assert codes.shape == (3, 5, 96) and codes.dtype == torch.uint8
     assert scale_bits.shape == (3, 5, 3) and scale_bits.dtype == torch.uint8
-    assert torch.equal(fmt.decode(codes, scale_bits, 70), fmt.fake_quantize(x, 0.9))
+    assert torch.equal(fmt.decode(enc), fmt.fake_quantize(x, 0.9))
     if name == "mxfp8":  # codes are the float8_e4m3fn bit patterns of x / X
         scale = torch.exp2(scale_bits.float() - 127).repeat_interleave(32, -1)[..., :70]
         assert torch.equal(codes[..., :70], (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8))
@@ -205,7 +207,8 @@ def test_nvfp4_two_level_scale_by_hand():
     expected[0, 0], expected[0, 16:19] = 2688.0, torch.tensor([3.0, 1.0, 0.25])
     fmt = FORMATS["nvfp4"]
     assert torch.equal(fmt.fake_quantize(x), expected)
-    codes, scales, g = fmt.encode(x)
+    enc = fmt.encode(x)
+    scales, g = enc.scales, enc.global_scale
     assert g.item() == 1.0
     assert scales.tolist() == [list(np.array([448, 0.5], np.float32).astype(ml_dtypes.float8_e4m3fn).view(np.uint8))]
 
@@ -227,9 +230,10 @@ def test_nvfp4_encode_decode_exact():
     fmt = FORMATS["nvfp4"]
     x = rand(3, 40, seed=5, scale=7)
     for g in (None, 0.01, torch.tensor(0.003)):
-        codes, scales, gs = fmt.encode(x, global_scale=g, clip_ratio=0.8)
+        enc = fmt.encode(x, 0.8, global_scale=g)
+        codes, scales, gs = enc.codes, enc.scales, enc.global_scale
         assert codes.shape == (3, 48) and scales.shape == (3, 3) and gs.dtype == torch.float32 and gs.dim() == 0
-        assert torch.equal(fmt.decode(codes, scales, gs, 40), fmt.fake_quantize(x, 0.8, global_scale=g))
+        assert torch.equal(fmt.decode(enc), fmt.fake_quantize(x, 0.8, global_scale=g))
     s = minifloat_values(scales, ELEMENTS["e4m3"])
     assert torch.equal(scales, s.to(torch.float8_e4m3fn).view(torch.uint8))
     with pytest.raises(ValueError, match="global_scale must be one finite positive number"):
@@ -282,6 +286,17 @@ def test_zeros_sign_symmetry_dtype_and_gradient(fmt):
     assert torch.equal(leaf.grad, torch.ones_like(x))
 
 
+@pytest.mark.parametrize("fmt", ALL_FORMATS, ids=lambda f: f.name)
+def test_fake_quantization_is_decode_of_encode_bit_for_bit(fmt):
+    x = rand(4, 70, seed=10, scale=3) ** 3
+    for clip in (1.0, 0.85):
+        enc = fmt.encode(x, clip)
+        by_codes = fmt.decode(enc)
+        direct = fmt.fake_quantize(x, clip)
+        assert torch.equal(by_codes, direct)
+        assert torch.equal(fmt.from_codes(fmt.to_codes(fmt.from_codes(enc.codes))), fmt.from_codes(enc.codes))
+
+
 @pytest.mark.parametrize("fmt", [FORMATS["mxfp4"], FORMATS["mxfp8"], FORMATS["nvfp4"], IntFormat(4, group=32)])
 def test_ragged_last_block_is_zero_padding(fmt):
     x = rand(5, 70, seed=9, scale=2)
@@ -290,7 +305,8 @@ def test_ragged_last_block_is_zero_padding(fmt):
 
 
 def test_bits_per_value_and_names():
-    figures = {f.name: f.bits_per_value(4096) for f in ALL_FORMATS}
+    listed = [FORMATS[n] for n in ("mxfp4", "mxfp6", "mxfp8", "nvfp4", "fp8")] + ALL_FORMATS[-3:]
+    figures = {f.name: f.bits_per_value(4096) for f in listed}
     assert figures == {
         "mxfp4": 4.25,
         "mxfp6": 6.25,

@@ -3,7 +3,6 @@ import torch
 
 from engine.quant.quantizers import (
     QuantSpec,
-    WeightQuantizer,
     clip_search_error,
     find_grid,
     integer_range,
@@ -169,18 +168,22 @@ def test_straight_through_gradient(fn):
     assert torch.equal(x.grad, g)
 
 
-def test_weight_quantizer_matches_quantize_weight():
+def test_the_integer_column_rounder_matches_quantize_weight():
+    from engine.quant.formats import IntFormat
+
     W = heavy_tailed(12, 48)
     for clip_search in (False, True):
-        quantizer = WeightQuantizer(4, clip_search=clip_search)
-        quantizer.fit(W)
-        by_column = torch.stack([quantizer.quantize(W[:, j]) for j in range(W.shape[1])], 1)
+        rounder = IntFormat(4).column_rounder(W, search=clip_search)
+        rounder.fit(W)
+        by_column = torch.stack([rounder.round(W[:, j])[1] for j in range(W.shape[1])], 1)
         assert torch.equal(by_column, quantize_weight(W, 4, clip_search=clip_search))
 
 
-def test_weight_quantizer_needs_fit():
+def test_a_column_rounder_needs_fit():
+    from engine.quant.formats import IntFormat
+
     with pytest.raises(ValueError, match="fit"):
-        WeightQuantizer(4).quantize(torch.randn(3))
+        IntFormat(4).column_rounder(torch.randn(3, 4)).round(torch.randn(3))
 
 
 def test_preserves_dtype():
