@@ -22,9 +22,12 @@ Each phase runs the engine's own job, as the pages and `python -m engine` run it
   export     engine.export.export_job: quarot at 4-4-4 (no clipping: dynamic quantizers cannot clip) written to a
              temporary directory, removed after
 
-peak_bytes: on a GPU torch.cuda.max_memory_allocated after a reset (the weights included); on a CPU the process's
-resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) minus its resident set before the model
-was built. A phase that fails (out of memory included) records its error and the next phase runs; a phase the
+peak_bytes: on a GPU torch.cuda.max_memory_allocated after a reset (the weights included); on a CPU the model's
+parameter bytes plus the rise of the process's resident set over the phase (its high-water mark VmHWM, reset through
+/proc/self/clear_refs, minus its resident set at the start), since the resident set also holds what the allocator
+kept of earlier work (building SmolLM2-135M's shapes left half its weights' size there); load: the rise over the
+resident set before the build. start_bytes: what was held as the phase started (the RSS beyond that baseline).
+A phase that fails (out of memory included) records its error and the next phase runs; a phase the
 memory model predicts will not fit is not started, and its row says why; --max-seconds skips what is left once
 spent. The JSON is rewritten (atomically) after every row, so a run stopped early keeps what finished.
 """
@@ -138,9 +141,10 @@ class Meter:
 
     def __init__(self, device: str):
         self.device = device
-        self.baseline = 0
+        self.baseline = self.rss_start = self.held = 0
         if device == "cpu":
-            self.method = "process RSS high-water mark (VmHWM, reset per phase) minus the RSS before the model"
+            self.method = ("the model's parameter bytes plus the rise of the process's resident set over the phase "
+                           "(VmHWM, reset at its start, minus VmRSS then; load: over the RSS before the build)")
         else:
             self.method = "torch.cuda.max_memory_allocated after torch.cuda.reset_peak_memory_stats (weights included)"
 
@@ -155,10 +159,14 @@ class Meter:
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the system, so RSS drops with it
 
-    def start(self) -> None:
+    def start(self, held: int = 0) -> None:
+        """Reset the peak. held: the tensor bytes held now (the model's parameters), which on a CPU replace the
+        resident set at the start: that also holds the allocator's leftovers, which no phase made."""
+        self.held = held
         if self.device == "cpu":
             self._trim()
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self.rss_start = _status_kib("VmRSS") * 1024 if held else self.baseline
         else:
             gc.collect()
             torch.cuda.synchronize()
@@ -173,7 +181,7 @@ class Meter:
 
     def peak(self) -> int:
         if self.device == "cpu":
-            return _status_kib("VmHWM") * 1024 - self.baseline
+            return self.held + _status_kib("VmHWM") * 1024 - self.rss_start
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated())
 
@@ -477,7 +485,7 @@ def run_size(size: str, phases: list[str], args, report: Report, meter: Meter, d
 def run_phase(handle, settings, phase: str, meter: Meter) -> dict:
     """Run one phase's job on the handle's model, measured: seconds, peak_bytes, tokens, tokens_per_s, details and
     error (only when it failed; the exception is not raised)."""
-    meter.start()
+    meter.start(held=parameter_bytes(handle.model))
     start = meter.current()  # the weights, and whatever an earlier phase left behind
     t0 = time.perf_counter()
     error, tokens, details = None, 0, {}
