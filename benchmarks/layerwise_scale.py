@@ -29,8 +29,9 @@ SHAPES = {  # hidden, intermediate, heads, kv heads, head_dim
     "llama3-8b": (4096, 14336, 32, 8, 128),
     "llama3-8b/8": (512, 1792, 4, 1, 128),    # every width / 8, head_dim kept: the CPU mode
     "smollm2-135m": (576, 1536, 9, 3, 64),
+    "tiny": (64, 256, 2, 1, 32),              # tests
 }
-BLOCKS = {"llama3-8b": 32, "llama3-8b/8": 32, "smollm2-135m": 30}
+BLOCKS = {"llama3-8b": 32, "llama3-8b/8": 32, "smollm2-135m": 30, "tiny": 2}
 BUDGET_SECONDS = 30 * 60  # the acceptance bar: 32 blocks in 30 minutes on one H100
 
 

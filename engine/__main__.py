@@ -338,8 +338,10 @@ def optimize_layerwise(args) -> int:
     done = None
     try:
         for ev in layerwise_job(handle, cfg, use_cache=not args.no_resume):
-            if isinstance(ev, Metric) and ev.name == "block_mse":
-                print(f"block {ev.step + 1}/{handle.arch.n_layers}  MSE {ev.extra['first_loss']:.4g} (first step) -> "
+            if isinstance(ev, Progress):
+                _progress_line(ev)
+            elif isinstance(ev, Metric) and ev.name == "block_mse":
+                print(f"\rblock {ev.step + 1}/{handle.arch.n_layers}  MSE {ev.extra['first_loss']:.4g} (first step) -> "
                       f"{ev.value:.4g} (all windows, trained)", flush=True)
             elif isinstance(ev, Done):
                 done = ev

@@ -13,8 +13,9 @@ block R4 learned after a channel permutation adds "model.layers.{i}.mlp.R4_perm"
 position -> old channel), fused exactly into gate/up rows and down_proj columns before R4.
 
 Layer-wise training (engine.learn.layerwise) also learns clip ratios: "model.layers.{i}.clip.{site}" holds one
-scalar in (0, 1] per quantizer site of the layer (attn_in, o_in, mlp_in, down_in: the linears' inputs; k, v: the KV
-cache). Files without them (every file before) load as before; SpinQuant's code ignores the extra keys.
+scalar in (0, 1] per quantizer site of the layer (attn_in, o_in, mlp_in, down_in: the linears' inputs; k_cache,
+v_cache: the KV cache). Files without them (every file before) load as before; SpinQuant's code ignores the extra
+keys.
 """
 from __future__ import annotations
 

@@ -161,3 +161,21 @@ def test_cli_layerwise_names_the_written_file(capsys, tmp_path, tiny_model_dir):
     assert load_rotations(data["path"]).clips is not None
     assert [h["step"] for h in data["history"]] == [1, 2] * len(data["blocks"])
     assert main(["optimize", "--clip", "none", "--model", str(tiny_model_dir)]) == 2  # end-to-end has fixed clips
+
+
+def test_scale_benchmark_on_the_cpu_adds_up(tmp_path):
+    """benchmarks.layerwise_scale on a tiny shape: per block = both passes + the step budget x seconds per step, the
+    projection is that times the blocks, and the memory model counts what one step saves."""
+    from benchmarks.layerwise_scale import main as bench
+
+    out = tmp_path / "scale.json"
+    assert bench(["--shape", "tiny", "--device", "cpu", "--windows", "2", "--tokens", "16", "--batch", "1",
+                  "--steps", "3", "--steps-per-block", "5", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    row = data["rows"][0]
+    assert data["seconds_per_block"] == pytest.approx(row["target_pass_s"] + row["next_inputs_pass_s"]
+                                                      + 5 * row["seconds_per_step"])
+    assert data["projected_seconds"] == pytest.approx(2 * data["seconds_per_block"]) and len(row["losses"]) == 3
+    assert data["cpu_inputs_bytes"] == 3 * 2 * 16 * 64 * 2  # X, Z, Y in bfloat16
+    assert row["saved"]["activations"] > 0 and row["saved"]["weights"] > 0
+    assert data["memory_model"]["estimated_peak_bytes"] > 0 and data["peak_bytes"] is None
