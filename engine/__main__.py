@@ -331,8 +331,10 @@ def optimize_layerwise(args) -> int:
     cfg = LayerwiseConfig(method=args.method, bits=args.bits, steps=args.steps, windows=args.windows,
                           window=args.window, batch=args.batch, block=args.block, seed=args.seed, corpus=args.corpus,
                           clip=args.clip or "learned", **({} if args.lr is None else {"lr": args.lr}))
+    from engine.model.loading import load_model
+
     t0 = time.perf_counter()
-    handle = load(args)
+    handle = load_model(args.model, dtype=args.dtype, device="cpu")  # in CPU memory: blocks go to the GPU one by one
     print(f"model: {handle.name} loaded in {time.perf_counter() - t0:.1f}s; layer-wise {cfg.method} at {cfg.bits}, "
           f"{cfg.steps} steps per block of {cfg.batch} windows x {cfg.window} tokens, clip {cfg.clip}", flush=True)
     done = None
