@@ -264,7 +264,11 @@ def cmd_export(args) -> int:
 
 def cmd_optimize(args) -> int:
     """Train rotations (SpinQuant or FLRot); under torchrun every process takes its share of each step's windows,
-    DDP averages the gradients, and only rank 0 prints and writes files."""
+    DDP averages the gradients, and only rank 0 prints and writes files. --mode layerwise: one block at a time."""
+    if args.mode == "layerwise":
+        return optimize_layerwise(args)
+    if args.clip is not None:
+        raise ValueError("--clip applies to --mode layerwise; end-to-end training uses fixed clips (A 0.9, KV 0.95)")
     from engine.learn import distributed
 
     info = distributed.init_from_env()
@@ -275,8 +279,9 @@ def cmd_optimize(args) -> int:
         from engine.model.loading import load_model
 
         cfg = TrainConfig(method=args.method, bits=args.bits, steps=args.steps, windows=args.windows,
-                          window=args.window, batch=args.batch, lr=args.lr, block=args.block, seed=args.seed,
-                          eval_every=args.eval_every, corpus=args.corpus, permute=args.permute)
+                          window=args.window, batch=args.batch, lr=1.5 if args.lr is None else args.lr,
+                          block=args.block, seed=args.seed, eval_every=args.eval_every, corpus=args.corpus,
+                          permute=args.permute)
         distributed.local_batch(cfg.batch, info.world_size, info.rank)  # refuse before the model loads
         t0 = time.perf_counter()
         handle = load_model(args.model, dtype=args.dtype, device=info.device if info.distributed else None)
@@ -316,6 +321,40 @@ def cmd_optimize(args) -> int:
         raise
     finally:
         distributed.shutdown()
+
+
+def optimize_layerwise(args) -> int:
+    """Layer-wise training (engine.learn.layerwise): each block's transforms on its quantized predecessors' outputs."""
+    from engine.events import Metric
+    from engine.learn.layerwise import LayerwiseConfig, layerwise_job
+
+    cfg = LayerwiseConfig(method=args.method, bits=args.bits, steps=args.steps, windows=args.windows,
+                          window=args.window, batch=args.batch, block=args.block, seed=args.seed, corpus=args.corpus,
+                          clip=args.clip or "learned", **({} if args.lr is None else {"lr": args.lr}))
+    from engine.model.loading import load_model
+
+    t0 = time.perf_counter()
+    handle = load_model(args.model, dtype=args.dtype, device="cpu")  # in CPU memory: blocks go to the GPU one by one
+    print(f"model: {handle.name} loaded in {time.perf_counter() - t0:.1f}s; layer-wise {cfg.method} at {cfg.bits}, "
+          f"{cfg.steps} steps per block of {cfg.batch} windows x {cfg.window} tokens, clip {cfg.clip}", flush=True)
+    done = None
+    try:
+        for ev in layerwise_job(handle, cfg, use_cache=not args.no_resume):
+            if isinstance(ev, Progress):
+                _progress_line(ev)
+            elif isinstance(ev, Metric) and ev.name == "block_mse":
+                print(f"\rblock {ev.step + 1}/{handle.arch.n_layers}  MSE {ev.extra['first_loss']:.4g} (first step) -> "
+                      f"{ev.value:.4g} (all windows, trained)", flush=True)
+            elif isinstance(ev, Done):
+                done = ev
+    except KeyboardInterrupt:
+        raise Stopped("layer-wise training keeps no partial file; the same command starts over") from None
+    r = done.result
+    print(f"rotations: {r.path}{' (cached)' if done.cached else ''}; {r.seconds:.1f}s")
+    write_json(args.json, {"path": r.path, "finished": True, "mode": "layerwise", "config": r.config,
+                           "history": r.history, "blocks": r.blocks, "train_seconds": r.seconds,
+                           "peak_bytes": r.peak_bytes})
+    return 0
 
 
 def cmd_prepare(args) -> int:
@@ -429,11 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--corpus", default="wiki")
     o.add_argument("--method", default="spinquant", help="spinquant (R1, R2) or flrot (R1-R4, R4 block-diagonal)")
     o.add_argument("--bits", default="4-4-4", help="W-A-KV of the fake quantizers while training: 4-4-4 or 16-4-4")
-    o.add_argument("--steps", type=int, default=20)
+    o.add_argument("--steps", type=int, default=20, help="optimizer steps (layer-wise: per block)")
     o.add_argument("--windows", type=int, default=20, help="calibration windows")
     o.add_argument("--window", type=int, default=256, help="tokens per window")
     o.add_argument("--batch", type=int, default=1, help="windows per step, over all processes (a multiple of N)")
-    o.add_argument("--lr", type=float, default=1.5, help="Cayley SGD step cap, cosine-decayed")
+    o.add_argument("--lr", type=float, help="Cayley SGD step cap, cosine-decayed (default 1.5; layer-wise 0.1, on a "
+                   "loss normalised to 1)")
     o.add_argument("--block", type=int, default=128, help="FLRot's R4 block size")
     o.add_argument("--permute", action="store_true",
                    help="FLRot: deal the down_proj input channels over R4's blocks by their calibration magnitude "
@@ -441,7 +481,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--eval-every", type=int, default=5, help="quick perplexity every N steps (0: never)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    o.add_argument("--no-resume", action="store_true", help="start over instead of continuing a checkpoint")
+    o.add_argument("--no-resume", action="store_true",
+                   help="start over instead of continuing a checkpoint (layer-wise: instead of reusing a finished run)")
+    o.add_argument("--mode", choices=["end-to-end", "layerwise"], default="end-to-end",
+                   help="end-to-end: the next-token loss through the whole model (default); layerwise: one block at a "
+                        "time, the MSE of its output against floating point (R1 stays a random Hadamard)")
+    o.add_argument("--clip", choices=["learned", "fixed", "none"],
+                   help="layer-wise only: clip ratios learned per site (from A 0.9, KV 0.95; default), fixed at those, "
+                        "or none")
     o.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
     o.set_defaults(func=cmd_optimize)
     pl = sub.add_parser("plan", help="where each block of a model would go within memory budgets, before loading")

@@ -74,6 +74,11 @@ class LearnedRotations(nn.Module):
         y = self.r4[i](xf) if self.r4 is not None else xf @ self.r4_fixed
         return y.to(x.dtype)
 
+    def weight_factors(self, i: int):
+        """(R1, R2, R4) that layer i's weights carry (engine.rotation.algebra.rotated_weight); a fixed R4 was folded
+        into W once, so it is None here."""
+        return self.r1.weight, self.r2[i].weight, None if self.r4 is None else self.r4[i]
+
     def rotation_set(self) -> RotationSet:
         """A detached copy in the file layout (R4 as its blocks)."""
         grab = lambda t: t.detach().float().clone()  # noqa: E731
@@ -82,19 +87,19 @@ class LearnedRotations(nn.Module):
                            None if self.r4 is None else [grab(r.blocks) for r in self.r4], self.r4_perm)
 
 
-class _RotatedWeight(nn.Module):
+class RotatedWeight(nn.Module):
     """Parametrization of one frozen decoder weight W [out, in] -> fake_quant(rotated W); gradients reach the
-    rotations through the straight-through quantizer."""
+    rotations through the straight-through quantizer. `rots.weight_factors(layer)` gives (R1, R2, R4), each None
+    when absent (LearnedRotations here; one block's transforms in engine.learn.layerwise, R1 already fused)."""
 
-    def __init__(self, rots: LearnedRotations, arch: ArchInfo, role: str, layer: int, w_bits: int, clip: bool):
+    def __init__(self, rots, arch: ArchInfo, role: str, layer: int, w_bits: int, clip: bool):
         super().__init__()
         self._rots = (rots,)  # a tuple, so the rotations are not registered as a submodule of every weight
         self.arch, self.role, self.layer, self.w_bits, self.clip = arch, role, layer, w_bits, clip
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        rots, i = self._rots[0], self.layer
-        r4 = rots.r4[i] if rots.r4 is not None else None  # a fixed R4 was folded into W once
-        w = rotated_weight(self.arch, self.role, w, r1=rots.r1.weight, r2=rots.r2[i].weight, r4=r4)
+        r1, r2, r4 = self._rots[0].weight_factors(self.layer)
+        w = rotated_weight(self.arch, self.role, w, r1=r1, r2=r2, r4=r4)
         return quantize_weight(w, self.w_bits, clip_search=self.clip) if self.w_bits < 16 else w
 
 
@@ -121,7 +126,7 @@ class RotatedTrainingModel:
             for role in arch.linears + unquantized:
                 w_bits = bits.w if role in arch.linears else 16
                 parametrize.register_parametrization(arch.module(m, role, i), "weight",
-                                                     _RotatedWeight(rots, arch, role, i, w_bits, clip_search),
+                                                     RotatedWeight(rots, arch, role, i, w_bits, clip_search),
                                                      unsafe=True)
         arch.module(m, "embed").register_forward_hook(lambda mod, args, out: rotated_embedding(out, rots.r1.weight))
         arch.module(m, "lm_head").register_forward_pre_hook(

@@ -152,9 +152,23 @@ def get_recipe(name: str, weights: str | None = None, rotation_file: str | None 
     if name == "rotated":
         if not rotation_file:
             raise ValueError("recipe 'rotated' needs a rotation file (SpinQuant layout)")
-        r = replace(r, rotation=replace(r.rotation, file=rotation_file))
+        r = replace(r, rotation=_from_file(r.rotation, rotation_file))
     if weights and name not in ("fp", "qrazor"):
         r = r.with_weights(weights)
     if clip and name not in ("fp", "qrazor"):  # QRazor's SDR has no clip ratio
         r = replace(r, clip=clip)
     return r
+
+
+def _from_file(rotation: RotationConfig, path: str) -> RotationConfig:
+    """The 'rotated' recipe's rotations: R1, R2 from the file, and R3, R4 too when the file holds them (FLRot,
+    layer-wise training), else random Hadamards. A file that cannot be read is refused later, where it is read."""
+    from engine.rotation.fusion import load_rotation_file
+
+    try:
+        keys = load_rotation_file(path).keys()
+    except ValueError:
+        return replace(rotation, file=path)
+    online = {r: "file" for r, suffix in (("r3", ".self_attn.R3"), ("r4", ".mlp.R4")) if any(k.endswith(suffix)
+                                                                                              for k in keys)}
+    return replace(rotation, file=path, **online)

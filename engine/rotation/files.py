@@ -11,6 +11,11 @@ FLRot adds per-layer online rotations that SpinQuant's code ignores: "model.laye
 blocks [n_blocks, block, block] (12x smaller for 128-wide blocks); engine.rotation.fusion reads both forms. A
 block R4 learned after a channel permutation adds "model.layers.{i}.mlp.R4_perm" (int64 [intermediate], new
 position -> old channel), fused exactly into gate/up rows and down_proj columns before R4.
+
+Layer-wise training (engine.learn.layerwise) also learns clip ratios: "model.layers.{i}.clip.{site}" holds one
+scalar in (0, 1] per quantizer site of the layer (attn_in, o_in, mlp_in, down_in: the linears' inputs; k_cache,
+v_cache: the KV cache). Files without them (every file before) load as before; SpinQuant's code ignores the extra
+keys.
 """
 from __future__ import annotations
 
@@ -35,6 +40,10 @@ def r2_key(layer: int) -> str:
 
 def r4_perm_key(layer: int) -> str:
     return f"model.layers.{layer}.mlp.R4_perm"
+
+
+def clip_key(layer: int, site: str) -> str:
+    return f"model.layers.{layer}.clip.{site}"
 
 
 def r3_key(layer: int) -> str:
@@ -73,10 +82,11 @@ class RotationSet:
     r3: list[torch.Tensor] | None = None
     r4: list[torch.Tensor] | None = None  # each [inter, inter] or blocks [n_blocks, block, block]
     r4_perm: list[torch.Tensor] | None = None  # each int64 [inter]: the channel order R4's blocks act on
+    clips: list[dict[str, float]] | None = None  # per layer {site: learned clip ratio in (0, 1]}
 
     def __post_init__(self):
         n = len(self.r2)
-        for name, rs in (("R3", self.r3), ("R4", self.r4), ("R4_perm", self.r4_perm)):
+        for name, rs in (("R3", self.r3), ("R4", self.r4), ("R4_perm", self.r4_perm), ("clip ratios", self.clips)):
             if rs is not None and len(rs) != n:
                 raise ValueError(f"{name} has {len(rs)} layers but R2 has {n}; give one per decoder layer")
 
@@ -93,6 +103,8 @@ class RotationSet:
                 out.update({key(i): r for i, r in enumerate(rs)})
         out = {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
         out.update({r4_perm_key(i): p.detach().long().contiguous().cpu() for i, p in enumerate(self.r4_perm or [])})
+        out.update({clip_key(i, site): torch.tensor(float(r)) for i, layer in enumerate(self.clips or [])
+                    for site, r in layer.items()})
         return out
 
     def rotation_config(self, path: str | os.PathLike) -> RotationConfig:
@@ -122,6 +134,10 @@ def check_against(rs: RotationSet, arch: ArchInfo, tol: float = ORTHO_TOL) -> No
     for i, perm in enumerate(rs.r4_perm or []):
         if not torch.equal(torch.sort(perm.long()).values, torch.arange(inter)):
             raise ValueError(f"R4_perm of layer {i} is not a permutation of this model's {inter} channels")
+    for i, layer in enumerate(rs.clips or []):
+        for site, r in layer.items():
+            if not 0 < r <= 1:
+                raise ValueError(f"the clip ratio of {site} in layer {i} is {r}; clip ratios must be in (0, 1]")
     for name, r, _ in checks:
         err = orthogonality_error(r)
         if not err <= tol:
@@ -147,8 +163,10 @@ def from_state_dict(data: dict[str, torch.Tensor]) -> RotationSet:
                              f"(missing layer {present.index(False)})")
         return [data[key(i)] for i in range(n)]
 
+    prefixes = [clip_key(i, "") for i in range(n)]
+    clips = [{k[len(p):]: float(v) for k, v in data.items() if k.startswith(p)} for p in prefixes]
     return RotationSet(data[R1_KEY], [data[r2_key(i)] for i in range(n)], per_layer(r3_key), per_layer(r4_key),
-                       per_layer(r4_perm_key))
+                       per_layer(r4_perm_key), clips if any(clips) else None)
 
 
 def save_rotations(rs: RotationSet, path: str | os.PathLike, spinquant_only: bool = False) -> Path:
@@ -182,7 +200,7 @@ def import_spinquant(src: str | os.PathLike, dst: str | os.PathLike, arch: ArchI
     check_against(rs, arch, tol=LOW_PRECISION_TOL)
     fix = nearest_orthogonal
     fixed = RotationSet(fix(rs.r1), [fix(r) for r in rs.r2], None if rs.r3 is None else [fix(r) for r in rs.r3],
-                        None if rs.r4 is None else [fix(r) for r in rs.r4], rs.r4_perm)
+                        None if rs.r4 is None else [fix(r) for r in rs.r4], rs.r4_perm, rs.clips)
     return save_rotations(fixed, dst)
 
 
