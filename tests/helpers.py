@@ -67,22 +67,31 @@ def latest_recorded_csv() -> Path:
 
 
 def tiny_llama_gguf(path: Path, hidden: int = 32, intermediate: int = 64, layers: int = 2, heads: int = 2,
-                    kv_heads: int = 1, seed: int = 0) -> tuple[Path, dict]:
+                    kv_heads: int = 1, vocab: int = 1024, seed: int = 0) -> tuple[Path, dict]:
     """A 2-layer random Llama written as a GGUF file the way llama.cpp writes one: the default model's GGUF keys and
-    tokenizer with this model's sizes, Q4_1 linears, a Q8_0 embedding (tied), float32 norms, and q/k rows in
-    llama.cpp's rotary order (convert_hf_to_gguf's `permute`). Returns (path, the Hugging Face state dict it holds:
-    the weights as the gguf package dequantizes them), so that a test can build the same model with transformers
-    alone. Loads and converts in about a second, where the default model's GGUF takes tens of seconds."""
+    the first `vocab` tokens of its tokenizer with this model's sizes, Q4_1 linears, a Q8_0 embedding (tied),
+    float32 norms, and q/k rows in llama.cpp's rotary order (convert_hf_to_gguf's `permute`). Returns (path, the
+    Hugging Face state dict it holds: the weights as the gguf package dequantizes them), so that a test can build
+    the same model with transformers alone. Loads and converts in seconds, where the default model's GGUF takes
+    tens of seconds."""
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
     from gguf.quants import dequantize, quantize
 
     from engine.model.loading import default_gguf_path
 
-    sizes = {"llama.block_count": layers, "llama.embedding_length": hidden, "llama.feed_forward_length": intermediate,
+    src = GGUFReader(default_gguf_path())
+    # The first `vocab` tokens of the default tokenizer and the merges among them: every reader of the file (our
+    # checks, transformers' config, tokenizer and weights) parses the vocabulary again, 15 s a time at 49152 tokens.
+    tokens = src.fields["tokenizer.ggml.tokens"].contents()[:vocab]
+    known = set(tokens)
+    merges = [m for m in src.fields["tokenizer.ggml.merges"].contents()
+              if m.replace(" ", "", 1) in known and all(part in known for part in m.split(" ", 1))]
+    sizes = {"llama.vocab_size": vocab, "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
+             "tokenizer.ggml.token_type": src.fields["tokenizer.ggml.token_type"].contents()[:vocab],
+             "llama.block_count": layers, "llama.embedding_length": hidden, "llama.feed_forward_length": intermediate,
              "llama.attention.head_count": heads, "llama.attention.head_count_kv": kv_heads,
              "llama.rope.dimension_count": hidden // heads, "llama.context_length": 256}
-    src = GGUFReader(default_gguf_path())
     writer = GGUFWriter(path, "llama")
     for field in src.fields.values():
         if field.name == "general.architecture" or field.name.startswith("GGUF."):
@@ -91,7 +100,6 @@ def tiny_llama_gguf(path: Path, hidden: int = 32, intermediate: int = 64, layers
         value = sizes.get(field.name, field.contents())
         sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, value, vtype, sub_type=sub_type)
-    vocab = int(src.fields["llama.vocab_size"].contents())
     rng = np.random.default_rng(seed)
     state = {}
 
