@@ -18,28 +18,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
-REAL_CACHE = Path(__file__).resolve().parents[1] / "cache"  # engine.store's default root
+from tests.helpers import cache_snapshot, private_cache, save_tiny_llama  # noqa: E402
+
 SNAPSHOT = pytest.StashKey[dict]()
-
-
-def cache_snapshot(root: Path = REAL_CACHE) -> dict[str, tuple[int, int]]:
-    """{relative path: (size, mtime_ns)} of every file under the real cache except the shared models/."""
-    out = {}
-    for path in root.rglob("*"):
-        rel = path.relative_to(root)
-        if rel.parts[0] != "models" and path.is_file():
-            st = path.stat()
-            out[str(rel)] = (st.st_size, st.st_mtime_ns)
-    return out
-
-
-def private_cache(root: Path) -> Path:
-    """An empty results cache at `root` whose models/ links to the real converted models."""
-    real_models = REAL_CACHE / "models"
-    real_models.mkdir(parents=True, exist_ok=True)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "models").symlink_to(real_models, target_is_directory=True)
-    return root
 
 
 def pytest_configure(config):
@@ -68,6 +49,12 @@ def pytest_collection_modifyitems(config, items):
     items[:] = [i for i in items if not i.get_closest_marker("runs_last")] + last
 
 
+@pytest.fixture
+def real_cache_before(request) -> dict:
+    """cache_snapshot() of the user's cache/ as it was before the session collected anything."""
+    return request.config.stash[SNAPSHOT]
+
+
 @pytest.fixture(autouse=True)
 def tmp_cache(tmp_path, monkeypatch):
     """This test's own empty results cache (autouse: every test has one); models/ links to the real models."""
@@ -82,24 +69,6 @@ def default_handle():
     from engine.model.loading import load_model
 
     return load_model("default")
-
-
-def save_tiny_llama(path, hidden: int = 16, intermediate: int = 32):
-    """A 2-layer random Llama (seed 0, tied embeddings) saved at `path` with the default model's tokenizer: a real
-    local model directory that loads in about a second."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from engine.model.loading import default_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                      tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")

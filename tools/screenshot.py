@@ -182,22 +182,33 @@ def _nth(find, target: str):
     return find(target, exact=True).first
 
 
+def in_form(element) -> bool:
+    """Whether an input sits inside an st.form other than as its submit button: changing it reruns nothing (the
+    form sends every value with its submit), so there is no rerun to wait for."""
+    return element.evaluate("el => !!el.closest('[data-testid=\"stForm\"]') "
+                            "&& !el.closest('[data-testid=\"stFormSubmitButton\"]')")
+
+
 def apply(page, action: Action, out: Path | None = None, timeout_ms: int = 120_000) -> Path | None:
     """Run one action on a Playwright page; return the PNG path for 'shot'."""
+    reruns = True
     if action.kind == "fill":
         box = _nth(page.get_by_label, action.target)
         box.fill(action.value)
         box.press("Tab")  # Streamlit commits a number/text input on blur
-        if box.evaluate("el => !!el.closest('[data-testid=\"stForm\"]')"):
-            return None  # inside a form nothing reruns until its submit button is pressed
+        if in_form(box):
+            return None
     elif action.kind == "click":
         button = _nth(lambda t, exact: page.get_by_role("button", name=t, exact=exact), action.target)
         # No such button: a toggle, checkbox, radio option or tab is clicked through its visible label.
-        (button if button.count() else _nth(page.get_by_text, action.target)).click()
+        target = button if button.count() else _nth(page.get_by_text, action.target)
+        reruns = not in_form(target)
+        target.click()
     elif action.kind == "select":
         # Streamlit's selectbox is a searchable combobox: type to filter its options and click the first one left.
         # (Enter instead could land before the list has filtered, and then pick nothing.)
         box = _nth(page.get_by_label, action.target)
+        reruns = not in_form(box)
         box.click()
         box.fill(action.value)
         page.get_by_role("option").filter(has_text=action.value).first.click(timeout=timeout_ms)
@@ -214,7 +225,7 @@ def apply(page, action: Action, out: Path | None = None, timeout_ms: int = 120_0
         if out is None:
             raise ValueError("a 'shot' action needs an output folder")
         return full_page_screenshot(page, out / f"{action.target}.png", timeout_ms)
-    if action.kind in ("fill", "click", "select"):
+    if action.kind in ("fill", "click", "select") and reruns:
         wait_rerun(page, timeout_ms)
     else:
         wait_idle(page, timeout_ms)

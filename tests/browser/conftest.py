@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed in this venv")
 
-from tests.conftest import private_cache  # noqa: E402
+from tests.helpers import private_cache  # noqa: E402
 from tools import screenshot as shots  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.app.test_kernels_page import latest_recorded_csv
+from tests.helpers import latest_recorded_csv
 from tools import screenshot as shots
 
 from .conftest import ARTIFACTS

@@ -1,7 +1,8 @@
 """The what-if matrix and Evaluate's clip ratios in a real browser, on the default model as a first-time user leaves
-the sidebar: a 2x2 corner of the matrix (formats 4 and MXFP4, no rotation and block-32 Hadamard) fills in, its
-perplexities are read off the heat map and the downloadable CSV, one cell's SQNR per layer is drawn; and a
-calibrated RTN run on Evaluate draws the "Clip ratios chosen" heat map.
+the sidebar: one row of the matrix (format 4; no rotation and block-32 Hadamard) fills in, its perplexities are
+read off the heat map and the downloadable CSV, one cell's SQNR per layer is drawn; and a calibrated RTN run on
+Evaluate draws the "Clip ratios chosen" heat map. The cells' numerics are checked against a hand-built model in
+tests/engine/test_matrix.py; here the page's wiring, on the model whose outliers make the columns differ.
 
 Frames of a live run are merged on this 2-core machine, so the assertions are on the final state of the page.
 """
@@ -16,7 +17,7 @@ from tools import screenshot as shots
 
 from .conftest import ARTIFACTS
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]  # the default model: four calibrated cells, minutes on a CPU
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # the default model: two calibrated cells, minutes on a CPU
 
 # A cell: rotation, clip calibration on 2048 tokens, a 512-token perplexity; about 2.5 min on a loaded 2-core CPU.
 TIMEOUT_MS = 1_200_000
@@ -62,16 +63,16 @@ def _no_error(page) -> None:
     assert page.locator('[data-testid="stAlertContentError"]').count() == 0, shots.describe(page)
 
 
-@pytest.mark.timeout(1800)  # four cells and an SQNR measurement: past the suite's 900 s on a loaded CPU
-def test_matrix_corner_fills_in_and_one_cell_shows_its_sqnr(app_url, page):
+@pytest.mark.timeout(1800)  # two cells and an SQNR measurement: past the suite's 900 s on a loaded CPU
+def test_a_matrix_row_fills_in_and_one_cell_shows_its_sqnr(app_url, page):
     shots.open_page(page, app_url, "matrix", TIMEOUT_MS)
     assert page.get_by_role("heading", name="What-if matrix: formats x rotations").is_visible()
-    _choose(page, "Formats (rows)", ["4", "mxfp4"])
+    _choose(page, "Formats (rows)", ["4"])
     _choose(page, "Rotations (columns)", ["none", "block 32"])
     shots.apply(page, shots.Action("fill", "Evaluation tokens", str(TOKENS)), timeout_ms=TIMEOUT_MS)
     page.get_by_role("button", name="Fill the matrix").click()
     # progress while the cells compute: a bar counting the four cells, and a Stop button
-    page.locator('[data-testid="stProgress"]').get_by_text(re.compile(r"^4 cells: ")).first.wait_for(
+    page.locator('[data-testid="stProgress"]').get_by_text(re.compile(r"^2 cells: ")).first.wait_for(
         timeout=TIMEOUT_MS)
     assert page.get_by_role("button", name="Stop").count() == 1
     shots.apply(page, shots.Action("wait", f"svg=Perplexity on {TOKENS} evaluation tokens"), timeout_ms=TIMEOUT_MS)
@@ -80,7 +81,7 @@ def test_matrix_corner_fills_in_and_one_cell_shows_its_sqnr(app_url, page):
 
     (heat,) = _plot(page, "Perplexity on")
     assert heat["type"] == "heatmap"
-    assert heat["y"] == ["4", "mxfp4"] and heat["x"] == ["none", "block 32"], (heat["x"], heat["y"])
+    assert heat["y"] == ["4"] and heat["x"] == ["none", "block 32"], (heat["x"], heat["y"])
     ppl = {(f, r): heat["z"][i][j] for i, f in enumerate(heat["y"]) for j, r in enumerate(heat["x"])}
     print(f"matrix perplexities on {TOKENS} tokens: {ppl}")  # shown with -s
     assert all(v is not None and math.isfinite(v) and v > 1 for v in ppl.values()), ppl
@@ -98,13 +99,12 @@ def test_matrix_corner_fills_in_and_one_cell_shows_its_sqnr(app_url, page):
     assert {r["tokens"] for r in rows} == {str(TOKENS)}, "the typed token budget must reach every cell"
 
     # why: the SQNR per layer of one cell
-    shots.apply(page, shots.Action("select", "Format", "mxfp4"), timeout_ms=TIMEOUT_MS)
     shots.apply(page, shots.Action("select", "Rotation", "block 32"), timeout_ms=TIMEOUT_MS)
     shots.apply(page, shots.Action("click", "Measure the SQNR of this cell"), timeout_ms=TIMEOUT_MS)
     # any SQNR chart, then its title: a chart of another cell fails here at once, not after the wait
     shots.apply(page, shots.Action("wait", "svg=Activation SQNR per layer"), timeout_ms=SQNR_TIMEOUT_MS)
     _no_error(page)
-    assert page.locator("svg text", has_text="Activation SQNR per layer: mxfp4, block 32").count() == 1, \
+    assert page.locator("svg text", has_text="Activation SQNR per layer: 4, block 32").count() == 1, \
         shots.describe(page)
     traces = _plot(page, "Activation SQNR per layer")
     assert [t["name"] for t in traces] == ["down_proj input (after R4)", "attention input (residual stream after R1)"]
@@ -115,11 +115,9 @@ def test_matrix_corner_fills_in_and_one_cell_shows_its_sqnr(app_url, page):
     assert _plot(page, "Perplexity on")[0]["z"] == heat["z"]
     shots.full_page_screenshot(page, ARTIFACTS / "matrix.png", TIMEOUT_MS)
     # Checked last, so that a failure still leaves the screenshot. On the default model with 512 tokens (KV 16,
-    # RTN, calibrated clips) block-32 Hadamard R1/R4 rescues per-token INT4 (about 800 -> 72) while MXFP4, whose
-    # 32-value groups already isolate the outliers, gains nothing from it (about 48.6 unrotated, 55.6 rotated): so
-    # only these hold, with margin.
+    # RTN, calibrated clips) block-32 Hadamard R1/R4 rescues per-token INT4 (about 800 -> 72): the real outliers
+    # make the two columns differ, with margin.
     assert ppl["4", "block 32"] < ppl["4", "none"] / 2, ppl
-    assert ppl["mxfp4", "none"] < ppl["4", "none"] / 2, ppl
 
 
 def test_evaluate_calibrated_rtn_shows_the_clip_ratios_chosen(app_url, page):

@@ -1,33 +1,33 @@
-"""`python -m engine` happy paths run for real as subprocesses on the 2-layer tiny Llama (SPINSCOPE_CACHE = tmp_cache):
+"""`python -m engine` happy paths, run through the CLI's own main() in this process on the 2-layer tiny Llama
+(SPINSCOPE_CACHE = tmp_cache):
 - rotate --check with R1-R4 Hadamard exits 0 and its equivalence table shows logit differences at float noise;
 - prepare exits 0, names the converted default model under the cache's models/, and writes nothing else into the
   real cache (compared file by file before and after);
 - eval --recipe rtn --weights gptq at 4-16-16 exits 0, prints a perplexity row and caches a GPTQ result with it;
 - eval --recipe rtn,rotated --rotation-file <SpinQuant-layout file written here> at 4-4-4 exits 0, and the rotated
   perplexity (read at full precision from the cached results: the table prints 4 digits) differs from rtn's.
-Each run takes several seconds (Python, torch and transformers start in each), hence the slow marks.
+A subprocess would add only the seconds of Python, torch and transformers starting; tests/engine/test_cli.py keeps
+one real `python -m engine` run on the default model.
 """
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine import store
+from engine.__main__ import main
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def run_engine(tmp_cache: Path, *argv, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SPINSCOPE_CACHE": str(tmp_cache), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "engine", *map(str, argv)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    return proc
+def run_engine(capsys, *argv):
+    """`python -m engine ARGV` in this process: exit status 0 and no traceback; what it printed (.out, .err)."""
+    capsys.readouterr()
+    status = main([str(a) for a in argv])
+    printed = capsys.readouterr()
+    assert status == 0, printed.err[-3000:]
+    assert "Traceback" not in printed.err
+    return printed
 
 
 def table_after(lines: list[str], header_words: tuple) -> list[list[str]]:
@@ -47,10 +47,10 @@ def cached_evals() -> list[dict]:
 
 
 @pytest.mark.slow
-def test_rotate_check_reports_equivalence_at_float_noise(tmp_cache, tiny_model_dir):
-    proc = run_engine(tmp_cache, "rotate", "--model", tiny_model_dir, "--rotations", "R1,R2,R3,R4", "--kind",
+def test_rotate_check_reports_equivalence_at_float_noise(capsys, tmp_cache, tiny_model_dir):
+    proc = run_engine(capsys, "rotate", "--model", tiny_model_dir, "--rotations", "R1,R2,R3,R4", "--kind",
                       "hadamard", "--check", "--tokens", 64, "--window", 32)
-    lines = proc.stdout.splitlines()
+    lines = proc.out.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("Equivalence on 256 evaluation tokens"))
     max_logit = float(lines[head].rsplit(" ", 1)[-1].rstrip(":"))
     assert max_logit > 0
@@ -80,13 +80,13 @@ def snapshot(root: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_prepare_readies_the_default_model_and_writes_nothing_else(tmp_cache):
+def test_prepare_readies_the_default_model_and_writes_nothing_else(capsys, tmp_cache):
     real = (tmp_cache / "models").resolve().parent
     assert real != tmp_cache.resolve()
     before = snapshot(real)
-    proc = run_engine(tmp_cache, "prepare")
+    proc = run_engine(capsys, "prepare")
     after = snapshot(real)
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("default model ready at "))
+    line = next(line for line in proc.out.splitlines() if line.startswith("default model ready at "))
     path = Path(line[len("default model ready at "):].split(";")[0])
     assert path.parent == tmp_cache / "models" and path.name.startswith("smollm2-135m-instruct-")
     assert (path / "config.json").is_file() and list(path.glob("*.safetensors"))
@@ -100,16 +100,16 @@ def test_prepare_readies_the_default_model_and_writes_nothing_else(tmp_cache):
 
 
 @pytest.mark.slow
-def test_eval_rtn_with_gptq_weights_reports_a_perplexity(tmp_cache, tiny_model_dir):
-    proc = run_engine(tmp_cache, "eval", "--model", tiny_model_dir, "--recipe", "rtn", "--bits", "4-16-16",
+def test_eval_rtn_with_gptq_weights_reports_a_perplexity(capsys, tiny_model_dir):
+    proc = run_engine(capsys, "eval", "--model", tiny_model_dir, "--recipe", "rtn", "--bits", "4-16-16",
                       "--weights", "gptq", "--tokens", 64, "--window", 32, "--calib-tokens", 64)
-    rows = table_after(proc.stdout.splitlines(), ("recipe", "weights", "bits", "clip", "ppl"))
+    rows = table_after(proc.out.splitlines(), ("recipe", "weights", "bits", "clip", "ppl"))
     assert len(rows) == 1
     recipe, weights, bits, clip, ppl = rows[0][:5]
     assert clip == "calibrated"  # the default
     assert (recipe, weights, bits) == ("rtn", "gptq", "4-16-16")
     assert math.isfinite(float(ppl)) and float(ppl) > 1
-    assert "perplexity on 64 evaluation tokens" in proc.stdout
+    assert "perplexity on 64 evaluation tokens" in proc.out
     (result,) = cached_evals()
     assert (result["recipe"], result["weights"], result["bits"]) == ("rtn", "gptq", "4-16-16")
     assert f"{result['ppl']:.4g}" == ppl
@@ -130,15 +130,15 @@ def spinquant_file(path: Path, hidden: int, head_dim: int, layers: int, identity
 
 
 @pytest.mark.slow
-def test_eval_rotated_from_a_file_differs_from_rtn(tmp_cache, tiny_model_dir, tmp_path):
+def test_eval_rotated_from_a_file_differs_from_rtn(capsys, tiny_model_dir, tmp_path):
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(tiny_model_dir)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     rot = spinquant_file(tmp_path / "R.bin", cfg.hidden_size, head_dim, cfg.num_hidden_layers)
-    proc = run_engine(tmp_cache, "eval", "--model", tiny_model_dir, "--recipe", "rtn,rotated", "--rotation-file", rot,
+    proc = run_engine(capsys, "eval", "--model", tiny_model_dir, "--recipe", "rtn,rotated", "--rotation-file", rot,
                       "--bits", "4-4-4", "--tokens", 64, "--window", 32)
-    rows = table_after(proc.stdout.splitlines(), ("recipe", "weights", "bits", "ppl"))
+    rows = table_after(proc.out.splitlines(), ("recipe", "weights", "bits", "ppl"))
     assert [r[:3] for r in rows] == [["rtn", "rtn", "4-4-4"], ["rotated", "rtn", "4-4-4"]]
     ppl = {r["recipe"]: r["ppl"] for r in cached_evals()}
     assert set(ppl) == {"rtn", "rotated"} and all(math.isfinite(v) and v > 1 for v in ppl.values())

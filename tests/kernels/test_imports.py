@@ -22,17 +22,28 @@ ENGINE_ALLOWED = ("engine", "engine.rotation", "engine.rotation.hadamard")  # th
 # checkout on PYTHONPATH, as on the GPU machine), imports ours to read its version. Importing it runs nothing.
 KERNELS_ALLOWED = ("kernels",)
 
-# Run in a fresh interpreter: make every module under `prefix` except `allowed` fail to import (it is still found,
-# as a probe such as importlib.util.find_spec sees it, but executing it raises ImportError and is recorded), import
-# `target`, and print the modules under `prefix` that were imported and the blocked ones that something tried to.
+# Each probe runs in a fresh process: a child forked from one interpreter that has imported the heavy third-party
+# packages (torch, transformers, triton: seconds each on 2 cores; what they pulled in of ours, if anything, is
+# dropped before the first fork, so a child starts with no module of ours). The child makes every module under
+# `prefix` except `allowed` fail to import (it is still found, as a probe such as importlib.util.find_spec sees it,
+# but executing it raises ImportError and is recorded), imports `target`, and reports the modules under `prefix`
+# that were imported and the blocked ones that something tried to.
 PROBE = """
-import importlib, importlib.abc, json, sys
-prefix, allowed, target = sys.argv[1], set(json.loads(sys.argv[2])), sys.argv[3]
-attempts = []
+import importlib, importlib.abc, json, os, sys
+for heavy in ("torch", "transformers", "triton"):
+    try:
+        importlib.import_module(heavy)
+    except ImportError:
+        pass
+for name in [m for m in sys.modules if m.split(".")[0] in ("engine", "kernels", "app")]:
+    del sys.modules[name]
 
 class Block(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, prefix, allowed):
+        self.prefix, self.allowed, self.attempts = prefix, allowed, []
+
     def find_spec(self, name, path=None, target=None):
-        if not (name == prefix or name.startswith(prefix + ".")) or name in allowed:
+        if not (name == self.prefix or name.startswith(self.prefix + ".")) or name in self.allowed:
             return None
         for finder in sys.meta_path:
             spec = None if finder is self else finder.find_spec(name, path, target)
@@ -45,42 +56,36 @@ class Block(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def exec_module(self, module):
-        attempts.append(module.__name__)
+        self.attempts.append(module.__name__)
         raise ImportError(f"{module.__name__} is blocked by tests/kernels/test_imports.py")
 
-sys.meta_path.insert(0, Block())
-importlib.import_module(target)
-loaded = sorted(m for m in sys.modules if m == prefix or m.startswith(prefix + "."))
-print(json.dumps({"loaded": loaded, "attempts": attempts}))
+results = []
+for target, prefix, allowed in json.loads(sys.argv[1]):
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one probe, then gone
+        os.close(read)
+        try:
+            block = Block(prefix, set(allowed))
+            sys.meta_path.insert(0, block)
+            importlib.import_module(target)
+            loaded = sorted(m for m in sys.modules if m == prefix or m.startswith(prefix + "."))
+            out = {"loaded": loaded, "attempts": block.attempts}
+        except BaseException as e:
+            out = {"error": f"{type(e).__name__}: {e}"}
+        os.write(write, json.dumps(out).encode())
+        os._exit(0)
+    os.close(write)
+    chunks = []
+    while chunk := os.read(read, 65536):
+        chunks.append(chunk)
+    os.close(read)
+    os.waitpid(pid, 0)
+    results.append(json.loads(b"".join(chunks)))
+print(json.dumps(results))
 """
 
-pytestmark = pytest.mark.slow  # a fresh Python process per module imported
-
-
-def _import_with_blocked(target: str, prefix: str, allowed=()) -> list[str]:
-    """The modules under prefix that importing target imports; fails if it tried to import a blocked one."""
-    done = subprocess.run([sys.executable, "-c", PROBE, prefix, json.dumps(list(allowed)), target], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"importing {target} with {prefix} blocked failed:\n{done.stderr[-3000:]}"
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["attempts"] == [], f"importing {target} tried to import {result['attempts']} (caught or not)"
-    return result["loaded"]
-
-
-def test_the_module_lists_are_not_empty():
-    assert {"kernels.launch", "kernels.blockdiag", "kernels.rotate_quant", "kernels.hadamard"} <= set(KERNEL_MODULES)
-    assert _engine_modules_naming_kernels(), "no engine module imports kernels: update this test's premise"
-
-
-@pytest.mark.parametrize("module", KERNEL_MODULES)
-def test_kernels_module_imports_no_engine_module_but_the_hadamard_tables(module):
-    loaded = _import_with_blocked(module, "engine", ENGINE_ALLOWED)
-    assert set(loaded) <= set(ENGINE_ALLOWED), loaded
-
-
-def test_the_allowed_engine_module_imports_no_kernels():
-    # the one edge kernels -> engine ends at a leaf: importing it never comes back to kernels
-    assert _import_with_blocked("engine.rotation.hadamard", "kernels") == []
+pytestmark = pytest.mark.slow  # a process that imports torch and transformers, and a fork per probe
 
 
 def _engine_modules_naming_kernels() -> list[str]:
@@ -91,9 +96,48 @@ def _engine_modules_naming_kernels() -> list[str]:
     return found
 
 
+# (target, prefix blocked, allowed): every probe the tests below make, run together by the `probes` fixture
+PROBES = ([(m, "engine", ENGINE_ALLOWED) for m in KERNEL_MODULES] + [("engine.rotation.hadamard", "kernels", ())]
+          + [(m, "kernels", KERNELS_ALLOWED) for m in _engine_modules_naming_kernels()])
+
+
+@pytest.fixture(scope="module")
+def probes() -> dict:
+    """{(target, prefix): probe result} of every PROBES entry, from one process that forks a child per probe."""
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps([[t, p, list(a)] for t, p, a in PROBES])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"the import probes failed:\n{done.stderr[-3000:]}"
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    return {(t, p): r for (t, p, _), r in zip(PROBES, results, strict=True)}
+
+
+def _import_with_blocked(probes: dict, target: str, prefix: str) -> list[str]:
+    """The modules under prefix that importing target imports; fails if it tried to import a blocked one."""
+    result = probes[target, prefix]
+    assert "error" not in result, f"importing {target} with {prefix} blocked failed: {result['error']}"
+    assert result["attempts"] == [], f"importing {target} tried to import {result['attempts']} (caught or not)"
+    return result["loaded"]
+
+
+def test_the_module_lists_are_not_empty():
+    assert {"kernels.launch", "kernels.blockdiag", "kernels.rotate_quant", "kernels.hadamard"} <= set(KERNEL_MODULES)
+    assert _engine_modules_naming_kernels(), "no engine module imports kernels: update this test's premise"
+
+
+@pytest.mark.parametrize("module", KERNEL_MODULES)
+def test_kernels_module_imports_no_engine_module_but_the_hadamard_tables(probes, module):
+    loaded = _import_with_blocked(probes, module, "engine")
+    assert set(loaded) <= set(ENGINE_ALLOWED), loaded
+
+
+def test_the_allowed_engine_module_imports_no_kernels(probes):
+    # the one edge kernels -> engine ends at a leaf: importing it never comes back to kernels
+    assert _import_with_blocked(probes, "engine.rotation.hadamard", "kernels") == []
+
+
 @pytest.mark.parametrize("module", _engine_modules_naming_kernels())
-def test_engine_module_imports_no_kernels_at_import_time(module):
-    assert set(_import_with_blocked(module, "kernels", KERNELS_ALLOWED)) <= set(KERNELS_ALLOWED)
+def test_engine_module_imports_no_kernels_at_import_time(probes, module):
+    assert set(_import_with_blocked(probes, module, "kernels")) <= set(KERNELS_ALLOWED)
 
 
 def test_the_kernels_package_itself_imports_nothing():

@@ -176,12 +176,8 @@ def test_unknown_task_message_lists_every_known_task():
     assert all(name in str(info.value) for name in TASKS)
 
 
-@pytest.mark.slow
-def test_default_model_piqa_beats_chance():
+def test_default_model_piqa_beats_chance(default_handle):
     """SmolLM2-135M-Instruct on the first 50 PIQA validation documents (the issue expects > 0.6 on 200)."""
-    from engine.model.loading import load_model
-
-    handle = load_model("default")
-    result = run_to_end(zero_shot(handle.model, handle.tokenizer, ["piqa"], limit=50))
+    result = run_to_end(zero_shot(default_handle.model, default_handle.tokenizer, ["piqa"], limit=50))
     assert result["piqa"]["n"] == 50
     assert result["piqa"]["acc"] > 0.55

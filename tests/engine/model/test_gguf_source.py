@@ -1,13 +1,12 @@
 """A .gguf file as a model source: converted once into the cache like the default model, with a note naming the
 quantization it was dequantized from; a split GGUF's part not named as one and an architecture transformers cannot
 read from GGUF are refused with the reason, before any conversion (split GGUFs: test_gguf_split.py)."""
-import shutil
-
 import pytest
 import torch
 from gguf import GGUFWriter
 
-from engine.model.loading import ModelLoadError, default_gguf_path, load_model
+from engine.model.loading import ModelLoadError, load_model
+from tests.helpers import llama_from_state, tiny_llama_gguf
 
 
 def write_gguf(path, arch: str, **extra):
@@ -38,16 +37,22 @@ def test_a_split_part_not_named_as_one_is_refused_with_how_to_merge_it(tmp_path)
         load_model(str(path))
 
 
-@pytest.mark.slow
-def test_the_default_models_own_gguf_by_path_gives_the_default_models_logits(tmp_path, monkeypatch,
-                                                                           default_handle):
+def test_a_gguf_file_by_path_is_converted_once_and_computes_the_model_it_holds(tmp_path, monkeypatch):
+    """A tiny Llama written as llama.cpp writes a GGUF (Q4_1 linears, q/k rows in its rotary order): the path loads,
+    converted into the cache under the file's name, with a note naming the quantization types, and computes what
+    transformers computes from the same dequantized weights. (The default model's own GGUF goes the same way at
+    every `make prepare`.)"""
     cache = tmp_path / "own_cache"
     (cache / "models").mkdir(parents=True)  # a cache of its own: this conversion must not land in cache/models/
     monkeypatch.setenv("SPINSCOPE_CACHE", str(cache))
-    gguf = shutil.copy(default_gguf_path(), tmp_path / "my-smollm2.Q4_1.gguf")
+    gguf, state = tiny_llama_gguf(tmp_path / "My-Tiny.Q4_1.gguf")
     handle = load_model(str(gguf))
     assert "dequantized to floating point from the file's quantization type" in handle.note and "Q4_1" in handle.note
-    assert [p.name for p in (cache / "models").iterdir()][0].startswith("my-smollm2.q4_1-")
-    ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
+    (converted,) = [p.name for p in (cache / "models").iterdir() if p.name.startswith("my-tiny.q4_1-")]
+    ids = torch.randint(0, 1024, (1, 32), generator=torch.Generator().manual_seed(0))  # its vocabulary
     with torch.no_grad():
-        assert torch.equal(handle.model(ids).logits, default_handle.model(ids).logits)
+        assert torch.equal(handle.model(ids).logits, llama_from_state(state, gguf)(ids).logits)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (cache / "models" / converted).iterdir()}
+    assert load_model(str(gguf)).fingerprint == handle.fingerprint  # once: the second load reads the conversion
+    assert {p.name: p.stat().st_mtime_ns for p in (cache / "models" / converted).iterdir()} == stamps
+    assert [p.name for p in (cache / "models").iterdir() if p.name.startswith("my-tiny")] == [converted]

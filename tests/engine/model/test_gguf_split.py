@@ -1,15 +1,14 @@
 """Split GGUF files (llama.cpp's NAME-0000k-of-0000N.gguf parts, written here by the gguf package's own splitting
-writer): the path of the first part loads, its parts merged once into one GGUF in the cache, and gives the default
-model's logits; a missing part or a later part's path is refused in one sentence."""
-import shutil
-
+writer): the path of the first part loads, its parts merged once into one GGUF in the cache, and computes the whole
+file's model; a missing part or a later part's path is refused in one sentence."""
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 from engine.model.gguf_split import merge_parts, split_parts
-from engine.model.loading import ModelLoadError, default_gguf_path, load_model
+from engine.model.loading import ModelLoadError, load_model
+from tests.helpers import llama_from_state, tiny_llama_gguf
 
 
 def split_copy(src, dest, max_tensors: int) -> list:
@@ -76,20 +75,20 @@ def test_a_missing_part_or_a_later_parts_path_is_refused_in_one_sentence(tmp_pat
         load_model(str(parts[0]))
 
 
-@pytest.mark.slow
-def test_the_default_models_gguf_split_in_two_loads_by_its_first_part_with_the_default_logits(
-        tmp_path, monkeypatch, default_handle):
+def test_a_gguf_split_in_two_loads_by_its_first_part_and_computes_the_whole_files_model(tmp_path, monkeypatch):
+    """A tiny Llama GGUF (tests/helpers.py: written as llama.cpp writes one) split by the gguf package's own writer:
+    its first part loads, merged once into the cache, and computes what transformers computes from the weights."""
     cache = tmp_path / "own_cache"
     (cache / "models").mkdir(parents=True)  # a cache of its own: this conversion must not land in cache/models/
     monkeypatch.setenv("SPINSCOPE_CACHE", str(cache))
-    whole = shutil.copy(default_gguf_path(), tmp_path / "smollm2.gguf")
+    whole, state = tiny_llama_gguf(tmp_path / "tiny.gguf")
     n = len(GGUFReader(whole).tensors)
     (tmp_path / "parts").mkdir()
-    parts = split_copy(whole, tmp_path / "parts" / "smollm2.gguf", max_tensors=(n + 1) // 2)
+    parts = split_copy(whole, tmp_path / "parts" / "tiny.gguf", max_tensors=(n + 1) // 2)
     assert len(parts) == 2
     handle = load_model(str(parts[0]))
-    assert "smollm2-00001-of-00002.gguf (2 parts, merged)" in handle.note and "Q4_1" in handle.note
-    assert len(list((cache / "models" / "gguf-merged").glob("smollm2-*.gguf"))) == 1
-    ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
+    assert "tiny-00001-of-00002.gguf (2 parts, merged)" in handle.note and "Q4_1" in handle.note
+    assert len(list((cache / "models" / "gguf-merged").glob("tiny-*.gguf"))) == 1
+    ids = torch.randint(0, 1024, (1, 32), generator=torch.Generator().manual_seed(0))  # its vocabulary
     with torch.no_grad():
-        assert torch.equal(handle.model(ids).logits, default_handle.model(ids).logits)
+        assert torch.equal(handle.model(ids).logits, llama_from_state(state, whole)(ids).logits)

@@ -15,7 +15,7 @@ from engine.quant.apply import quantize_model
 from engine.quant.formats import IntFormat, MXFormat, NVFP4Format
 from engine.quant.gptq import HessianAccumulator, gptq_encode, gptq_quantize
 from engine.quant.recipes import Bits, get_recipe
-from tests.engine.quant.test_calibrate import drain
+from tests.helpers import drain
 
 
 @pytest.mark.parametrize("weights", ["rtn", "gptq"])
