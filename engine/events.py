@@ -1,4 +1,9 @@
-"""Events that long jobs yield. Pages, the CLI and tests consume the same stream."""
+"""Events that long jobs yield. Pages, the CLI and tests consume the same stream.
+
+A job is a generator of Progress and Metric events that ends with one Done (its result). A job that runs another
+composes with `x = yield from result_of(other_job(...))` (or done_of, for the whole Done): the other job's events
+go on to the consumer, its Done comes back as the value.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -96,24 +96,24 @@ def _labelled_choices(texts: list[str]) -> dict:
 
 # ---------------------------------------------------------------- one builder per task: records in lm-eval's layout
 
-def arc_from_log(relative: str) -> list[dict]:
-    """ARC rows {id, question, choices{text, label}, answerKey} as in allenai/ai2_arc."""
+def _lettered_choice_rows(relative: str, question_field: str) -> list[dict]:
+    """Rows {id, <question_field>, choices{text, label}, answerKey} of a lettered multiple-choice log."""
     rows = []
     for doc in logged_docs(relative):
         choices = _labelled_choices(doc["choices"])
-        rows.append({"id": doc["id"], "question": _strip_question(doc["query"]), "choices": choices,
+        rows.append({"id": doc["id"], question_field: _strip_question(doc["query"]), "choices": choices,
                      "answerKey": choices["label"][int(doc["gold"])]})
     return rows
+
+
+def arc_from_log(relative: str) -> list[dict]:
+    """ARC rows {id, question, choices{text, label}, answerKey} as in allenai/ai2_arc."""
+    return _lettered_choice_rows(relative, "question")
 
 
 def openbookqa_from_log(relative: str) -> list[dict]:
     """OpenBookQA rows {id, question_stem, choices{text, label}, answerKey} as in allenai/openbookqa."""
-    rows = []
-    for doc in logged_docs(relative):
-        choices = _labelled_choices(doc["choices"])
-        rows.append({"id": doc["id"], "question_stem": _strip_question(doc["query"]), "choices": choices,
-                     "answerKey": choices["label"][int(doc["gold"])]})
-    return rows
+    return _lettered_choice_rows(relative, "question_stem")
 
 
 def _lambada_openai() -> list[dict]:
