@@ -24,7 +24,7 @@ import triton.language as tl
 
 from kernels.bench import random_blocks
 from kernels.launch import TileConfig
-from kernels.rotate_quant import row_absmax
+from kernels.rotate_quant import column_tile, row_absmax
 from kernels.timing import median_us
 
 PROBE_MODES = {"read": 2, "stores": 1}  # _probe_kernel's MODE; "step 1" runs row_absmax itself
@@ -36,15 +36,9 @@ def _probe_kernel(x_ptr, w_ptr, absmax_ptr, part_ptr, M, D, stride_xm,
                   BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr,
                   MODE: tl.constexpr):
     pid = tl.program_id(0)
-    n_col_tiles = D // BLOCK_N
-    col_tile = pid % n_col_tiles
+    n_col_tiles, col_tile, col0, k0, w = column_tile(w_ptr, pid, D, BLOCK, BLOCK_N)  # step 1's own prologue
     group = pid // n_col_tiles
-    col0 = col_tile * BLOCK_N
-    k0 = (col0 // BLOCK) * BLOCK
     offs_k = tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK_N)
-    w = tl.load(w_ptr + (k0 // BLOCK) * BLOCK * BLOCK + offs_k[:, None] * BLOCK + (col0 - k0) + offs_n[None, :],
-                eviction_policy="evict_last")
     for i in range(0, ROW_TILES):
         rows = (group * ROW_TILES + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask = rows < M

@@ -14,7 +14,7 @@ from torch import nn
 
 from engine import store
 from engine.data.corpus import load_corpus, windows
-from engine.events import Cancelled, Done, Progress, ticking
+from engine.events import Cancelled, Done, Progress, done_of, result_of, ticking
 from engine.model import dispatch
 from engine.quant.apply import needs_calibration, quantize_model
 from engine.quant.recipes import Bits, Recipe, get_recipe
@@ -85,11 +85,7 @@ def perplexity(model: nn.Module, wins: torch.Tensor, batch: int = 1, layers: lis
                 return Progress("perplexity", s * per + k, n * per, time.perf_counter() - t0,
                                 f"window {s + 1}/{n}, layer {k}/{per}")
 
-            for ev in ticking(forward, tick):
-                if isinstance(ev, Done):
-                    logits = ev.result
-                else:
-                    yield ev
+            logits = yield from result_of(ticking(forward, tick))
         else:
             with torch.no_grad():
                 logits = model(ids, use_cache=False).logits[:, :-1].float()
@@ -109,20 +105,12 @@ def build_model(handle, model: nn.Module, recipe: Recipe, bits: Bits, cfg: EvalC
     calib = None
     if needs_calibration(recipe, bits) or rot.permutes:  # tokenizing the split the first time takes seconds
         yield Progress("calibrate", 0, 1, time.perf_counter() - t0, "tokenizing the calibration split")
-        for ev in ticking(lambda cancel: windows(load_corpus(cfg.corpus), handle.tokenizer, cfg.calib_tokens,
-                                                 cfg.calib_window, "calib", seed=seed),
-                          lambda: Progress("calibrate", 0, 1, time.perf_counter() - t0,
-                                           "tokenizing the calibration split")):
-            if isinstance(ev, Done):
-                calib = ev.result
-            else:
-                yield ev
+        calib = yield from result_of(ticking(
+            lambda cancel: windows(load_corpus(cfg.corpus), handle.tokenizer, cfg.calib_tokens, cfg.calib_window,
+                                   "calib", seed=seed),
+            lambda: Progress("calibrate", 0, 1, time.perf_counter() - t0, "tokenizing the calibration split")))
     if rot.active:
-        for ev in rotate_job(model, handle.arch, rot, inplace=True, calib=calib):
-            if isinstance(ev, Done):
-                model = ev.result
-            else:
-                yield ev
+        model = yield from result_of(rotate_job(model, handle.arch, rot, inplace=True, calib=calib))
     plan = yield from quantize_model(model, handle.arch, bits, recipe, calib)
     yield Done((model, plan), seconds=time.perf_counter() - t0)
 
@@ -151,21 +139,12 @@ def eval_job(handle, recipe: Recipe | str, bits: Bits | str, cfg: EvalConfig, us
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     with handle.working_model() as model:  # a copy, or a dispatched model itself (reloaded at the end)
-        for ev in build_model(handle, model, recipe, bits, cfg, cfg.seed):
-            if isinstance(ev, Done):
-                model, plan = ev.result
-            else:
-                yield ev
+        model, plan = yield from result_of(build_model(handle, model, recipe, bits, cfg, cfg.seed))
         corpus = load_corpus(cfg.corpus)
         win = min(cfg.window, handle.max_length, cfg.tokens)
         wins = windows(corpus, handle.tokenizer, cfg.tokens, win, "eval")
-        ppl = None
         layers = [handle.arch.layer(model, i) for i in range(handle.arch.n_layers)]
-        for ev in perplexity(model, wins, layers=layers):
-            if isinstance(ev, Done):
-                ppl = ev.result
-            else:
-                yield ev
+        ppl = yield from result_of(perplexity(model, wins, layers=layers))
         result = {"model": handle.name, "recipe": recipe.name, "weights": recipe.weights if recipe.quantize else "-",
                   "bits": str(bits) if recipe.quantize else "16-16-16", "bits_requested": str(bits),
                   "ppl": ppl, "tokens": int(wins.numel()), "window": win, "corpus": corpus.label, "seed": cfg.seed,
@@ -174,11 +153,7 @@ def eval_job(handle, recipe: Recipe | str, bits: Bits | str, cfg: EvalConfig, us
         if cfg.tasks:
             from engine.data.tasks import zero_shot
 
-            for ev in zero_shot(model, handle.tokenizer, list(cfg.tasks), cfg.limit):
-                if isinstance(ev, Done):
-                    result["tasks"] = ev.result
-                else:
-                    yield ev
+            result["tasks"] = yield from result_of(zero_shot(model, handle.tokenizer, list(cfg.tasks), cfg.limit))
         del model
     result["seconds"] = time.perf_counter() - t0
     store.save_json("eval", key, result)
@@ -223,11 +198,9 @@ def eval_table_job(handle, runs: Iterable[tuple[Recipe | str, Bits | str]], cfg:
     n, overall, first_phase = len(runs), 0.0, None
     for i, (recipe, bits) in enumerate(runs):
         what = f"run {i + 1}/{n} {run_label(recipe, bits)}"
-        done = None
-        for ev in eval_job(handle, recipe, bits, cfg, use_cache=use_cache):
-            if isinstance(ev, Done):
-                done = ev
-                continue
+
+        def on_the_whole_bar(ev, i=i, what=what):
+            nonlocal overall, first_phase
             start, span = PHASES.get(ev.stage, (None, None))
             if start is not None:
                 span = span if cfg.tasks or ev.stage != "perplexity" else 1.0 - start
@@ -235,8 +208,10 @@ def eval_table_job(handle, runs: Iterable[tuple[Recipe | str, Bits | str]], cfg:
             first_phase = first_phase or ev.stage
             elapsed = time.perf_counter() - t0
             eta = elapsed * (1 - overall) / overall if overall > 0 and ev.stage != first_phase else None
-            yield replace(ev, message=f"{what}: {ev.stage}: {ev.message}", partial=None, overall=overall,
-                          seconds=elapsed, eta=eta)
+            return replace(ev, message=f"{what}: {ev.stage}: {ev.message}", partial=None, overall=overall,
+                           seconds=elapsed, eta=eta)
+
+        done = yield from done_of(eval_job(handle, recipe, bits, cfg, use_cache=use_cache), on_the_whole_bar)
         rows.append(table_row(done.result, recipe, done.cached))
         overall = (i + 1) / n
         yield Progress("runs", i + 1, n, time.perf_counter() - t0,

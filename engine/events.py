@@ -1,4 +1,9 @@
-"""Events that long jobs yield. Pages, the CLI and tests consume the same stream."""
+"""Events that long jobs yield. Pages, the CLI and tests consume the same stream.
+
+A job is a generator of Progress and Metric events that ends with one Done (its result). A job that runs another
+composes with `x = yield from result_of(other_job(...))` (or done_of, for the whole Done): the other job's events
+go on to the consumer, its Done comes back as the value.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -50,6 +55,36 @@ class Done:
     result: Any
     seconds: float = 0.0
     cached: bool = False
+
+
+def done_of(job, each=None):
+    """Compose jobs: `done = yield from done_of(sub_job(...))` hands the sub-job's events on to whoever drains
+    the caller and returns the sub-job's Done (its result, seconds and `cached`). The sub-job's Done itself is not
+    handed on: a job's stream ends with its own Done, which front ends take as the result. `each` maps every
+    other event before it is handed on (returning None drops it). Closing the caller (Stop) closes the sub-job
+    at once, so its `finally` blocks run before the caller's."""
+    done = None
+    try:
+        for ev in job:
+            if isinstance(ev, Done):
+                done = ev
+                continue
+            if each is not None:
+                ev = each(ev)
+            if ev is not None:
+                yield ev
+    finally:
+        close = getattr(job, "close", None)
+        if close is not None:
+            close()
+    if done is None:
+        raise RuntimeError("a sub-job ended without a result")
+    return done
+
+
+def result_of(job, each=None):
+    """`x = yield from result_of(sub_job(...))`: done_of's Done.result, for the callers that need only that."""
+    return (yield from done_of(job, each)).result
 
 
 def run_to_end(events):

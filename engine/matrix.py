@@ -21,7 +21,7 @@ import torch
 
 from engine.data.corpus import load_corpus, windows
 from engine.evaluate import EvalConfig, eval_table_job
-from engine.events import Done, Progress
+from engine.events import Done, Progress, done_of, result_of
 from engine.quant.methods import ACTIVATION_METHODS, weight_format
 from engine.quant.recipes import RECIPES, Bits, Recipe, get_recipe
 from engine.rotation.fusion import BLOCK_KINDS, PERMUTED_KINDS, RotationConfig, rotate_job
@@ -81,21 +81,23 @@ def matrix_job(handle, mcfg: MatrixConfig, cfg: EvalConfig, use_cache: bool = Tr
     {format, rotation, ppl, bits, bits_per_value, seconds, cached, clips}."""
     runs = mcfg.runs()
     cells = []
-    for ev in eval_table_job(handle, [(r, b) for _, _, r, b in runs], cfg, use_cache=use_cache):
-        if isinstance(ev, Done):
-            yield Done(cells, seconds=ev.seconds, cached=ev.cached)
-        elif ev.partial is not None:
-            rows = ev.partial
-            fmt, col, recipe, bits = runs[len(rows) - 1]
-            row = rows[-1]
-            wf = weight_format(bits.w, recipe)
-            cells.append({"format": fmt, "rotation": col, "ppl": row["ppl"], "bits": row["bits"],
-                          "weight_bits_per_value": wf.bits_per_value(handle.arch.hidden),
-                          "seconds": row["seconds"], "cached": row["cached"], "clips": row.get("clips", {}),
-                          "tokens": row["tokens"]})
-            yield replace(ev, partial=list(cells))
-        else:
-            yield ev
+
+    def as_cells(ev):  # eval_table_job's live table of rows becomes the list of cells so far
+        if ev.partial is None:
+            return ev
+        rows = ev.partial
+        fmt, col, recipe, bits = runs[len(rows) - 1]
+        row = rows[-1]
+        wf = weight_format(bits.w, recipe)
+        cells.append({"format": fmt, "rotation": col, "ppl": row["ppl"], "bits": row["bits"],
+                      "weight_bits_per_value": wf.bits_per_value(handle.arch.hidden),
+                      "seconds": row["seconds"], "cached": row["cached"], "clips": row.get("clips", {}),
+                      "tokens": row["tokens"]})
+        return replace(ev, partial=list(cells))
+
+    done = yield from done_of(eval_table_job(handle, [(r, b) for _, _, r, b in runs], cfg, use_cache=use_cache),
+                              as_cells)
+    yield Done(cells, seconds=done.seconds, cached=done.cached)
 
 
 def cell_sqnr_job(handle, fmt: str, column: str, tokens: int = 512, window: int = 512, seed: int = 0):
@@ -114,11 +116,8 @@ def cell_sqnr_job(handle, fmt: str, column: str, tokens: int = 512, window: int 
     sums = {site: [[0.0, 0.0] for _ in range(arch.n_layers)] for site in ("down_in", "attn_in")}
     with handle.working_model() as model:
         if recipe.rotation.active:
-            for ev in rotate_job(model, arch, replace(recipe.rotation, seed=seed), inplace=True, calib=calib):
-                if isinstance(ev, Done):
-                    model = ev.result
-                else:
-                    yield ev
+            model = yield from result_of(rotate_job(model, arch, replace(recipe.rotation, seed=seed), inplace=True,
+                                                    calib=calib))
         hooks = []
         for i in range(arch.n_layers):
             for site, role in (("down_in", arch.down_roles[0]), ("attn_in", arch.roles.attn_reader)):

@@ -72,6 +72,7 @@ from kernels.launch import (
     launch,
     launch_tuned,
     m_bucket,
+    shared_memory_estimate,
     tile_grid,
     triton_interpret_requested,
 )
@@ -175,12 +176,6 @@ def _check_device(x: torch.Tensor) -> None:
 
 def _k_tile(block: int, block_n: int) -> int:
     return max(block, block_n)
-
-
-def shared_memory_estimate(block: int, config: TileConfig, element_size: int) -> int:
-    """The W tile [K, block_n] once plus num_stages pipelined x tiles [block_m, K], K = max(b, block_n)."""
-    k = _k_tile(block, config.block_n)
-    return element_size * (k * config.block_n + config.num_stages * config.block_m * k)
 
 
 def block_quant_candidates(block: int, group: int, d: int, element_size: int = 2) -> tuple[TileConfig, ...]:

@@ -94,7 +94,7 @@ def blockdiag_matmul_triton(x: torch.Tensor, blocks: torch.Tensor, *, config: Ti
     if m == 0:
         return y.reshape(x.shape)
     meta, config = launch_options(x, b, config)
-    meta["X_EVICTION"] = X_EVICTION_POLICY  # read at each call: kernels.gpu_check times the tile without it
+    meta["X_EVICTION"] = X_EVICTION_POLICY  # read at each call: benchmarks.gpu_kernel_check times the tile without it
     launch_tiled(_blockdiag_kernel, b, m, d, (x2, w, y, m, d, x2.stride(0), y.stride(0), m_bucket(m)), meta, config,
                  tune_key=(m_bucket(m), d, b, x.dtype, x.device))
     return y.reshape(x.shape)

@@ -18,8 +18,9 @@ with the package against the engine's own FWHT on a small random input, in float
 or fails, a RuntimeWarning says so and every transform falls back to the torch backend (`package_status()` keeps
 the reason). The verdict is kept per imported package object.
 
-Imports: the H_K tables and the reference FWHT come from engine.rotation.hadamard, a leaf module of the engine
-(it imports only torch); that is the one engine module any kernels module imports (kernels/launch.py's doc).
+Imports: the H_K tables, the Sylvester factors and the reference FWHT come from engine.rotation.hadamard, a leaf
+module of the engine (it imports only torch); that is the one engine module any kernels module imports
+(kernels/launch.py's doc).
 
 `hadamard_transform_padded` is the plain package call on a non-power-of-two width: it zero-pads to the next power
 of two and truncates, which is NOT an orthogonal transform of n values; it exists only as the benchmark's
@@ -35,7 +36,7 @@ import warnings
 
 import torch
 
-from engine.rotation import hadamard as engine_hadamard  # the H_K tables and the reference FWHT (a leaf module)
+from engine.rotation import hadamard as engine_hadamard  # H_K, Sylvester and the reference FWHT (a leaf module)
 
 MAX_FACTOR_LOG2 = 7  # Sylvester factors of at most 128 x 128 per matmul
 PACKAGE = "fast_hadamard_transform"
@@ -135,11 +136,8 @@ def is_power_of_two(n: int) -> bool:
 
 @functools.lru_cache(maxsize=32)
 def _sylvester(log2n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """Normalised Sylvester H_{2^log2n} [2^log2n, 2^log2n] (symmetric)."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    for _ in range(log2n):
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(h.shape[0])).to(dtype=dtype, device=device)
+    """The engine's normalised Sylvester H_{2^log2n} [2^log2n, 2^log2n] (symmetric), in the compute dtype."""
+    return engine_hadamard.sylvester(1 << log2n).to(dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=32)

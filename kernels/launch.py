@@ -74,7 +74,7 @@ class TileConfig:
 INTERPRETER_TILE = TileConfig(block_m=16, block_n=64, row_tiles=2, num_warps=4, num_stages=1)
 
 # Block-diagonal autotune candidates (block_m, row_tiles, num_warps, num_stages). The first H100 sweep
-# (kernels/gpu_check.py, docs/BENCHMARKS.md) found (64, 4, 4, 3) fastest from L = 512 to 8192 at d = 11008,
+# (benchmarks/gpu_kernel_check.py, docs/BENCHMARKS.md) found (64, 4, 4, 3) fastest from L = 512 to 8192 at d = 11008,
 # b = 128; the others cover small L (one program per block), grids near a multiple of the SM count at mid L
 # (2 or 3 programs per column tile at L = 512), and the other block sizes.
 BLOCKDIAG_TILE_CANDIDATES = (
@@ -89,8 +89,10 @@ ROTATE_QUANT_TILE_CANDIDATES = ((64, 4, 4, 3), (64, 8, 4, 4), (64, 16, 4, 4), (1
 
 
 def shared_memory_estimate(block: int, config: TileConfig, element_size: int = 2) -> int:
-    """The B tile [b, block_n] once plus num_stages pipelined x tiles [block_m, b]."""
-    return element_size * (block * config.block_n + config.num_stages * config.block_m * block)
+    """The B tile [K, block_n] once plus num_stages pipelined x tiles [block_m, K], K = max(b, block_n): the block
+    itself in the block-diagonal kernels (block_n <= b), a tile of zero-padded blocks in kernels/block_quant.py."""
+    k = max(block, config.block_n)
+    return element_size * (k * config.block_n + config.num_stages * config.block_m * k)
 
 
 def tile_configs(block: int) -> list[TileConfig]:
@@ -259,7 +261,7 @@ def autotuned_kernel(fn, block: int, key: tuple[str, ...] = ("M_BUCKET", "D", "B
 
 _TUNED: dict[tuple, dict] = {}  # (kernel, shape key) -> the winning config's launch kwargs
 _COMPILED: dict[tuple, object] = {}  # launch specialization -> Triton's CompiledKernel
-FAST_LAUNCH = True  # False: every launch goes through triton.jit's full dispatch (kernels.gpu_check sets it)
+FAST_LAUNCH = True  # False: every launch goes through triton.jit's full dispatch (benchmarks.gpu_kernel_check sets it)
 
 
 def specialization(arg):

@@ -28,6 +28,7 @@ needed a deadlock argument; docs/BENCHMARKS.md has the measurements and why neit
 from __future__ import annotations
 
 import torch
+import triton
 import triton.language as tl
 
 from kernels.blockdiag import blockdiag_matmul_reference
@@ -103,7 +104,24 @@ def rotate_quantize_reference(x: torch.Tensor, blocks: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The kernels (plain functions; compiled by kernels.launch)
+# The kernels (plain functions; compiled by kernels.launch) and the prologue they share
+
+@triton.jit  # decorated at import, as Triton's own tl functions are: TRITON_INTERPRET must be set before that
+def column_tile(w_ptr, pid, D, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program `pid`'s place in both steps' grid (also the floor probe's, benchmarks/rotate_quant_floor_probe.py):
+    (column tiles per row group, its column tile, first output column col0, first input column k0 of its block,
+    its B tile w [BLOCK, BLOCK_N] of w [n, BLOCK, BLOCK], kept in L2 for every row group). Column tiles vary
+    fastest, so neighbouring programs share the x rows."""
+    n_col_tiles = D // BLOCK_N
+    col_tile = pid % n_col_tiles
+    col0 = col_tile * BLOCK_N
+    k0 = (col0 // BLOCK) * BLOCK
+    offs_k = tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK_N)
+    w = tl.load(w_ptr + (k0 // BLOCK) * BLOCK * BLOCK + offs_k[:, None] * BLOCK + (col0 - k0) + offs_n[None, :],
+                eviction_policy="evict_last")
+    return n_col_tiles, col_tile, col0, k0, w
+
 
 def _row_absmax_kernel(
     x_ptr, w_ptr, absmax_ptr,  # x [M, D], w [n, BLOCK, BLOCK], absmax int32 [M] (fp32 bits), zero on entry
@@ -113,15 +131,9 @@ def _row_absmax_kernel(
     DOT_FP32: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n_col_tiles = D // BLOCK_N
-    col_tile = pid % n_col_tiles  # column tiles vary fastest: neighbours share the x rows
+    n_col_tiles, col_tile, col0, k0, w = column_tile(w_ptr, pid, D, BLOCK, BLOCK_N)
     group = pid // n_col_tiles
-    col0 = col_tile * BLOCK_N
-    k0 = (col0 // BLOCK) * BLOCK
     offs_k = tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK_N)
-    w = tl.load(w_ptr + (k0 // BLOCK) * BLOCK * BLOCK + offs_k[:, None] * BLOCK + (col0 - k0) + offs_n[None, :],
-                eviction_policy="evict_last")  # [BLOCK, BLOCK_N], read by every row group
     if DOT_FP32:
         w = w.to(tl.float32)
     first = group * ROW_TILES
@@ -148,15 +160,10 @@ def _quantize_kernel(
     DOT_FP32: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n_col_tiles = D // BLOCK_N
-    col_tile = pid % n_col_tiles
+    n_col_tiles, col_tile, col0, k0, w = column_tile(w_ptr, pid, D, BLOCK, BLOCK_N)
     group = tl.num_programs(0) // n_col_tiles - 1 - pid // n_col_tiles  # last rows first: step 1 left them in L2
-    col0 = col_tile * BLOCK_N
-    k0 = (col0 // BLOCK) * BLOCK
     offs_k = tl.arange(0, BLOCK)
     offs_n = tl.arange(0, BLOCK_N)
-    w = tl.load(w_ptr + (k0 // BLOCK) * BLOCK * BLOCK + offs_k[:, None] * BLOCK + (col0 - k0) + offs_n[None, :],
-                eviction_policy="evict_last")
     if DOT_FP32:
         w = w.to(tl.float32)
     first = group * ROW_TILES

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import bz2
 import hashlib
-import importlib.metadata
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from engine.assets import package_path
 
 WIKI = "wiki"
 WIKI_LABEL = "Wikipedia sample from gensim's test data (a WikiText-2 substitute: 106 articles, markup removed)"
@@ -63,7 +64,7 @@ def _split_articles(articles: list[str]) -> dict:
 def _wiki_articles() -> tuple[str, ...]:
     from gensim.corpora.wikicorpus import extract_pages
 
-    path = Path(importlib.metadata.distribution("gensim").locate_file(_GENSIM_FILE))
+    path = package_path("gensim", _GENSIM_FILE, DataError)
     out = []
     with bz2.open(path) as f:
         for _title, text, _pid in extract_pages(f):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import pandas as pd
 
 from engine.evaluate import EvalConfig, eval_job
-from engine.events import Done, Metric, Progress
+from engine.events import Done, Metric, Progress, result_of
 from engine.learn.rotated_network import ONLINE_SEED
 from engine.learn.spinquant import METHODS, learned_recipe
 from engine.quant.recipes import RECIPES, Bits, Recipe
@@ -95,10 +95,8 @@ def spread_job(handle, cfg: SpreadConfig, learned: dict[str, tuple[str, str]] | 
     rows, t0 = [], time.perf_counter()
     for i, (fam, seed, name, recipe, ecfg) in enumerate(runs):
         yield Progress("spread", i, len(runs), time.perf_counter() - t0, f"{name} ({i + 1}/{len(runs)})")
-        result = None
-        for ev in eval_job(handle, recipe, bits, ecfg, use_cache=use_cache):
-            if isinstance(ev, Done):
-                result = ev.result
+        # one Progress per run here: the run's own events are not handed on
+        result = yield from result_of(eval_job(handle, recipe, bits, ecfg, use_cache=use_cache), lambda ev: None)
         row = {"family": fam, "seed": seed, "label": name, "ppl": result["ppl"], "recipe": recipe.name}
         rows.append(row)
         yield Metric("ppl", i, result["ppl"], extra=row)

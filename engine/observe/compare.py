@@ -9,7 +9,7 @@ from torch import nn
 
 from engine import store
 from engine.data.corpus import load_corpus, windows
-from engine.events import Done, Metric, Progress
+from engine.events import Done, Metric, Progress, result_of
 from engine.observe.capture import CaptureConfig, CaptureResult, cache_key, capture_job, load_cached
 from engine.rotation.fusion import RotationConfig, equivalence, logits, rotate_job
 
@@ -55,36 +55,32 @@ def compare_job(handle, corpus_name: str, rot: RotationConfig, cap: CaptureConfi
     t0 = time.perf_counter()
     corpus = load_corpus(corpus_name)  # fail on a bad corpus before any work
     ids = windows(corpus, handle.tokenizer, check_tokens, min(check_tokens, handle.max_length), "eval")
-    results = {}
     tag = rot.tag()  # once: a rotation file's tag reads and hashes the file
     if use_cache and (hit := cached_comparison(handle, corpus, rot, cap, tag, check_tokens)) is not None:
         yield Done(hit, seconds=time.perf_counter() - t0, cached=True)
         return
 
     def capture(stage, model, tag):
-        for ev in capture_job(handle, corpus_name, replace(cap, rotation=tag), use_cache=use_cache, model=model):
-            if isinstance(ev, Progress):
-                yield replace(ev, stage=stage, message=f"{stage}: {ev.message}")
-            elif isinstance(ev, Done):
-                results[stage] = ev.result
+        """Sub-job: capture_job's result; its Progress is named after `stage`, and nothing else is handed on."""
+        job = capture_job(handle, corpus_name, replace(cap, rotation=tag), use_cache=use_cache, model=model)
+        return result_of(job, lambda ev: replace(ev, stage=stage, message=f"{stage}: {ev.message}")
+                         if isinstance(ev, Progress) else None)
 
-    yield from capture("before", handle.model, "none")
+    before = yield from capture("before", handle.model, "none")
     reference = logits(handle.model, ids)
     with contextlib.ExitStack() as stack:
         if rotated is None:
-            for ev in rotate_job(stack.enter_context(handle.working_model()), handle.arch, rot, inplace=True):
-                if isinstance(ev, Done):
-                    rotated = ev.result
-                else:
-                    yield replace(ev, message=f"rotating ({tag}): {ev.message}")
+            rotated = yield from result_of(
+                rotate_job(stack.enter_context(handle.working_model()), handle.arch, rot, inplace=True),
+                lambda ev: replace(ev, message=f"rotating ({tag}): {ev.message}"))
         yield Progress("rotate", 1, 1, time.perf_counter() - t0, "rotated")
         check = equivalence(None, rotated, ids, reference=reference)
         if use_cache:
             store.save_json("rotate", check_key(handle, corpus, rot, check_tokens), check)
         for k in ("max_abs_logit_diff", "kl"):
             yield Metric(k, 0, check[k])
-        yield from capture("after", rotated, tag)
+        after = yield from capture("after", rotated, tag)
         if handle.dispatched:
             rotated = None
-    yield Done(Comparison(results["before"], results["after"], check, rot, rotated),
+    yield Done(Comparison(before, after, check, rot, rotated),
                seconds=time.perf_counter() - t0)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.quant.quantizers import quantize_activation
+
 CODE_VERSION = "stats-3"  # bump when a change alters any statistic: cached captures stop matching
 # stats-3: the quantizers and Hadamards of engine.evaluate eval-2 (SQNR sites, rotated captures)
 TOP_TOKENS = 8          # largest-norm tokens kept per site
@@ -208,8 +210,6 @@ class SiteAccumulator:
         self.top = cand[cand[:, 0].topk(min(TOP_TOKENS, cand.shape[0])).indices]
         self.samples.add(flat, self.gen, flags=is_sink)
         if self.sqnr and body.numel():
-            from engine.quant.quantizers import quantize_activation
-
             power = float(body.square().sum())
             for bits, acc in self.sqnr.items():
                 acc[0] += power

@@ -11,7 +11,7 @@ from torch import nn
 from engine.events import Progress
 from engine.model import attention, dispatch
 from engine.model.arch import ArchInfo
-from engine.observe.capture import StopForward
+from engine.model.early_stop import StopForward
 from engine.quant.calibrate import (
     CalibrationInputs,
     ClipPlan,

@@ -23,11 +23,15 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.model.arch import ArchInfo
-from engine.rotation.fusion import RotationConfig, load_rotation_file
+from engine.rotation.orthogonal import orthogonality_error
+
+if TYPE_CHECKING:
+    from engine.rotation.fusion import RotationConfig
 
 R1_KEY = "R1"
 ORTHO_TOL = 1e-3          # what engine.rotation.fusion accepts
@@ -59,18 +63,35 @@ def dense(r: torch.Tensor) -> torch.Tensor:
     return torch.block_diag(*r.unbind(0)) if r.dim() == 3 else r
 
 
-def orthogonality_error(r: torch.Tensor) -> float:
-    """max |R^T R - I| over the matrix or over every block of [n_blocks, b, b] (float64)."""
-    r64 = r.detach().double()
-    eye = torch.eye(r64.shape[-1], dtype=torch.float64)
-    return float((r64.mT @ r64 - eye).abs().max())
-
-
 def nearest_orthogonal(r: torch.Tensor) -> torch.Tensor:
     """The polar factor U V^T of R = U S V^T (the closest orthogonal matrix in Frobenius norm), float64; works on
     [n, n] and on blocks [n_blocks, b, b]."""
     u, _, vh = torch.linalg.svd(r.double())
     return u @ vh
+
+
+ROTATION_FILE_LAYOUT = "a torch.save'd dict of tensors in SpinQuant's layout ('R1', 'model.layers.{i}.self_attn.R2')"
+
+
+def load_rotation_file(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a rotation file; any other file is refused in one sentence (never torch's own advice, which
+    suggests the unsafe weights_only=False)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"rotation file {path} not found: expected {ROTATION_FILE_LAYOUT}")
+    try:
+        data = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        with open(p, "rb") as f:
+            head = f.read(4)
+        found = ("a torch file holding objects other than tensors" if "weights_only" in str(e) and head[:2] == b"PK"
+                 else f"a file of {p.stat().st_size} bytes that torch cannot read")
+        raise ValueError(f"{path} is not a rotation file: expected {ROTATION_FILE_LAYOUT}, found {found}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        found = type(data).__name__ if not isinstance(data, dict) else "a dict with non-tensor values"
+        raise ValueError(f"{path} is not a rotation file: expected {ROTATION_FILE_LAYOUT}, found {found}")
+    return data
+
 
 
 @dataclass
@@ -110,6 +131,8 @@ class RotationSet:
     def rotation_config(self, path: str | os.PathLike) -> RotationConfig:
         """What engine.rotation.fusion.rotate needs for this file: learned online rotations come from the file too,
         otherwise R3/R4 are random Hadamard (SpinQuant's fixed online rotations)."""
+        from engine.rotation.fusion import RotationConfig  # fusion reads files with this module: import it late
+
         return RotationConfig(r1="file", r2="file", r3="file" if self.r3 is not None else "hadamard",
                               r4="file" if self.r4 is not None else "hadamard", file=str(path))
 
@@ -139,7 +162,7 @@ def check_against(rs: RotationSet, arch: ArchInfo, tol: float = ORTHO_TOL) -> No
             if not 0 < r <= 1:
                 raise ValueError(f"the clip ratio of {site} in layer {i} is {r}; clip ratios must be in (0, 1]")
     for name, r, _ in checks:
-        err = orthogonality_error(r)
+        err = float(orthogonality_error(r).max())
         if not err <= tol:
             raise ValueError(f"{name} is not orthogonal (max |R^T R - I| = {err:.2e} > {tol:g})")
 

@@ -20,7 +20,9 @@ from engine.events import Done, Progress, run_to_end
 from engine.model import attention, dispatch
 from engine.model.arch import ArchInfo
 from engine.rotation.algebra import rotated_bias, rotated_embedding, rotated_weight
+from engine.rotation.files import ORTHO_TOL, load_rotation_file
 from engine.rotation.hadamard import apply_hadamard, random_block_hadamard, random_hadamard, random_orthogonal
+from engine.rotation.orthogonal import orthogonality_error
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 # block<b>: block-diagonal random Hadamard (the block size of MXFP4 / NVFP4 groups, BRQ); block<b>p (R4 only): the
@@ -359,29 +361,6 @@ def permute_mlp_channels(model: nn.Module, arch: ArchInfo, layer: int, perm: tor
     dispatch.write_tensor(down, "weight", dispatch.read_tensor(down, "weight")[:, perm])
 
 
-ROTATION_FILE_LAYOUT = "a torch.save'd dict of tensors in SpinQuant's layout ('R1', 'model.layers.{i}.self_attn.R2')"
-
-
-def load_rotation_file(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of a rotation file; any other file is refused in one sentence (never torch's own advice, which
-    suggests the unsafe weights_only=False)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"rotation file {path} not found: expected {ROTATION_FILE_LAYOUT}")
-    try:
-        data = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        with open(p, "rb") as f:
-            head = f.read(4)
-        found = ("a torch file holding objects other than tensors" if "weights_only" in str(e) and head[:2] == b"PK"
-                 else f"a file of {p.stat().st_size} bytes that torch cannot read")
-        raise ValueError(f"{path} is not a rotation file: expected {ROTATION_FILE_LAYOUT}, found {found}") from None
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        found = type(data).__name__ if not isinstance(data, dict) else "a dict with non-tensor values"
-        raise ValueError(f"{path} is not a rotation file: expected {ROTATION_FILE_LAYOUT}, found {found}")
-    return data
-
-
 def _from_file(data: dict, key: str, fallback: str | None, n: int, what: str) -> torch.Tensor:
     t = data.get(key, data.get(fallback) if fallback else None)
     if t is None:
@@ -390,9 +369,9 @@ def _from_file(data: dict, key: str, fallback: str | None, n: int, what: str) ->
         t = torch.block_diag(*t.unbind(0))
     if tuple(t.shape) != (n, n):
         raise ValueError(f"{what} in the rotation file is {tuple(t.shape)}, expected ({n}, {n})")
-    err = (t.double() @ t.double().T - torch.eye(n, dtype=torch.float64)).abs().max()
-    if err > 1e-3:
-        raise ValueError(f"{what} in the rotation file is not orthogonal (max |R R^T - I| = {err:.2e})")
+    err = float(orthogonality_error(t))
+    if err > ORTHO_TOL:
+        raise ValueError(f"{what} in the rotation file is not orthogonal (max |R^T R - I| = {err:.2e})")
     return t.double()
 
 

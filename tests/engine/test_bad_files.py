@@ -7,7 +7,7 @@ import torch
 
 from engine.data.corpus import load_corpus
 from engine.model.loading import ModelLoadError, default_gguf_path, load_model
-from engine.rotation.fusion import load_rotation_file
+from engine.rotation.files import load_rotation_file
 
 EXPECTED_ROTATION = "expected a torch.save'd dict of tensors in SpinQuant's layout"
 

@@ -7,13 +7,14 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine.evaluate import EvalConfig, eval_job, perplexity
-from engine.events import Cancelled, Done, Progress, ticking
+from engine.events import Cancelled, Done, Metric, Progress, done_of, result_of, run_to_end, ticking
 from engine.model.loading import load_model, tiny_llama
 from engine.observe.capture import CaptureConfig
 from engine.observe.compare import compare_job
@@ -47,6 +48,60 @@ def test_ticking_hands_back_the_result_and_the_error():
     assert list(ticking(lambda cancel: 42, lambda: None))[-1].result == 42
     with pytest.raises(ValueError, match="bad input"):
         list(ticking(lambda cancel: (_ for _ in ()).throw(ValueError("bad input")), lambda: None))
+
+
+def test_a_sub_job_composes_with_yield_from_its_events_handed_on_its_done_returned():
+    closed = []
+
+    def sub():
+        try:
+            yield Progress("sub", 1, 2, 0.1, "half")
+            yield Metric("loss", 1, 0.5)
+            yield Done("sub result", seconds=3.0, cached=True)
+        finally:
+            closed.append("sub")
+
+    def job():
+        x = yield from result_of(sub())
+        rename = lambda ev: replace(ev, message="renamed") if isinstance(ev, Progress) else None  # noqa: E731
+        done = yield from done_of(sub(), rename)
+        yield Done((x, done.result, done.seconds, done.cached))
+
+    events = list(job())
+    # the sub-jobs' Done never reaches the consumer: the stream ends with the job's own, the only one
+    assert [type(ev) for ev in events] == [Progress, Metric, Progress, Done]
+    assert events[0].message == "half" and events[2].message == "renamed"  # `each` maps, or drops the Metric
+    assert events[-1].result == ("sub result", "sub result", 3.0, True)
+    assert run_to_end(job()) == ("sub result", "sub result", 3.0, True)
+
+
+def test_closing_a_job_closes_its_sub_job_at_once_and_a_sub_job_without_a_result_is_an_error():
+    state = []
+
+    def sub():
+        try:
+            yield Progress("sub", 0, 1, 0.0)
+            yield Progress("sub", 1, 1, 0.0)
+            yield Done(1)
+        finally:
+            state.append("sub cleaned up")
+
+    def job():
+        try:
+            yield (yield from result_of(sub()))
+        finally:
+            state.append("job cleaned up")
+
+    running = job()
+    next(running)
+    running.close()  # Stop
+    assert state == ["sub cleaned up", "job cleaned up"]  # the sub-job's finally first, as with a plain yield from
+
+    def no_result():
+        yield Progress("sub", 0, 1, 0.0)
+
+    with pytest.raises(RuntimeError, match="without a result"):
+        list(result_of(no_result()))
 
 
 def slow_layers(model, seconds):

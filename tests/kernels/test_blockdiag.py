@@ -107,7 +107,7 @@ def test_autotune_candidates_fit_the_block(block):
         assert (block * config.block_n + config.num_stages * config.block_m * block) * 2 <= 200 * 1024
 
 
-def test_tile_config_name_lists_every_field():  # kernels.gpu_check's sweep tables
+def test_tile_config_name_lists_every_field():  # benchmarks.gpu_kernel_check's sweep tables
     assert TileConfig(64, 128, 4, 8, 3).name() == "m64n128r4w8s3"
 
 

