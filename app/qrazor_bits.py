@@ -1,6 +1,6 @@
 """The QRazor page's bit-by-bit view of one SDR group: each value's base integer, its magnitude bits split at the
 razoring point into kept and dropped bits, the rounding, and the code and flag that sdr_encode stores. Display
-only: the codes and flags are engine.quant.qrazor's, on the tensors of engine.quant.qrazor_compare."""
+only: the codes and flags are engine.quant.qrazor's, on the tensors of engine.observe.qrazor_compare."""
 from __future__ import annotations
 
 import math
@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from engine.observe.qrazor_compare import QRazorTensor, pad_to_groups
 from engine.quant.qrazor import flag_bits, quantize_absmax, sdr_encode
-from engine.quant.qrazor_compare import QRazorTensor, pad_to_groups
 
 
 @dataclass(frozen=True)

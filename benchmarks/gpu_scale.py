@@ -1,5 +1,5 @@
 """Every job at real model sizes on one device: seconds, peak memory and tokens per second per phase, beside the
-peak the memory model predicts (engine.model.memory).
+peak the memory model predicts (engine.memory).
 
     python -m benchmarks.gpu_scale --sizes 135m,1.5b,8b,30b-a3b [--device cpu|cuda] [--phases ...] --json F
 
@@ -375,7 +375,7 @@ class Settings:
                           calib_window=self.calib_window, corpus=self.corpus)
 
     def windows(self):
-        from engine.model.memory import Windows
+        from engine.memory import Windows
 
         return Windows(capture=self.capture_window, eval=min(2048, self.eval_tokens),
                        matrix=min(1024, self.matrix_tokens), calib=self.calib_window, calib_tokens=self.calib_tokens,
@@ -418,7 +418,7 @@ def _error(e: BaseException) -> str:
 
 
 def run_size(size: str, phases: list[str], args, report: Report, meter: Meter, deadline: float, workdir: Path):
-    from engine.model import memory
+    from engine import memory
 
     config = model_config(size)
     shapes = memory.shapes(config, args.dtype)
@@ -583,7 +583,7 @@ def main(argv=None) -> int:
 
     header = {"device": device_name(args.device), "dtype": args.dtype, "torch": torch.__version__,
               "transformers": transformers.__version__, "peak_method": meter.method, "notes": [
-                  SHAPES_NOTE, "predicted_peak_bytes: engine.model.memory.job_peaks from the config",
+                  SHAPES_NOTE, "predicted_peak_bytes: engine.memory.job_peaks from the config",
                   "tokens: tokens run through the model in the phase (export: 0, its build needs no calibration)",
                   "start_bytes: what was held when the phase started (peak_bytes is measured the same way)"],
               "settings": {**Settings.from_args(args).to_dict(), "phases": phases, "sizes": sizes}}

@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from app import charts, state
-from engine.model import memory
+from engine import memory
 
 st.title("SpinScope")
 st.markdown(
@@ -22,7 +22,7 @@ elif placement is not None and (placement.devices != ["cpu"] or st.session_state
     left, right = st.columns([1, 2])
     left.plotly_chart(charts.device_weights(placement.device_bytes))
     right.dataframe(pd.DataFrame(placement.rows()), hide_index=True, height=320)
-    st.caption("Each job's predicted peak on one device (engine.model.memory, as benchmarks.gpu_scale measures it):")
+    st.caption("Each job's predicted peak on one device (engine.memory, as benchmarks.gpu_scale measures it):")
     st.dataframe(pd.DataFrame(memory.plan_rows(st.session_state[state.MODEL_NAME],
                                                st.session_state[state.MODEL_DTYPE])), hide_index=True)
     for note in placement.notes:

@@ -5,7 +5,7 @@ import streamlit as st
 
 from app import charts, state
 from app.qrazor_bits import bit_table, largest_group
-from engine.quant import qrazor_compare as qc
+from engine.observe import qrazor_compare as qc
 from engine.quant.qrazor import flag_bits, qmax
 
 st.title("QRazor: significant data razoring, bit by bit")

@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.events import Done, Progress
+from engine.events import Done, Progress, result_of
 
 MARKER = "SPINSCOPE_EXPORT.json"  # provenance; also what lets --force replace a directory (only an earlier export)
 LOADER_FILE = "load_with_transforms.py"
@@ -189,7 +189,7 @@ def _offline_schemes(recipe, arch) -> dict:
     since the weights already hold them (a runtime applies only online locations)."""
     from compressed_tensors.transform import TransformArgs, TransformScheme
 
-    from engine.rotation.fusion import load_rotation_file
+    from engine.rotation.files import load_rotation_file
 
     rot, roles, out = recipe.rotation, arch.roles, {}
     data = load_rotation_file(rot.file) if rot.file else {}
@@ -433,11 +433,7 @@ def export_job(handle, recipe, bits, out_dir: str | os.PathLike, cfg, force: boo
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     with handle.working_model() as model:
-        for ev in build_model(handle, model, recipe, bits, cfg, cfg.seed):
-            if isinstance(ev, Done):
-                model = ev.result[0]
-            else:
-                yield ev
+        model = (yield from result_of(build_model(handle, model, recipe, bits, cfg, cfg.seed)))[0]
         yield Progress("export", 0, 1, time.perf_counter() - t0, f"packing and writing {out_dir}")
         summary = write_checkpoint(handle, model, recipe, bits, out_dir, force, cfg.seed)
         del model

@@ -240,7 +240,7 @@ def _read_config(name: str):
 
 
 def read_config(name: str):
-    """The config of the user's model name, checked for support, without reading any weight (engine.model.memory)."""
+    """The config of the user's model name, checked for support, without reading any weight (engine.memory)."""
     return _read_config(name)[3]
 
 

@@ -163,7 +163,7 @@ def get_recipe(name: str, weights: str | None = None, rotation_file: str | None 
 def _from_file(rotation: RotationConfig, path: str) -> RotationConfig:
     """The 'rotated' recipe's rotations: R1, R2 from the file, and R3, R4 too when the file holds them (FLRot,
     layer-wise training), else random Hadamards. A file that cannot be read is refused later, where it is read."""
-    from engine.rotation.fusion import load_rotation_file
+    from engine.rotation.files import load_rotation_file
 
     try:
         keys = load_rotation_file(path).keys()

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from app.qrazor_bits import bit_table, largest_group
+from engine.observe.qrazor_compare import QRazorTensor
 from engine.quant.qrazor import flag_bits, quantize_absmax, sdr_decode, sdr_encode
-from engine.quant.qrazor_compare import QRazorTensor
 
 
 def _activation(rows=8, d=64, seed=0, outlier_channel=5, outlier=40.0) -> QRazorTensor:

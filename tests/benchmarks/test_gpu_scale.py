@@ -1,4 +1,4 @@
-"""benchmarks.gpu_scale on the CPU at tiny sizes, and the memory model it prints (engine.model.memory): weights
+"""benchmarks.gpu_scale on the CPU at tiny sizes, and the memory model it prints (engine.memory): weights
 counted exactly, and a phase's measured peak within the predicted one."""
 import json
 
@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, Qwen2Config
 
 from benchmarks import gpu_scale
-from engine.model import memory
+from engine import memory
 
 # one torch thread: a CPU run's many small operations are much faster so on a busy machine (see --threads)
 SMALL = ["--device", "cpu", "--threads", "1", "--tokens", "64", "--eval-tokens", "64", "--matrix-tokens", "64",

@@ -99,7 +99,7 @@ def test_capture_sees_every_site_of_every_layer(family):
 
 
 def test_the_qrazor_page_offers_the_linears_each_family_has():
-    from engine.quant.qrazor_compare import site_readers
+    from engine.observe.qrazor_compare import site_readers
 
     for family, attn, mlp in (("qwen3", ("q", "k", "v"), ("gate", "up")), ("phi3", ("qkv",), ("gate_up",))):
         model, arch = build(family)

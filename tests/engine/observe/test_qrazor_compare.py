@@ -1,4 +1,4 @@
-"""SDR against RTN on real tensors (engine.quant.qrazor_compare): effective bits, the matched-bits comparison, and
+"""SDR against RTN on real tensors (engine.observe.qrazor_compare): effective bits, the matched-bits comparison, and
 the one-layer capture on a tiny real model directory."""
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.model import attention
-from engine.quant import qrazor_compare as qc
+from engine.observe import qrazor_compare as qc
 from engine.quant.qrazor import flag_bits, qrazor_fake_quant
 
 
