@@ -53,9 +53,12 @@ class ClipPlan:
     activations: dict = field(default_factory=dict)  # (layer, role) -> ratio
     k: dict = field(default_factory=dict)            # layer -> ratio
     v: dict = field(default_factory=dict)
+    check: dict | None = None  # the end-to-end check's losses, kept and reverted layers (engine.quant.clip_check)
 
     def summary(self, n_layers: int) -> dict:
-        """JSON for rows and heat maps: per site a list over layers (weights: the rows' mean shrink)."""
+        """JSON for rows and heat maps: per site a list over layers (weights: the rows' mean shrink; a layer the
+        end-to-end check reverted shows 1.0), and under `check` per layer "kept", "reverted" or None (nothing
+        clipped there, or no check ran)."""
         out = {}
         for kind, table in (("weights", self.weights), ("activations", self.activations)):
             roles = dict.fromkeys(role for _, role in table)
@@ -63,6 +66,9 @@ class ClipPlan:
         for kind, table in (("k", self.k), ("v", self.v)):
             if table:
                 out[kind] = [table.get(i) for i in range(n_layers)]
+        if self.check is not None:
+            verdict = {**dict.fromkeys(self.check["kept"], "kept"), **dict.fromkeys(self.check["reverted"], "reverted")}
+            out["check"] = [verdict.get(i) for i in range(n_layers)]
         return out
 
 

@@ -45,7 +45,7 @@ class RTNWeights:
     def quantize(self, w: Tensor, bits: int | str, recipe: Recipe) -> Tensor:
         fmt = weight_format(bits, recipe)
         if isinstance(fmt, IntFormat):
-            return quantize_weight(w, fmt.bits, group_size=fmt.group, clip_search=recipe.weight_search)
+            return quantize_weight(w, fmt.bits, group_size=fmt.group, clip_search=recipe.weight_range_search)
         return fmt.fake_quantize(w)
 
 
@@ -60,7 +60,7 @@ class GPTQWeights(RTNWeights):
         fmt = weight_format(bits, recipe)
         if isinstance(fmt, IntFormat):
             return gptq_quantize(w, hessian, fmt.bits, group_size=fmt.group, damp=damp, block=block,
-                                 clip_search=recipe.weight_search)
+                                 clip_search=recipe.weight_range_search)
         return gptq_quantize(w, hessian, 16, damp=damp, block=block, rounder=ColumnRounder(fmt, w))
 
 
@@ -103,14 +103,14 @@ class RTNActivations:
         quant = self.activation_quant(bits)
         if quant is None:
             return None
-        ratio = recipe.fixed_clips[0] if ratio is None else ratio
+        ratio = recipe.clip.activation if ratio is None else ratio
         return lambda x: quant(x, ratio)
 
     def kv_fn(self, bits: int | str, recipe: Recipe, head_dim: int, ratio: float | None = None) -> TensorFn | None:
         quant = self.kv_quant(bits, head_dim)
         if quant is None:
             return None
-        ratio = recipe.fixed_clips[1] if ratio is None else ratio
+        ratio = recipe.clip.kv if ratio is None else ratio
         return lambda x: quant(x, ratio)
 
 
