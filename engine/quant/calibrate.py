@@ -2,8 +2,8 @@
 
 Fixed ratios tuned on one model can flip a comparison on another (a KV clip of 0.95 on rotated keys took one
 model's QuaRot from 138 to 1408). So each ratio is chosen here, on calibration data, from a small grid whose first
-candidate is 1.0 (no clipping); a later candidate must be strictly better, so a calibrated setting is never worse
-than no clipping on the calibration objective:
+candidate is 1.0 (no clipping); a later candidate must be strictly better, so each choice is never worse than no
+clipping on its local calibration objective:
 
 - weights (RTN), per output row: the shrink of the row's range minimizing its output error ||(w_hat - w) X^T||^2
   over the calibration inputs X of that linear (not the weight's own error, which ignores which input channels
@@ -16,6 +16,10 @@ than no clipping on the calibration objective:
 
 The inputs are a seeded sample of calibration tokens captured in one forward pass of the floating-point (rotated)
 model, after any online rotation, as GPTQ calibrates in QuaRot.
+
+Each choice is no worse than no clipping on its own local error only: the errors of many layers compound. The
+plan is then checked end to end, and a layer's choices are kept only where they lower the quantized model's loss
+on calibration windows (engine.quant.clip_check).
 """
 from __future__ import annotations
 

@@ -32,15 +32,48 @@ CHECK_WINDOWS = 4  # calibration windows of the check (the first ones, as captur
 
 def calibration_loss(model: nn.Module, windows: torch.Tensor) -> float:
     """Mean next-token cross entropy of `model` over windows [N, T], one forward per window."""
-    device = dispatch.input_device(model)
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for w in windows:
-            ids = w.unsqueeze(0).to(device)
-            logits = model(ids, use_cache=False).logits[0, :-1].float()
-            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-            count += ids.shape[1] - 1
-    return nll / count
+    return _Replay(model, [], windows).loss(start=0)
+
+
+class _Replay:
+    """Forwards over the check's windows that compute only decoder layers `start`.. and the head: the layers before
+    `start` are stood in for by stubs returning, per window, the cached output of layer start - 1 (the walk has
+    decided them, so it does not change). The model's own forward still runs around the layers (embedding,
+    masks, final norm, any logit soft-capping), so a loss here is the whole model's."""
+
+    def __init__(self, model: nn.Module, layers: list[nn.Module], windows: torch.Tensor):
+        self.model, self.layers, self.windows = model, layers, windows
+        self.prefix: list | None = None  # per window: what layer start - 1 returned
+
+    def loss(self, start: int, capture: tuple = ()) -> float:
+        """Loss with layers < start replayed; records each layer in `capture`'s output per window in
+        self.captured[layer]."""
+        device = dispatch.input_device(self.model)
+        current = [0]
+        self.captured = {j: [] for j in capture}
+        saved = [layer.__dict__.get("forward") for layer in self.layers[:start]]
+        for layer in self.layers[:start]:  # an instance attribute shadows the class's forward (as accelerate's does)
+            layer.forward = lambda *args, **kwargs: self.prefix[current[0]]
+        hooks = [self.layers[j].register_forward_hook(lambda m, args, out, j=j: self.captured[j].append(out))
+                 for j in capture]
+        nll, count = 0.0, 0
+        try:
+            with torch.no_grad():
+                for w, ids in enumerate(self.windows):
+                    current[0] = w
+                    ids = ids.unsqueeze(0).to(device)
+                    logits = self.model(ids, use_cache=False).logits[0, :-1].float()
+                    nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+                    count += ids.shape[1] - 1
+        finally:
+            for h in hooks:
+                h.remove()
+            for layer, old in zip(self.layers[:start], saved):
+                if old is None:
+                    del layer.forward
+                else:
+                    layer.forward = old
+        return nll / count
 
 
 class LayerSwitch:
@@ -102,21 +135,24 @@ def check_plan(model: nn.Module, arch: ArchInfo, plan: ClipPlan, unclipped_weigh
     def tick(k: int, message: str) -> Progress:
         return Progress("clip check", k, n, time.perf_counter() - t0, message)
 
-    loss_calibrated = calibration_loss(model, windows)
+    replay = _Replay(model, [arch.layer(model, i) for i in range(arch.n_layers)], windows)
+    loss_calibrated = replay.loss(start=0)
     yield tick(1, f"loss with the whole per-layer plan {loss_calibrated:.4f}")
     for i in layers:
         switch.set(i, False)
-    loss_none = best = calibration_loss(model, windows)
+    loss_none = best = replay.loss(start=0)
     yield tick(2, f"loss with no clipping {loss_none:.4f}")
-    kept = []
+    kept, start = [], 0  # layers < start are decided, and replay.prefix holds what layer start - 1 returned
     for k, i in enumerate(layers):
         switch.set(i, True)
-        loss = calibration_loss(model, windows)
+        loss = replay.loss(start, capture=(i - 1, i) if i > start else (i,))
         if loss < best:
-            best = loss
+            best, replay.prefix, start = loss, replay.captured[i], i + 1
             kept.append(i)
         else:
             switch.set(i, False)
+            if i > start:  # layer i - 1's output does not depend on layer i's choice
+                replay.prefix, start = replay.captured[i - 1], i
         yield tick(k + 3, f"layer {i}: loss {loss:.4f} ({'kept' if i in kept else 'reverted'}; best {best:.4f})")
     if loss_calibrated < best:  # the whole plan beats the greedy walk: keep all of it
         for i in layers:
