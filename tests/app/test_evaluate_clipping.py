@@ -12,6 +12,7 @@ def test_a_calibrated_row_shows_the_ratios_it_chose_and_a_fixed_row_shows_none(t
     assert [h.value for h in at.header if h.value == "Clip ratios chosen"]
     heat = [c for c in at.get("plotly_chart") if "Calibrated clip ratios" in c.proto.spec][0]
     assert '"K"' in heat.proto.spec and '"V"' in heat.proto.spec and '"W down"' in heat.proto.spec
+    assert [c.value for c in at.caption if c.value.startswith("End-to-end check on ")]  # kept and reverted layers
 
     at.radio(key="eval_clip").set_value("fixed")
     run_with(at, ["rtn"], ["4-4-4"])

@@ -10,7 +10,7 @@ import torch
 from engine.model.arch import resolve
 from engine.model.loading import tiny_llama
 from engine.quant.apply import quantize_model
-from engine.quant.clip_check import CHECK_WINDOWS
+from engine.quant.clip_check import CHECK_WINDOWS, _Replay
 from engine.quant.recipes import Bits, get_recipe
 
 
@@ -100,3 +100,18 @@ def test_when_every_layer_is_reverted_the_model_is_exactly_the_unclipped_one():
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         assert torch.equal(q(ids).logits, none_model(ids).logits)
+
+
+def test_a_forward_replayed_from_a_middle_layer_gives_the_whole_models_loss_without_running_the_layers_before():
+    model, arch = scaled_model(seed=0)
+    calib = calib_windows(0)
+    replay = _Replay(model, [arch.layer(model, i) for i in range(arch.n_layers)], calib)
+    whole = replay.loss(start=0, capture=(1,))
+    assert whole == pytest.approx(next_token_loss(model, calib), rel=1e-6)
+    calls = []
+    hook = arch.module(model, "q", 1).register_forward_pre_hook(lambda m, args: calls.append(1))
+    replay.prefix = replay.captured[1]  # what layer 1 returned for each window
+    assert replay.loss(start=2) == pytest.approx(whole, rel=1e-6)
+    assert not calls  # layers 0 and 1 were stood in for
+    hook.remove()
+    assert "forward" not in arch.layer(model, 0).__dict__  # the stubs are gone
