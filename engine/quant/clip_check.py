@@ -8,9 +8,10 @@ plan gave QuaRot 388.7 against 198.7 with no clipping at all. So, after the plan
 
 1. the quantized model's next-token loss on the first CHECK_WINDOWS calibration windows with the whole plan, and
    with every choice reverted (ratio 1.0, weights rounded on their whole range: exactly the `none` setting);
-2. from the unclipped state, layer by layer from the first, that layer's choices (weights, activations, K, V) are
-   switched on and kept only if the loss falls strictly below the best so far; else they go back to 1.0;
-3. if the whole plan's loss (step 1) is below the greedy result, the whole plan is kept instead.
+2. a greedy walk over the layers from the first, starting from the better of the two: from no clipping, a layer's
+   choices (weights, activations, K, V) are switched on and kept only if the loss falls strictly below the best so
+   far; from the whole plan, a layer's choices are reverted to 1.0 where that lowers the loss strictly;
+3. if the whole plan's loss (step 1) is below the walk's result, the whole plan is kept instead.
 
 The final loss is at most the unclipped one by construction (equal only when every choice was reverted, which is the
 `none` setting itself). Cost: two forwards, then one per layer that clips anything.
@@ -140,21 +141,29 @@ def check_plan(model: nn.Module, arch: ArchInfo, plan: ClipPlan, unclipped_weigh
     yield tick(1, f"loss with the whole per-layer plan {loss_calibrated:.4f}")
     for i in layers:
         switch.set(i, False)
-    loss_none = best = replay.loss(start=0)
+    loss_none = replay.loss(start=0)
     yield tick(2, f"loss with no clipping {loss_none:.4f}")
-    kept, start = [], 0  # layers < start are decided, and replay.prefix holds what layer start - 1 returned
+    # walk from the better end: adding layers' choices to no clipping, or taking them out of the whole plan
+    adding = loss_none <= loss_calibrated
+    best = loss_none if adding else loss_calibrated
+    if not adding:
+        for i in layers:
+            switch.set(i, True)
+    on, start = set() if adding else set(layers), 0  # layers < start are decided; replay.prefix: layer start - 1's
     for k, i in enumerate(layers):
-        switch.set(i, True)
+        switch.set(i, adding)  # the trial: flip layer i
         loss = replay.loss(start, capture=(i - 1, i) if i > start else (i,))
         if loss < best:
             best, replay.prefix, start = loss, replay.captured[i], i + 1
-            kept.append(i)
+            on ^= {i}
         else:
-            switch.set(i, False)
+            switch.set(i, not adding)
             if i > start:  # layer i - 1's output does not depend on layer i's choice
                 replay.prefix, start = replay.captured[i - 1], i
-        yield tick(k + 3, f"layer {i}: loss {loss:.4f} ({'kept' if i in kept else 'reverted'}; best {best:.4f})")
-    if loss_calibrated < best:  # the whole plan beats the greedy walk: keep all of it
+        yield tick(k + 3, f"layer {i}: {'with' if adding else 'without'} its clips loss {loss:.4f} "
+                          f"({'kept' if i in on else 'reverted'}; best {best:.4f})")
+    kept = sorted(on)
+    if loss_calibrated < best:  # the whole plan beats the walk from no clipping: keep all of it
         for i in layers:
             switch.set(i, True)
         best, kept = loss_calibrated, list(layers)
