@@ -115,3 +115,18 @@ def test_a_forward_replayed_from_a_middle_layer_gives_the_whole_models_loss_with
     assert not calls  # layers 0 and 1 were stood in for
     hook.remove()
     assert "forward" not in arch.layer(model, 0).__dict__  # the stubs are gone
+
+
+def test_where_the_whole_plan_beats_no_clipping_the_walk_takes_out_the_layers_that_hurt():
+    model, arch = scaled_model(seed=0)
+    calib = calib_windows(0)
+    q, plan = build(model, arch, "4-4-4", "calibrated", calib)
+    check = plan.check
+    assert check["loss_calibrated"] < check["loss_none"], check  # the case: the walk starts from the whole plan
+    assert check["reverted"] and check["kept"], check  # ... and takes some layers out
+    assert check["loss_final"] < check["loss_calibrated"]
+    assert next_token_loss(q, calib) == pytest.approx(check["loss_final"], rel=1e-5)
+    none_model, _ = build(model, arch, "4-4-4", "none", calib)
+    for i in check["reverted"]:
+        for role in arch.linears:
+            assert torch.equal(arch.module(q, role, i).weight, arch.module(none_model, role, i).weight), (i, role)
