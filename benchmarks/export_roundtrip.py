@@ -135,7 +135,7 @@ def main(argv=None) -> int:
                               float((nudged_logits.argmax(-1) == logits.argmax(-1)).float().mean()))
                 del model
             got = load_elsewhere(directory, wins[:1], wins, Path(tmp), mode)
-            row = {"row": name, "recipe": recipe.name, "bits": bits, "clip": recipe.clip, "loaded_by": mode,
+            row = {"row": name, "recipe": recipe.name, "bits": bits, "clip": recipe.clip.mode, "loaded_by": mode,
                    "ppl_engine": ppl, "ppl_export": got["ppl"], "rel_diff": got["ppl"] / ppl - 1,
                    "max_abs_logit_diff": float((got["logits"] - logits).abs().max()),
                    "max_abs_logit": float(logits.abs().max()),

@@ -18,6 +18,7 @@ from engine.evaluate import EvalConfig, eval_job
 from engine.events import Done
 from engine.learn.spinquant import TrainConfig, learned_recipe, train_job
 from engine.model.loading import load_model
+from engine.quant.clipping import ClipPolicy
 from engine.quant.recipes import get_recipe
 
 
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     for clip in ("fixed", "calibrated"):
         recipes = {"quarot (step 0)": get_recipe("quarot"), **learned}
         for label, recipe in recipes.items():
-            recipe = replace(recipe, clip=clip, w_clip_search=False)
+            recipe = replace(recipe, clip=ClipPolicy(clip, weight_range_search=False))
             r = [ev for ev in eval_job(handle, recipe, "4-4-4", ecfg) if isinstance(ev, Done)][-1].result
             rows.append({"rotations": label, "clip": clip, "ppl": r["ppl"], "tokens": r["tokens"]})
             print(f"{label:<22} {clip:<11} perplexity {r['ppl']:.3f}", flush=True)

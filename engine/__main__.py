@@ -8,6 +8,7 @@ import sys
 import time
 
 from engine.events import Done, Progress
+from engine.quant.clipping import CLIP_MODES
 
 
 def _progress_line(ev: Progress) -> None:
@@ -414,9 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bits", default="16-16-16", help="comma-separated W-A-KV, e.g. 4-4-4,4-16-16")
     e.add_argument("--weights", choices=["rtn", "gptq"], help="weight quantizer (default: the recipe's, RTN)")
     e.add_argument("--rotation-file", help="for recipe 'rotated': a SpinQuant-layout rotation file")
-    e.add_argument("--clip", choices=["calibrated", "fixed", "none"], default="calibrated",
-                   help="clip ratios: calibrated per layer on the calibration split (default; never worse than "
-                        "none there), fixed (weight search, A 0.9, KV 0.95: QuaRot's), or none")
+    e.add_argument("--clip", choices=CLIP_MODES, default="calibrated",
+                   help="clip ratios: calibrated per layer on the calibration split and kept only where they lower "
+                        "the quantized model's loss on calibration windows (default; never worse than none there), "
+                        "fixed (weight search, A 0.9, KV 0.95: QuaRot's), or none")
     e.add_argument("--tokens", type=int, default=16384, help="evaluation tokens for perplexity")
     e.add_argument("--window", type=int, default=2048)
     e.add_argument("--tasks", default="", help="comma-separated zero-shot tasks, e.g. piqa,arc_easy")
@@ -437,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated R1/R4: none, hadamard, block<b>, block<b>p (R4 permuted), file:<path>")
     mx.add_argument("--kv", default="16", help="the KV cache's bit width or format in every cell")
     mx.add_argument("--weights", choices=["rtn", "gptq"], default="rtn")
-    mx.add_argument("--clip", choices=["calibrated", "fixed", "none"], default="calibrated")
+    mx.add_argument("--clip", choices=CLIP_MODES, default="calibrated")
     mx.add_argument("--tokens", type=int, default=4096, help="evaluation tokens for perplexity")
     mx.add_argument("--window", type=int, default=1024)
     mx.add_argument("--calib-tokens", type=int, default=2048)
@@ -453,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--bits", required=True, help="W-A-KV, e.g. 4-16-16 or 4-4-4")
     x.add_argument("--weights", choices=["rtn", "gptq"], help="weight quantizer (default: the recipe's, RTN)")
     x.add_argument("--rotation-file", help="for recipe 'rotated': a SpinQuant-layout rotation file")
-    x.add_argument("--clip", choices=["calibrated", "fixed", "none"], default="calibrated",
+    x.add_argument("--clip", choices=CLIP_MODES, default="calibrated",
                    help="as for eval; quantized activations or KV cache need none (dynamic quantizers cannot clip)")
     x.add_argument("--calib-tokens", type=int, default=8192, help="GPTQ calibration tokens")
     x.add_argument("--seed", type=int, default=0)

@@ -17,11 +17,13 @@ from engine.data.corpus import load_corpus, windows
 from engine.events import Cancelled, Done, Progress, done_of, result_of, ticking
 from engine.model import dispatch
 from engine.quant.apply import needs_calibration, quantize_model
+from engine.quant.clipping import ClipPolicy
 from engine.quant.recipes import Bits, Recipe, get_recipe
 from engine.rotation.fusion import rotate_job
 
-CODE_VERSION = "eval-2"  # bump when a change alters evaluation numbers: old cache entries stop matching
+CODE_VERSION = "eval-3"  # bump when a change alters evaluation numbers: old cache entries stop matching
 # eval-2: asymmetric quantizers in compressed-tensors' order, dense Hadamards as (x @ M) / sqrt(n)
+# eval-3: a ClipPolicy in the recipe's key; calibrated clips kept only where the end-to-end check keeps them
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,8 @@ def eval_job(handle, recipe: Recipe | str, bits: Bits | str, cfg: EvalConfig, us
                   "bits": str(bits) if recipe.quantize else "16-16-16", "bits_requested": str(bits),
                   "ppl": ppl, "tokens": int(wins.numel()), "window": win, "corpus": corpus.label, "seed": cfg.seed,
                   "tasks": {}, "limit": cfg.limit, "code": CODE_VERSION,
-                  "clip": recipe.clip if recipe.quantize else "-", "clips": plan.summary(handle.arch.n_layers)}
+                  "clip": recipe.clip.mode if recipe.quantize else "-", "clips": plan.summary(handle.arch.n_layers),
+                  "clip_check": plan.check}
         if cfg.tasks:
             from engine.data.tasks import zero_shot
 
@@ -166,10 +169,10 @@ def run_label(recipe: Recipe, bits: Bits) -> str:
 
 
 def table_row(result: dict, recipe: Recipe, cached: bool = False) -> dict:
-    """One row of a comparison table: eval_job's result (its `clip` mode and the `clips` chosen), plus `w_search`
-    (the weights had QuaRot's clipping search),
+    """One row of a comparison table: eval_job's result (its `clip` mode, the `clips` chosen and the end-to-end
+    `clip_check`: engine.quant.clip_check), plus `w_search` (the weights had QuaRot's range search),
     `cached` (served from cache/) and one column per task metric ('piqa acc', 'piqa acc_norm')."""
-    row = {**result, "w_search": bool(recipe.quantize and recipe.weight_search), "cached": cached}
+    row = {**result, "w_search": bool(recipe.quantize and recipe.weight_range_search), "cached": cached}
     for task, m in result["tasks"].items():
         row[f"{task} acc"] = m.get("acc")
         if m.get("acc_norm") is not None:
@@ -179,8 +182,8 @@ def table_row(result: dict, recipe: Recipe, cached: bool = False) -> dict:
 
 # Where each stage of one run sits in that run's share of the overall bar: (start, span); zero-shot tasks take
 # the last tenth when asked for. The figures only place the bar; the ETA comes from the measured pace.
-PHASES = {"rotate": (0.0, 0.15), "calibrate": (0.15, 0.05), "weights": (0.2, 0.2), "gptq": (0.2, 0.2),
-          "clips": (0.4, 0.1), "perplexity": (0.5, 0.4), "zero-shot": (0.9, 0.1)}
+PHASES = {"rotate": (0.0, 0.15), "calibrate": (0.15, 0.05), "weights": (0.2, 0.15), "gptq": (0.2, 0.15),
+          "clips": (0.35, 0.05), "clip check": (0.4, 0.1), "perplexity": (0.5, 0.4), "zero-shot": (0.9, 0.1)}
 
 
 def eval_table_job(handle, runs: Iterable[tuple[Recipe | str, Bits | str]], cfg: EvalConfig,
@@ -220,13 +223,15 @@ def eval_table_job(handle, runs: Iterable[tuple[Recipe | str, Bits | str]], cfg:
     yield Done(rows, seconds=time.perf_counter() - t0, cached=bool(rows) and all(r["cached"] for r in rows))
 
 
-def beside_baselines(recipe: Recipe, bits: Bits | str, weights: str, clip: bool) -> list[tuple[Recipe, Bits]]:
+def beside_baselines(recipe: Recipe, bits: Bits | str, weights: str,
+                     weight_range_search: bool) -> list[tuple[Recipe, Bits]]:
     """The runs that put `recipe` (e.g. learned rotations) in context: fp, then rtn, quarot and `recipe` at
     `bits`, all three with the same weight quantizer, the fixed activation and KV clips that training used, and
-    the weight clipping search or not."""
+    the weight range search or not."""
     bits = Bits.parse(bits) if isinstance(bits, str) else bits
+    clip = ClipPolicy("fixed", weight_range_search=weight_range_search)
     return [(get_recipe("fp"), Bits(16, 16, 16))] + [
-        (replace(r.with_weights(weights), clip="fixed", w_clip_search=clip), bits)
+        (replace(r.with_weights(weights), clip=clip), bits)
         for r in (get_recipe("rtn"), get_recipe("quarot"), recipe)]
 
 

@@ -22,6 +22,7 @@ import torch
 from engine.data.corpus import load_corpus, windows
 from engine.evaluate import EvalConfig, eval_table_job
 from engine.events import Done, Progress, done_of, result_of
+from engine.quant.clipping import ClipPolicy
 from engine.quant.methods import ACTIVATION_METHODS, weight_format
 from engine.quant.recipes import RECIPES, Bits, Recipe, get_recipe
 from engine.rotation.fusion import BLOCK_KINDS, PERMUTED_KINDS, RotationConfig, rotate_job
@@ -31,7 +32,7 @@ DEFAULT_ROTATIONS = ("none", "hadamard", "block16", "block32", "block128", "bloc
 COLUMN_KINDS = ("none", "hadamard") + BLOCK_KINDS + PERMUTED_KINDS
 
 
-def column_recipe(column: str, weights: str = "rtn", clip: str = "calibrated") -> Recipe:
+def column_recipe(column: str, weights: str = "rtn", clip: ClipPolicy | str = "calibrated") -> Recipe:
     """The recipe of a rotation column (see the module's docstring)."""
     column = column.strip()
     if column.startswith("file:"):
@@ -46,7 +47,7 @@ def column_recipe(column: str, weights: str = "rtn", clip: str = "calibrated") -
     r1 = column.rstrip("p")
     rot = RotationConfig(r1=r1, r2="hadamard", r3="hadamard", r4=column)
     return replace(RECIPES["quarot"], name=column, description=f"block Hadamard R1/R4 ({column})", rotation=rot,
-                   weights=weights, clip=clip)
+                   weights=weights, clip=ClipPolicy.parse(clip))
 
 
 def row_bits(fmt: str, kv: str = "16") -> Bits:
@@ -60,9 +61,10 @@ class MatrixConfig:
     rotations: tuple = DEFAULT_ROTATIONS
     kv: str = "16"
     weights: str = "rtn"
-    clip: str = "calibrated"
+    clip: ClipPolicy = ClipPolicy()  # a mode name is parsed into a policy here
 
     def __post_init__(self):
+        object.__setattr__(self, "clip", ClipPolicy.parse(self.clip))
         if not self.formats or not self.rotations:
             raise ValueError("choose at least one format and one rotation")
         for f in self.formats:  # refuse a bad name before any work

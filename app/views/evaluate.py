@@ -150,6 +150,11 @@ if calibrated:
                f"{min(KV_GRID):g}): a site there took the strongest clipping on offer. Weights: the mean of the "
                "per-row shrinks; activations: the per-token quantizer of each linear's input; K: on the causal "
                "attention scores; V: per layer. Hover a cell for its value.")
+    if check := rows[pick].get("clip_check"):  # engine.quant.clip_check: what the end-to-end check kept and reverted
+        st.caption(f"End-to-end check on {check['tokens']} calibration tokens: kept the choices of layers "
+                   f"{check['kept'] or 'none'}, reverted layers {check['reverted'] or 'none'} to no clipping; loss "
+                   f"{check['loss_final']:.4f} (no clipping {check['loss_none']:.4f}, every per-layer choice "
+                   f"{check['loss_calibrated']:.4f}).")
 
 
 c1, c2 = st.columns(2)

@@ -103,12 +103,12 @@ def check_exportable(recipe, bits, handle=None) -> None:
         except NotExportable as e:
             verb = "is not exported" if part == "w" else "cannot be exported"
             raise ExportError(f"{name} format {bits.label(part)} {verb}: {e}") from None
-    if (bits.quantizes("a") or bits.quantizes("kv")) and recipe.clip == "calibrated":
+    if (bits.quantizes("a") or bits.quantizes("kv")) and recipe.clip.calibrated:
         raise ExportError("calibrated activation and KV clip ratios cannot be exported: compressed-tensors' dynamic "
                           "quantizers take each token's whole min-max range (clip 1.0); use --clip none, or keep "
                           "activations and KV cache at 16 bits (weight clipping is kept: weight scales are stored)")
-    low = [f"{name} {ratio:g}" for name, part, ratio in (("activation", "a", recipe.fixed_clips[0]),
-                                                         ("KV-cache", "kv", recipe.fixed_clips[1]))
+    low = [f"{name} {ratio:g}" for name, part, ratio in (("activation", "a", recipe.clip.activation),
+                                                         ("KV-cache", "kv", recipe.clip.kv))
            if bits.quantizes(part) and ratio < 1.0]
     if low:
         raise ExportError(f"fixed clip ratios below 1.0 ({', '.join(low)}) cannot be exported: compressed-tensors' "
@@ -401,7 +401,7 @@ def write_checkpoint(handle, model: nn.Module, recipe, bits, out: str | os.PathL
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     record = {"model": handle.name, "source": handle.source, "recipe": recipe.name, "weights": recipe.weights,
-              "bits": str(bits), "clip": recipe.clip, "rotation": recipe.rotation.tag(), "seed": seed,
+              "bits": str(bits), "clip": recipe.clip.mode, "rotation": recipe.rotation.tag(), "seed": seed,
               "dtype": handle.dtype, "engine_code": CODE_VERSION, "compressed_tensors": ct_version,
               "transformers": tf_version, "notes": runtime_notes(recipe, bits)}
     try:

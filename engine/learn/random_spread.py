@@ -16,6 +16,7 @@ from engine.evaluate import EvalConfig, eval_job
 from engine.events import Done, Metric, Progress, result_of
 from engine.learn.rotated_network import ONLINE_SEED
 from engine.learn.spinquant import METHODS, learned_recipe
+from engine.quant.clipping import ClipPolicy
 from engine.quant.recipes import RECIPES, Bits, Recipe
 from engine.rotation.fusion import RotationConfig
 
@@ -86,8 +87,8 @@ def spread_job(handle, cfg: SpreadConfig, learned: dict[str, tuple[str, str]] | 
         if method not in METHODS:
             raise ValueError(f"learned rotation {label!r}: method must be one of {', '.join(METHODS)}")
     bits = Bits.parse(cfg.bits)
-    quantizer = lambda r: replace(r.with_weights(cfg.weights), clip="fixed",  # noqa: E731 - as training quantized
-                                  w_clip_search=cfg.w_clip_search)
+    clip = ClipPolicy("fixed", weight_range_search=cfg.w_clip_search)  # as training quantized
+    quantizer = lambda r: replace(r.with_weights(cfg.weights), clip=clip)  # noqa: E731
     runs = [(fam, seed, f"{fam} seed {seed}", quantizer(FAMILIES[fam]), replace(cfg.eval, seed=seed))
             for fam in cfg.families for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds)]
     runs += [("learned", None, label, quantizer(learned_recipe(path, method)), replace(cfg.eval, seed=ONLINE_SEED))

@@ -92,22 +92,24 @@ class RotatedWeight(nn.Module):
     rotations through the straight-through quantizer. `rots.weight_factors(layer)` gives (R1, R2, R4), each None
     when absent (LearnedRotations here; one block's transforms in engine.learn.layerwise, R1 already fused)."""
 
-    def __init__(self, rots, arch: ArchInfo, role: str, layer: int, w_bits: int, clip: bool):
+    def __init__(self, rots: LearnedRotations, arch: ArchInfo, role: str, layer: int, w_bits: int,
+                 weight_range_search: bool):
         super().__init__()
         self._rots = (rots,)  # a tuple, so the rotations are not registered as a submodule of every weight
-        self.arch, self.role, self.layer, self.w_bits, self.clip = arch, role, layer, w_bits, clip
+        self.arch, self.role, self.layer, self.w_bits = arch, role, layer, w_bits
+        self.weight_range_search = weight_range_search
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         r1, r2, r4 = self._rots[0].weight_factors(self.layer)
         w = rotated_weight(self.arch, self.role, w, r1=r1, r2=r2, r4=r4)
-        return quantize_weight(w, self.w_bits, clip_search=self.clip) if self.w_bits < 16 else w
+        return quantize_weight(w, self.w_bits, clip_search=self.weight_range_search) if self.w_bits < 16 else w
 
 
 class RotatedTrainingModel:
     """A norm-folded copy of `model` computing the rotated, fake-quantized network from `rots` on every forward."""
 
     def __init__(self, model: nn.Module, arch: ArchInfo, rots: LearnedRotations, bits: Bits, recipe: Recipe,
-                 clip_search: bool = False):
+                 weight_range_search: bool = False):
         self.arch, self.rots, self.bits = arch, rots, bits
         m = copy.deepcopy(model).eval().requires_grad_(False)
         if next(m.parameters()).dtype in (torch.float16, torch.bfloat16):
@@ -126,7 +128,7 @@ class RotatedTrainingModel:
             for role in arch.linears + unquantized:
                 w_bits = bits.w if role in arch.linears else 16
                 parametrize.register_parametrization(arch.module(m, role, i), "weight",
-                                                     RotatedWeight(rots, arch, role, i, w_bits, clip_search),
+                                                     RotatedWeight(rots, arch, role, i, w_bits, weight_range_search),
                                                      unsafe=True)
         arch.module(m, "embed").register_forward_hook(lambda mod, args, out: rotated_embedding(out, rots.r1.weight))
         arch.module(m, "lm_head").register_forward_pre_hook(

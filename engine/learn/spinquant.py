@@ -22,6 +22,7 @@ from engine.learn import distributed
 from engine.learn.cayley import CayleySGD
 from engine.learn.rotated_network import LearnedRotations, RotatedTrainingModel
 from engine.model.arch import ArchInfo
+from engine.quant.clipping import ClipPolicy
 from engine.quant.recipes import RECIPES, Bits, Recipe, get_recipe
 from engine.rotation.files import save_rotations
 from engine.rotation.fusion import RotationConfig, deal_channels, down_input_magnitudes
@@ -189,7 +190,8 @@ def train(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, eval_wins: torc
     if cfg.permute:  # the same windows on every rank and at every resume: the same permutation
         rots.r4_perm = r4_permutations(model, arch, calib, cfg.block)
     # SpinQuant trains with fixed clips (activations 0.9, KV 0.95): a calibration per step would cost more than the step
-    net = RotatedTrainingModel(model, arch, rots, bits, replace(RECIPES["rotated"], clip="fixed"), cfg.w_clip_search)
+    net = RotatedTrainingModel(model, arch, rots, bits, replace(RECIPES["rotated"], clip=ClipPolicy("fixed")),
+                               cfg.w_clip_search)
     opt = CayleySGD(rots.manifold_params(), lr=cfg.lr)
     state = None
     if info.is_main:  # one process touches cache/: the others get rank 0's state and rotations

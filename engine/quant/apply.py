@@ -20,6 +20,7 @@ from engine.quant.calibrate import (
     search_kv,
     search_weight,
 )
+from engine.quant.clip_check import check_plan
 from engine.quant.formats import Encoded
 from engine.quant.gptq import HessianAccumulator
 from engine.quant.methods import ACTIVATION_METHODS, WEIGHT_METHODS, weight_format
@@ -40,9 +41,12 @@ def _weight(lin: nn.Linear) -> torch.Tensor:
 
 
 def quantize_weights_direct(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe,
-                            inputs: CalibrationInputs | None = None, plan: ClipPlan | None = None):
+                            inputs: CalibrationInputs | None = None, plan: ClipPlan | None = None,
+                            unclipped: dict | None = None):
     """Generator: each weight on its own (RTN, QRazor: no error feedback), a Progress per decoder layer. With
-    calibration `inputs`, RTN picks each row's clip on its output error (engine.quant.calibrate), noted in `plan`."""
+    calibration `inputs`, RTN picks each row's clip on its output error (engine.quant.calibrate), noted in `plan`;
+    where that changed the rounding, `unclipped` gets (layer, role) -> (linear, the weight rounded unclipped, CPU)
+    for the end-to-end check."""
     if not bits.quantizes("w"):
         return
     method = WEIGHT_METHODS[recipe.weights]
@@ -52,9 +56,12 @@ def quantize_weights_direct(model: nn.Module, arch: ArchInfo, bits: Bits, recipe
         for role in arch.linears:
             lin = arch.module(model, role, i)
             if calibrated:
-                fmt, w = weight_format(bits.w, recipe), _weight(lin)
-                _, plan.weights[(i, role)] = search_weight(w, inputs.x.get((i, role)), fmt)
-                w = fmt.encode(w, clip_ratio=plan.weights[(i, role)][:, None])  # the codes of the chosen clips
+                fmt, w_fp = weight_format(bits.w, recipe), _weight(lin)
+                _, plan.weights[(i, role)] = search_weight(w_fp, inputs.x.get((i, role)), fmt)
+                w = fmt.encode(w_fp, clip_ratio=plan.weights[(i, role)][:, None])  # the codes of the chosen clips
+                w_none = method.quantize(w_fp, bits.w, recipe)  # calibrated RTN has no range search: `none`'s
+                if unclipped is not None and not torch.equal(w_none.dequantize(), w.dequantize()):
+                    unclipped[(i, role)] = (lin, w_none)
             else:
                 w = method.quantize(_weight(lin), bits.w, recipe)
             _set_weight(lin, w)
@@ -145,29 +152,33 @@ def quantize_weights_gptq(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: 
 def install_activation_quant(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe,
                              plan: ClipPlan | None = None) -> None:
     """Per-token quantization of the input of every decoder linear (registered after any online rotation), with
-    the plan's calibrated ratio of that linear when there is one."""
+    the plan's calibrated ratio of that linear when there is one, read at each call (the end-to-end check
+    switches ratios in the plan)."""
     method = ACTIVATION_METHODS[recipe.activations]
     if method.activation_fn(bits.a, recipe) is None:
         return
+    ratios = plan.activations if plan is not None else {}
     for i in range(arch.n_layers):
         for role in arch.linears:
-            ratio = plan.activations.get((i, role)) if plan is not None else None
-            quant = method.activation_fn(bits.a, recipe, ratio)
-            arch.module(model, role, i).register_forward_pre_hook(
-                lambda m, args, quant=quant: (quant(args[0]), *args[1:]))
+            def quant(m, args, key=(i, role)):
+                return (method.activation_fn(bits.a, recipe, ratios.get(key))(args[0]), *args[1:])
+            arch.module(model, role, i).register_forward_pre_hook(quant)
 
 
 def install_kv_quant(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe, plan: ClipPlan | None = None):
-    """K (after R3, if any) and V per head; k, v are [B, kv_heads, T, head_dim] so a group is one head."""
+    """K (after R3, if any) and V per head; k, v are [B, kv_heads, T, head_dim] so a group is one head. The plan's
+    K and V ratios of a layer, when there are, are read at each call (as for activations)."""
     method = ACTIVATION_METHODS[recipe.activations]
     if method.kv_fn(bits.kv, recipe, arch.head_dim) is None:
         return
     attention.install(model)
+    plan = plan if plan is not None else ClipPlan()
     for i in range(arch.n_layers):
-        k_ratio, v_ratio = (plan.k.get(i), plan.v.get(i)) if plan is not None else (None, None)
-        qk, qv = method.kv_fn(bits.kv, recipe, arch.head_dim, k_ratio), method.kv_fn(bits.kv, recipe, arch.head_dim,
-                                                                                   v_ratio)
-        attention.add_hook(arch.module(model, "attn", i), lambda module, q, k, v, qk=qk, qv=qv: (q, qk(k), qv(v)))
+        def quant(module, q, k, v, i=i):
+            qk = method.kv_fn(bits.kv, recipe, arch.head_dim, plan.k.get(i))
+            qv = method.kv_fn(bits.kv, recipe, arch.head_dim, plan.v.get(i))
+            return q, qk(k), qv(v)
+        attention.add_hook(arch.module(model, "attn", i), quant)
 
 
 def needs_calibration(recipe: Recipe, bits: Bits) -> bool:
@@ -179,7 +190,7 @@ def needs_calibration(recipe: Recipe, bits: Bits) -> bool:
 
 def _calibrates_clips(recipe: Recipe, bits: Bits) -> bool:
     acts = ACTIVATION_METHODS[recipe.activations]
-    return recipe.clip == "calibrated" and acts.calibrates and (
+    return recipe.clip.calibrated and acts.calibrates and (
         (recipe.weights == "rtn" and bits.quantizes("w")) or bits.quantizes("a") or bits.quantizes("kv"))
 
 
@@ -187,7 +198,9 @@ def quantize_model(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe,
                    calib_windows: torch.Tensor | None = None):
     """Generator: quantize `model` in place, yielding Progress in every phase; returns the ClipPlan (empty unless
     clipping is calibrated). Calibration inputs are captured from the floating-point model first (as GPTQ
-    calibrates in QuaRot), then weights are quantized, then activation and KV clips chosen and installed."""
+    calibrates in QuaRot), then weights are quantized, then activation and KV clips chosen and installed, and
+    finally the end-to-end check keeps each layer's choices only where they lower the calibration loss
+    (engine.quant.clip_check)."""
     plan = ClipPlan()
     if not recipe.quantize:
         return plan
@@ -198,15 +211,17 @@ def quantize_model(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe,
     if needs_calibration(recipe, bits) and calib_windows is None:
         raise ValueError("GPTQ needs calibration windows" if weights.needs_calibration and bits.quantizes("w") else
                          "calibrated clipping needs calibration windows (or fixed or no clipping)")
-    inputs = None
+    inputs, unclipped = None, {}
     if _calibrates_clips(recipe, bits):
         inputs = yield from capture_inputs(model, arch, calib_windows, kv=bits.quantizes("kv"))
     if weights.needs_calibration and bits.quantizes("w"):
         yield from quantize_weights_gptq(model, arch, bits, recipe, calib_windows)
     else:
-        yield from quantize_weights_direct(model, arch, bits, recipe, inputs, plan)
+        yield from quantize_weights_direct(model, arch, bits, recipe, inputs, plan, unclipped)
     if inputs is not None and (bits.quantizes("a") or bits.quantizes("kv")):
         yield from calibrate_activation_clips(model, arch, bits, recipe, inputs, plan)
     install_activation_quant(model, arch, bits, recipe, plan)
     install_kv_quant(model, arch, bits, recipe, plan)
+    if inputs is not None:
+        yield from check_plan(model, arch, plan, unclipped, calib_windows)
     return plan

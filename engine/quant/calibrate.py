@@ -2,8 +2,8 @@
 
 Fixed ratios tuned on one model can flip a comparison on another (a KV clip of 0.95 on rotated keys took one
 model's QuaRot from 138 to 1408). So each ratio is chosen here, on calibration data, from a small grid whose first
-candidate is 1.0 (no clipping); a later candidate must be strictly better, so a calibrated setting is never worse
-than no clipping on the calibration objective:
+candidate is 1.0 (no clipping); a later candidate must be strictly better, so each choice is never worse than no
+clipping on its local calibration objective:
 
 - weights (RTN), per output row: the shrink of the row's range minimizing its output error ||(w_hat - w) X^T||^2
   over the calibration inputs X of that linear (not the weight's own error, which ignores which input channels
@@ -16,6 +16,10 @@ than no clipping on the calibration objective:
 
 The inputs are a seeded sample of calibration tokens captured in one forward pass of the floating-point (rotated)
 model, after any online rotation, as GPTQ calibrates in QuaRot.
+
+Each choice is no worse than no clipping on its own local error only: the errors of many layers compound. The
+plan is then checked end to end, and a layer's choices are kept only where they lower the quantized model's loss
+on calibration windows (engine.quant.clip_check).
 """
 from __future__ import annotations
 
@@ -53,9 +57,12 @@ class ClipPlan:
     activations: dict = field(default_factory=dict)  # (layer, role) -> ratio
     k: dict = field(default_factory=dict)            # layer -> ratio
     v: dict = field(default_factory=dict)
+    check: dict | None = None  # the end-to-end check's losses, kept and reverted layers (engine.quant.clip_check)
 
     def summary(self, n_layers: int) -> dict:
-        """JSON for rows and heat maps: per site a list over layers (weights: the rows' mean shrink)."""
+        """JSON for rows and heat maps: per site a list over layers (weights: the rows' mean shrink; a layer the
+        end-to-end check reverted shows 1.0), and under `check` per layer "kept", "reverted" or None (nothing
+        clipped there, or no check ran)."""
         out = {}
         for kind, table in (("weights", self.weights), ("activations", self.activations)):
             roles = dict.fromkeys(role for _, role in table)
@@ -63,6 +70,9 @@ class ClipPlan:
         for kind, table in (("k", self.k), ("v", self.v)):
             if table:
                 out[kind] = [table.get(i) for i in range(n_layers)]
+        if self.check is not None:
+            verdict = {**dict.fromkeys(self.check["kept"], "kept"), **dict.fromkeys(self.check["reverted"], "reverted")}
+            out["check"] = [verdict.get(i) for i in range(n_layers)]
         return out
 
 

@@ -56,7 +56,7 @@ class RTNWeights:
         """Refuse a setting this method cannot honour (before any work)."""
 
     def quantize(self, w: Tensor, bits: int | Format, recipe: Recipe) -> Encoded:
-        return weight_format(bits, recipe).encode(w, search=recipe.weight_search)
+        return weight_format(bits, recipe).encode(w, search=recipe.weight_range_search)
 
 
 class GPTQWeights(RTNWeights):
@@ -67,7 +67,7 @@ class GPTQWeights(RTNWeights):
 
     def quantize_with_hessian(self, w: Tensor, hessian: Tensor, bits: int | Format, recipe: Recipe,
                               damp: float = 0.01, block: int = 128) -> Encoded:
-        rounder = weight_format(bits, recipe).column_rounder(w, search=recipe.weight_search)
+        rounder = weight_format(bits, recipe).column_rounder(w, search=recipe.weight_range_search)
         return gptq_encode(w, hessian, rounder, damp=damp, block=block)
 
 
@@ -105,14 +105,14 @@ class RTNActivations:
         quant = self.activation_quant(bits)
         if quant is None:
             return None
-        ratio = recipe.fixed_clips[0] if ratio is None else ratio
+        ratio = recipe.clip.activation if ratio is None else ratio
         return lambda x: quant(x, ratio)
 
     def kv_fn(self, bits: int | Format, recipe: Recipe, head_dim: int, ratio: float | None = None) -> TensorFn | None:
         quant = self.kv_quant(bits, head_dim)
         if quant is None:
             return None
-        ratio = recipe.fixed_clips[1] if ratio is None else ratio
+        ratio = recipe.clip.kv if ratio is None else ratio
         return lambda x: quant(x, ratio)
 
 

@@ -7,12 +7,10 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, replace
 
+from engine.quant.clipping import CLIP_LABELS, CLIP_MODES, ClipPolicy  # noqa: F401 - the labels, for pages
 from engine.quant.formats import Format, IntFormat, parse_format
 from engine.rotation.fusion import RotationConfig
 
-CLIP_MODES = ("calibrated", "fixed", "none")
-CLIP_LABELS = {"calibrated": "calibrated per layer (never worse than none on calibration data)",
-               "fixed": "fixed: weight search, A 0.9, KV 0.95 (QuaRot's)", "none": "none"}
 PRESETS = ("16-16-16", "4-16-16", "4-8-16", "4-4-16", "4-4-4")
 FORMAT_PRESETS = ("mxfp4-mxfp4-16", "nvfp4-nvfp4-16", "fp8-fp8-16", "nvfp4-nvfp4-fp8")
 _BITS_FORMS = (re.compile(r"([\w.]+)-([\w.]+)-([\w.]+)"), re.compile(r"W(\d+)A(\d+)KV(\d+)", re.IGNORECASE))
@@ -90,13 +88,8 @@ class Recipe:
     rotation: RotationConfig = RotationConfig()
     weights: str = "rtn"          # rtn | gptq | qrazor
     activations: str = "rtn"      # rtn | qrazor
-    clip: str = "calibrated"      # calibrated | fixed | none: engine.quant.calibrate, the three settings below, or
-                                  # no clipping anywhere
-    w_clip_search: bool = True    # fixed: shrink each row's range to minimise |err|^2.4 (QuaRot's w_clip); GPTQ
-                                  # weights keep it under calibration too
+    clip: ClipPolicy = ClipPolicy()  # calibrated | fixed | none, and the weight range search (engine.quant.clipping)
     w_group: int | None = None
-    a_clip: float = 0.9           # fixed: QuaRot's activation clip ratio
-    kv_clip: float = 0.95         # fixed: the KV cache's
     quantize: bool = True         # False: the floating-point model whatever the bits
 
     def __post_init__(self):
@@ -104,21 +97,18 @@ class Recipe:
 
         if self.weights not in WEIGHT_METHODS:
             raise ValueError(f"weight quantizer must be one of {', '.join(WEIGHT_METHODS)}, got {self.weights!r}")
-        if self.clip not in CLIP_MODES:
-            raise ValueError(f"clipping must be one of {', '.join(CLIP_MODES)}, got {self.clip!r}")
+        if not isinstance(self.clip, ClipPolicy):
+            raise ValueError(f"a recipe's clipping is a ClipPolicy (ClipPolicy.parse('{self.clip}')), got "
+                             f"{type(self.clip).__name__}")
         if self.activations not in ACTIVATION_METHODS:
             raise ValueError(f"activation quantizer must be one of {', '.join(ACTIVATION_METHODS)}, "
                              f"got {self.activations!r}")
 
     @property
-    def weight_search(self) -> bool:
-        """QuaRot's |err|^2.4 search on each row: the fixed setting's (and GPTQ's unless clipping is off)."""
-        return self.w_clip_search and (self.clip == "fixed" or (self.clip == "calibrated" and self.weights == "gptq"))
-
-    @property
-    def fixed_clips(self) -> tuple[float, float]:
-        """(activation, KV) clip ratios when not calibrated: the recipe's under `fixed`, none under `none`."""
-        return (self.a_clip, self.kv_clip) if self.clip == "fixed" else (1.0, 1.0)
+    def weight_range_search(self) -> bool:
+        """Whether weight rows take QuaRot's |err|^2.4 range search: the policy's flag under fixed clips, and for
+        GPTQ weights under calibrated ones (calibrated RTN weights pick each row's shrink on its output error)."""
+        return self.clip.weight_range_search and (self.clip.mode == "fixed" or self.weights == "gptq")
 
     def with_weights(self, method: str) -> "Recipe":
         return replace(self, weights=method) if method else self
@@ -140,12 +130,14 @@ RECIPES: dict[str, Recipe] = {
     "rotated": Recipe("rotated", "rotations loaded from a file (e.g. learned by SpinQuant), then quantize",
                       rotation=RotationConfig(r1="file", r2="file", r3="hadamard", r4="hadamard", file="")),
     "qrazor": Recipe("qrazor", "QRazor: absmax base precision (W8 A16 KV8), then SDR razoring to the bits",
-                     weights="qrazor", activations="qrazor", clip="none", w_clip_search=False, a_clip=1.0, kv_clip=1.0),
+                     weights="qrazor", activations="qrazor", clip=ClipPolicy("none")),
 }
 
 
 def get_recipe(name: str, weights: str | None = None, rotation_file: str | None = None,
-               clip: str | None = None) -> Recipe:
+               clip: ClipPolicy | str | None = None) -> Recipe:
+    """A recipe by name, with another weight quantizer, rotation file or clipping (a policy, or a mode name parsed
+    by ClipPolicy.parse) where given."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
     r = RECIPES[name]
@@ -156,7 +148,7 @@ def get_recipe(name: str, weights: str | None = None, rotation_file: str | None 
     if weights and name not in ("fp", "qrazor"):
         r = r.with_weights(weights)
     if clip and name not in ("fp", "qrazor"):  # QRazor's SDR has no clip ratio
-        r = replace(r, clip=clip)
+        r = replace(r, clip=ClipPolicy.parse(clip))
     return r
 
 

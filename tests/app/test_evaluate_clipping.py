@@ -13,6 +13,7 @@ def test_a_calibrated_row_shows_the_ratios_it_chose_and_a_fixed_row_shows_none(t
     assert [h.value for h in at.header if h.value == "Clip ratios chosen"]
     heat = figure(at, "Calibrated clip ratios")["data"][0]
     assert {"K", "V", "W down"} <= set(heat["x"]) and len(heat["z"]) == 2  # one row per layer of the tiny model
+    assert [c.value for c in at.caption if c.value.startswith("End-to-end check on ")]  # kept and reverted layers
 
     at.radio(key="eval_clip").set_value("fixed")
     run_evaluate(at, ["rtn"], ["4-4-4"])

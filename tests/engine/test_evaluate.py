@@ -12,6 +12,7 @@ from engine import store
 from engine.evaluate import EvalConfig, beside_baselines, eval_job, eval_table_job, perplexity, run_key, table_row
 from engine.events import Done, Progress
 from engine.model.loading import tiny_llama
+from engine.quant.clipping import ClipPolicy
 from engine.quant.recipes import Bits, get_recipe
 from engine.rotation.fusion import RotationConfig
 
@@ -52,9 +53,10 @@ def test_eval_config_rejects_bad_input(kwargs, message):
 
 CFG = EvalConfig(tokens=512, window=512)
 # Seeded random Hadamard R2 and R3 (QuaRot's online ones) are enough to make a run depend on the seed; leaving out
-# R1/R4 (dense float64 fusion over 30 layers) and the clipping search keeps the test quick.
+# R1/R4 (dense float64 fusion over 30 layers) and clipping (the calibration and its end-to-end check) keeps the test
+# quick.
 QUAROT = replace(get_recipe("quarot"), name="quarot_r2_r3", rotation=RotationConfig(r2="hadamard", r3="hadamard"),
-                 w_clip_search=False)
+                 clip=ClipPolicy("none"))
 
 
 def run(handle, recipe, bits, cfg=CFG, use_cache=True) -> Done:
@@ -114,10 +116,10 @@ def test_table_row_adds_the_weight_search_cached_and_one_column_per_task_metric(
 
 def test_beside_baselines_gives_every_quantized_row_the_same_weight_quantizer():
     learned = get_recipe("rotated", rotation_file="R.bin")
-    runs = beside_baselines(learned, "4-4-4", "gptq", clip=False)
+    runs = beside_baselines(learned, "4-4-4", "gptq", weight_range_search=False)
     assert [(r.name, str(b)) for r, b in runs] == [("fp", "16-16-16"), ("rtn", "4-4-4"), ("quarot", "4-4-4"),
                                                    ("rotated", "4-4-4")]
-    assert all(r.weights == "gptq" and r.clip == "fixed" and not r.w_clip_search for r, _ in runs[1:])
+    assert all(r.weights == "gptq" and r.clip == ClipPolicy("fixed", weight_range_search=False) for r, _ in runs[1:])
     assert runs[3][0].rotation == learned.rotation
 
 
@@ -126,7 +128,7 @@ def test_eval_table_job_streams_rows_and_reuses_each_run(tiny_model_dir):
 
     handle = load_model(str(tiny_model_dir))
     cfg = EvalConfig(tokens=64, window=32)
-    runs = [("fp", "4-4-4"), (replace(get_recipe("rtn"), w_clip_search=False), Bits(4, 4, 4))]
+    runs = [("fp", "4-4-4"), (get_recipe("rtn", clip=ClipPolicy(weight_range_search=False)), Bits(4, 4, 4))]
     events = list(eval_table_job(handle, runs, cfg))
     done = events[-1]
     assert isinstance(done, Done) and all(isinstance(e, Progress) for e in events[:-1])

@@ -18,6 +18,7 @@ from engine.learn.spinquant import (
 from engine.model.arch import resolve
 from engine.model.loading import tiny_llama
 from engine.quant.apply import quantize_model
+from engine.quant.clipping import ClipPolicy
 from engine.quant.recipes import RECIPES, Bits
 from engine.rotation.files import dense, load_rotations
 from engine.rotation.fusion import rotate
@@ -121,9 +122,10 @@ def test_trained_then_fused_equals_the_on_the_fly_network(method, permute, tmp_c
     assert (load_rotations(result.path).r4_perm is not None) == permute
     rots = LearnedRotations(arch, method, 16, 0)
     load_into(rots, result.path)
-    net = RotatedTrainingModel(model, arch, rots, Bits(4, 4, 4), replace(RECIPES["rotated"], clip="fixed"))
+    net = RotatedTrainingModel(model, arch, rots, Bits(4, 4, 4), replace(RECIPES["rotated"], clip=ClipPolicy("fixed")))
     fused = rotate(model, arch, learned_recipe(result.path, method).rotation)
-    for _ in quantize_model(fused, arch, Bits(4, 4, 4), replace(RECIPES["rotated"], clip="fixed", w_clip_search=False)):
+    plain_rtn = ClipPolicy("fixed", weight_range_search=False)
+    for _ in quantize_model(fused, arch, Bits(4, 4, 4), replace(RECIPES["rotated"], clip=plain_rtn)):
         pass
     ids = data(seed=5)[0]
     with torch.no_grad():
@@ -136,9 +138,10 @@ def test_spinquant_step_zero_is_quarot_with_the_same_seed():
     """The initial rotations and SpinQuant's fixed R3/R4 are the ones rotate() draws for the 'quarot' recipe."""
     model, arch = tiny(torch.float64)
     net = RotatedTrainingModel(model, arch, LearnedRotations(arch, "spinquant", 16, 0), Bits(4, 4, 4),
-                               replace(RECIPES["rotated"], clip="fixed"))
+                               replace(RECIPES["rotated"], clip=ClipPolicy("fixed")))
     quarot = rotate(model, arch, RECIPES["quarot"].rotation)
-    for _ in quantize_model(quarot, arch, Bits(4, 4, 4), replace(RECIPES["quarot"], clip="fixed", w_clip_search=False)):
+    plain_rtn = ClipPolicy("fixed", weight_range_search=False)
+    for _ in quantize_model(quarot, arch, Bits(4, 4, 4), replace(RECIPES["quarot"], clip=plain_rtn)):
         pass
     ids = data(seed=6)[0]
     with torch.no_grad():

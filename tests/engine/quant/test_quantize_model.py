@@ -98,7 +98,7 @@ def test_activation_hooks_put_every_linear_input_on_a_per_token_grid(rotation):
             assert torch.equal(raw, used)
             continue
         zero = torch.zeros(())
-        step = recipe.a_clip * (torch.maximum(raw.amax(-1, keepdim=True), zero)
+        step = recipe.clip.activation * (torch.maximum(raw.amax(-1, keepdim=True), zero)
                                 - torch.minimum(raw.amin(-1, keepdim=True), zero)) / (2 ** bits - 1)
         units = used / step  # integer q - z on the grid of each token
         assert (units - units.round()).abs().max() < 1e-3, name
@@ -132,10 +132,10 @@ def test_k_is_quantized_after_r3():
         assert levels_per_row(q).min() > 2 ** kv_bits  # queries are not quantized
     # layer 0 sees the same input in both models: its K is exactly quantize(K @ R3)
     _, k_rot, _ = plain[0]
-    assert torch.equal(quant[0][1], quantize_kv(k_rot, kv_bits, arch.head_dim, clip_ratio=recipe.kv_clip))
+    assert torch.equal(quant[0][1], quantize_kv(k_rot, kv_bits, arch.head_dim, clip_ratio=recipe.clip.kv))
     r3 = arch.module(rotated, "attn", 0).spinscope_r3.dense().float()
     k_before = k_rot @ r3.T
-    wrong_order = quantize_kv(k_before, kv_bits, arch.head_dim, clip_ratio=recipe.kv_clip) @ r3
+    wrong_order = quantize_kv(k_before, kv_bits, arch.head_dim, clip_ratio=recipe.clip.kv) @ r3
     assert levels_per_row(wrong_order).min() > 2 ** kv_bits
 
 
