@@ -15,6 +15,7 @@ from engine.learn.learned_clip import THETA_BOUND, ClipRatios, clip_fake_quant, 
 from engine.model.arch import resolve
 from engine.model.loading import tiny_llama
 from engine.quant.apply import quantize_model
+from engine.quant.clipping import ClipPolicy
 from engine.quant.quantizers import quantize_activation
 from engine.quant.recipes import RECIPES, Bits, get_recipe
 from engine.rotation.files import RotationSet, load_rotations, save_rotations
@@ -69,8 +70,8 @@ def test_first_loss_is_the_mse_of_the_quarot_block_against_floating_point():
     ids = calib()
     result = run_to_end(train_layerwise(model, arch, ids, config(clip="fixed", steps=1), device="cpu"))
     quarot = rotate(model, arch, RECIPES["quarot"].rotation)
-    for _ in quantize_model(quarot, arch, Bits(4, 4, 4), replace(RECIPES["quarot"], clip="fixed",
-                                                                   w_clip_search=False)):
+    for _ in quantize_model(quarot, arch, Bits(4, 4, 4), replace(RECIPES["quarot"], clip=ClipPolicy(
+                                                                   "fixed", weight_range_search=False))):
         pass
     r1 = random_hadamard(HIDDEN, seed=0).float().double()
     expected = ((hidden_states(quarot, ids)[1] - hidden_states(model, ids)[1] @ r1) ** 2).mean()

@@ -91,7 +91,7 @@ def test_nvfp4_weights_and_fp8_kv_run_end_to_end_with_calibrated_clips():
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     plan = drain(quantize_model(model, arch, Bits.parse("nvfp4-nvfp4-fp8"), get_recipe("quarot"), calib))
     summary = plan.summary(arch.n_layers)
-    assert set(summary) == {"weights", "activations", "k", "v"}
+    assert set(summary) == {"weights", "activations", "k", "v", "check"}  # check: what the end-to-end check kept
     assert all(0.7 <= r <= 1.0 for r in summary["k"] + summary["v"])
 
 
