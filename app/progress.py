@@ -1,5 +1,6 @@
 """The one place where engine events meet widgets: a Stop button, a progress bar, a status line, live callbacks,
 and what the page says after a Stop."""
+
 from __future__ import annotations
 
 import streamlit as st
@@ -7,8 +8,15 @@ import streamlit as st
 from engine.events import Done, Metric, Progress
 
 
-def run(events, label: str, on_partial=None, on_metric=None, stop_help: str | None = None,
-        running_key: str | None = None, running=True):
+def run(
+    events,
+    label: str,
+    on_partial=None,
+    on_metric=None,
+    stop_help: str | None = None,
+    running_key: str | None = None,
+    running=True,
+):
     """Drain a job generator, drawing its progress; return the Done event.
 
     With `stop_help`, a Stop button shows while the job runs. Pressing it (or any button) reruns the script: the

@@ -38,13 +38,27 @@ def _stream_kernel(x_ptr, q_ptr, s_ptr, N, CHUNK: tl.constexpr, GROUP: tl.conste
         nibble = (x.to(tl.int16, bitcast=True).to(tl.int32) >> 11) & 0xF
         even, odd = tl.split(tl.reshape(nibble, (CHUNK // 2, 2)))
         tl.store(q_ptr + start // 2 + tl.arange(0, CHUNK // 2), (even + (odd << 4)).to(tl.uint8))
-        tl.store(s_ptr + start // GROUP + tl.arange(0, CHUNK // GROUP),
-                 ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF).to(tl.uint8))
+        tl.store(
+            s_ptr + start // GROUP + tl.arange(0, CHUNK // GROUP),
+            ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF).to(tl.uint8),
+        )
 
 
 @triton.jit
-def _tiles_kernel(x_ptr, q_ptr, s_ptr, M, D, stride_xm, stride_qm, stride_sm, GROUP: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr):
+def _tiles_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    M,
+    D,
+    stride_xm,
+    stride_qm,
+    stride_sm,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROW_TILES: tl.constexpr,
+):
     pid = tl.program_id(0)
     n_col_tiles = D // BLOCK_N
     col0 = (pid % n_col_tiles) * BLOCK_N
@@ -59,15 +73,22 @@ def _tiles_kernel(x_ptr, q_ptr, s_ptr, M, D, stride_xm, stride_qm, stride_sm, GR
         amax = tl.max(tl.abs(tl.reshape(x.to(tl.float32), (BLOCK_M, BLOCK_N // GROUP, GROUP))), axis=2)
         nibble = (x.to(tl.int16, bitcast=True).to(tl.int32) >> 11) & 0xF
         even, odd = tl.split(tl.reshape(nibble, (BLOCK_M, BLOCK_N // 2, 2)))
-        tl.store(q_ptr + rows64[:, None] * stride_qm + col0 // 2 + tl.arange(0, BLOCK_N // 2)[None, :],
-                 (even + (odd << 4)).to(tl.uint8), mask=mask)
-        tl.store(s_ptr + rows64[:, None] * stride_sm + col0 // GROUP + tl.arange(0, BLOCK_N // GROUP)[None, :],
-                 ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF).to(tl.uint8), mask=mask)
+        tl.store(
+            q_ptr + rows64[:, None] * stride_qm + col0 // 2 + tl.arange(0, BLOCK_N // 2)[None, :],
+            (even + (odd << 4)).to(tl.uint8),
+            mask=mask,
+        )
+        tl.store(
+            s_ptr + rows64[:, None] * stride_sm + col0 // GROUP + tl.arange(0, BLOCK_N // GROUP)[None, :],
+            ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF).to(tl.uint8),
+            mask=mask,
+        )
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.block_quant_floor_probe",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.block_quant_floor_probe", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--d", type=int, default=11008)
     parser.add_argument("--L", default="2048,4096,8192")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for block_quant_floor_probe.json")
@@ -78,6 +99,7 @@ def main(argv=None) -> int:
     from benchmarks.gpu_block_quant import random_stack
     from kernels.block_quant import _use_tma, nvfp4_global_scale, rotate_quantize_mx
     from kernels.timing import median_us
+
     d, sms = args.d, torch.cuda.get_device_properties(0).multi_processor_count
     widths = [n for _, n in TILE_SHAPES] + [32]
     if d < 1 or any(d % n for n in widths):
@@ -92,9 +114,12 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name()} | triton {triton.__version__} | d = {d}, fp16, group 32 (probes)")
     torch.manual_seed(0)
     for tokens in (int(v) for v in args.L.split(",")):
-        if tokens * d >= 2 ** 31 or any(tokens * d % chunk for chunk, _ in STREAM_SHAPES):
-            print(f"error: L = {tokens} must make L * d a multiple of every stream step ({STREAM_SHAPES}) and below "
-                  "2^31 (the stream probe has no ragged last step and indexes in int32)", file=sys.stderr)
+        if tokens * d >= 2**31 or any(tokens * d % chunk for chunk, _ in STREAM_SHAPES):
+            print(
+                f"error: L = {tokens} must make L * d a multiple of every stream step ({STREAM_SHAPES}) and below "
+                "2^31 (the stream probe has no ragged last step and indexes in int32)",
+                file=sys.stderr,
+            )
             return 2
         x = torch.randn(tokens, d, dtype=torch.float16, device="cuda")
         x[:, 7] *= 40.0
@@ -106,16 +131,36 @@ def main(argv=None) -> int:
         scales = torch.empty(tokens, d // 32, dtype=torch.uint8, device="cuda")
         for chunk, per_sm in STREAM_SHAPES:
             grid = (min(sms * per_sm, x.numel() // chunk),)
-            us = median_us(lambda: _stream_kernel[grid](x, codes, scales, x.numel(), CHUNK=chunk, GROUP=32),  # noqa: B023
-                           10, 60)[0]
+            us = median_us(
+                lambda: _stream_kernel[grid](x, codes, scales, x.numel(), CHUNK=chunk, GROUP=32),  # noqa: B023
+                10,
+                60,
+            )[0]
             record(tokens, f"stream chunk {chunk}, {per_sm} programs/SM", us, memcpy)
         for block_m, block_n in TILE_SHAPES:
             row_tiles_total = triton.cdiv(tokens, block_m)
             row_tiles = triton.cdiv(row_tiles_total * (d // block_n), sms * 4)  # about 4 programs per SM
             grid = (triton.cdiv(row_tiles_total, row_tiles) * (d // block_n),)
-            us = median_us(lambda: _tiles_kernel[grid](  # noqa: B023
-                x, codes, scales, tokens, d, x.stride(0), codes.stride(0), scales.stride(0), GROUP=32,
-                BLOCK_M=block_m, BLOCK_N=block_n, ROW_TILES=row_tiles, num_warps=4, num_stages=3), 10, 60)[0]
+            us = median_us(
+                lambda: _tiles_kernel[grid](  # noqa: B023
+                    x,
+                    codes,
+                    scales,
+                    tokens,
+                    d,
+                    x.stride(0),
+                    codes.stride(0),
+                    scales.stride(0),
+                    GROUP=32,
+                    BLOCK_M=block_m,
+                    BLOCK_N=block_n,
+                    ROW_TILES=row_tiles,
+                    num_warps=4,
+                    num_stages=3,
+                ),
+                10,
+                60,
+            )[0]
             record(tokens, f"tiles {block_m} x {block_n}, {row_tiles} row tiles", us, memcpy)
         for fmt, block in (("mxfp4", 32), ("nvfp4", 16)):
             w = random_stack(d // block, block)
@@ -127,8 +172,11 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "block_quant_floor_probe.json"), "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "triton": triton.__version__, "d": d, "rows": rows},
-                      f, indent=1)
+            json.dump(
+                {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "d": d, "rows": rows},
+                f,
+                indent=1,
+            )
     return 0
 
 

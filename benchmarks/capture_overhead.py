@@ -7,6 +7,7 @@
 Prints a table of seconds and ratios (targets: capture <= 1.5x, fp perplexity evaluation <= 1.3x).
 Runs alternate (forward, capture, eval, forward, ...) so machine load affects all alike; medians are reported.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,17 @@ def tiny_moe_dir() -> str:
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     torch.manual_seed(0)
-    cfg = MixtralConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-                        max_position_embeddings=2048)
+    cfg = MixtralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=2048,
+    )
     path = tempfile.mkdtemp(prefix="spinscope-moe-")
     MixtralForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -60,15 +69,19 @@ def main(argv=None) -> int:
     plain_forward(h.model, wins[:1])  # warm-up
     times = {"forward": [], "capture": [], "perplexity": []}
     for _ in range(args.repeats):
-        for name, fn in (("forward", lambda: plain_forward(h.model, wins)),
-                         ("capture", lambda: run_to_end(capture(h.model, h.arch, wins, cfg))),
-                         ("perplexity", lambda: run_to_end(perplexity(h.model, wins)))):
+        for name, fn in (
+            ("forward", lambda: plain_forward(h.model, wins)),
+            ("capture", lambda: run_to_end(capture(h.model, h.arch, wins, cfg))),
+            ("perplexity", lambda: run_to_end(perplexity(h.model, wins))),
+        ):
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
     base = statistics.median(times["forward"])
-    print(f"model {h.name}, {wins.numel()} tokens in windows of {args.window}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}")
+    print(
+        f"model {h.name}, {wins.numel()} tokens in windows of {args.window}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats}"
+    )
     print(f"{'job':<12}{'seconds':>10}{'x forward':>12}  target")
     for name, target in (("forward", ""), ("capture", "<= 1.5"), ("perplexity", "<= 1.3")):
         t = statistics.median(times[name])

@@ -8,6 +8,7 @@ Prints, per run and phase: seconds, events, and the longest gap between two prog
 clipping setting: `--clip calibrated,fixed` puts the calibrated clip ratios' phases (calibrate, weights, clips) beside
 today's fixed setting (the weight clipping search) in one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,16 +36,19 @@ def main(argv=None) -> int:
     p.add_argument("--clip", default="calibrated", help="comma-separated clipping settings: calibrated, fixed, none")
     args = p.parse_args(argv)
     handle = load_model(args.model)
-    cfg = EvalConfig(tokens=QUICK["tokens"], window=QUICK["window"], limit=QUICK["limit"],
-                     calib_tokens=QUICK["calib_tokens"])
+    cfg = EvalConfig(
+        tokens=QUICK["tokens"], window=QUICK["window"], limit=QUICK["limit"], calib_tokens=QUICK["calib_tokens"]
+    )
     wins = windows(load_corpus(cfg.corpus), handle.tokenizer, cfg.tokens, cfg.window, "eval")
     t0 = time.perf_counter()
     with torch.no_grad():
         for w in wins:
             handle.model(w.unsqueeze(0), use_cache=False)
     forward = time.perf_counter() - t0
-    print(f"model {handle.name}, {wins.numel()} evaluation tokens in windows of {cfg.window}, "
-          f"{torch.get_num_threads()} threads; plain forward {forward:.1f} s")
+    print(
+        f"model {handle.name}, {wins.numel()} evaluation tokens in windows of {cfg.window}, "
+        f"{torch.get_num_threads()} threads; plain forward {forward:.1f} s"
+    )
     print(f"{'run':<30}{'phase':<12}{'seconds':>9}{'events':>8}{'longest gap (s)':>17}")
     totals = {}
     with tempfile.TemporaryDirectory() as cold:  # a cold cache: nothing is served from earlier runs
@@ -70,8 +74,9 @@ def main(argv=None) -> int:
                 print(f"{label:<30}{'(run)':<12}{run_s:>9.1f}")
             totals[clip] = total
     for clip, total in totals.items():
-        print(f"whole comparison, {clip} clip: {total:.1f} s = {total / forward:.1f}x the plain forward "
-              "(target <= 10x)")
+        print(
+            f"whole comparison, {clip} clip: {total:.1f} s = {total / forward:.1f}x the plain forward (target <= 10x)"
+        )
     return 0
 
 

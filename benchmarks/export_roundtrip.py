@@ -11,6 +11,7 @@ export on the same windows, the max |logit diff| and top-1 agreement on the firs
 for rows with quantized activations also the engine's own perplexity and top-1 agreement after nudging a third of the
 embedding values by one float32 ulp (nudge_embeddings), the scale of difference rounding alone makes in such a row.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ import torch
 # Runs in a fresh interpreter with no SpinScope on its path: plain transformers, or the exported loader
 # (load_with_transforms.py: transformers + compressed-tensors). Writes logits, perplexity, the modules it saw and
 # the linear weights the runtime multiplies by (decompressed by then).
-DRIVER = r'''
+DRIVER = r"""
 import math, sys
 import torch
 directory, data_path, out_path, mode = sys.argv[1:5]
@@ -49,14 +50,20 @@ with torch.no_grad():
 torch.save({"logits": logits, "ppl": math.exp(nll / count) if count else math.nan,
             "engine": sorted(m for m in sys.modules if m == "engine" or m.startswith("engine.")),
             "weights": {n: p.detach() for n, p in model.named_parameters() if n.endswith("_proj.weight")}}, out_path)
-'''
+"""
 
 
 def run_isolated(python: str, script: Path, args: list, result: Path, what: str, timeout: int, env=None) -> dict:
     """Run `script` with `python` in a fresh interpreter and load the dict it saved at `result`; raises with its
     output if it failed, or if that process imported SpinScope (the dict's "engine" list of module names)."""
-    proc = subprocess.run([python, "-W", "ignore", str(script), *map(str, args)], cwd=script.parent,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(
+        [python, "-W", "ignore", str(script), *map(str, args)],
+        cwd=script.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     if proc.returncode:
         raise RuntimeError(f"{what} failed:\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
     res = torch.load(result)
@@ -73,8 +80,9 @@ def load_elsewhere(directory: Path, ids: torch.Tensor, wins: torch.Tensor, workd
     data, out, script = workdir / f"data-{mode}.pt", workdir / f"out-{mode}.pt", workdir / "driver.py"
     torch.save({"ids": ids, "windows": wins}, data)
     script.write_text(DRIVER)
-    return run_isolated(sys.executable, script, [directory, data, out, mode], out, f"loading {directory} elsewhere",
-                        3600)
+    return run_isolated(
+        sys.executable, script, [directory, data, out, mode], out, f"loading {directory} elsewhere", 3600
+    )
 
 
 def nudge_embeddings(model, arch, seed: int = 0) -> None:
@@ -83,7 +91,7 @@ def nudge_embeddings(model, arch, seed: int = 0) -> None:
     emb = arch.module(model, "embed").weight
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        emb.mul_(1 + 2.0 ** -23 * torch.randint(-1, 2, emb.shape, generator=g).to(emb.dtype))
+        emb.mul_(1 + 2.0**-23 * torch.randint(-1, 2, emb.shape, generator=g).to(emb.dtype))
 
 
 def main(argv=None) -> int:
@@ -107,12 +115,17 @@ def main(argv=None) -> int:
     win = min(args.window, handle.max_length, args.tokens)
     wins = windows(load_corpus(cfg.corpus), handle.tokenizer, args.tokens, win, "eval")
     wanted = set(args.rows.split(","))
-    rows = {"W4A16 rtn": (get_recipe("rtn"), "4-16-16", "plain"),
-            "W4A4KV4 quarot": (get_recipe("quarot", clip="none"), "4-4-4", "loader")}
+    rows = {
+        "W4A16 rtn": (get_recipe("rtn"), "4-16-16", "plain"),
+        "W4A4KV4 quarot": (get_recipe("quarot", clip="none"), "4-4-4", "loader"),
+    }
     rows = {k: v for k, v in rows.items() if {"W4A16 rtn": "w4a16", "W4A4KV4 quarot": "quarot"}[k] in wanted}
     if args.rotation_file and "file" in wanted:
         rows[f"W4A4KV4 {Path(args.rotation_file).name}"] = (
-            get_recipe("rotated", rotation_file=args.rotation_file, clip="none"), "4-4-4", "loader")
+            get_recipe("rotated", rotation_file=args.rotation_file, clip="none"),
+            "4-4-4",
+            "loader",
+        )
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (recipe, bits, mode) in rows.items():
@@ -131,32 +144,54 @@ def main(argv=None) -> int:
                     nudge_embeddings(model, handle.arch)
                     with torch.no_grad():
                         nudged_logits = model(wins[:1], use_cache=False).logits
-                    nudged = (run_to_end(perplexity(model, wins, layers=layers)),
-                              float((nudged_logits.argmax(-1) == logits.argmax(-1)).float().mean()))
+                    nudged = (
+                        run_to_end(perplexity(model, wins, layers=layers)),
+                        float((nudged_logits.argmax(-1) == logits.argmax(-1)).float().mean()),
+                    )
                 del model
             got = load_elsewhere(directory, wins[:1], wins, Path(tmp), mode)
-            row = {"row": name, "recipe": recipe.name, "bits": bits, "clip": recipe.clip.mode, "loaded_by": mode,
-                   "ppl_engine": ppl, "ppl_export": got["ppl"], "rel_diff": got["ppl"] / ppl - 1,
-                   "max_abs_logit_diff": float((got["logits"] - logits).abs().max()),
-                   "max_abs_logit": float(logits.abs().max()),
-                   "top1_agreement": float((got["logits"].argmax(-1) == logits.argmax(-1)).float().mean()),
-                   "ppl_nudged": nudged[0] if nudged else None, "top1_nudged": nudged[1] if nudged else None,
-                   "mib": summary["bytes"] / 2**20, "seconds": time.perf_counter() - t0}
+            row = {
+                "row": name,
+                "recipe": recipe.name,
+                "bits": bits,
+                "clip": recipe.clip.mode,
+                "loaded_by": mode,
+                "ppl_engine": ppl,
+                "ppl_export": got["ppl"],
+                "rel_diff": got["ppl"] / ppl - 1,
+                "max_abs_logit_diff": float((got["logits"] - logits).abs().max()),
+                "max_abs_logit": float(logits.abs().max()),
+                "top1_agreement": float((got["logits"].argmax(-1) == logits.argmax(-1)).float().mean()),
+                "ppl_nudged": nudged[0] if nudged else None,
+                "top1_nudged": nudged[1] if nudged else None,
+                "mib": summary["bytes"] / 2**20,
+                "seconds": time.perf_counter() - t0,
+            }
             out.append(row)
-            print(f"{name}: perplexity engine {ppl:.4f}, export {got['ppl']:.4f} ({row['rel_diff']:+.2%}); max |logit "
-                  f"diff| {row['max_abs_logit_diff']:.3g} (max |logit| {row['max_abs_logit']:.1f}), top-1 agreement "
-                  f"{row['top1_agreement']:.3f}; {row['mib']:.1f} MiB; {row['seconds']:.0f} s", flush=True)
+            print(
+                f"{name}: perplexity engine {ppl:.4f}, export {got['ppl']:.4f} ({row['rel_diff']:+.2%}); max |logit "
+                f"diff| {row['max_abs_logit_diff']:.3g} (max |logit| {row['max_abs_logit']:.1f}), top-1 agreement "
+                f"{row['top1_agreement']:.3f}; {row['mib']:.1f} MiB; {row['seconds']:.0f} s",
+                flush=True,
+            )
             if nudged:
-                print(f"  the engine nudged by one ulp: perplexity {nudged[0]:.4f} ({nudged[0] / ppl - 1:+.2%}), "
-                      f"top-1 agreement {nudged[1]:.3f}", flush=True)
+                print(
+                    f"  the engine nudged by one ulp: perplexity {nudged[0]:.4f} ({nudged[0] / ppl - 1:+.2%}), "
+                    f"top-1 agreement {nudged[1]:.3f}",
+                    flush=True,
+                )
     print(f"\n{handle.name}, {int(wins.numel())} evaluation tokens in windows of {win}")
-    print("| row | loaded by | perplexity (engine) | perplexity (export) | difference | max abs logit diff | top-1 "
-          "| engine nudged one ulp: perplexity, top-1 |")
+    print(
+        "| row | loaded by | perplexity (engine) | perplexity (export) | difference | max abs logit diff | top-1 "
+        "| engine nudged one ulp: perplexity, top-1 |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in out:
         nudged = f"{r['ppl_nudged']:.3f}, {r['top1_nudged']:.3f}" if r["ppl_nudged"] else "-"
-        print(f"| {r['row']} | {r['loaded_by']} | {r['ppl_engine']:.3f} | {r['ppl_export']:.3f} | {r['rel_diff']:+.2%} "
-              f"| {r['max_abs_logit_diff']:.3g} | {r['top1_agreement']:.3f} | {nudged} |")
+        print(
+            f"| {r['row']} | {r['loaded_by']} | {r['ppl_engine']:.3f} | {r['ppl_export']:.3f} | {r['rel_diff']:+.2%} "
+            f"| {r['max_abs_logit_diff']:.3g} | {r['top1_agreement']:.3f} | {nudged} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": out, "args": vars(args)}, indent=1))
     return 0 if all(math.isfinite(r["ppl_export"]) for r in out) else 1

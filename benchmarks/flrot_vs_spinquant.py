@@ -7,6 +7,7 @@ Trains each method (checkpoints are cached: a rerun resumes or reuses them), the
 beside QuaRot (its step 0) with RTN weights, both with the clips training used (fixed: A 0.9, KV 0.95, no weight
 search) and calibrated per layer. Prints one table; --json writes it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,16 +34,23 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     args = p.parse_args(argv)
     handle = load_model(args.model)
-    base = TrainConfig(bits="4-4-4", steps=args.steps, windows=args.windows, window=args.window, block=args.block,
-                       eval_every=0)
+    base = TrainConfig(
+        bits="4-4-4", steps=args.steps, windows=args.windows, window=args.window, block=args.block, eval_every=0
+    )
     learned = {}
-    for label, cfg in (("spinquant", replace(base, method="spinquant")), ("flrot", replace(base, method="flrot")),
-                       ("flrot + permuted R4", replace(base, method="flrot", permute=True))):
+    for label, cfg in (
+        ("spinquant", replace(base, method="spinquant")),
+        ("flrot", replace(base, method="flrot")),
+        ("flrot + permuted R4", replace(base, method="flrot", permute=True)),
+    ):
         t0 = time.perf_counter()
         result = [ev for ev in train_job(handle, cfg) if isinstance(ev, Done)][-1].result
         losses = [h["loss"] for h in result.state.history]
-        print(f"trained {label}: {len(losses)} steps in {time.perf_counter() - t0:.0f} s, loss {losses[0]:.3f} -> "
-              f"{losses[-1]:.3f}; {result.path}", flush=True)
+        print(
+            f"trained {label}: {len(losses)} steps in {time.perf_counter() - t0:.0f} s, loss {losses[0]:.3f} -> "
+            f"{losses[-1]:.3f}; {result.path}",
+            flush=True,
+        )
         learned[label] = learned_recipe(result.path, cfg.method)
     ecfg = EvalConfig(tokens=args.tokens, window=min(1024, args.tokens), calib_tokens=2048)
     rows = []

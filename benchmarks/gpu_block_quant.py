@@ -36,12 +36,15 @@ DEFAULT_CASES = "mxfp4:32,nvfp4:16,mxfp4:128,nvfp4:128"
 
 def parse_cases(text: str) -> list[tuple[str, int]]:
     from kernels.block_quant import FORMATS, ROTATION_BLOCKS
+
     cases = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         fmt, _, block = part.partition(":")
         if fmt not in FORMATS or not block.isdigit() or int(block) not in ROTATION_BLOCKS:
-            raise ValueError(f"--cases takes FORMAT:BLOCK items with FORMAT in {list(FORMATS)} and BLOCK in "
-                             f"{ROTATION_BLOCKS}, e.g. mxfp4:32,nvfp4:16; got {part!r}")
+            raise ValueError(
+                f"--cases takes FORMAT:BLOCK items with FORMAT in {list(FORMATS)} and BLOCK in "
+                f"{ROTATION_BLOCKS}, e.g. mxfp4:32,nvfp4:16; got {part!r}"
+            )
         cases.append((fmt, int(block)))
     if not cases:
         raise ValueError("--cases is empty")
@@ -71,17 +74,27 @@ def check_case(fmt: str, block: int, d: int) -> list[dict]:
         rotate_reference,
         rotation_tolerance,
     )
+
     results = []
     for rows, shared in ((300, False), (77, True)):
         x, blocks = exact_rotation_inputs(rows, d, block, torch.float16, shared, seed=block + rows, device="cuda")
         y = rotate_reference(x, blocks)
         g = nvfp4_global_scale(torch.cat([x[:2], x[3:]]), blocks) if fmt == "nvfp4" else None  # row 2 saturates
         want = engine_encode(y, fmt, g)
-        for name, got in (("exact inputs", rotate_quantize_mx(x, blocks, fmt, g)),
-                          ("quantize only", block_quantize(y, fmt, g))):
+        for name, got in (
+            ("exact inputs", rotate_quantize_mx(x, blocks, fmt, g)),
+            ("quantize only", block_quantize(y, fmt, g)),
+        ):
             differ = group_mismatch(got, want, fmt)
-            results.append({"check": f"{name}, {'shared' if shared else 'per-block'}", "rows": rows,
-                            "groups": differ.numel(), "differ": int(differ.sum()), "ok": not bool(differ.any())})
+            results.append(
+                {
+                    "check": f"{name}, {'shared' if shared else 'per-block'}",
+                    "rows": rows,
+                    "groups": differ.numel(),
+                    "differ": int(differ.sum()),
+                    "ok": not bool(differ.any()),
+                }
+            )
     x = torch.randn(1024, d, dtype=torch.float16, device="cuda")
     x[:, 7] *= 40.0  # an outlier channel
     blocks = random_stack(d // block, block)
@@ -89,9 +102,16 @@ def check_case(fmt: str, block: int, d: int) -> list[dict]:
     g = nvfp4_global_scale(x, blocks) if fmt == "nvfp4" else None
     differ = group_mismatch(rotate_quantize_mx(x, blocks, fmt, g), engine_encode(y, fmt, g), fmt)
     unexplained = int((differ & ~boundary_groups(y, fmt, g, rotation_tolerance(x, blocks))).sum())
-    results.append({"check": "random orthogonal (may differ only at rounding boundaries)", "rows": 1024,
-                    "groups": differ.numel(), "differ": int(differ.sum()), "unexplained": unexplained,
-                    "ok": unexplained == 0})
+    results.append(
+        {
+            "check": "random orthogonal (may differ only at rounding boundaries)",
+            "rows": 1024,
+            "groups": differ.numel(),
+            "differ": int(differ.sum()),
+            "unexplained": unexplained,
+            "ok": unexplained == 0,
+        }
+    )
     return results
 
 
@@ -107,13 +127,16 @@ def time_case(x: torch.Tensor, fmt: str, block: int, memcpy_us: float, warmup_ms
     )
     from kernels.launch import SUPPORTED_BLOCKS
     from kernels.timing import median_us
+
     tokens, d = x.shape
     blocks = random_stack(d // block, block)
     g = nvfp4_global_scale(x[:256], blocks).cuda() if fmt == "nvfp4" else None  # calibrated once, not timed
     nbytes = rotate_quantize_mx_bytes(d, tokens, block, fmt, x.element_size())
     separate = ("blockdiag" if block in SUPPORTED_BLOCKS else "torch bmm") + ", then quantize"
-    ops = {"one pass": lambda: rotate_quantize_mx(x, blocks, fmt, g),
-           separate: lambda: rotate_then_quantize(x, blocks, fmt, g)}
+    ops = {
+        "one pass": lambda: rotate_quantize_mx(x, blocks, fmt, g),
+        separate: lambda: rotate_then_quantize(x, blocks, fmt, g),
+    }
     # the separate way is exact for its own fp16 y: check it (the one-pass kernel is checked in check_case)
     differ = group_mismatch(ops[separate](), block_quantize_reference(rotate_in_dtype(x, blocks), fmt, g), fmt)
     if differ.any():
@@ -121,16 +144,29 @@ def time_case(x: torch.Tensor, fmt: str, block: int, memcpy_us: float, warmup_ms
     rows = []
     for op, fn in ops.items():
         us = median_us(fn, warmup_ms, rep_ms)[0]
-        rows.append({"d": d, "L": tokens, "format": fmt, "block": block, "op": op, "us": round(us, 2),
-                     "over_memcpy": round(us / memcpy_us, 3), "gbps": round(nbytes / (us * 1e-6) / 1e9, 1)})
+        rows.append(
+            {
+                "d": d,
+                "L": tokens,
+                "format": fmt,
+                "block": block,
+                "op": op,
+                "us": round(us, 2),
+                "over_memcpy": round(us / memcpy_us, 3),
+                "gbps": round(nbytes / (us * 1e-6) / 1e9, 1),
+            }
+        )
         print(f"  {fmt} b={block} L={tokens} {op}: {us:.1f} us ({us / memcpy_us:.2f}x memcpy)", flush=True)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| d | L | format | block | op | median us | x memcpy | GB/s |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['d']} | {r['L']} | {r['format']} | {r['block']} | {r['op']} | {r['us']:.1f} | "
-              f"{r['over_memcpy']:.2f} | {r['gbps']:.0f} |" for r in rows]
+    lines += [
+        f"| {r['d']} | {r['L']} | {r['format']} | {r['block']} | {r['op']} | {r['us']:.1f} | "
+        f"{r['over_memcpy']:.2f} | {r['gbps']:.0f} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -150,6 +186,7 @@ def main(argv=None) -> int:
         if not ls or min(ls) < 1:
             raise ValueError(f"--L takes positive token counts, got {args.L!r}")
         from kernels.block_quant import FORMATS
+
         bad = [f"{f}:{b}" for f, b in cases if args.d < 1 or args.d % b or args.d % FORMATS[f].group]
         if bad:
             raise ValueError(f"--d {args.d} must be a positive multiple of the block and group of {bad}")
@@ -163,8 +200,17 @@ def main(argv=None) -> int:
         print("error: no CUDA GPU is visible to torch; this benchmark needs one", file=sys.stderr)
         return 2
     import triton
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "d": args.d, "dtype": "fp16", "checks": [], "timings": [], "errors": []}
+
+    out = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "d": args.d,
+        "dtype": "fp16",
+        "checks": [],
+        "timings": [],
+        "errors": [],
+    }
     print(f"{out['device']} | torch {out['torch']} | triton {out['triton']}", flush=True)
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -174,21 +220,34 @@ def main(argv=None) -> int:
             try:
                 for result in check_case(fmt, block, args.d):
                     out["checks"].append({"format": fmt, "block": block, "d": args.d, **result})
-                    print(f"check {fmt} b={block}: {result['check']}: {result['differ']} of {result['groups']} "
-                          f"groups differ -> {'ok' if result['ok'] else 'FAILED'}", flush=True)
+                    print(
+                        f"check {fmt} b={block}: {result['check']}: {result['differ']} of {result['groups']} "
+                        f"groups differ -> {'ok' if result['ok'] else 'FAILED'}",
+                        flush=True,
+                    )
             except Exception as err:  # noqa: BLE001 - report, go on with the next case
                 traceback.print_exc()
                 out["errors"].append(f"check {fmt} b={block}: {type(err).__name__}: {err}")
         print(f"checks done in {time.perf_counter() - started:.0f} s", flush=True)
     from kernels.timing import median_us
+
     for tokens in ls:
         x = torch.randn(tokens, args.d, dtype=torch.float16, device="cuda")
         x[:, 7] *= 40.0
         copy = torch.empty_like(x)
         memcpy_us = median_us(lambda: copy.copy_(x), args.warmup_ms, args.rep_ms)[0]  # noqa: B023 - used at once
-        out["timings"].append({"d": args.d, "L": tokens, "format": "-", "block": 0, "op": "memcpy",
-                               "us": round(memcpy_us, 2), "over_memcpy": 1.0,
-                               "gbps": round(2 * x.numel() * x.element_size() / (memcpy_us * 1e-6) / 1e9, 1)})
+        out["timings"].append(
+            {
+                "d": args.d,
+                "L": tokens,
+                "format": "-",
+                "block": 0,
+                "op": "memcpy",
+                "us": round(memcpy_us, 2),
+                "over_memcpy": 1.0,
+                "gbps": round(2 * x.numel() * x.element_size() / (memcpy_us * 1e-6) / 1e9, 1),
+            }
+        )
         print(f"L={tokens}: memcpy {memcpy_us:.1f} us", flush=True)
         for fmt, block in cases:
             try:
@@ -201,8 +260,10 @@ def main(argv=None) -> int:
     out["seconds"] = round(time.perf_counter() - started, 1)
     failed = [c for c in out["checks"] if not c["ok"]]
     print("\n" + markdown(out["timings"]))
-    print(f"\n{len(out['checks']) - len(failed)} of {len(out['checks'])} checks passed; {len(out['errors'])} errors; "
-          f"{out['seconds']} s")
+    print(
+        f"\n{len(out['checks']) - len(failed)} of {len(out['checks'])} checks passed; {len(out['errors'])} errors; "
+        f"{out['seconds']} s"
+    )
     for line in out["errors"]:
         print("error:", line)
     if args.out:

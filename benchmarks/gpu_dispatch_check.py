@@ -9,6 +9,7 @@ in for each forward). Checked: the dispatched model's logits against the same mo
 rotation (in place, inside ModelHandle.working_model) against the same rotation on the GPU copy and against its own
 unrotated logits. The GPU copy is the saved model loaded back whole on the GPU. Prints JSON lines as it goes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,16 @@ def save_random_llama(path: str, layers: int, device: str) -> torch.nn.Module:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float16)
     with torch.device(device):
@@ -57,10 +65,18 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-budget", default="100GiB")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--tokens", type=int, default=256)
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                   help="cpu: a dry run of the script (CPU memory then disk offload)")
-    p.add_argument("--max-memory", default=None, help="the whole budget string (overrides the two above), e.g. "
-                   "cuda:0=8GiB,cuda:1=8GiB,cpu=100GiB to shard the model over two GPUs")
+    p.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="cpu: a dry run of the script (CPU memory then disk offload)",
+    )
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        help="the whole budget string (overrides the two above), e.g. "
+        "cuda:0=8GiB,cuda:1=8GiB,cpu=100GiB to shard the model over two GPUs",
+    )
     p.add_argument("--out")
     args = p.parse_args(argv)
     from engine.model.arch import resolve
@@ -75,9 +91,14 @@ def main(argv=None) -> int:
     path = tempfile.mkdtemp(prefix="llama7b-")
     t0 = time.perf_counter()
     gpu = save_random_llama(path, args.layers, args.device)
-    log(args.out, stage="saved", seconds=round(time.perf_counter() - t0, 1),
+    log(
+        args.out,
+        stage="saved",
+        seconds=round(time.perf_counter() - t0, 1),
         device=torch.cuda.get_device_name() if cuda else "cpu",
-        torch=torch.__version__, params_billion=round(sum(q.numel() for q in gpu.parameters()) / 1e9, 2))
+        torch=torch.__version__,
+        params_billion=round(sum(q.numel() for q in gpu.parameters()) / 1e9, 2),
+    )
     del gpu  # the reference is the saved model loaded back whole on one device (buffers such as RoPE's as loaded)
     single = load_model(path, "float16", device=args.device)
     gpu = single.model
@@ -88,8 +109,12 @@ def main(argv=None) -> int:
     rotate(gpu, resolve(gpu), rot, inplace=True)
     sync()
     gpu_rotated = logits(gpu, ids)
-    log(args.out, stage="gpu copy rotated", seconds=round(time.perf_counter() - t0, 1),
-        **logit_agreement(ref, gpu_rotated))
+    log(
+        args.out,
+        stage="gpu copy rotated",
+        seconds=round(time.perf_counter() - t0, 1),
+        **logit_agreement(ref, gpu_rotated),
+    )
     del gpu, single
     if cuda:
         torch.cuda.empty_cache()
@@ -97,32 +122,57 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats(i)
 
     t0 = time.perf_counter()
-    budget = args.max_memory or (f"cuda:0={args.gpu_budget},cpu={args.cpu_budget}" if cuda
-                                 else f"cpu={args.cpu_budget}")
+    budget = args.max_memory or (
+        f"cuda:0={args.gpu_budget},cpu={args.cpu_budget}" if cuda else f"cpu={args.cpu_budget}"
+    )
     handle = load_model(path, "float16", max_memory=budget, offload_disk=not cuda)
     plan = handle.placement
-    log(args.out, stage="dispatched load", seconds=round(time.perf_counter() - t0, 1), summary=plan.summary(),
-        devices=plan.devices, blocks_per_device={str(d): sum(1 for v in plan.device_map.values() if v == d)
-                                                 for d in dict.fromkeys(plan.device_map.values())},
-        gpu_allocated_gib=[round(torch.cuda.memory_allocated(i) / 2 ** 30, 2)
-                           for i in range(torch.cuda.device_count())] if cuda else None)
+    log(
+        args.out,
+        stage="dispatched load",
+        seconds=round(time.perf_counter() - t0, 1),
+        summary=plan.summary(),
+        devices=plan.devices,
+        blocks_per_device={
+            str(d): sum(1 for v in plan.device_map.values() if v == d) for d in dict.fromkeys(plan.device_map.values())
+        },
+        gpu_allocated_gib=[round(torch.cuda.memory_allocated(i) / 2**30, 2) for i in range(torch.cuda.device_count())]
+        if cuda
+        else None,
+    )
     t0 = time.perf_counter()
     before = logits(handle.model, ids)
-    log(args.out, stage="dispatched forward", seconds=round(time.perf_counter() - t0, 2),
-        vs_gpu_copy=logit_agreement(ref, before))
+    log(
+        args.out,
+        stage="dispatched forward",
+        seconds=round(time.perf_counter() - t0, 2),
+        vs_gpu_copy=logit_agreement(ref, before),
+    )
     with handle.working_model() as model:
         t0 = time.perf_counter()
         rotate(model, handle.arch, rot, inplace=True)
         sync()
         seconds = time.perf_counter() - t0
         after = logits(model, ids)
-        log(args.out, stage="dispatched rotated in place", seconds=round(seconds, 1),
-            equivalence=logit_agreement(before, after), vs_gpu_copy_rotated=logit_agreement(gpu_rotated, after),
-            peak_gpu_gib=[round(torch.cuda.max_memory_allocated(i) / 2 ** 30, 2)
-                          for i in range(torch.cuda.device_count())] if cuda else None)
+        log(
+            args.out,
+            stage="dispatched rotated in place",
+            seconds=round(seconds, 1),
+            equivalence=logit_agreement(before, after),
+            vs_gpu_copy_rotated=logit_agreement(gpu_rotated, after),
+            peak_gpu_gib=[
+                round(torch.cuda.max_memory_allocated(i) / 2**30, 2) for i in range(torch.cuda.device_count())
+            ]
+            if cuda
+            else None,
+        )
         t0 = time.perf_counter()
-    log(args.out, stage="reloaded after the job", seconds=round(time.perf_counter() - t0, 1),
-        back_to_original=logit_agreement(before, logits(handle.model, ids)))
+    log(
+        args.out,
+        stage="reloaded after the job",
+        seconds=round(time.perf_counter() - t0, 1),
+        back_to_original=logit_agreement(before, logits(handle.model, ids)),
+    )
     return 0
 
 

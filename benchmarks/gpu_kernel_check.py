@@ -19,7 +19,7 @@ import os
 import platform
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 from triton.runtime.errors import OutOfResources
@@ -34,13 +34,23 @@ from kernels.timing import median_us
 # The brief's H100 numbers for Dao's FHT at d = 11008 (padded to 16384), fp16, microseconds
 BRIEF_FHT_11008 = {1: 9.0, 512: 22.2, 2048: 66.6, 8192: 240.7}
 EXTRA_SWEEP_TILES = (  # block-diagonal tiles beyond the autotune candidates (b = 128)
-    TileConfig(128, 128, 16, 8, 4), TileConfig(64, 128, 32, 4, 4), TileConfig(128, 128, 2, 8, 3),
-    TileConfig(32, 128, 6, 4, 3), TileConfig(16, 128, 8, 4, 3), TileConfig(16, 128, 4, 4, 3),
-    TileConfig(64, 128, 4, 4, 2), TileConfig(64, 128, 4, 4, 4), TileConfig(64, 128, 2, 4, 2),
-    TileConfig(64, 64, 4, 4, 3), TileConfig(128, 64, 2, 4, 3), TileConfig(32, 64, 4, 4, 3),
+    TileConfig(128, 128, 16, 8, 4),
+    TileConfig(64, 128, 32, 4, 4),
+    TileConfig(128, 128, 2, 8, 3),
+    TileConfig(32, 128, 6, 4, 3),
+    TileConfig(16, 128, 8, 4, 3),
+    TileConfig(16, 128, 4, 4, 3),
+    TileConfig(64, 128, 4, 4, 2),
+    TileConfig(64, 128, 4, 4, 4),
+    TileConfig(64, 128, 2, 4, 2),
+    TileConfig(64, 64, 4, 4, 3),
+    TileConfig(128, 64, 2, 4, 3),
+    TileConfig(32, 64, 4, 4, 3),
 )
 EXTRA_ROTATE_TILES = (  # rotate-quantize tiles beyond its autotune candidates
-    TileConfig(64, 128, 2, 4, 3), TileConfig(128, 128, 2, 8, 3), TileConfig(32, 128, 8, 4, 4),
+    TileConfig(64, 128, 2, 4, 3),
+    TileConfig(128, 128, 2, 8, 3),
+    TileConfig(32, 128, 8, 4, 4),
     TileConfig(64, 128, 4, 8, 3),
 )
 
@@ -48,20 +58,35 @@ EXTRA_ROTATE_TILES = (  # rotate-quantize tiles beyond its autotune candidates
 def build_fast_hadamard_transform(src: str) -> str:
     """Compile the package's CUDA extension for this GPU and make `import fast_hadamard_transform` work."""
     from torch.utils.cpp_extension import load
+
     major, minor = torch.cuda.get_device_capability()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
-    flags = ["-O3", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "--use_fast_math"]
+    flags = [
+        "-O3",
+        "-U__CUDA_NO_HALF_OPERATORS__",
+        "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "--use_fast_math",
+    ]
     build_dir = os.path.join(src, "build_jit")
     os.makedirs(build_dir, exist_ok=True)
-    module = load("fast_hadamard_transform_cuda",
-                  sources=[os.path.join(src, "csrc", "fast_hadamard_transform.cpp"),
-                           os.path.join(src, "csrc", "fast_hadamard_transform_cuda.cu")],
-                  extra_cflags=["-O3"], extra_cuda_cflags=flags, build_directory=build_dir, verbose=False)
+    module = load(
+        "fast_hadamard_transform_cuda",
+        sources=[
+            os.path.join(src, "csrc", "fast_hadamard_transform.cpp"),
+            os.path.join(src, "csrc", "fast_hadamard_transform_cuda.cu"),
+        ],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=flags,
+        build_directory=build_dir,
+        verbose=False,
+    )
     sys.modules["fast_hadamard_transform_cuda"] = module
     package_dir = os.path.join(src, "fast_hadamard_transform")  # the package's Python part, from src
-    spec = importlib.util.spec_from_file_location("fast_hadamard_transform", os.path.join(package_dir, "__init__.py"),
-                                                  submodule_search_locations=[package_dir])
+    spec = importlib.util.spec_from_file_location(
+        "fast_hadamard_transform", os.path.join(package_dir, "__init__.py"), submodule_search_locations=[package_dir]
+    )
     sys.modules["fast_hadamard_transform"] = package = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(package)
     return hadamard.backend()
@@ -89,8 +114,9 @@ def check_correctness() -> list[str]:
                 blocks = torch.linalg.qr(torch.randn(shape[-1] // b, b, b, device="cuda"))[0].to(dtype)
                 config = None if (b == 128 and dtype == torch.float16) else fixed
                 _poison_next_allocation(x.numel())
-                error = rel_error(blockdiag_matmul_triton(x, blocks, config=config),
-                                  blockdiag_matmul_reference(x, blocks))
+                error = rel_error(
+                    blockdiag_matmul_triton(x, blocks, config=config), blockdiag_matmul_reference(x, blocks)
+                )
                 if not error <= tol[dtype]:
                     failures.append(f"blockdiag b={b} {dtype} {shape} {config}: rel error {error:.3g}")
         if b != 128:  # the other blocks' candidates share the kernel body; compiling them all costs a minute
@@ -150,10 +176,17 @@ def check_fast_launch() -> bool:
         outputs = []
         for fast in (False, True, True):  # the first fast call compiles, the second replays
             launch.FAST_LAUNCH = fast
-            outputs.append((blockdiag_matmul_triton(x, blocks, config=TileConfig(64, 128, 4, 4, 3)),
-                            rotate_quantize(x, blocks, 4, config=TileConfig(64, 128, 4, 4, 3))))
-        same = all(torch.equal(a, b) for out in outputs[1:] for a, b in zip(
-            (out[0], *out[1]), (outputs[0][0], *outputs[0][1])))
+            outputs.append(
+                (
+                    blockdiag_matmul_triton(x, blocks, config=TileConfig(64, 128, 4, 4, 3)),
+                    rotate_quantize(x, blocks, 4, config=TileConfig(64, 128, 4, 4, 3)),
+                )
+            )
+        same = all(
+            torch.equal(a, b)
+            for out in outputs[1:]
+            for a, b in zip((out[0], *out[1]), (outputs[0][0], *outputs[0][1]), strict=False)
+        )
     except Exception as err:  # noqa: BLE001
         print(f"fast launch FAILED: {err!r:.1000}")
         same = False
@@ -167,18 +200,36 @@ def check_rotate_quantize(quick: bool = False) -> list[str]:
     row maximum left over from the first call would shrink the second call's integers)."""
     failures = []
     fixed = TileConfig(64, 128, 4, 4, 3)
-    cases = [(bits, torch.float16, 128, shape, None) for bits in (4, 8)
-             for shape in ((1, 11008), (3, 37, 11008), (5000, 11008))]  # autotuned
+    cases = [
+        (bits, torch.float16, 128, shape, None)
+        for bits in (4, 8)
+        for shape in ((1, 11008), (3, 37, 11008), (5000, 11008))
+    ]  # autotuned
     cases += [(4, torch.bfloat16, 128, (777, 4096), fixed)]
-    cases += [] if quick else [(4, torch.float16, 128, (2048, 11008), config)
-                               for config in rotate_quant_configs(128) + list(EXTRA_ROTATE_TILES)]
-    cases += [] if quick else [(bits, torch.bfloat16, 128, shape, fixed) for bits in (4, 8)
-                               for shape in ((3, 37, 11008), (777, 4096))]
-    cases += [] if quick else [(8, torch.float16, 128, (33, 4096), None),
-                               (4, torch.float16, 32, (513, 4096), TileConfig(64, 32, 2, 4, 2)),
-                               (4, torch.float16, 32, (513, 11008), None),
-                               (4, torch.float16, 256, (1000, 14336), TileConfig(64, 128, 1, 8, 1)),
-                               (8, torch.float16, 64, (100, 4096), TileConfig(32, 64, 2, 4, 2))]
+    cases += (
+        []
+        if quick
+        else [
+            (4, torch.float16, 128, (2048, 11008), config)
+            for config in rotate_quant_configs(128) + list(EXTRA_ROTATE_TILES)
+        ]
+    )
+    cases += (
+        []
+        if quick
+        else [(bits, torch.bfloat16, 128, shape, fixed) for bits in (4, 8) for shape in ((3, 37, 11008), (777, 4096))]
+    )
+    cases += (
+        []
+        if quick
+        else [
+            (8, torch.float16, 128, (33, 4096), None),
+            (4, torch.float16, 32, (513, 4096), TileConfig(64, 32, 2, 4, 2)),
+            (4, torch.float16, 32, (513, 11008), None),
+            (4, torch.float16, 256, (1000, 14336), TileConfig(64, 128, 1, 8, 1)),
+            (8, torch.float16, 64, (100, 4096), TileConfig(32, 64, 2, 4, 2)),
+        ]
+    )
     for bits, dtype, b, shape, config in cases:
         x = torch.randn(*shape, dtype=dtype, device="cuda")
         x[..., 7] *= 40.0  # an outlier channel, as in real activations
@@ -198,8 +249,9 @@ def _time(fn, warmup: int = 10, rep: int = 40) -> float:
     return median_us(fn, warmup, rep)[0]  # a CUDA-graph replay: no host time in the sweep
 
 
-def sweep(out_dir: str, d: int = 11008, ls=(512, 2048, 8192), ops=("blockdiag", "rotate"),
-          extra: bool = True) -> list[dict]:
+def sweep(
+    out_dir: str, d: int = 11008, ls=(512, 2048, 8192), ops=("blockdiag", "rotate"), extra: bool = True
+) -> list[dict]:
     """Time fixed tile shapes of the block-diagonal kernel and of rotate + int4 (b = 128, fp16);
     extra: also the tiles beyond the autotune candidates (each one more compile)."""
     rows = []
@@ -224,8 +276,14 @@ def sweep(out_dir: str, d: int = 11008, ls=(512, 2048, 8192), ops=("blockdiag", 
             finally:
                 blockdiag.X_EVICTION_POLICY = "evict_first"
             rows.append({"op": "blockdiag_no_hint", "L": tokens, "tile": best["tile"], "us": us})
-            rows.append({"op": "blockdiag_autotuned", "L": tokens, "tile": "",
-                         "us": _time(lambda: blockdiag_matmul_triton(x, blocks))})
+            rows.append(
+                {
+                    "op": "blockdiag_autotuned",
+                    "L": tokens,
+                    "tile": "",
+                    "us": _time(lambda: blockdiag_matmul_triton(x, blocks)),
+                }
+            )
         if "rotate" in ops and tokens >= 2048:
             want = rotate_quantize_reference(x, blocks, 4)
             for tile in rotate_quant_configs(128) + extra_rotate + [None]:
@@ -251,8 +309,11 @@ def sweep(out_dir: str, d: int = 11008, ls=(512, 2048, 8192), ops=("blockdiag", 
         memcpy = next(r["us"] for r in rows if r["op"] == "memcpy" and r["L"] == tokens)
         for op in dict.fromkeys(r["op"] for r in rows if r["L"] == tokens and r["op"] != "memcpy"):
             best = sorted((r for r in rows if r["op"] == op and r["L"] == tokens), key=lambda r: r["us"])[:5]
-            print(f"L={tokens:<5} {op:<20} memcpy {memcpy:6.1f} | "
-                  + " | ".join(f"{r['tile']} {r['us']:.1f} ({r['us'] / memcpy:.2f})" for r in best), flush=True)
+            print(
+                f"L={tokens:<5} {op:<20} memcpy {memcpy:6.1f} | "
+                + " | ".join(f"{r['tile']} {r['us']:.1f} ({r['us'] / memcpy:.2f})" for r in best),
+                flush=True,
+            )
     return rows
 
 
@@ -260,13 +321,17 @@ def profile(d: int = 11008, ls=(1, 512, 2048, 8192)) -> None:
     """Device time per kernel (torch profiler, L2 flushed before each call as do_bench does) and host time per call."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
+
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     print(f"\n== profile (d = {d}, fp16): host us per call (no sync) | device us per call of each kernel")
     for tokens in ls:
         x = torch.randn(tokens, d, dtype=torch.float16, device="cuda")
         blocks = random_blocks(d // 128, 128, torch.float16, "cuda")
-        fns = {"memcpy": x.clone, "triton_blockdiag": lambda: blockdiag_matmul_triton(x, blocks),
-               "rotate_quant_int4": lambda: rotate_quantize(x, blocks, 4)}
+        fns = {
+            "memcpy": x.clone,
+            "triton_blockdiag": lambda: blockdiag_matmul_triton(x, blocks),
+            "rotate_quant_int4": lambda: rotate_quantize(x, blocks, 4),
+        }
         for name, fn in fns.items():
             fn()
             torch.cuda.synchronize()
@@ -290,6 +355,7 @@ def profile(d: int = 11008, ls=(1, 512, 2048, 8192)) -> None:
 
 def verdicts(rows: list[dict]) -> list[str]:
     """Issue 7's acceptance lines at d = 11008, fp16, from benchmark rows."""
+
     def us(kernel, tokens):
         hit = [r for r in rows if r["kernel"] == kernel and r["L"] == tokens and r["d"] == 11008]
         return hit[0]["median_us"] if hit else None
@@ -304,13 +370,18 @@ def verdicts(rows: list[dict]) -> list[str]:
         parts = [f"L={tokens}: triton {tri} us = {tri / mem:.2f}x memcpy"]
         if tokens >= 512:
             parts.append("PASS" if tri <= 1.15 * mem else "FAIL" + " (<= 1.15x memcpy)")
-        for name, ref in (("FHT padded (here)", fht_pad), ("FHT exact (here)", fht_exact),
-                          ("FHT Dao (brief)", BRIEF_FHT_11008.get(tokens))):
+        for name, ref in (
+            ("FHT padded (here)", fht_pad),
+            ("FHT exact (here)", fht_exact),
+            ("FHT Dao (brief)", BRIEF_FHT_11008.get(tokens)),
+        ):
             if ref:
                 parts.append(f"{name} {ref} us: {ref / tri:.2f}x faster")
         if quant is not None:
-            parts.append(f"rotate+int4 {quant} us = {quant / mem:.2f}x memcpy"
-                         + (" PASS" if quant < mem else " FAIL") * (tokens >= 2048))
+            parts.append(
+                f"rotate+int4 {quant} us = {quant / mem:.2f}x memcpy"
+                + (" PASS" if quant < mem else " FAIL") * (tokens >= 2048)
+            )
         lines.append("; ".join(parts))
     return lines
 
@@ -320,8 +391,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--fht-src", default=None)
     parser.add_argument("--no-checks", action="store_true")
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer compiles: rotate-quantize checks only, sweeps over the autotune candidates")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer compiles: rotate-quantize checks only, sweeps over the autotune candidates",
+    )
     parser.add_argument("--sweep-L", default="512,2048,8192")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--sweep", default="blockdiag,rotate", help="which sweeps: blockdiag,rotate")
@@ -338,8 +412,12 @@ def main(argv=None) -> int:
         return 2
     os.makedirs(args.out, exist_ok=True)
     import triton
-    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC | {torch.cuda.get_device_name()} | torch "
-          f"{torch.__version__} | triton {triton.__version__} | python {platform.python_version()}", flush=True)
+
+    print(
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC | {torch.cuda.get_device_name()} | torch "
+        f"{torch.__version__} | triton {triton.__version__} | python {platform.python_version()}",
+        flush=True,
+    )
 
     kernels = args.kernels.split(",")
     start = time.time()
@@ -353,8 +431,11 @@ def main(argv=None) -> int:
     if args.fht_src:
         start = time.time()
         try:
-            print(f"fast_hadamard_transform built: backend {build_fast_hadamard_transform(args.fht_src)} "
-                  f"({time.time() - start:.0f} s)", flush=True)
+            print(
+                f"fast_hadamard_transform built: backend {build_fast_hadamard_transform(args.fht_src)} "
+                f"({time.time() - start:.0f} s)",
+                flush=True,
+            )
         except Exception as err:  # noqa: BLE001 - the package is optional; say why and go on with ours
             print(f"fast_hadamard_transform build failed after {time.time() - start:.0f} s: {err!r:.500}")
     print(f"Hadamard backend: {hadamard.backend()} ({hadamard.package_status()})", flush=True)
@@ -364,8 +445,7 @@ def main(argv=None) -> int:
         profile()
     if not args.no_sweep:
         start = time.time()
-        sweep(args.out, ls=bench.parse_ints(args.sweep_L, "sweep-L"), ops=args.sweep.split(","),
-              extra=not args.quick)
+        sweep(args.out, ls=bench.parse_ints(args.sweep_L, "sweep-L"), ops=args.sweep.split(","), extra=not args.quick)
         print(f"sweep took {time.time() - start:.0f} s", flush=True)
     return 1 if failures else 0
 
@@ -378,8 +458,14 @@ def run_bench(args, kernels: list[str]) -> list[dict]:
     with open(os.path.join(args.out, "bench.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=bench.ROW_FIELDS)
         writer.writeheader()
-        for row in bench.run_benchmark(bench.parse_ints(args.d, "d"), bench.parse_ints(args.L, "L"), "fp16",
-                                       kernels, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms):
+        for row in bench.run_benchmark(
+            bench.parse_ints(args.d, "d"),
+            bench.parse_ints(args.L, "L"),
+            "fp16",
+            kernels,
+            warmup_ms=args.warmup_ms,
+            rep_ms=args.rep_ms,
+        ):
             rows.append(row)
             writer.writerow(row)
             f.flush()

@@ -6,6 +6,7 @@ Builds LlamaForCausalLM with LLaMA-2 7B's config on the GPU, rotates R1-R4 with 
 (hidden 4096 = 2^12, intermediate 11008 = 344 * 32 via Paley I over GF(7^3), head_dim 128), and prints the
 equivalence figures and timings as JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,16 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     dtype = getattr(torch, args.dtype)
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
-                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                      max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=args.layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with torch.device("cuda"):
@@ -44,8 +52,14 @@ def main(argv=None) -> int:
     build_s = time.perf_counter() - t0
     arch = resolve(model)
     ids = torch.randint(0, 32000, (1, args.tokens), device="cuda")
-    out = {"device": torch.cuda.get_device_name(), "dtype": args.dtype, "layers": args.layers,
-           "params_b": sum(p.numel() for p in model.parameters()) / 1e9, "build_s": build_s, "runs": []}
+    out = {
+        "device": torch.cuda.get_device_name(),
+        "dtype": args.dtype,
+        "layers": args.layers,
+        "params_b": sum(p.numel() for p in model.parameters()) / 1e9,
+        "build_s": build_s,
+        "runs": [],
+    }
     for names in (["R1"], ["R4"], ["R1", "R2", "R3", "R4"]):
         rc = RotationConfig.from_names(names, "hadamard")
         torch.cuda.synchronize()
@@ -54,8 +68,14 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         rot_s = time.perf_counter() - t0
         e = equivalence(model, rotated, ids)
-        out["runs"].append({"rotation": rc.tag(), "rotate_s": round(rot_s, 2), **e,
-                            "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+        out["runs"].append(
+            {
+                "rotation": rc.tag(),
+                "rotate_s": round(rot_s, 2),
+                **e,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            }
+        )
         print(json.dumps(out["runs"][-1]), flush=True)
         del rotated
         torch.cuda.empty_cache()

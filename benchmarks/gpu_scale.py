@@ -31,6 +31,7 @@ A phase that fails (out of memory included) records its error and the next phase
 memory model predicts will not fit is not started, and its row says why; --max-seconds skips what is left once
 spent. The JSON is rewritten (atomically) after every row, so a run stopped early keeps what finished.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,10 @@ import torch
 
 PHASES = ("capture", "rotate", "calibrate", "gptq", "eval", "matrix", "export")
 ROW_KEYS = ("size", "phase", "seconds", "peak_bytes", "weights_bytes", "tokens_per_s")
-SHAPES_NOTE = ("random weights and random token ids: time and memory depend on the shapes only (the real models' "
-               "figures are the same); perplexities and logits checks of random weights mean nothing")
+SHAPES_NOTE = (
+    "random weights and random token ids: time and memory depend on the shapes only (the real models' "
+    "figures are the same); perplexities and logits checks of random weights mean nothing"
+)
 
 
 def _rope(theta: float) -> dict:
@@ -63,32 +66,88 @@ def model_config(size: str):
     from transformers import LlamaConfig, Qwen2Config, Qwen3MoeConfig
 
     if size == "tiny":
-        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048,
-                           tie_word_embeddings=True)
+        return LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+        )
     if size == "tiny-moe":
-        return Qwen3MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
-                              num_experts_per_tok=2, norm_topk_prob=True, vocab_size=512,
-                              max_position_embeddings=2048)
+        return Qwen3MoeConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            vocab_size=512,
+            max_position_embeddings=2048,
+        )
     if size == "135m":  # HuggingFaceTB/SmolLM2-135M
-        return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                           num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                           tie_word_embeddings=True, rope_parameters=_rope(100000.0))
+        return LlamaConfig(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            rope_parameters=_rope(100000.0),
+        )
     if size == "1.5b":  # Qwen/Qwen2.5-1.5B
-        return Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                           num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6,
-                           tie_word_embeddings=True, rope_parameters=_rope(1000000.0))
+        return Qwen2Config(
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            rope_parameters=_rope(1000000.0),
+        )
     if size == "8b":  # meta-llama/Meta-Llama-3-8B
-        return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                           num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                           tie_word_embeddings=False, rope_parameters=_rope(500000.0))
+        return LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            rope_parameters=_rope(500000.0),
+        )
     if size == "30b-a3b":  # Qwen/Qwen3-30B-A3B
-        return Qwen3MoeConfig(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
-                              num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                              num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936,
-                              max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                              rope_parameters=_rope(1000000.0))
+        return Qwen3MoeConfig(
+            hidden_size=2048,
+            intermediate_size=6144,
+            moe_intermediate_size=768,
+            num_hidden_layers=48,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_experts=128,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+            vocab_size=151936,
+            max_position_embeddings=40960,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            rope_parameters=_rope(1000000.0),
+        )
     raise ValueError(f"unknown size {size!r}; known: {', '.join(SIZES)}")
 
 
@@ -111,7 +170,8 @@ class RandomIds:
 
     def save_pretrained(self, directory) -> None:
         (Path(directory) / "RANDOM_TOKEN_IDS.txt").write_text(
-            "this model was built with random weights and read random token ids; it has no tokenizer\n")
+            "this model was built with random weights and read random token ids; it has no tokenizer\n"
+        )
 
 
 def corpus_file(directory: Path, vocab: int, calib_tokens: int, eval_tokens: int, seed: int = 0) -> str:
@@ -122,7 +182,7 @@ def corpus_file(directory: Path, vocab: int, calib_tokens: int, eval_tokens: int
     need = int(1.3 * max(5 * eval_tokens, 1.25 * calib_tokens)) + 50 * 4000 // digits
     ids = torch.randint(0, vocab, (need,), generator=g).tolist()
     per = 200
-    text = "\n\n".join(" ".join(map(str, ids[i:i + per])) for i in range(0, len(ids), per))
+    text = "\n\n".join(" ".join(map(str, ids[i : i + per])) for i in range(0, len(ids), per))
     path = directory / f"random-ids-{vocab}.txt"
     path.write_text(text)
     return str(path)
@@ -143,8 +203,10 @@ class Meter:
         self.device = device
         self.baseline = self.rss_start = self.held = 0
         if device == "cpu":
-            self.method = ("the model's parameter bytes plus the rise of the process's resident set over the phase "
-                           "(VmHWM, reset at its start, minus VmRSS then; load: over the RSS before the build)")
+            self.method = (
+                "the model's parameter bytes plus the rise of the process's resident set over the phase "
+                "(VmHWM, reset at its start, minus VmRSS then; load: over the RSS before the build)"
+            )
         else:
             self.method = "torch.cuda.max_memory_allocated after torch.cuda.reset_peak_memory_stats (weights included)"
 
@@ -189,8 +251,14 @@ class Meter:
         """What the phase may use: the GPU memory the allocator holds or can get; on a CPU the available RAM plus
         what this process already holds beyond its baseline."""
         if self.device == "cpu":
-            avail = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                         if line.startswith("MemAvailable:")) * 1024
+            avail = (
+                next(
+                    int(line.split()[1])
+                    for line in Path("/proc/meminfo").read_text().splitlines()
+                    if line.startswith("MemAvailable:")
+                )
+                * 1024
+            )
             return avail + _status_kib("VmRSS") * 1024 - self.baseline
         free, _ = torch.cuda.mem_get_info()
         return int(free + torch.cuda.memory_reserved())
@@ -202,7 +270,7 @@ def device_name(device: str) -> str:
 
         return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     p = torch.cuda.get_device_properties(0)
-    return f"{p.name} ({p.total_memory / 2 ** 30:.1f} GiB)"
+    return f"{p.name} ({p.total_memory / 2**30:.1f} GiB)"
 
 
 # ---- the model -------------------------------------------------------------------------------------------------------
@@ -220,9 +288,17 @@ def build(config, name: str, device: str, dtype: str, tokenizer):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.eval().requires_grad_(False)
     unfuse_experts(model)
-    return ModelHandle(name=f"random-{name}", model=model, tokenizer=tokenizer, arch=resolve(model),
-                       fingerprint=f"random-{name}-{dtype}", note=f"random weights of {name} shapes ({SHAPES_NOTE})",
-                       dtype=dtype, device=device, source="")
+    return ModelHandle(
+        name=f"random-{name}",
+        model=model,
+        tokenizer=tokenizer,
+        arch=resolve(model),
+        fingerprint=f"random-{name}-{dtype}",
+        note=f"random weights of {name} shapes ({SHAPES_NOTE})",
+        dtype=dtype,
+        device=device,
+        source="",
+    )
 
 
 def parameter_bytes(model) -> int:
@@ -254,9 +330,13 @@ def phase_capture(handle, s):
         kept[layer_site] = kept.get(layer_site, 0) + t.numel() * t.element_size()
     widest = int(res.table.channels.max())
     return int(res.meta["tokens"]), {
-        "capture_seconds": res.meta["seconds"], "windows": res.meta["n_windows"],
-        "kept_bytes_all_sites": sum(kept.values()), "kept_bytes_max_site_layer": max(kept.values()),
-        "bound_bytes_widest_site": state_bytes_bound(widest), "sites_x_layers": len(kept)}
+        "capture_seconds": res.meta["seconds"],
+        "windows": res.meta["n_windows"],
+        "kept_bytes_all_sites": sum(kept.values()),
+        "kept_bytes_max_site_layer": max(kept.values()),
+        "bound_bytes_widest_site": state_bytes_bound(widest),
+        "sites_x_layers": len(kept),
+    }
 
 
 def plain_forward_seconds(handle, s) -> float:
@@ -284,8 +364,11 @@ def phase_rotate(handle, s):
     window = s.capture_window
     cap = CaptureConfig(tokens=window, window=window, sqnr_bits=(4, 8))
     c = _last(compare_job(handle, s.corpus, rot, cap, check_tokens=s.check_tokens, use_cache=False))
-    return s.check_tokens + 2 * window, {"rotation": rot.tag(), **{k: c.check[k] for k in (
-        "max_abs_logit_diff", "kl", "max_abs_logit")}, "check_dtype": handle.dtype}
+    return s.check_tokens + 2 * window, {
+        "rotation": rot.tag(),
+        **{k: c.check[k] for k in ("max_abs_logit_diff", "kl", "max_abs_logit")},
+        "check_dtype": handle.dtype,
+    }
 
 
 def _build_only(handle, s, recipe, bits):
@@ -310,8 +393,9 @@ def phase_gptq(handle, s):
     from engine.quant.recipes import Bits, get_recipe
 
     _build_only(handle, s, get_recipe("rtn", weights="gptq"), Bits.parse("4-16-16"))
-    return s.calib_tokens // s.calib_window * s.calib_window, {"linears": handle.arch.n_layers * len(
-        handle.arch.linears)}
+    return s.calib_tokens // s.calib_window * s.calib_window, {
+        "linears": handle.arch.n_layers * len(handle.arch.linears)
+    }
 
 
 def phase_eval(handle, s):
@@ -319,8 +403,9 @@ def phase_eval(handle, s):
 
     runs = [("fp", "16-16-16"), ("rtn", "4-4-4"), ("quarot", "4-4-4")]
     rows = _last(eval_table_job(handle, runs, s.eval_config(), use_cache=False))
-    return sum(r["tokens"] for r in rows), {f"{r['recipe']} {r['bits']}": {"ppl": r["ppl"], "seconds": r["seconds"]}
-                                            for r in rows}
+    return sum(r["tokens"] for r in rows), {
+        f"{r['recipe']} {r['bits']}": {"ppl": r["ppl"], "seconds": r["seconds"]} for r in rows
+    }
 
 
 def phase_matrix(handle, s):
@@ -345,15 +430,29 @@ def phase_export(handle, s):
         shutil.rmtree(out.parent, ignore_errors=True)
 
 
-RUNNERS = {"capture": phase_capture, "rotate": phase_rotate, "calibrate": phase_calibrate, "gptq": phase_gptq,
-           "eval": phase_eval, "matrix": phase_matrix, "export": phase_export}
+RUNNERS = {
+    "capture": phase_capture,
+    "rotate": phase_rotate,
+    "calibrate": phase_calibrate,
+    "gptq": phase_gptq,
+    "eval": phase_eval,
+    "matrix": phase_matrix,
+    "export": phase_export,
+}
 
 
 class Settings:
     """Token budgets and windows of one run (the engine's defaults on a GPU, small ones on a CPU)."""
 
-    def __init__(self, device: str, tokens: int | None = None, eval_tokens: int | None = None,
-                 matrix_tokens: int | None = None, calib_tokens: int | None = None, corpus: str = ""):
+    def __init__(
+        self,
+        device: str,
+        tokens: int | None = None,
+        eval_tokens: int | None = None,
+        matrix_tokens: int | None = None,
+        calib_tokens: int | None = None,
+        corpus: str = "",
+    ):
         cpu = device == "cpu"
         self.tokens = tokens or (512 if cpu else 2048)
         self.eval_tokens = eval_tokens or (512 if cpu else 16384)
@@ -365,21 +464,31 @@ class Settings:
         self.corpus = corpus
 
     @classmethod
-    def from_args(cls, args) -> "Settings":
+    def from_args(cls, args) -> Settings:
         return cls(args.device, args.tokens, args.eval_tokens, args.matrix_tokens, args.calib_tokens)
 
     def eval_config(self):
         from engine.evaluate import EvalConfig
 
-        return EvalConfig(tokens=self.eval_tokens, window=min(2048, self.eval_tokens), calib_tokens=self.calib_tokens,
-                          calib_window=self.calib_window, corpus=self.corpus)
+        return EvalConfig(
+            tokens=self.eval_tokens,
+            window=min(2048, self.eval_tokens),
+            calib_tokens=self.calib_tokens,
+            calib_window=self.calib_window,
+            corpus=self.corpus,
+        )
 
     def windows(self):
         from engine.memory import Windows
 
-        return Windows(capture=self.capture_window, eval=min(2048, self.eval_tokens),
-                       matrix=min(1024, self.matrix_tokens), calib=self.calib_window, calib_tokens=self.calib_tokens,
-                       check=self.check_tokens)
+        return Windows(
+            capture=self.capture_window,
+            eval=min(2048, self.eval_tokens),
+            matrix=min(1024, self.matrix_tokens),
+            calib=self.calib_window,
+            calib_tokens=self.calib_tokens,
+            check=self.check_tokens,
+        )
 
     def to_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "corpus"}
@@ -395,12 +504,15 @@ class Report:
     def add(self, row: dict) -> None:
         self.rows.append(row)
         peak, pred = row.get("peak_bytes"), row.get("predicted_peak_bytes")
-        gib = lambda b: f"{b / 2 ** 30:8.2f}" if b is not None else "       -"  # noqa: E731
+        gib = lambda b: f"{b / 2**30:8.2f}" if b is not None else "       -"  # noqa: E731
         ratio = f"{peak / row['weights_bytes']:5.2f}x" if peak and row.get("weights_bytes") else "     -"
         secs = f"{row['seconds']:8.1f}" if row.get("seconds") is not None else "       -"
         tps = f"{row['tokens_per_s']:10.0f}" if row.get("tokens_per_s") else "         -"
-        print(f"{row['size']:>8} {row['phase']:>9} {secs} s  peak {gib(peak)} GiB ({ratio} weights)  predicted "
-              f"{gib(pred)} GiB  {tps} tok/s" + (f"  ERROR {row['error']}" if row.get("error") else ""), flush=True)
+        print(
+            f"{row['size']:>8} {row['phase']:>9} {secs} s  peak {gib(peak)} GiB ({ratio} weights)  predicted "
+            f"{gib(pred)} GiB  {tps} tok/s" + (f"  ERROR {row['error']}" if row.get("error") else ""),
+            flush=True,
+        )
         self.write()
 
     def write(self) -> None:
@@ -427,8 +539,15 @@ def run_size(size: str, phases: list[str], args, report: Report, meter: Meter, d
     base = {"size": size, "weights_bytes": shapes.weights_bytes, "predicted_weights_bytes": shapes.weights_bytes}
 
     def row(phase, **kw):
-        out = {**base, "phase": phase, "seconds": None, "peak_bytes": None, "tokens_per_s": None,
-               "predicted_peak_bytes": peaks[phase], **kw}
+        out = {
+            **base,
+            "phase": phase,
+            "seconds": None,
+            "peak_bytes": None,
+            "tokens_per_s": None,
+            "predicted_peak_bytes": peaks[phase],
+            **kw,
+        }
         report.add(out)
 
     def refuse(reason):
@@ -440,11 +559,16 @@ def run_size(size: str, phases: list[str], args, report: Report, meter: Meter, d
     meter.set_baseline()
     capacity = meter.capacity()
     if peaks["load"] > capacity and not args.force:
-        return refuse(f"does not fit: the weights alone need {memory.fmt(peaks['load'])}, the device has "
-                      f"{memory.fmt(capacity)}")
+        return refuse(
+            f"does not fit: the weights alone need {memory.fmt(peaks['load'])}, the device has {memory.fmt(capacity)}"
+        )
     tokenizer = RandomIds(config.vocab_size)
-    settings.corpus = corpus_file(workdir, config.vocab_size, max(settings.tokens, settings.calib_tokens),
-                                  max(settings.eval_tokens, settings.matrix_tokens, settings.check_tokens))
+    settings.corpus = corpus_file(
+        workdir,
+        config.vocab_size,
+        max(settings.tokens, settings.calib_tokens),
+        max(settings.eval_tokens, settings.matrix_tokens, settings.check_tokens),
+    )
     handle = None
     meter.start()
     t0 = time.perf_counter()
@@ -452,8 +576,13 @@ def run_size(size: str, phases: list[str], args, report: Report, meter: Meter, d
         handle = build(config, size, args.device, args.dtype, tokenizer)
         seconds = time.perf_counter() - t0
         measured = parameter_bytes(handle.model)
-        row("load", seconds=seconds, peak_bytes=meter.peak(), weights_bytes=measured,
-            details={"parameters": sum(p.numel() for p in handle.model.parameters())})
+        row(
+            "load",
+            seconds=seconds,
+            peak_bytes=meter.peak(),
+            weights_bytes=measured,
+            details={"parameters": sum(p.numel() for p in handle.model.parameters())},
+        )
     except Exception as e:  # noqa: BLE001 - recorded; the size's phases cannot run without a model
         row("load", seconds=time.perf_counter() - t0, error=_error(e))
         handle = None
@@ -470,8 +599,11 @@ def run_size(size: str, phases: list[str], args, report: Report, meter: Meter, d
                 continue
             capacity = meter.capacity()
             if peaks[phase] > capacity and not args.force:
-                row(phase, error=f"not run: predicted peak {memory.fmt(peaks[phase])} exceeds the "
-                                 f"{memory.fmt(capacity)} the device can give (--force runs it anyway)")
+                row(
+                    phase,
+                    error=f"not run: predicted peak {memory.fmt(peaks[phase])} exceeds the "
+                    f"{memory.fmt(capacity)} the device can give (--force runs it anyway)",
+                )
                 continue
             row(phase, **run_phase(handle, settings, phase, meter))
     finally:
@@ -500,9 +632,15 @@ def run_phase(handle, settings, phase: str, meter: Meter) -> dict:
     gc.collect()
     if handle.device != "cpu":
         torch.cuda.empty_cache()
-    return {"seconds": seconds, "peak_bytes": peak, "start_bytes": start, "tokens": tokens,
-            "tokens_per_s": tokens / seconds if tokens and seconds > 0 else None, "details": details,
-            **({"error": error} if error else {})}
+    return {
+        "seconds": seconds,
+        "peak_bytes": peak,
+        "start_bytes": start,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds if tokens and seconds > 0 else None,
+        "details": details,
+        **({"error": error} if error else {}),
+    }
 
 
 def markdown_table(paths: list[str]) -> str:
@@ -511,17 +649,22 @@ def markdown_table(paths: list[str]) -> str:
     out = []
     for path in paths:
         data = json.loads(Path(path).read_text())
-        out += [f"{data['device']}, {data['dtype']}, torch {data['torch']}, transformers {data['transformers']}; "
-                f"peak: {data['peak_method']}", "",
-                "| size | phase | seconds | peak GiB | x weights | predicted GiB | tokens/s | note |",
-                "|---|---|---|---|---|---|---|---|"]
+        out += [
+            f"{data['device']}, {data['dtype']}, torch {data['torch']}, transformers {data['transformers']}; "
+            f"peak: {data['peak_method']}",
+            "",
+            "| size | phase | seconds | peak GiB | x weights | predicted GiB | tokens/s | note |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in data["rows"]:
             num = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
             ratio = r["peak_bytes"] / r["weights_bytes"] if r.get("peak_bytes") else None
-            out.append(f"| {r['size']} | {r['phase']} | {num(r['seconds'], '.1f')} | "
-                       f"{num(r['peak_bytes'] and r['peak_bytes'] / 2 ** 30, '.2f')} | {num(ratio, '.2f')} | "
-                       f"{r['predicted_peak_bytes'] / 2 ** 30:.2f} | {num(r.get('tokens_per_s'), '.0f')} | "
-                       f"{(r.get('error') or '').replace('|', '/')[:160]} |")
+            out.append(
+                f"| {r['size']} | {r['phase']} | {num(r['seconds'], '.1f')} | "
+                f"{num(r['peak_bytes'] and r['peak_bytes'] / 2**30, '.2f')} | {num(ratio, '.2f')} | "
+                f"{r['predicted_peak_bytes'] / 2**30:.2f} | {num(r.get('tokens_per_s'), '.0f')} | "
+                f"{(r.get('error') or '').replace('|', '/')[:160]} |"
+            )
         out.append("")
     return "\n".join(out)
 
@@ -531,8 +674,16 @@ def preload() -> None:
     pandas or compressed-tensors as a phase's memory."""
     import importlib
 
-    names = ("engine.observe.capture", "engine.observe.compare", "engine.evaluate", "engine.matrix", "engine.export",
-             "engine.quant.gptq", "compressed_tensors.compressors", "compressed_tensors.transform")
+    names = (
+        "engine.observe.capture",
+        "engine.observe.compare",
+        "engine.evaluate",
+        "engine.matrix",
+        "engine.export",
+        "engine.quant.gptq",
+        "compressed_tensors.compressors",
+        "compressed_tensors.transform",
+    )
     for name in names:
         with contextlib.suppress(ImportError):  # compressed-tensors may be missing: only export needs it
             importlib.import_module(name)
@@ -550,8 +701,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_scale", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="135m,1.5b,8b,30b-a3b", help=f"comma-separated: {', '.join(SIZES)}")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                   help="weights' dtype (default: bfloat16 on a GPU, float32 on a CPU)")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        help="weights' dtype (default: bfloat16 on a GPU, float32 on a CPU)",
+    )
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated: {', '.join(PHASES)}")
     p.add_argument("--tokens", type=int, help="capture tokens (default 2048; 512 on a CPU)")
     p.add_argument("--eval-tokens", type=int, help="evaluation tokens per run (default 16384; 512 on a CPU)")
@@ -559,8 +713,12 @@ def main(argv=None) -> int:
     p.add_argument("--calib-tokens", type=int, help="calibration tokens (default 8192; 512 on a CPU)")
     p.add_argument("--max-seconds", type=float, default=math.inf, help="total budget: later phases are skipped")
     p.add_argument("--force", action="store_true", help="run phases the memory model predicts will not fit")
-    p.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's own; 1 is much faster for the "
-                   "small operations of a CPU run on a busy machine, whose spinning threads wait for each other)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch's CPU threads (default: torch's own; 1 is much faster for the "
+        "small operations of a CPU run on a busy machine, whose spinning threads wait for each other)",
+    )
     p.add_argument("--json", metavar="FILE", help="write the rows here (rewritten after every row)")
     p.add_argument("--table", nargs="+", metavar="JSON", help="print these runs' rows as a markdown table; run nothing")
     args = p.parse_args(argv)
@@ -581,12 +739,20 @@ def main(argv=None) -> int:
     meter = Meter(args.device)
     import transformers
 
-    header = {"device": device_name(args.device), "dtype": args.dtype, "torch": torch.__version__,
-              "transformers": transformers.__version__, "peak_method": meter.method, "notes": [
-                  SHAPES_NOTE, "predicted_peak_bytes: engine.memory.job_peaks from the config",
-                  "tokens: tokens run through the model in the phase (export: 0, its build needs no calibration)",
-                  "start_bytes: what was held when the phase started (peak_bytes is measured the same way)"],
-              "settings": {**Settings.from_args(args).to_dict(), "phases": phases, "sizes": sizes}}
+    header = {
+        "device": device_name(args.device),
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peak_method": meter.method,
+        "notes": [
+            SHAPES_NOTE,
+            "predicted_peak_bytes: engine.memory.job_peaks from the config",
+            "tokens: tokens run through the model in the phase (export: 0, its build needs no calibration)",
+            "start_bytes: what was held when the phase started (peak_bytes is measured the same way)",
+        ],
+        "settings": {**Settings.from_args(args).to_dict(), "phases": phases, "sizes": sizes},
+    }
     try:
         report = Report(args.json, header)
         report.write()

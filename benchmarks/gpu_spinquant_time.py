@@ -5,6 +5,7 @@ per step depends on shapes, not on weight values).
     python -m benchmarks.gpu_spinquant_time [--steps 100] [--method spinquant] [--dtype float32]
     torchrun --nproc_per_node 2 -m benchmarks.gpu_spinquant_time ...   # DDP over two GPUs (NCCL), same global batch
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,17 +35,32 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     info = distributed.init_from_env()  # under torchrun: one process per GPU, NCCL
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     with torch.device(info.device if info.distributed else "cuda"):
         model = LlamaForCausalLM(cfg).eval().requires_grad_(False)  # same seed: the same weights on every rank
     g = torch.Generator().manual_seed(0)
     calib = torch.randint(0, cfg.vocab_size, (args.windows, args.window), generator=g)
     eval_wins = torch.randint(0, cfg.vocab_size, (1, 512), generator=g)
-    tcfg = TrainConfig(method=args.method, bits="4-4-4", steps=args.steps, windows=args.windows, window=args.window,
-                       batch=args.batch, eval_every=0, checkpoint_every=0)
+    tcfg = TrainConfig(
+        method=args.method,
+        bits="4-4-4",
+        steps=args.steps,
+        windows=args.windows,
+        window=args.window,
+        batch=args.batch,
+        eval_every=0,
+        checkpoint_every=0,
+    )
     t0 = time.perf_counter()
     first = None
     for ev in train(model, resolve(model), calib, eval_wins, tcfg):
@@ -56,12 +72,19 @@ def main(argv=None) -> int:
         if isinstance(ev, Done):
             break
     total = time.perf_counter() - t0
-    out = {"device": torch.cuda.get_device_name(), "processes": info.world_size, "method": args.method,
-           "steps": args.steps,
-           "windows": args.windows, "window": args.window, "batch": args.batch, "total_s": round(total, 1),
-           "first_step_s": round(first or 0, 1), "s_per_step_after_first": round((total - (first or 0)) /
-                                                                                 max(args.steps - 1, 1), 3),
-           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+    out = {
+        "device": torch.cuda.get_device_name(),
+        "processes": info.world_size,
+        "method": args.method,
+        "steps": args.steps,
+        "windows": args.windows,
+        "window": args.window,
+        "batch": args.batch,
+        "total_s": round(total, 1),
+        "first_step_s": round(first or 0, 1),
+        "s_per_step_after_first": round((total - (first or 0)) / max(args.steps - 1, 1), 3),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+    }
     distributed.shutdown()
     if not info.is_main:
         return 0

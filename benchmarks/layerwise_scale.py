@@ -17,6 +17,7 @@ single tensor, twice). Saved tensors are split into weight-sized ones (scale wit
 rest (scale with batch x tokens x hidden; inter/hidden and head_dim are the same in both shapes). Attention scores
 [b, heads, T, T] are counted apart: CUDA's fused SDPA kernels keep none.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,9 @@ import torch
 
 SHAPES = {  # hidden, intermediate, heads, kv heads, head_dim
     "llama3-8b": (4096, 14336, 32, 8, 128),
-    "llama3-8b/8": (512, 1792, 4, 1, 128),    # every width / 8, head_dim kept: the CPU mode
+    "llama3-8b/8": (512, 1792, 4, 1, 128),  # every width / 8, head_dim kept: the CPU mode
     "smollm2-135m": (576, 1536, 9, 3, 64),
-    "tiny": (64, 256, 2, 1, 32),              # tests
+    "tiny": (64, 256, 2, 1, 32),  # tests
 }
 BLOCKS = {"llama3-8b": 32, "llama3-8b/8": 32, "smollm2-135m": 30, "tiny": 2}
 BUDGET_SECONDS = 30 * 60  # the acceptance bar: 32 blocks in 30 minutes on one H100
@@ -44,9 +45,17 @@ def build_block(shape: str, device, dtype, tokens: int):
     from engine.model.arch import resolve
 
     hidden, inter, heads, kv, hd = SHAPES[shape]
-    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
-                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd,
-                      max_position_embeddings=max(tokens, 8192), rope_theta=500000.0)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=hd,
+        max_position_embeddings=max(tokens, 8192),
+        rope_theta=500000.0,
+    )
     cfg._attn_implementation = attention.NAME  # q/k/v hooks (R3, KV quantizers), as the engine routes models
     with torch.device("meta"):
         arch = resolve(LlamaForCausalLM(cfg))  # shapes and roles only, nothing allocated
@@ -71,8 +80,13 @@ def saved_tensor_bytes(fn, weight_numels: set, tokens: int) -> dict:
         if key not in seen:
             seen.add(key)
             n = t.untyped_storage().nbytes()
-            kind = ("weights" if t.numel() in weight_numels else
-                    "scores" if t.dim() >= 2 and t.shape[-1] == t.shape[-2] == tokens else "activations")
+            kind = (
+                "weights"
+                if t.numel() in weight_numels
+                else "scores"
+                if t.dim() >= 2 and t.shape[-1] == t.shape[-2] == tokens
+                else "activations"
+            )
             out[kind] += n
             out["largest"] = max(out["largest"], n)
         return t
@@ -92,8 +106,12 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, help="tokens per window (default: 2048 on CUDA, 256 on the CPU)")
     p.add_argument("--batch", type=int, default=4, help="windows per step")
     p.add_argument("--steps", type=int, default=10, help="steps timed per block (the first is a warm-up)")
-    p.add_argument("--steps-per-block", type=int, default=128,
-                   help="the step budget the projection assumes (128 = 4 epochs of 128 windows at batch 4)")
+    p.add_argument(
+        "--steps-per-block",
+        type=int,
+        default=128,
+        help="the step budget the projection assumes (128 = 4 epochs of 128 windows at batch 4)",
+    )
     p.add_argument("--no-tf32", action="store_true", help="CUDA: keep float32 matmuls in full float32")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
@@ -113,7 +131,7 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     t_alloc = time.perf_counter()
     x = torch.randn(n, t, hidden, generator=g, dtype=torch.float32).to(torch.bfloat16)  # X_k on the CPU
-    z, y = x.clone(), torch.empty_like(x)                                                # Z_k, Y_k
+    z, y = x.clone(), torch.empty_like(x)  # Z_k, Y_k
     t_alloc = time.perf_counter() - t_alloc
     rows = []
     for b in range(args.blocks):
@@ -130,8 +148,10 @@ def main(argv=None) -> int:
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         sync()
         t_target = time.perf_counter() - t0
-        steps, stamps = train_block(on_device, arch, rots, 0, z, y, kwargs, cfg, device, torch.float32, t0,
-                                    cfg.steps, 0), []
+        steps, stamps = (
+            train_block(on_device, arch, rots, 0, z, y, kwargs, cfg, device, torch.float32, t0, cfg.steps, 0),
+            [],
+        )
         while True:
             try:
                 ev = next(steps)
@@ -148,12 +168,19 @@ def main(argv=None) -> int:
         sync()
         t_next = time.perf_counter() - t1
         peak = torch.cuda.max_memory_allocated(device) if cuda else None
-        row = {"block": b, "target_pass_s": t_target, "next_inputs_pass_s": t_next, "seconds_per_step": per_step,
-               "first_step_s": stamps[0] - t0 - t_target, "losses": [h["loss"] for h in history],
-               "peak_bytes": peak}
+        row = {
+            "block": b,
+            "target_pass_s": t_target,
+            "next_inputs_pass_s": t_next,
+            "seconds_per_step": per_step,
+            "first_step_s": stamps[0] - t0 - t_target,
+            "losses": [h["loss"] for h in history],
+            "peak_bytes": peak,
+        }
         if not cuda:  # the memory model's counts, one step
             weights = {p.numel() for p in blk.parameters()} | {
-                m.parametrizations.weight.original.numel() for m in blk.modules() if hasattr(m, "parametrizations")}
+                m.parametrizations.weight.original.numel() for m in blk.modules() if hasattr(m, "parametrizations")
+            }
             idx = list(range(cfg.batch))
 
             def one_step(blk=blk):
@@ -171,16 +198,29 @@ def main(argv=None) -> int:
     r = rows[-1]
     per_block = r["target_pass_s"] + r["next_inputs_pass_s"] + args.steps_per_block * r["seconds_per_step"]
     n_blocks = BLOCKS[args.shape]
-    out = {"shape": args.shape, "dims": dict(zip(("hidden", "intermediate", "heads", "kv_heads", "head_dim"),
-                                                SHAPES[args.shape])),
-           "device": torch.cuda.get_device_name(device) if cuda else "cpu", "method": args.method,
-           "windows": n, "tokens": t, "batch": args.batch, "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
-           "cpu_inputs_bytes": 3 * x.numel() * x.element_size(), "input_alloc_s": t_alloc,
-           "steps_per_block": args.steps_per_block, "seconds_per_block": per_block,
-           "projected_seconds": n_blocks * per_block, "projected_blocks": n_blocks,
-           "max_steps_per_block_in_30min": max(0, int((BUDGET_SECONDS / n_blocks - r["target_pass_s"]
-                                                        - r["next_inputs_pass_s"]) / r["seconds_per_step"])),
-           "peak_bytes": r["peak_bytes"], "rows": rows}
+    out = {
+        "shape": args.shape,
+        "dims": dict(
+            zip(("hidden", "intermediate", "heads", "kv_heads", "head_dim"), SHAPES[args.shape], strict=False)
+        ),
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "method": args.method,
+        "windows": n,
+        "tokens": t,
+        "batch": args.batch,
+        "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "cpu_inputs_bytes": 3 * x.numel() * x.element_size(),
+        "input_alloc_s": t_alloc,
+        "steps_per_block": args.steps_per_block,
+        "seconds_per_block": per_block,
+        "projected_seconds": n_blocks * per_block,
+        "projected_blocks": n_blocks,
+        "max_steps_per_block_in_30min": max(
+            0, int((BUDGET_SECONDS / n_blocks - r["target_pass_s"] - r["next_inputs_pass_s"]) / r["seconds_per_step"])
+        ),
+        "peak_bytes": r["peak_bytes"],
+        "rows": rows,
+    }
     if not cuda:
         out["memory_model"] = memory_model(args.shape, r, args.batch, t)
     print(json.dumps({k: v for k, v in out.items() if k != "rows"}, indent=1))
@@ -190,8 +230,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def memory_model(shape: str, row: dict, batch: int, tokens: int, target: str = "llama3-8b",
-                 target_batch: int = 4, target_tokens: int = 2048) -> dict:
+def memory_model(
+    shape: str,
+    row: dict,
+    batch: int,
+    tokens: int,
+    target: str = "llama3-8b",
+    target_batch: int = 4,
+    target_tokens: int = 2048,
+) -> dict:
     """The CPU counts scaled to `target`: weight-sized bytes by the parameter ratio, activations by batch x tokens x
     hidden; attention scores left out (fused SDPA on CUDA keeps none) and reported apart."""
     h, i, *_ = SHAPES[shape]
@@ -203,9 +250,16 @@ def memory_model(shape: str, row: dict, batch: int, tokens: int, target: str = "
     weights = (row["param_bytes"] + saved["weights"]) * p_ratio
     acts = saved["activations"] * a_ratio
     transient = 2 * saved["largest"] * max(p_ratio, a_ratio)
-    return {"target": target, "param_ratio": p_ratio, "activation_ratio": a_ratio, "weights_bytes": weights,
-            "activation_bytes": acts, "transient_bytes": transient, "estimated_peak_bytes": weights + acts + transient,
-            "cpu_attention_scores_bytes_left_out": saved["scores"]}
+    return {
+        "target": target,
+        "param_ratio": p_ratio,
+        "activation_ratio": a_ratio,
+        "weights_bytes": weights,
+        "activation_bytes": acts,
+        "transient_bytes": transient,
+        "estimated_peak_bytes": weights + acts + transient,
+        "cpu_attention_scores_bytes_left_out": saved["scores"],
+    }
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ engine's row (max |diff| 0); SpinScope's checkpoint with llm-compressor's codes 
 llm-compressor's (3e-7), so everything but the weight grid is the same computation; the two grids are each about
 as far from the float model (0.134 vs 0.145 max |logit diff|).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,7 +75,7 @@ BITS = 4
 ROTATIONS = ("R1", "R2", "R4")  # R3 would need the KV cache's online transform, outside this weight-only check
 
 # Runs under llm-compressor's interpreter (no SpinScope there). argv: model dir, output dir, extras file, rotations.
-LLMC_DRIVER = r'''
+LLMC_DRIVER = r"""
 import sys
 
 import compressed_tensors
@@ -105,7 +106,7 @@ torch.save({"fused": fused, "scales": scales,
             "versions": {name: str(module.__version__) for name, module in (
                 ("llmcompressor", llmcompressor), ("compressed_tensors", compressed_tensors),
                 ("transformers", transformers), ("torch", torch))}}, extras_path)
-'''
+"""
 
 
 # ---- the tiny model and the shared rotations ------------------------------------------------------------------------
@@ -117,9 +118,17 @@ def build_tiny(path: Path) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=256,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg).eval()
     ids = token_ids()
     with torch.no_grad():
@@ -132,8 +141,10 @@ def build_tiny(path: Path) -> dict:
         after = model(ids).logits
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return {"centering_max_abs_logit_change": float((after - before).abs().max()),
-            "max_abs_logit": float(before.abs().max())}
+    return {
+        "centering_max_abs_logit_change": float((after - before).abs().max()),
+        "max_abs_logit": float(before.abs().max()),
+    }
 
 
 def token_ids() -> torch.Tensor:
@@ -165,9 +176,13 @@ def orientation_check() -> dict:
         "Embedding weight_output (E <- E R)": (e @ u, apply_transform_weight(u, e, "weight_output", emb)),
         "input, online (x <- x R)": (x @ u, apply_transform_weight(u, x, "input", lin)),
         "per head, Linear weight_output (v_proj rows W_h <- R2^T W_h)": (
-            torch.block_diag(u8, u8, u8, u8).T @ heads, apply_transform_weight(u8, heads, "weight_output", lin)),
+            torch.block_diag(u8, u8, u8, u8).T @ heads,
+            apply_transform_weight(u8, heads, "weight_output", lin),
+        ),
         "per head, weight_input inverse (o_proj columns W_h <- W_h R2)": (
-            heads.T @ torch.block_diag(u8, u8, u8, u8), apply_transform_weight(u8.T, heads.T, "weight_input", lin)),
+            heads.T @ torch.block_diag(u8, u8, u8, u8),
+            apply_transform_weight(u8.T, heads.T, "weight_input", lin),
+        ),
     }
     return {k: float((a - b).abs().max()) for k, (a, b) in cases.items()}
 
@@ -177,8 +192,15 @@ def run_llmcompressor(python: str, model_dir: Path, out: Path, work: Path, rotat
     """llm-compressor's checkpoint at `out`; returns its fused float weights, scales and versions."""
     script, extras = work / "llmc_driver.py", work / "llmc_extras.pt"
     script.write_text(LLMC_DRIVER)
-    return run_isolated(python, script, [model_dir, out, extras, ",".join(rotations)], extras, "llm-compressor", 1800,
-                        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
+    return run_isolated(
+        python,
+        script,
+        [model_dir, out, extras, ",".join(rotations)],
+        extras,
+        "llm-compressor",
+        1800,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def run_spinscope(model_dir: Path, out: Path, work: Path, rotations: tuple[str, ...]) -> dict:
@@ -195,8 +217,11 @@ def run_spinscope(model_dir: Path, out: Path, work: Path, rotations: tuple[str, 
     handle = load_model(str(model_dir), device="cpu")
     a = handle.arch
     r4 = [hadamard(a.intermediate)] * a.n_layers if "R4" in rotations else None
-    file = str(save_rotations(RotationSet(hadamard(a.hidden), [hadamard(a.head_dim)] * a.n_layers, r4=r4),
-                              work / "hadamard_rotations.bin"))
+    file = str(
+        save_rotations(
+            RotationSet(hadamard(a.hidden), [hadamard(a.head_dim)] * a.n_layers, r4=r4), work / "hadamard_rotations.bin"
+        )
+    )
     on = lambda r: "file" if r in rotations else "none"  # noqa: E731
     rot = RotationConfig(r1=on("R1"), r2=on("R2"), r4=on("R4"), file=file)  # R3 off
     recipe = replace(get_recipe("rotated", rotation_file=file, clip="none"), rotation=rot)
@@ -267,10 +292,17 @@ def compare_transforms(ours: dict, theirs: dict) -> list[dict]:
 
         def apps(s):
             return {(x["location"], x["inverse"]): sorted(x["targets"]) for x in s.get("apply", [])}
+
         pa, pb = apps(a), apps(b)
         for loc in sorted(set(pa) | set(pb)):
-            rows.append({"scheme": name, "field": f"apply {loc[0]} inverse={loc[1]}", "spinscope": pa.get(loc),
-                         "llmcompressor": pb.get(loc)})
+            rows.append(
+                {
+                    "scheme": name,
+                    "field": f"apply {loc[0]} inverse={loc[1]}",
+                    "spinscope": pa.get(loc),
+                    "llmcompressor": pb.get(loc),
+                }
+            )
     for r in rows:
         r["same"] = r["spinscope"] == r["llmcompressor"]
     return rows
@@ -301,11 +333,13 @@ def compare_linear(name: str, ss: dict, lc: dict, ss_fused: torch.Tensor, lc_fus
     q_ss, _ = spinscope_codes(lc_fused)  # SpinScope's rule on llm-compressor's fused weights
     ratio = ss["scale"].double() / lc["scale"].double()
     return {
-        "linear": name, "shape": list(ss["q"].shape),
+        "linear": name,
+        "shape": list(ss["q"].shape),
         "fused_max_abs_diff": float((ss_fused - lc_fused).abs().max()),
         "max_abs_weight": float(ss_fused.abs().max()),
         "dequant_max_abs_diff": float((ds - dl).abs().max()),
-        "scale_ratio_min": float(ratio.min()), "scale_ratio_max": float(ratio.max()),
+        "scale_ratio_min": float(ratio.min()),
+        "scale_ratio_max": float(ratio.max()),
         "scale_ratio_mean": float(ratio.mean()),
         # each scale against its rule on its own fused weights: SpinScope amax / 7, compressed-tensors amax / 7.5
         "spinscope_scale_vs_amax_over_7": float((ss["scale"] / (amax_s / 7) - 1).abs().max()),
@@ -317,8 +351,9 @@ def compare_linear(name: str, ss: dict, lc: dict, ss_fused: torch.Tensor, lc_fus
         # each row's largest |weight|: on SpinScope's grid exactly (q = +-7), on compressed-tensors' a tie at 7.5
         # steps, dequantized half a step off (clamped to 7, or rounded to -8)
         "spinscope_rows_amax_exact": float(_at_amax(ds, ss_fused).isclose(amax_s, rtol=1e-6).float().mean()),
-        "llmc_rows_amax_off_half_step": float(((_at_amax(dl, lc_fused) - amax_l).abs() / lc["scale"])
-                                              .sub(0.5).abs().lt(1e-4).float().mean()),
+        "llmc_rows_amax_off_half_step": float(
+            ((_at_amax(dl, lc_fused) - amax_l).abs() / lc["scale"]).sub(0.5).abs().lt(1e-4).float().mean()
+        ),
         "llmc_rule_on_spinscope_fused_codes_differ": float((q_ct != lc["q"]).float().mean()),
         "spinscope_rule_on_llmc_fused_codes_differ": float((q_ss != ss["q"]).float().mean()),
         "flipped_codes_max_distance_from_tie": float(tie.max()) if tie.numel() else None,
@@ -340,8 +375,11 @@ def compare_dense(ss: dict, lc: dict) -> list[dict]:
     rows = []
     for key in sorted(k for k in set(ss) | set(lc) if not isinstance(ss.get(k, lc.get(k)), dict)):
         a, b = ss.get(key), lc.get(key)
-        row = {"tensor": key, "spinscope": None if a is None else f"{list(a.shape)} {a.dtype}".replace("torch.", ""),
-               "llmcompressor": None if b is None else f"{list(b.shape)} {b.dtype}".replace("torch.", "")}
+        row = {
+            "tensor": key,
+            "spinscope": None if a is None else f"{list(a.shape)} {a.dtype}".replace("torch.", ""),
+            "llmcompressor": None if b is None else f"{list(b.shape)} {b.dtype}".replace("torch.", ""),
+        }
         if a is not None and b is not None:
             row["max_abs_diff"] = float((a.double() - b.double()).abs().max())
         rows.append(row)
@@ -364,8 +402,15 @@ def swap_weights(ss_dir: Path, lc_dir: Path, dst: Path) -> Path:
     return dst
 
 
-def compare_logits(ss_dir: Path, lc_dir: Path, model_dir: Path, work: Path, ss_tensors: dict, lc_tensors: dict,
-                   engine_logits: torch.Tensor) -> dict:
+def compare_logits(
+    ss_dir: Path,
+    lc_dir: Path,
+    model_dir: Path,
+    work: Path,
+    ss_tensors: dict,
+    lc_tensors: dict,
+    engine_logits: torch.Tensor,
+) -> dict:
     """Both checkpoints loaded in fresh interpreters (transformers + compressed-tensors, the exported loader), on the
     same token ids, against each other and the float model, and SpinScope's with llm-compressor's weights swapped in
     (swap_weights), and SpinScope's against the engine's own row; also the runtime's decompressed weights against
@@ -387,16 +432,20 @@ def compare_logits(ss_dir: Path, lc_dir: Path, model_dir: Path, work: Path, ss_t
     a, b = got["spinscope"]["logits"], got["llmcompressor"]["logits"]
     runtime = {}
     for label, tensors in (("spinscope", ss_tensors), ("llmcompressor", lc_tensors)):
-        runtime[label] = max(float((w - dequantized(tensors[n[: -len(".weight")]])).abs().max())
-                             for n, w in got[label]["weights"].items())
-    return {"max_abs_logit": float(fp.abs().max()),
-            "spinscope_checkpoint_vs_engine_max_abs_diff": float((a - engine_logits).abs().max()),
-            "spinscope_vs_llmc_max_abs_diff": float((a - b).abs().max()),
-            "spinscope_vs_llmc_top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
-            "spinscope_vs_float_max_abs_diff": float((a - fp).abs().max()),
-            "llmc_vs_float_max_abs_diff": float((b - fp).abs().max()),
-            "spinscope_with_llmc_weights_vs_llmc_max_abs_diff": float((got["swapped"]["logits"] - b).abs().max()),
-            "runtime_weights_vs_q_times_scale_max_abs_diff": runtime}
+        runtime[label] = max(
+            float((w - dequantized(tensors[n[: -len(".weight")]])).abs().max())
+            for n, w in got[label]["weights"].items()
+        )
+    return {
+        "max_abs_logit": float(fp.abs().max()),
+        "spinscope_checkpoint_vs_engine_max_abs_diff": float((a - engine_logits).abs().max()),
+        "spinscope_vs_llmc_max_abs_diff": float((a - b).abs().max()),
+        "spinscope_vs_llmc_top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+        "spinscope_vs_float_max_abs_diff": float((a - fp).abs().max()),
+        "llmc_vs_float_max_abs_diff": float((b - fp).abs().max()),
+        "spinscope_with_llmc_weights_vs_llmc_max_abs_diff": float((got["swapped"]["logits"] - b).abs().max()),
+        "runtime_weights_vs_q_times_scale_max_abs_diff": runtime,
+    }
 
 
 # ---- the report ---------------------------------------------------------------------------------------------------
@@ -416,14 +465,20 @@ def table(rows: list[dict], cols: list[str]) -> str:
 
 def print_report(res: dict) -> None:
     v = res["versions"]
-    print(f"llm-compressor {v['llmcompressor']} (compressed-tensors {v['compressed_tensors']}, transformers "
-          f"{v['transformers']}) against SpinScope (compressed-tensors {res['spinscope_ct']}); rotations "
-          f"{','.join(res['rotations'])} as deterministic Hadamard; W4A16 int4 symmetric per channel, RTN\n")
-    print(f"Centering the embeddings (llm-compressor's center_embeddings) moved the tiny model's float logits by up to "
-          f"{res['centering']['centering_max_abs_logit_change']:.3g} (max |logit| "
-          f"{res['centering']['max_abs_logit']:.3g}); the model is saved centered, so both tools start from it.\n")
-    print("Orientation, compressed-tensors' apply_transform_weight vs SpinScope's algebra on a non-symmetric U "
-          "(max |diff|):")
+    print(
+        f"llm-compressor {v['llmcompressor']} (compressed-tensors {v['compressed_tensors']}, transformers "
+        f"{v['transformers']}) against SpinScope (compressed-tensors {res['spinscope_ct']}); rotations "
+        f"{','.join(res['rotations'])} as deterministic Hadamard; W4A16 int4 symmetric per channel, RTN\n"
+    )
+    print(
+        f"Centering the embeddings (llm-compressor's center_embeddings) moved the tiny model's float logits by up to "
+        f"{res['centering']['centering_max_abs_logit_change']:.3g} (max |logit| "
+        f"{res['centering']['max_abs_logit']:.3g}); the model is saved centered, so both tools start from it.\n"
+    )
+    print(
+        "Orientation, compressed-tensors' apply_transform_weight vs SpinScope's algebra on a non-symmetric U "
+        "(max |diff|):"
+    )
     for k, d in res["orientation"].items():
         print(f"  {k}: {d:.2g}")
     print("\ntransform_config")
@@ -431,31 +486,63 @@ def print_report(res: dict) -> None:
     print("\nquantization_config")
     print(table(res["quantization_config"], ["field", "spinscope", "llmcompressor", "same"]))
     print("\nQuantized linears (scale ratio = SpinScope / llm-compressor; codes_differ: fraction of int4 codes)")
-    print(table(res["linears"], ["linear", "fused_max_abs_diff", "max_abs_weight", "dequant_max_abs_diff",
-                                 "scale_ratio_min", "scale_ratio_max", "codes_differ", "llmc_codes_at_-8",
-                                 "llmc_rule_on_spinscope_fused_codes_differ",
-                                 "spinscope_rule_on_llmc_fused_codes_differ", "flipped_codes_max_distance_from_tie"]))
+    print(
+        table(
+            res["linears"],
+            [
+                "linear",
+                "fused_max_abs_diff",
+                "max_abs_weight",
+                "dequant_max_abs_diff",
+                "scale_ratio_min",
+                "scale_ratio_max",
+                "codes_differ",
+                "llmc_codes_at_-8",
+                "llmc_rule_on_spinscope_fused_codes_differ",
+                "spinscope_rule_on_llmc_fused_codes_differ",
+                "flipped_codes_max_distance_from_tie",
+            ],
+        )
+    )
     print("\nEach scale against its own rule, and each quantization error")
-    print(table(res["linears"], ["linear", "spinscope_scale_vs_amax_over_7", "llmc_scale_vs_amax_over_7.5",
-                                 "spinscope_codes_range", "llmc_codes_range", "spinscope_rows_amax_exact",
-                                 "llmc_rows_amax_off_half_step", "spinscope_max_err_in_steps",
-                                 "llmc_max_err_in_steps", "spinscope_rms_err", "llmc_rms_err"]))
+    print(
+        table(
+            res["linears"],
+            [
+                "linear",
+                "spinscope_scale_vs_amax_over_7",
+                "llmc_scale_vs_amax_over_7.5",
+                "spinscope_codes_range",
+                "llmc_codes_range",
+                "spinscope_rows_amax_exact",
+                "llmc_rows_amax_off_half_step",
+                "spinscope_max_err_in_steps",
+                "llmc_max_err_in_steps",
+                "spinscope_rms_err",
+                "llmc_rms_err",
+            ],
+        )
+    )
     print("\nTensors stored unquantized")
     print(table(res["dense"], ["tensor", "spinscope", "llmcompressor", "max_abs_diff"]))
     s, lg = res["summary"], res["logits"]
-    print(f"\nSummary over {len(res['linears'])} linears: fused float weights max |diff| "
-          f"{s['fused_max_abs_diff']:.3g}; "
-          f"scale ratio {s['scale_ratio_min']:.6f}..{s['scale_ratio_max']:.6f} (7.5 / 7 = {7.5 / 7:.6f}); codes "
-          f"differ {s['codes_differ']:.1%}; dequantized max |diff| {s['dequant_max_abs_diff']:.3g}; each tool's rule "
-          f"applied to the other's fused weights reproduces its codes but for {s['cross_rule_codes_differ']:.2%}")
-    print(f"Logits ({lg['max_abs_logit']:.3g} at most): SpinScope's checkpoint vs the engine's row max |diff| "
-          f"{lg['spinscope_checkpoint_vs_engine_max_abs_diff']:.3g}; SpinScope vs llm-compressor max |diff| "
-          f"{lg['spinscope_vs_llmc_max_abs_diff']:.3g}, top-1 agreement {lg['spinscope_vs_llmc_top1_agreement']:.3f}; "
-          f"vs the float model: SpinScope {lg['spinscope_vs_float_max_abs_diff']:.3g}, llm-compressor "
-          f"{lg['llmc_vs_float_max_abs_diff']:.3g}; SpinScope's checkpoint with llm-compressor's codes and scales "
-          f"swapped in vs llm-compressor's: {lg['spinscope_with_llmc_weights_vs_llmc_max_abs_diff']:.3g}; runtime "
-          f"weights vs q * scale read here: {lg['runtime_weights_vs_q_times_scale_max_abs_diff']} (top-1 agreement "
-          "means little here: a random model's logits are nearly flat)")
+    print(
+        f"\nSummary over {len(res['linears'])} linears: fused float weights max |diff| "
+        f"{s['fused_max_abs_diff']:.3g}; "
+        f"scale ratio {s['scale_ratio_min']:.6f}..{s['scale_ratio_max']:.6f} (7.5 / 7 = {7.5 / 7:.6f}); codes "
+        f"differ {s['codes_differ']:.1%}; dequantized max |diff| {s['dequant_max_abs_diff']:.3g}; each tool's rule "
+        f"applied to the other's fused weights reproduces its codes but for {s['cross_rule_codes_differ']:.2%}"
+    )
+    print(
+        f"Logits ({lg['max_abs_logit']:.3g} at most): SpinScope's checkpoint vs the engine's row max |diff| "
+        f"{lg['spinscope_checkpoint_vs_engine_max_abs_diff']:.3g}; SpinScope vs llm-compressor max |diff| "
+        f"{lg['spinscope_vs_llmc_max_abs_diff']:.3g}, top-1 agreement {lg['spinscope_vs_llmc_top1_agreement']:.3f}; "
+        f"vs the float model: SpinScope {lg['spinscope_vs_float_max_abs_diff']:.3g}, llm-compressor "
+        f"{lg['llmc_vs_float_max_abs_diff']:.3g}; SpinScope's checkpoint with llm-compressor's codes and scales "
+        f"swapped in vs llm-compressor's: {lg['spinscope_with_llmc_weights_vs_llmc_max_abs_diff']:.3g}; runtime "
+        f"weights vs q * scale read here: {lg['runtime_weights_vs_q_times_scale_max_abs_diff']} (top-1 agreement "
+        "means little here: a random model's logits are nearly flat)"
+    )
     print(f"{res['seconds']:.0f} s")
 
 
@@ -470,24 +557,41 @@ def crosscheck(llmc_python: str, rotations: tuple[str, ...], work: Path) -> dict
     ss_config, ss_tensors = read_checkpoint(ss_dir)
     lc_config, lc_tensors = read_checkpoint(lc_dir)
     args = lc_config["config_groups"]["group_0"]["weights"]
-    linears = [compare_linear(n, ss_tensors[n], lc_tensors[n], ours["fused"][n], llmc["fused"][n], args)
-               for n in sorted(k for k, v in ss_tensors.items() if isinstance(v, dict))]
+    linears = [
+        compare_linear(n, ss_tensors[n], lc_tensors[n], ours["fused"][n], llmc["fused"][n], args)
+        for n in sorted(k for k, v in ss_tensors.items() if isinstance(v, dict))
+    ]
     embed = [n for n in ours["fused"] if n.endswith(("embed_tokens", "lm_head"))]
-    summary = {k: max(r[k] for r in linears) for k in ("fused_max_abs_diff", "dequant_max_abs_diff", "codes_differ",
-                                                       "scale_ratio_max")}
+    summary = {
+        k: max(r[k] for r in linears)
+        for k in ("fused_max_abs_diff", "dequant_max_abs_diff", "codes_differ", "scale_ratio_max")
+    }
     summary["scale_ratio_min"] = min(r["scale_ratio_min"] for r in linears)
-    summary["cross_rule_codes_differ"] = max(max(r["llmc_rule_on_spinscope_fused_codes_differ"],
-                                                 r["spinscope_rule_on_llmc_fused_codes_differ"]) for r in linears)
-    summary["fused_embeddings_max_abs_diff"] = {n: float((ours["fused"][n] - llmc["fused"][n]).abs().max())
-                                                for n in embed}
-    return {"rotations": list(rotations), "versions": llmc["versions"], "spinscope_ct": ct_version,
-            "centering": centering, "orientation": orientation_check(),
-            "transform_config": compare_transforms(ss_config.get("transform_config", {}).get("config_groups", {}),
-                                                   lc_config.get("transform_config", {}).get("config_groups", {})),
-            "quantization_config": compare_quant_config(ss_config, lc_config), "linears": linears,
-            "dense": compare_dense(ss_tensors, lc_tensors), "summary": summary,
-            "logits": compare_logits(ss_dir, lc_dir, model_dir, work, ss_tensors, lc_tensors, ours["logits"]),
-            "spinscope_recipe": ours["recipe"], "seconds": time.perf_counter() - t0}
+    summary["cross_rule_codes_differ"] = max(
+        max(r["llmc_rule_on_spinscope_fused_codes_differ"], r["spinscope_rule_on_llmc_fused_codes_differ"])
+        for r in linears
+    )
+    summary["fused_embeddings_max_abs_diff"] = {
+        n: float((ours["fused"][n] - llmc["fused"][n]).abs().max()) for n in embed
+    }
+    return {
+        "rotations": list(rotations),
+        "versions": llmc["versions"],
+        "spinscope_ct": ct_version,
+        "centering": centering,
+        "orientation": orientation_check(),
+        "transform_config": compare_transforms(
+            ss_config.get("transform_config", {}).get("config_groups", {}),
+            lc_config.get("transform_config", {}).get("config_groups", {}),
+        ),
+        "quantization_config": compare_quant_config(ss_config, lc_config),
+        "linears": linears,
+        "dense": compare_dense(ss_tensors, lc_tensors),
+        "summary": summary,
+        "logits": compare_logits(ss_dir, lc_dir, model_dir, work, ss_tensors, lc_tensors, ours["logits"]),
+        "spinscope_recipe": ours["recipe"],
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def main(argv=None) -> int:

@@ -32,9 +32,20 @@ TILES = ((64, 4, 4, 3), (64, 8, 4, 4), (128, 2, 8, 3), (64, 4, 8, 3), (32, 8, 4,
 
 
 @triton.jit
-def _probe_kernel(x_ptr, w_ptr, absmax_ptr, part_ptr, M, D, stride_xm,
-                  BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr,
-                  MODE: tl.constexpr):
+def _probe_kernel(
+    x_ptr,
+    w_ptr,
+    absmax_ptr,
+    part_ptr,
+    M,
+    D,
+    stride_xm,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROW_TILES: tl.constexpr,
+    MODE: tl.constexpr,
+):
     pid = tl.program_id(0)
     n_col_tiles, col_tile, col0, k0, w = column_tile(w_ptr, pid, D, BLOCK, BLOCK_N)  # step 1's own prologue
     group = pid // n_col_tiles
@@ -42,8 +53,9 @@ def _probe_kernel(x_ptr, w_ptr, absmax_ptr, part_ptr, M, D, stride_xm,
     for i in range(0, ROW_TILES):
         rows = (group * ROW_TILES + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask = rows < M
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + k0 + offs_k[None, :], mask=mask[:, None],
-                    other=0.0)
+        x = tl.load(
+            x_ptr + rows.to(tl.int64)[:, None] * stride_xm + k0 + offs_k[None, :], mask=mask[:, None], other=0.0
+        )
         if MODE == 2:  # read: no rotation, atomic max as step 1
             tile_max = tl.max(tl.abs(x.to(tl.float32)), axis=1)
             tl.atomic_max(absmax_ptr + rows, tile_max.to(tl.int32, bitcast=True), mask=mask, sem="relaxed")
@@ -76,12 +88,28 @@ def main(argv=None) -> int:
             config = TileConfig(block_m, 128, row_tiles, warps, stages)
 
             def probe(mode, grid=grid, block_m=block_m, row_tiles=row_tiles, warps=warps, stages=stages):
-                return lambda: _probe_kernel[grid](x, w, absmax, part, tokens, d, x.stride(0), BLOCK=128,
-                                                   BLOCK_M=block_m, BLOCK_N=128, ROW_TILES=row_tiles, MODE=mode,
-                                                   num_warps=warps, num_stages=stages)
-            runs = {"read": probe(PROBE_MODES["read"]),
-                    "step 1": lambda config=config: row_absmax(x, w, config=config, out=absmax),
-                    "stores": probe(PROBE_MODES["stores"])}
+                return lambda: _probe_kernel[grid](
+                    x,
+                    w,
+                    absmax,
+                    part,
+                    tokens,
+                    d,
+                    x.stride(0),
+                    BLOCK=128,
+                    BLOCK_M=block_m,
+                    BLOCK_N=128,
+                    ROW_TILES=row_tiles,
+                    MODE=mode,
+                    num_warps=warps,
+                    num_stages=stages,
+                )
+
+            runs = {
+                "read": probe(PROBE_MODES["read"]),
+                "step 1": lambda config=config: row_absmax(x, w, config=config, out=absmax),
+                "stores": probe(PROBE_MODES["stores"]),
+            }
             cells = []
             for name, run in runs.items():
                 us = median_us(run, 10, 60)[0]

@@ -54,8 +54,10 @@ def main(argv=None) -> int:
             x = torch.randn(tokens, d, dtype=torch.float16, device="cuda")
             x[:, 7] *= 40.0  # an outlier channel
             copy = torch.empty_like(x)
-            ops = {"memcpy": (lambda: copy.copy_(x), None, None),
-                   "triton_blockdiag": (lambda: blockdiag_matmul_triton(x, blocks), None, None)}
+            ops = {
+                "memcpy": (lambda: copy.copy_(x), None, None),
+                "triton_blockdiag": (lambda: blockdiag_matmul_triton(x, blocks), None, None),
+            }
             for bits in (int(v) for v in args.bits.split(",")):
                 want = rotate_quantize_reference(x, blocks, bits)
                 ops[f"rotate_int{bits}"] = (lambda bits=bits: rotate_quantize(x, blocks, bits), want, bits)

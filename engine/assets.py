@@ -2,14 +2,16 @@
 gensim's Wikipedia sample. Each is found through its package's metadata and never imported: the two asset packages
 are installed with --no-deps (requirements-assets.txt), so importing them could fail on their pinned dependencies.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
 from pathlib import Path
 
 
-def package_path(distribution: str, inside: str, error: type[Exception] = FileNotFoundError,
-                 what: str = "the package") -> Path:
+def package_path(
+    distribution: str, inside: str, error: type[Exception] = FileNotFoundError, what: str = "the package"
+) -> Path:
     """The file or folder `inside` (a path relative to site-packages) of the installed `distribution`; `error`
     (the caller's user-facing exception type) when the package is not installed or that path is missing."""
     try:

@@ -2,6 +2,7 @@
 
 Every run is saved under cache/eval/ keyed by everything that determines it; the same run again is a cache hit.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,12 +29,12 @@ CODE_VERSION = "eval-3"  # bump when a change alters evaluation numbers: old cac
 
 @dataclass(frozen=True)
 class EvalConfig:
-    tokens: int = 16384           # evaluation-split tokens for perplexity
-    window: int = 2048            # perplexity window (or the model's limit)
-    tasks: tuple = ()             # zero-shot task names (engine.data.tasks)
-    limit: int | None = 200       # documents per task
+    tokens: int = 16384  # evaluation-split tokens for perplexity
+    window: int = 2048  # perplexity window (or the model's limit)
+    tasks: tuple = ()  # zero-shot task names (engine.data.tasks)
+    limit: int | None = 200  # documents per task
     seed: int = 0
-    calib_tokens: int = 8192      # GPTQ calibration tokens (calibration split)
+    calib_tokens: int = 8192  # GPTQ calibration tokens (calibration split)
     calib_window: int = 512
     corpus: str = "wiki"
 
@@ -42,11 +43,14 @@ class EvalConfig:
             raise ValueError(f"token budget must be positive, got {self.tokens}")
         # a window of one token predicts nothing (perplexity would divide by zero)
         if self.tokens < 2 or self.window < 2:
-            raise ValueError(f"perplexity needs windows of at least 2 tokens; got a token budget of {self.tokens} "
-                             f"and a window of {self.window}")
+            raise ValueError(
+                f"perplexity needs windows of at least 2 tokens; got a token budget of {self.tokens} "
+                f"and a window of {self.window}"
+            )
         if self.calib_tokens <= 0 or self.calib_window <= 0:
-            raise ValueError(f"GPTQ calibration tokens and window must be positive, got {self.calib_tokens} and "
-                             f"{self.calib_window}")
+            raise ValueError(
+                f"GPTQ calibration tokens and window must be positive, got {self.calib_tokens} and {self.calib_window}"
+            )
         if self.limit is not None and self.limit <= 0:
             raise ValueError(f"task document limit must be positive, got {self.limit}")
         if self.tasks:  # refuse an unknown task now, not after minutes of perplexity
@@ -64,7 +68,7 @@ def perplexity(model: nn.Module, wins: torch.Tensor, batch: int = 1, layers: lis
     nll, count, t0 = 0.0, 0, time.perf_counter()
     n, per = wins.shape[0], len(layers or [None])
     for s in range(0, n, batch):
-        ids = wins[s:s + batch].to(device)
+        ids = wins[s : s + batch].to(device)
         if layers:
             passed = [0]
 
@@ -84,19 +88,28 @@ def perplexity(model: nn.Module, wins: torch.Tensor, batch: int = 1, layers: lis
 
             def tick(s=s, passed=passed):  # progress counted in layers passed: n windows x L layers
                 k = min(passed[0], per)
-                return Progress("perplexity", s * per + k, n * per, time.perf_counter() - t0,
-                                f"window {s + 1}/{n}, layer {k}/{per}")
+                return Progress(
+                    "perplexity", s * per + k, n * per, time.perf_counter() - t0, f"window {s + 1}/{n}, layer {k}/{per}"
+                )
 
             logits = yield from result_of(ticking(forward, tick))
         else:
             with torch.no_grad():
                 logits = model(ids, use_cache=False).logits[:, :-1].float()
         with torch.no_grad():
-            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                           ids[:, 1:].reshape(-1), reduction="sum"))
+            nll += float(
+                torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+                )
+            )
         count += ids[:, 1:].numel()
-        yield Progress("perplexity", min(s + batch, n) * per, n * per, time.perf_counter() - t0,
-                       f"window {min(s + batch, n)}/{n}: ppl so far {math.exp(nll / count):.2f}")
+        yield Progress(
+            "perplexity",
+            min(s + batch, n) * per,
+            n * per,
+            time.perf_counter() - t0,
+            f"window {min(s + batch, n)}/{n}: ppl so far {math.exp(nll / count):.2f}",
+        )
     yield Done(math.exp(nll / count), seconds=time.perf_counter() - t0)
 
 
@@ -107,10 +120,14 @@ def build_model(handle, model: nn.Module, recipe: Recipe, bits: Bits, cfg: EvalC
     calib = None
     if needs_calibration(recipe, bits) or rot.permutes:  # tokenizing the split the first time takes seconds
         yield Progress("calibrate", 0, 1, time.perf_counter() - t0, "tokenizing the calibration split")
-        calib = yield from result_of(ticking(
-            lambda cancel: windows(load_corpus(cfg.corpus), handle.tokenizer, cfg.calib_tokens, cfg.calib_window,
-                                   "calib", seed=seed),
-            lambda: Progress("calibrate", 0, 1, time.perf_counter() - t0, "tokenizing the calibration split")))
+        calib = yield from result_of(
+            ticking(
+                lambda cancel: windows(
+                    load_corpus(cfg.corpus), handle.tokenizer, cfg.calib_tokens, cfg.calib_window, "calib", seed=seed
+                ),
+                lambda: Progress("calibrate", 0, 1, time.perf_counter() - t0, "tokenizing the calibration split"),
+            )
+        )
     if rot.active:
         model = yield from result_of(rotate_job(model, handle.arch, rot, inplace=True, calib=calib))
     plan = yield from quantize_model(model, handle.arch, bits, recipe, calib)
@@ -122,10 +139,20 @@ def run_key(handle, recipe: Recipe, bits: Bits, cfg: EvalConfig) -> str:
     since they change nothing (so the fp row is computed once for a sweep over bits)."""
     corpus = load_corpus(cfg.corpus)
     bits = bits if recipe.quantize else Bits()
-    return store.make_key(kind="eval", model=handle.fingerprint, recipe=recipe.key(), bits=str(bits),
-                          corpus=corpus.fingerprint, tokens=cfg.tokens, window=cfg.window, tasks=list(cfg.tasks),
-                          limit=cfg.limit, seed=cfg.seed, calib=(cfg.calib_tokens, cfg.calib_window),
-                          code=CODE_VERSION)
+    return store.make_key(
+        kind="eval",
+        model=handle.fingerprint,
+        recipe=recipe.key(),
+        bits=str(bits),
+        corpus=corpus.fingerprint,
+        tokens=cfg.tokens,
+        window=cfg.window,
+        tasks=list(cfg.tasks),
+        limit=cfg.limit,
+        seed=cfg.seed,
+        calib=(cfg.calib_tokens, cfg.calib_window),
+        code=CODE_VERSION,
+    )
 
 
 def eval_job(handle, recipe: Recipe | str, bits: Bits | str, cfg: EvalConfig, use_cache: bool = True):
@@ -147,12 +174,24 @@ def eval_job(handle, recipe: Recipe | str, bits: Bits | str, cfg: EvalConfig, us
         wins = windows(corpus, handle.tokenizer, cfg.tokens, win, "eval")
         layers = [handle.arch.layer(model, i) for i in range(handle.arch.n_layers)]
         ppl = yield from result_of(perplexity(model, wins, layers=layers))
-        result = {"model": handle.name, "recipe": recipe.name, "weights": recipe.weights if recipe.quantize else "-",
-                  "bits": str(bits) if recipe.quantize else "16-16-16", "bits_requested": str(bits),
-                  "ppl": ppl, "tokens": int(wins.numel()), "window": win, "corpus": corpus.label, "seed": cfg.seed,
-                  "tasks": {}, "limit": cfg.limit, "code": CODE_VERSION,
-                  "clip": recipe.clip.mode if recipe.quantize else "-", "clips": plan.summary(handle.arch.n_layers),
-                  "clip_check": plan.check}
+        result = {
+            "model": handle.name,
+            "recipe": recipe.name,
+            "weights": recipe.weights if recipe.quantize else "-",
+            "bits": str(bits) if recipe.quantize else "16-16-16",
+            "bits_requested": str(bits),
+            "ppl": ppl,
+            "tokens": int(wins.numel()),
+            "window": win,
+            "corpus": corpus.label,
+            "seed": cfg.seed,
+            "tasks": {},
+            "limit": cfg.limit,
+            "code": CODE_VERSION,
+            "clip": recipe.clip.mode if recipe.quantize else "-",
+            "clips": plan.summary(handle.arch.n_layers),
+            "clip_check": plan.check,
+        }
         if cfg.tasks:
             from engine.data.tasks import zero_shot
 
@@ -182,20 +221,26 @@ def table_row(result: dict, recipe: Recipe, cached: bool = False) -> dict:
 
 # Where each stage of one run sits in that run's share of the overall bar: (start, span); zero-shot tasks take
 # the last tenth when asked for. The figures only place the bar; the ETA comes from the measured pace.
-PHASES = {"rotate": (0.0, 0.15), "calibrate": (0.15, 0.05), "weights": (0.2, 0.15), "gptq": (0.2, 0.15),
-          "clips": (0.35, 0.05), "clip check": (0.4, 0.1), "perplexity": (0.5, 0.4), "zero-shot": (0.9, 0.1)}
+PHASES = {
+    "rotate": (0.0, 0.15),
+    "calibrate": (0.15, 0.05),
+    "weights": (0.2, 0.15),
+    "gptq": (0.2, 0.15),
+    "clips": (0.35, 0.05),
+    "clip check": (0.4, 0.1),
+    "perplexity": (0.5, 0.4),
+    "zero-shot": (0.9, 0.1),
+}
 
 
-def eval_table_job(handle, runs: Iterable[tuple[Recipe | str, Bits | str]], cfg: EvalConfig,
-                   use_cache: bool = True):
+def eval_table_job(handle, runs: Iterable[tuple[Recipe | str, Bits | str]], cfg: EvalConfig, use_cache: bool = True):
     """Generator: eval_job for each (recipe, bits) run in turn, then Done(rows), one table_row per run.
 
     Every run's own Progress comes through with its message prefixed by 'run i/n <label>: '; after each run a
     Progress('runs', i, n) carries partial = the rows so far (a live table). The Evaluate and Optimize pages and
     `python -m engine eval` all build their comparison tables from these rows. An error (ValueError) ends the
     job; the rows finished before it were in the last partial."""
-    runs = [(get_recipe(r) if isinstance(r, str) else r, Bits.parse(b) if isinstance(b, str) else b)
-            for r, b in runs]
+    runs = [(get_recipe(r) if isinstance(r, str) else r, Bits.parse(b) if isinstance(b, str) else b) for r, b in runs]
     rows: list[dict] = []
     t0 = time.perf_counter()
     n, overall, first_phase = len(runs), 0.0, None
@@ -211,28 +256,36 @@ def eval_table_job(handle, runs: Iterable[tuple[Recipe | str, Bits | str]], cfg:
             first_phase = first_phase or ev.stage
             elapsed = time.perf_counter() - t0
             eta = elapsed * (1 - overall) / overall if overall > 0 and ev.stage != first_phase else None
-            return replace(ev, message=f"{what}: {ev.stage}: {ev.message}", partial=None, overall=overall,
-                           seconds=elapsed, eta=eta)
+            return replace(
+                ev, message=f"{what}: {ev.stage}: {ev.message}", partial=None, overall=overall, seconds=elapsed, eta=eta
+            )
 
         done = yield from done_of(eval_job(handle, recipe, bits, cfg, use_cache=use_cache), on_the_whole_bar)
         rows.append(table_row(done.result, recipe, done.cached))
         overall = (i + 1) / n
-        yield Progress("runs", i + 1, n, time.perf_counter() - t0,
-                       f"{what}: perplexity {done.result['ppl']:.2f}" + (" (cached)" if done.cached else ""),
-                       partial=list(rows), overall=overall)
+        yield Progress(
+            "runs",
+            i + 1,
+            n,
+            time.perf_counter() - t0,
+            f"{what}: perplexity {done.result['ppl']:.2f}" + (" (cached)" if done.cached else ""),
+            partial=list(rows),
+            overall=overall,
+        )
     yield Done(rows, seconds=time.perf_counter() - t0, cached=bool(rows) and all(r["cached"] for r in rows))
 
 
-def beside_baselines(recipe: Recipe, bits: Bits | str, weights: str,
-                     weight_range_search: bool) -> list[tuple[Recipe, Bits]]:
+def beside_baselines(
+    recipe: Recipe, bits: Bits | str, weights: str, weight_range_search: bool
+) -> list[tuple[Recipe, Bits]]:
     """The runs that put `recipe` (e.g. learned rotations) in context: fp, then rtn, quarot and `recipe` at
     `bits`, all three with the same weight quantizer, the fixed activation and KV clips that training used, and
     the weight range search or not."""
     bits = Bits.parse(bits) if isinstance(bits, str) else bits
     clip = ClipPolicy("fixed", weight_range_search=weight_range_search)
     return [(get_recipe("fp"), Bits(16, 16, 16))] + [
-        (replace(r.with_weights(weights), clip=clip), bits)
-        for r in (get_recipe("rtn"), get_recipe("quarot"), recipe)]
+        (replace(r.with_weights(weights), clip=clip), bits) for r in (get_recipe("rtn"), get_recipe("quarot"), recipe)
+    ]
 
 
 def cached_runs() -> list[dict]:

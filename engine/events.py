@@ -4,6 +4,7 @@ A job is a generator of Progress and Metric events that ends with one Done (its 
 composes with `x = yield from result_of(other_job(...))` (or done_of, for the whole Done): the other job's events
 go on to the consumer, its Done comes back as the value.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ class Progress:
     message: str = ""
     partial: Any = None
     overall: float | None = None  # the whole job's fraction done, when this stage is one phase of several
-    eta: float | None = None      # seconds left for the whole job (an estimate), once one phase is done
+    eta: float | None = None  # seconds left for the whole job (an estimate), once one phase is done
 
     @property
     def fraction(self) -> float:

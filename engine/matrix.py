@@ -11,6 +11,7 @@ the hidden and intermediate widths); R2 and R3 are QuaRot's head-wide random Had
 A row is a format for weights and activations (a bit width means QuaRot's integers: per-row weights, per-token
 activations) with the KV cache at `kv`. Weights are RTN (or GPTQ) in the row's format; clip ratios calibrated.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,16 +39,24 @@ def column_recipe(column: str, weights: str = "rtn", clip: ClipPolicy | str = "c
     if column.startswith("file:"):
         return get_recipe("rotated", weights=weights, rotation_file=column[5:], clip=clip)
     if column not in COLUMN_KINDS:
-        raise ValueError(f"unknown rotation column {column!r}: expected one of {', '.join(COLUMN_KINDS)} or "
-                         "file:<path to a rotation file>")
+        raise ValueError(
+            f"unknown rotation column {column!r}: expected one of {', '.join(COLUMN_KINDS)} or "
+            "file:<path to a rotation file>"
+        )
     if column == "none":
         return get_recipe("rtn", weights=weights, clip=clip)
     if column == "hadamard":
         return get_recipe("quarot", weights=weights, clip=clip)
     r1 = column.rstrip("p")
     rot = RotationConfig(r1=r1, r2="hadamard", r3="hadamard", r4=column)
-    return replace(RECIPES["quarot"], name=column, description=f"block Hadamard R1/R4 ({column})", rotation=rot,
-                   weights=weights, clip=ClipPolicy.parse(clip))
+    return replace(
+        RECIPES["quarot"],
+        name=column,
+        description=f"block Hadamard R1/R4 ({column})",
+        rotation=rot,
+        weights=weights,
+        clip=ClipPolicy.parse(clip),
+    )
 
 
 def row_bits(fmt: str, kv: str = "16") -> Bits:
@@ -73,8 +82,11 @@ class MatrixConfig:
             column_recipe(c, self.weights, self.clip).rotation.key()  # a rotation file is read (and hashed) here
 
     def runs(self) -> list[tuple[str, str, Recipe, Bits]]:
-        return [(f, c, column_recipe(c, self.weights, self.clip), row_bits(f, self.kv))
-                for f in self.formats for c in self.rotations]
+        return [
+            (f, c, column_recipe(c, self.weights, self.clip), row_bits(f, self.kv))
+            for f in self.formats
+            for c in self.rotations
+        ]
 
 
 def matrix_job(handle, mcfg: MatrixConfig, cfg: EvalConfig, use_cache: bool = True):
@@ -91,14 +103,24 @@ def matrix_job(handle, mcfg: MatrixConfig, cfg: EvalConfig, use_cache: bool = Tr
         fmt, col, recipe, bits = runs[len(rows) - 1]
         row = rows[-1]
         wf = weight_format(bits.w, recipe)
-        cells.append({"format": fmt, "rotation": col, "ppl": row["ppl"], "bits": row["bits"],
-                      "weight_bits_per_value": wf.bits_per_value(handle.arch.hidden),
-                      "seconds": row["seconds"], "cached": row["cached"], "clips": row.get("clips", {}),
-                      "tokens": row["tokens"]})
+        cells.append(
+            {
+                "format": fmt,
+                "rotation": col,
+                "ppl": row["ppl"],
+                "bits": row["bits"],
+                "weight_bits_per_value": wf.bits_per_value(handle.arch.hidden),
+                "seconds": row["seconds"],
+                "cached": row["cached"],
+                "clips": row.get("clips", {}),
+                "tokens": row["tokens"],
+            }
+        )
         return replace(ev, partial=list(cells))
 
-    done = yield from done_of(eval_table_job(handle, [(r, b) for _, _, r, b in runs], cfg, use_cache=use_cache),
-                              as_cells)
+    done = yield from done_of(
+        eval_table_job(handle, [(r, b) for _, _, r, b in runs], cfg, use_cache=use_cache), as_cells
+    )
     yield Done(cells, seconds=done.seconds, cached=done.cached)
 
 
@@ -118,16 +140,19 @@ def cell_sqnr_job(handle, fmt: str, column: str, tokens: int = 512, window: int 
     sums = {site: [[0.0, 0.0] for _ in range(arch.n_layers)] for site in ("down_in", "attn_in")}
     with handle.working_model() as model:
         if recipe.rotation.active:
-            model = yield from result_of(rotate_job(model, arch, replace(recipe.rotation, seed=seed), inplace=True,
-                                                    calib=calib))
+            model = yield from result_of(
+                rotate_job(model, arch, replace(recipe.rotation, seed=seed), inplace=True, calib=calib)
+            )
         hooks = []
         for i in range(arch.n_layers):
             for site, role in (("down_in", arch.down_roles[0]), ("attn_in", arch.roles.attn_reader)):
+
                 def keep(m, args, site=site, i=i):
                     x = args[0].detach().float()
                     err = x - quant(x, 1.0)
                     sums[site][i][0] += float(x.double().pow(2).sum())
                     sums[site][i][1] += float(err.double().pow(2).sum())
+
                 hooks.append(arch.module(model, role, i).register_forward_pre_hook(keep))
         try:
             with torch.no_grad():

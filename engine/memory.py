@@ -25,6 +25,7 @@ logits), since it shares the device; a process's resident set also holds the all
 own memory, which no tensor count sees.
 benchmarks.gpu_scale prints these predictions beside what each job measured.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ class Windows:
     matrix: int = 1024
     calib: int = 512
     calib_tokens: int = 8192
-    check: int = 256    # the rotation's logits check (engine.observe.compare)
+    check: int = 256  # the rotation's logits check (engine.observe.compare)
 
 
 @dataclass(frozen=True)
@@ -55,22 +56,22 @@ class Shapes:
     """What the memory model reads from a config: widths and the exact weight bytes."""
 
     hidden: int
-    mlp_width: int        # the widest MLP activation (a dense MLP's intermediate, an expert's in a mixture)
+    mlp_width: int  # the widest MLP activation (a dense MLP's intermediate, an expert's in a mixture)
     n_layers: int
     n_heads: int
     n_kv_heads: int
     head_dim: int
     vocab: int
     n_experts: int
-    elem: int             # bytes per weight element
-    weights_bytes: int    # every parameter, tied ones once
-    linear_bytes: int     # the decoder linears (what quantization and export rewrite)
-    largest_linear: int   # elements of the largest decoder linear
-    largest_matrix: int   # elements of the largest weight (the embedding or lm_head, usually)
-    layer_hessians: int   # sum over one layer's linears of in_features^2 (GPTQ's Hessians)
-    layer_inputs: int     # sum over one layer's linears of in_features (calibration's sampled inputs)
+    elem: int  # bytes per weight element
+    weights_bytes: int  # every parameter, tied ones once
+    linear_bytes: int  # the decoder linears (what quantization and export rewrite)
+    largest_linear: int  # elements of the largest decoder linear
+    largest_matrix: int  # elements of the largest weight (the embedding or lm_head, usually)
+    layer_hessians: int  # sum over one layer's linears of in_features^2 (GPTQ's Hessians)
+    layer_inputs: int  # sum over one layer's linears of in_features (calibration's sampled inputs)
     layer_expert_bytes: int  # one layer's experts (unfused at load one layer at a time)
-    untie_bytes: int      # tied embeddings: a separate lm_head weight (built, then tied; untied by a rotation)
+    untie_bytes: int  # tied embeddings: a separate lm_head weight (built, then tied; untied by a rotation)
 
 
 def _layer_linears(layer: nn.Module) -> list[tuple[int, int]]:
@@ -109,15 +110,24 @@ def shapes(config, dtype: str = "bfloat16") -> Shapes:
     head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
     embed = skeleton.get_input_embeddings().weight.numel()
     return Shapes(
-        hidden=text.hidden_size, mlp_width=mlp or int(text.intermediate_size), n_layers=text.num_hidden_layers,
-        n_heads=text.num_attention_heads, n_kv_heads=int(getattr(text, "num_key_value_heads", None)
-                                                         or text.num_attention_heads),
-        head_dim=head_dim, vocab=text.vocab_size, n_experts=n_experts, elem=elem, weights_bytes=int(weights),
+        hidden=text.hidden_size,
+        mlp_width=mlp or int(text.intermediate_size),
+        n_layers=text.num_hidden_layers,
+        n_heads=text.num_attention_heads,
+        n_kv_heads=int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads),
+        head_dim=head_dim,
+        vocab=text.vocab_size,
+        n_experts=n_experts,
+        elem=elem,
+        weights_bytes=int(weights),
         linear_bytes=text.num_hidden_layers * sum(o * i for o, i in linears) * elem,
-        largest_linear=max(o * i for o, i in linears), largest_matrix=max(embed, max(o * i for o, i in linears)),
-        layer_hessians=sum(i * i for _, i in linears), layer_inputs=sum(i for _, i in linears),
-        layer_expert_bytes=sum(o * i for o, i in linears[-2 * n_experts:]) * elem if n_experts else 0,
-        untie_bytes=embed * elem if getattr(text, "tie_word_embeddings", False) else 0)
+        largest_linear=max(o * i for o, i in linears),
+        largest_matrix=max(embed, max(o * i for o, i in linears)),
+        layer_hessians=sum(i * i for _, i in linears),
+        layer_inputs=sum(i for _, i in linears),
+        layer_expert_bytes=sum(o * i for o, i in linears[-2 * n_experts :]) * elem if n_experts else 0,
+        untie_bytes=embed * elem if getattr(text, "tie_word_embeddings", False) else 0,
+    )
 
 
 def forward_bytes(s: Shapes, tokens: int, quantized: bool = False, perplexity: bool = False) -> int:
@@ -137,8 +147,10 @@ def surgery_bytes(s: Shapes) -> int:
     previous weight's float64 copy is still referenced (fusion's loop over embed and lm_head rebinds it only once the
     next is read), for the largest weight; or down_proj with R4 as a dense float64 matrix (OnlineRotation.dense),
     whichever is more; and R1 (float64, hidden x hidden) with its copy on the device."""
-    per_weight = max(s.largest_matrix * (8 + 8 + 8 + s.elem),
-                     8 * s.mlp_width * s.mlp_width + s.hidden * s.mlp_width * (8 + 8 + s.elem))
+    per_weight = max(
+        s.largest_matrix * (8 + 8 + 8 + s.elem),
+        8 * s.mlp_width * s.mlp_width + s.hidden * s.mlp_width * (8 + 8 + s.elem),
+    )
     return per_weight + 2 * 8 * s.hidden * s.hidden
 
 
@@ -173,8 +185,11 @@ def host_bytes(s: Shapes, phase: str, w: Windows) -> int:
 
     # engine.observe.capture.SITES: the residual stream and the normed inputs, q, k, v, o_proj's input, and
     # down_proj's input (one site per expert in a mixture)
-    widths = [s.hidden] * 4 + [s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim,
-                               s.n_heads * s.head_dim] + [s.mlp_width] * max(1, s.n_experts)
+    widths = (
+        [s.hidden] * 4
+        + [s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_heads * s.head_dim]
+        + [s.mlp_width] * max(1, s.n_experts)
+    )
     # the accumulators, and at the end the result's arrays made from them while they are still held
     capture = 2 * s.n_layers * sum(state_bytes_bound(c) for c in widths)
     if phase == "capture":

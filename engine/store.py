@@ -4,6 +4,7 @@ An entry is a directory <kind>/<key>/ holding meta.json and tensors.safetensors.
 the tensor file and of its own metadata (figures such as an evaluation's perplexity live there), so a truncated or
 altered entry is found on load, removed and recomputed: never shown.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,8 +65,14 @@ def save(kind: str, key: str, meta: dict, tensors: dict[str, torch.Tensor]) -> P
     try:
         tensor_path = tmp / "tensors.safetensors"
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tensor_path))
-        record = {"schema": SCHEMA_VERSION, "kind": kind, "key": key, "tensors_sha256": file_digest(tensor_path),
-                  "meta_sha256": _meta_digest(_as_json(meta)), "meta": _as_json(meta)}
+        record = {
+            "schema": SCHEMA_VERSION,
+            "kind": kind,
+            "key": key,
+            "tensors_sha256": file_digest(tensor_path),
+            "meta_sha256": _meta_digest(_as_json(meta)),
+            "meta": _as_json(meta),
+        }
         (tmp / "meta.json").write_text(json.dumps(record, indent=1, default=str))
         if final.exists():  # a rename cannot replace a non-empty directory: move the old one aside first
             trash = final.parent / f".old-{key}-{uuid.uuid4().hex[:8]}"

@@ -49,9 +49,21 @@ from kernels.blockdiag import blockdiag_matmul_reference, blockdiag_matmul_trito
 from kernels.rotate_quant import rotate_quantize, rotate_quantize_bytes, rotate_quantize_reference, unpack_int4
 from kernels.timing import median_us
 
-KERNELS = ("memcpy", "fht_padded", "fht_exact", "triton_blockdiag", "torch_blockdiag", "dense_gemm",
-           "rotate_quant_int4", "rotate_quant_int8", "rotate_mxfp4", "rotate_nvfp4", "rotate_mxfp8",
-           "blockdiag_then_mxfp4", "blockdiag_then_nvfp4")
+KERNELS = (
+    "memcpy",
+    "fht_padded",
+    "fht_exact",
+    "triton_blockdiag",
+    "torch_blockdiag",
+    "dense_gemm",
+    "rotate_quant_int4",
+    "rotate_quant_int8",
+    "rotate_mxfp4",
+    "rotate_nvfp4",
+    "rotate_mxfp8",
+    "blockdiag_then_mxfp4",
+    "blockdiag_then_nvfp4",
+)
 KERNEL_LABELS = {
     "memcpy": "memcpy (clone)",
     "fht_padded": "FHT, padded to 2^m",
@@ -68,8 +80,19 @@ KERNEL_LABELS = {
     "blockdiag_then_nvfp4": "block-diagonal, then NVFP4",
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-ROW_FIELDS = ("kernel", "d", "L", "dtype", "block", "median_us", "gbps", "over_memcpy", "backend", "check_error",
-              "timing")
+ROW_FIELDS = (
+    "kernel",
+    "d",
+    "L",
+    "dtype",
+    "block",
+    "median_us",
+    "gbps",
+    "over_memcpy",
+    "backend",
+    "check_error",
+    "timing",
+)
 # relative error bound (||out - ref|| / ||ref||) per dtype: one rounding of the output plus fp32 accumulation
 CHECK_TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 CHECK_ROWS = 256  # rows compared against the FHT and GEMM references (cheaper than all L rows)
@@ -102,8 +125,10 @@ def validate(ds: Sequence[int], ls: Sequence[int], dtype: str, kernels: Sequence
         raise ValueError("give at least one width d and one token count L")
     bad_d = [d for d in ds if not isinstance(d, int) or d < 1 or d % block]
     if bad_d:
-        raise ValueError(f"widths {bad_d} are not positive multiples of the block size {block}; "
-                         "LLaMA widths such as 4096, 11008 and 14336 are multiples of 128")
+        raise ValueError(
+            f"widths {bad_d} are not positive multiples of the block size {block}; "
+            "LLaMA widths such as 4096, 11008 and 14336 are multiples of 128"
+        )
     if any(not isinstance(n, int) or n < 1 for n in ls):
         raise ValueError(f"token counts must be positive ints, got {list(ls)}")
     if dtype not in DTYPES:
@@ -142,8 +167,9 @@ def quant_error(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor
     return float((diff > 0).float().mean()) if diff.numel() else 0.0
 
 
-def quant_mismatch(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor],
-                   bits: int) -> str | None:
+def quant_mismatch(
+    got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor], bits: int
+) -> str | None:
     """None when quant_error is within MAX_OFF_BY_ONE, else what differs (for a failure message)."""
     if quant_error(got, want, bits) <= MAX_OFF_BY_ONE:
         return None
@@ -153,8 +179,10 @@ def quant_mismatch(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Ten
     if q.shape != q_ref.shape or s.shape != s_ref.shape:
         return f"shapes differ: q {list(q.shape)} vs {list(q_ref.shape)}, scales {list(s.shape)} vs {list(s_ref.shape)}"
     diff = (q.int() - q_ref.int()).abs()
-    return (f"max diff {int(diff.max())}, {float((diff > 0).float().mean()):.2e} off by one, "
-            f"scale rel {rel_error(s, s_ref):.2e}")
+    return (
+        f"max diff {int(diff.max())}, {float((diff > 0).float().mean()):.2e} off by one, "
+        f"scale rel {rel_error(s, s_ref):.2e}"
+    )
 
 
 def mx_error(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor], fmt: str) -> float:
@@ -200,44 +228,86 @@ class Case:
         if kernel == "memcpy":
             return (x.clone, lambda out: float((out != x).any()), self.io_bytes, "torch", 0.5)
         if kernel == "fht_padded":
-            return (lambda: hadamard.hadamard_transform_padded(x),
-                    lambda out: rel_error(out[:CHECK_ROWS], hadamard.hadamard_transform_padded_reference(rows)),
-                    self.io_bytes, hadamard.backend(), tol)
+            return (
+                lambda: hadamard.hadamard_transform_padded(x),
+                lambda out: rel_error(out[:CHECK_ROWS], hadamard.hadamard_transform_padded_reference(rows)),
+                self.io_bytes,
+                hadamard.backend(),
+                tol,
+            )
         if kernel == "fht_exact":
             k, _ = hadamard.decompose(d)
-            return (lambda: hadamard.hadamard_transform(x),
-                    lambda out: rel_error(out[:CHECK_ROWS], hadamard.hadamard_transform_reference(rows)),
-                    self.io_bytes + k * k * e, hadamard.backend(), tol)
+            return (
+                lambda: hadamard.hadamard_transform(x),
+                lambda out: rel_error(out[:CHECK_ROWS], hadamard.hadamard_transform_reference(rows)),
+                self.io_bytes + k * k * e,
+                hadamard.backend(),
+                tol,
+            )
         if kernel in ("triton_blockdiag", "torch_blockdiag"):
-            run = ((lambda: blockdiag_matmul_triton(x, blocks)) if kernel == "triton_blockdiag"
-                   else (lambda: blockdiag_matmul_reference(x, blocks, compute_dtype=None)))
-            return (run, lambda out: rel_error(out, blockdiag_matmul_reference(x, blocks)),
-                    self.io_bytes + d * self.block * e, "triton" if kernel == "triton_blockdiag" else "torch", tol)
+            run = (
+                (lambda: blockdiag_matmul_triton(x, blocks))
+                if kernel == "triton_blockdiag"
+                else (lambda: blockdiag_matmul_reference(x, blocks, compute_dtype=None))
+            )
+            return (
+                run,
+                lambda out: rel_error(out, blockdiag_matmul_reference(x, blocks)),
+                self.io_bytes + d * self.block * e,
+                "triton" if kernel == "triton_blockdiag" else "torch",
+                tol,
+            )
         if kernel == "dense_gemm":
             w = self.dense()
-            return (lambda: x @ w, lambda out: rel_error(out[:CHECK_ROWS], rows.float() @ w.float()),
-                    self.io_bytes + d * d * e, "torch", tol)
+            return (
+                lambda: x @ w,
+                lambda out: rel_error(out[:CHECK_ROWS], rows.float() @ w.float()),
+                self.io_bytes + d * d * e,
+                "torch",
+                tol,
+            )
         if kernel.startswith("rotate_quant_int"):
-            bits = int(kernel[len("rotate_quant_int"):])
-            return (lambda: rotate_quantize(x, blocks, bits),
-                    lambda out: quant_error(out, rotate_quantize_reference(x, blocks, bits), bits),
-                    rotate_quantize_bytes(d, self.tokens, self.block, bits, e), "triton", MAX_OFF_BY_ONE)
+            bits = int(kernel[len("rotate_quant_int") :])
+            return (
+                lambda: rotate_quantize(x, blocks, bits),
+                lambda out: quant_error(out, rotate_quantize_reference(x, blocks, bits), bits),
+                rotate_quantize_bytes(d, self.tokens, self.block, bits, e),
+                "triton",
+                MAX_OFF_BY_ONE,
+            )
         fmt = kernel.rsplit("_", 1)[-1]
         if fmt in MX_FORMATS and kernel in (f"rotate_{fmt}", f"blockdiag_then_{fmt}"):
             g = self.global_scale() if fmt == "nvfp4" else None
             nbytes = rotate_quantize_mx_bytes(d, self.tokens, self.block, fmt, e)  # the fewest: the fused op's
             if kernel.startswith("rotate_"):
-                return (lambda: rotate_quantize_mx(x, blocks, fmt, g),
-                        lambda out: mx_error(out, rotate_quantize_mx_reference(x, blocks, fmt, g), fmt),
-                        nbytes, "triton", MAX_OFF_BY_ONE)
-            return (lambda: rotate_then_quantize(x, blocks, fmt, g),  # exact for the rounded y
-                    lambda out: mx_error(out, block_quantize_reference(rotate_in_dtype(x, blocks), fmt, g), fmt),
-                    nbytes, "triton", 0.0)
+                return (
+                    lambda: rotate_quantize_mx(x, blocks, fmt, g),
+                    lambda out: mx_error(out, rotate_quantize_mx_reference(x, blocks, fmt, g), fmt),
+                    nbytes,
+                    "triton",
+                    MAX_OFF_BY_ONE,
+                )
+            return (
+                lambda: rotate_then_quantize(x, blocks, fmt, g),  # exact for the rounded y
+                lambda out: mx_error(out, block_quantize_reference(rotate_in_dtype(x, blocks), fmt, g), fmt),
+                nbytes,
+                "triton",
+                0.0,
+            )
         raise ValueError(f"unknown kernel {kernel!r}")
 
 
-def run_benchmark(ds: Iterable[int], Ls: Iterable[int], dtype: str = "fp16", kernels: Sequence[str] = KERNELS, *,
-                  block: int = 128, warmup_ms: int = 25, rep_ms: int = 100, graphs: bool = True) -> Iterator[dict]:
+def run_benchmark(
+    ds: Iterable[int],
+    Ls: Iterable[int],
+    dtype: str = "fp16",
+    kernels: Sequence[str] = KERNELS,
+    *,
+    block: int = 128,
+    warmup_ms: int = 25,
+    rep_ms: int = 100,
+    graphs: bool = True,
+) -> Iterator[dict]:
     """Yield one row dict (ROW_FIELDS) per (d, L, kernel); memcpy first for each (d, L).
 
     graphs: time CUDA-graph replays (GPU time); False: plain calls, host time included. The row's `timing` says
@@ -249,10 +319,22 @@ def run_benchmark(ds: Iterable[int], Ls: Iterable[int], dtype: str = "fp16", ker
     ds, ls, kernels = list(ds), list(Ls), list(kernels)
     validate(ds, ls, dtype, kernels, block)
     if not gpu_available():
-        raise NoGPUError("no CUDA GPU is visible to torch: the kernel benchmark needs one. Recorded H100 results "
-                         "are in docs/BENCHMARKS.md; run `python -m kernels.bench` on a GPU machine.")
-    return _rows(ds, ls, DTYPES[dtype], dtype, ["memcpy"] + [k for k in kernels if k != "memcpy"],
-                 "memcpy" in kernels, block, warmup_ms, rep_ms, graphs)
+        raise NoGPUError(
+            "no CUDA GPU is visible to torch: the kernel benchmark needs one. Recorded H100 results "
+            "are in docs/BENCHMARKS.md; run `python -m kernels.bench` on a GPU machine."
+        )
+    return _rows(
+        ds,
+        ls,
+        DTYPES[dtype],
+        dtype,
+        ["memcpy"] + [k for k in kernels if k != "memcpy"],
+        "memcpy" in kernels,
+        block,
+        warmup_ms,
+        rep_ms,
+        graphs,
+    )
 
 
 def checked_kernel(case: Case, kernel: str):
@@ -264,8 +346,10 @@ def checked_kernel(case: Case, kernel: str):
     run()  # the first call may autotune; check the output of the path that is timed
     error = check(run())
     if not error <= tol:
-        raise KernelCheckError(f"{kernel} at d={case.d}, L={case.tokens}, {case.dtype} disagrees with its "
-                               f"reference: error {error:.3g} > {tol:.3g}; not timed")
+        raise KernelCheckError(
+            f"{kernel} at d={case.d}, L={case.tokens}, {case.dtype} disagrees with its "
+            f"reference: error {error:.3g} > {tol:.3g}; not timed"
+        )
     return run, nbytes, backend, error
 
 
@@ -281,29 +365,43 @@ def _rows(ds, ls, torch_dtype, dtype_name, kernels, yield_memcpy, block, warmup_
                 memcpy_us = us if kernel == "memcpy" else memcpy_us
                 if kernel == "memcpy" and not yield_memcpy:
                     continue
-                yield {"kernel": kernel, "d": d, "L": tokens, "dtype": dtype_name, "block": block,
-                       "median_us": round(us, 2), "gbps": round(nbytes / (us * 1e-6) / 1e9, 1),
-                       "over_memcpy": round(us / memcpy_us, 3), "backend": backend, "check_error": error,
-                       "timing": timing}
+                yield {
+                    "kernel": kernel,
+                    "d": d,
+                    "L": tokens,
+                    "dtype": dtype_name,
+                    "block": block,
+                    "median_us": round(us, 2),
+                    "gbps": round(nbytes / (us * 1e-6) / 1e9, 1),
+                    "over_memcpy": round(us / memcpy_us, 3),
+                    "backend": backend,
+                    "check_error": error,
+                    "timing": timing,
+                }
             del case
             torch.cuda.empty_cache()
 
 
 def format_row(row: dict) -> str:
-    return (f"{row['kernel']:<18} {row['d']:>6} {row['L']:>6} {row['dtype']:>5} {row['median_us']:>10.1f} "
-            f"{row['gbps']:>8.0f} {row['over_memcpy']:>7.2f}x  {row['backend']:<24} {row.get('timing', '')}")
+    return (
+        f"{row['kernel']:<18} {row['d']:>6} {row['L']:>6} {row['dtype']:>5} {row['median_us']:>10.1f} "
+        f"{row['gbps']:>8.0f} {row['over_memcpy']:>7.2f}x  {row['backend']:<24} {row.get('timing', '')}"
+    )
 
 
-HEADER = (f"{'kernel':<18} {'d':>6} {'L':>6} {'dtype':>5} {'median_us':>10} {'GB/s':>8} {'/memcpy':>8}  "
-          f"{'backend':<24} timing")
+HEADER = (
+    f"{'kernel':<18} {'d':>6} {'L':>6} {'dtype':>5} {'median_us':>10} {'GB/s':>8} {'/memcpy':>8}  "
+    f"{'backend':<24} timing"
+)
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    lines = ["| kernel | d | L | dtype | median us | GB/s | x memcpy | backend |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | d | L | dtype | median us | GB/s | x memcpy | backend |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['kernel']} | {r['d']} | {r['L']} | {r['dtype']} | {r['median_us']:.1f} | "
-                     f"{r['gbps']:.0f} | {r['over_memcpy']:.2f} | {r['backend']} |")
+        lines.append(
+            f"| {r['kernel']} | {r['d']} | {r['L']} | {r['dtype']} | {r['median_us']:.1f} | "
+            f"{r['gbps']:.0f} | {r['over_memcpy']:.2f} | {r['backend']} |"
+        )
     return "\n".join(lines)
 
 
@@ -315,12 +413,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--block", type=int, default=128, help="block size of the block-diagonal rotation")
     parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset of " + ",".join(KERNELS))
     parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
-    parser.add_argument("--eager", action="store_true",
-                        help="time plain calls instead of CUDA-graph replays (host time included)")
+    parser.add_argument(
+        "--eager", action="store_true", help="time plain calls instead of CUDA-graph replays (host time included)"
+    )
     args = parser.parse_args(argv)
     try:
-        rows = run_benchmark(parse_ints(args.d, "d"), parse_ints(args.L, "L"), args.dtype,
-                             [k for k in args.kernels.split(",") if k], block=args.block, graphs=not args.eager)
+        rows = run_benchmark(
+            parse_ints(args.d, "d"),
+            parse_ints(args.L, "L"),
+            args.dtype,
+            [k for k in args.kernels.split(",") if k],
+            block=args.block,
+            graphs=not args.eager,
+        )
     except (NoGPUError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -84,8 +84,16 @@ E8M0_BIAS = 127
 # autotune candidates (block_m, block_n, row_tiles, num_warps, num_stages): the fastest of H200 sweeps at
 # d = 11008, L = 2048 and 8192 (scratch runs of 2026-12-02), and a small tile for few tokens. 11 and 43 row tiles
 # make 3 row groups at L = 2048 and 8192 (516 programs at 64 wide, 258 at 128: about one wave at 4 or 2 per SM)
-TILE_CANDIDATES = ((64, 64, 4, 4, 3), (64, 64, 8, 4, 3), (64, 64, 11, 4, 3), (128, 64, 8, 8, 3), (64, 128, 8, 4, 3),
-                   (64, 128, 11, 4, 3), (64, 128, 43, 4, 3), (16, 64, 1, 4, 2))
+TILE_CANDIDATES = (
+    (64, 64, 4, 4, 3),
+    (64, 64, 8, 4, 3),
+    (64, 64, 11, 4, 3),
+    (128, 64, 8, 8, 3),
+    (64, 128, 8, 4, 3),
+    (64, 128, 11, 4, 3),
+    (64, 128, 43, 4, 3),
+    (16, 64, 1, 4, 2),
+)
 
 
 @dataclass(frozen=True)
@@ -102,12 +110,19 @@ class BlockFormat:
 
 
 MXFP4, NVFP4, MXFP8 = 0, 1, 2
-FORMATS = {f.name: f for f in (BlockFormat("mxfp4", MXFP4, 32, "e2m1", 2), BlockFormat("nvfp4", NVFP4, 16, "e2m1", 2),
-                               BlockFormat("mxfp8", MXFP8, 32, "e4m3", 8))}
+FORMATS = {
+    f.name: f
+    for f in (
+        BlockFormat("mxfp4", MXFP4, 32, "e2m1", 2),
+        BlockFormat("nvfp4", NVFP4, 16, "e2m1", 2),
+        BlockFormat("mxfp8", MXFP8, 32, "e4m3", 8),
+    )
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Argument checks
+
 
 def check_format(fmt: str) -> BlockFormat:
     if fmt not in FORMATS:
@@ -124,12 +139,16 @@ def check_global_scale(spec: BlockFormat, global_scale, device: torch.device) ->
             raise ValueError(f"{spec.name} has no global scale (its E8M0 scales are absolute); pass global_scale=None")
         return None
     if global_scale is None:
-        raise ValueError("nvfp4 needs global_scale (FP32, per tensor): a one-pass kernel cannot see the tensor-wide "
-                         "amax, so pass a calibrated or static one, e.g. nvfp4_global_scale(sample_x, blocks)")
+        raise ValueError(
+            "nvfp4 needs global_scale (FP32, per tensor): a one-pass kernel cannot see the tensor-wide "
+            "amax, so pass a calibrated or static one, e.g. nvfp4_global_scale(sample_x, blocks)"
+        )
     if isinstance(global_scale, torch.Tensor):
         if global_scale.numel() != 1 or not global_scale.dtype.is_floating_point:
-            raise ValueError(f"global_scale must be one floating-point number, got a {global_scale.dtype} tensor of "
-                             f"shape {list(global_scale.shape)}")
+            raise ValueError(
+                f"global_scale must be one floating-point number, got a {global_scale.dtype} tensor of "
+                f"shape {list(global_scale.shape)}"
+            )
         return global_scale.to(device=device, dtype=torch.float32).reshape(1)
     if isinstance(global_scale, bool) or not isinstance(global_scale, (int, float)) or not 0 < global_scale < 3.4e38:
         raise ValueError(f"global_scale must be one finite positive number, got {global_scale!r}")
@@ -155,8 +174,10 @@ def check_rotation(x: torch.Tensor, blocks: torch.Tensor, spec: BlockFormat) -> 
     if d == 0 or d % b:
         raise ValueError(f"x's last dim ({d}) must be a positive multiple of the rotation block b = {b}")
     if d % spec.group:
-        raise ValueError(f"x's last dim ({d}) must be a multiple of {spec.name}'s group of {spec.group} "
-                         "(a ragged last group is not supported)")
+        raise ValueError(
+            f"x's last dim ({d}) must be a multiple of {spec.name}'s group of {spec.group} "
+            "(a ragged last group is not supported)"
+        )
     n = 1 if blocks.dim() == 2 else blocks.shape[0]
     if n not in (1, d // b):
         raise ValueError(f"blocks must hold 1 (shared) or d / b = {d // b} matrices of size {b}, got {n}")
@@ -166,13 +187,16 @@ def check_rotation(x: torch.Tensor, blocks: torch.Tensor, spec: BlockFormat) -> 
 def _check_device(x: torch.Tensor) -> None:
     if not x.is_cuda:
         if not triton_interpret_requested():
-            raise RuntimeError(f"the Triton kernel needs a CUDA tensor (x is on {x.device}); set TRITON_INTERPRET=1 "
-                               "to run it in Triton's CPU interpreter, or use the *_reference functions")
+            raise RuntimeError(
+                f"the Triton kernel needs a CUDA tensor (x is on {x.device}); set TRITON_INTERPRET=1 "
+                "to run it in Triton's CPU interpreter, or use the *_reference functions"
+            )
         check_interpreter_active()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tile shapes
+
 
 def _k_tile(block: int, block_n: int) -> int:
     return max(block, block_n)
@@ -193,28 +217,45 @@ def block_quant_candidates(block: int, group: int, d: int, element_size: int = 2
 
 def check_tile(config: TileConfig, block: int, group: int, d: int, element_size: int) -> TileConfig:
     if config.block_n % group or d % config.block_n:
-        raise ValueError(f"tile block_n ({config.block_n}) must be a multiple of the group ({group}) and divide "
-                         f"d ({d})")
+        raise ValueError(
+            f"tile block_n ({config.block_n}) must be a multiple of the group ({group}) and divide d ({d})"
+        )
     if shared_memory_estimate(block, config, element_size) > SHARED_MEMORY_BUDGET:
-        raise ValueError(f"tile {config} needs about {shared_memory_estimate(block, config, element_size) // 1024} "
-                         f"KiB of shared memory for block {block}; use a smaller block_m, block_n or num_stages")
+        raise ValueError(
+            f"tile {config} needs about {shared_memory_estimate(block, config, element_size) // 1024} "
+            f"KiB of shared memory for block {block}; use a smaller block_m, block_n or num_stages"
+        )
     return config
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The kernel (a plain function; compiled by kernels.launch)
 
+
 def _block_quant_kernel(
-    x_ptr, w_ptr, g_ptr, q_ptr, s_ptr,  # x [M, D]; w [b, b] or [D / b, b, b]; g fp32 [1]; codes; scales [M, D / G]
-    M, D, stride_xm, stride_qm, stride_sm,
+    x_ptr,
+    w_ptr,
+    g_ptr,
+    q_ptr,
+    s_ptr,  # x [M, D]; w [b, b] or [D / b, b, b]; g fp32 [1]; codes; scales [M, D / G]
+    M,
+    D,
+    stride_xm,
+    stride_qm,
+    stride_sm,
     M_BUCKET,  # autotune key only
     SEVEN,  # 7 as a runtime value: LLVM cannot fold the E2M1 code's bit select (below) into two ANDs and an OR
-    FMT: tl.constexpr, GROUP: tl.constexpr, EMAX: tl.constexpr,
+    FMT: tl.constexpr,
+    GROUP: tl.constexpr,
+    EMAX: tl.constexpr,
     ROTATE: tl.constexpr,  # False: quantize x itself (block_quantize)
     W_SHARED: tl.constexpr,  # one [b, b] matrix for every block
     DOT_IEEE: tl.constexpr,  # fp32 inputs: IEEE fp32 dot, not TF32
     HW_FP8: tl.constexpr,  # E4M3 rounding by the hardware's RNE saturating conversion (sm_89+), else arithmetic
-    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROW_TILES: tl.constexpr,
     DOT_FP32: tl.constexpr,  # the interpreter's dot cannot read bf16: upcast there (exact products)
     TMA: tl.constexpr,  # x tiles by the tensor memory accelerator (a device-side tensor descriptor; sm_90+)
 ):
@@ -260,8 +301,12 @@ def _block_quant_kernel(
         if TMA:
             x = x_desc.load([tile * BLOCK_M, k0])  # rows past M read as zeros
         else:
-            x = tl.load(x_ptr + rows64[:, None] * stride_xm + offs_k[None, :], mask=row_mask[:, None], other=0.0,
-                        eviction_policy="evict_first")
+            x = tl.load(
+                x_ptr + rows64[:, None] * stride_xm + offs_k[None, :],
+                mask=row_mask[:, None],
+                other=0.0,
+                eviction_policy="evict_first",
+            )
         if ROTATE:
             if DOT_IEEE:
                 y = tl.dot(x, w, input_precision="ieee")
@@ -295,8 +340,7 @@ def _block_quant_kernel(
                 s = (t * ((130 - e) << 23).to(tl.float32, bitcast=True) + 12582912.0) - 12582912.0
                 s = tl.minimum(s * ((124 + e) << 23).to(tl.float32, bitcast=True), 448.0)
                 sb = s.to(tl.int32, bitcast=True)  # E4M3 bits: exponent bias 7 (fp32 field - 120), 3 mantissa bits
-                s_code = tl.where(s >= 0.015625, (((sb >> 23) - 120) << 3) | ((sb >> 20) & 7),
-                                  (s * 512.0).to(tl.int32))
+                s_code = tl.where(s >= 0.015625, (((sb >> 23) - 120) << 3) | ((sb >> 20) & 7), (s * 512.0).to(tl.int32))
             scale = s * g
             ok = scale > 0  # a group whose s * g is 0 dequantizes to 0: +0 codes
             b = tl.where(ok, scale, 1.0)
@@ -331,10 +375,14 @@ def _block_quant_kernel(
                 r = (a * ((130 - e) << 23).to(tl.float32, bitcast=True) + 12582912.0) - 12582912.0
                 r = tl.minimum(r * ((124 + e) << 23).to(tl.float32, bitcast=True), 448.0)
                 rb = r.to(tl.int32, bitcast=True)
-                code = tl.where(r >= 0.015625, (((rb >> 23) - 120) << 3) | ((rb >> 20) & 7),
-                                (r * 512.0).to(tl.int32)) | (sign << 7)
-            tl.store(q_ptr + rows64[:, None] * stride_qm + offs_n[None, :],
-                     tl.reshape(code, (BLOCK_M, BLOCK_N)).to(tl.uint8), mask=row_mask[:, None])
+                code = tl.where(
+                    r >= 0.015625, (((rb >> 23) - 120) << 3) | ((rb >> 20) & 7), (r * 512.0).to(tl.int32)
+                ) | (sign << 7)
+            tl.store(
+                q_ptr + rows64[:, None] * stride_qm + offs_n[None, :],
+                tl.reshape(code, (BLOCK_M, BLOCK_N)).to(tl.uint8),
+                mask=row_mask[:, None],
+            )
         else:
             # E2M1 (grid 0, .5, 1, 1.5, 2, 3, 4, 6 = codes 0..7), RNE saturating at 6, by one magic add: a =
             # min(|v|, 6) in binade E = max(fp32 exponent field, 127) has grid step 2^(E - 128), the ulp of
@@ -349,10 +397,16 @@ def _block_quant_kernel(
             code = ((t.to(tl.int32, bitcast=True) ^ sign) & SEVEN) ^ sign  # one LOP3
             even, odd = tl.split(tl.reshape(code, (BLOCK_M, BLOCK_N // 2, 2)))  # columns 2i and 2i + 1
             packed = (even + (odd << 4)).to(tl.uint8)  # element 2i in the low nibble (an add: one IMAD)
-            tl.store(q_ptr + rows64[:, None] * stride_qm + col0 // 2 + tl.arange(0, BLOCK_N // 2)[None, :], packed,
-                     mask=row_mask[:, None])
-        tl.store(s_ptr + rows64[:, None] * stride_sm + col0 // GROUP + tl.arange(0, NG)[None, :],
-                 s_code.to(tl.uint8), mask=row_mask[:, None])
+            tl.store(
+                q_ptr + rows64[:, None] * stride_qm + col0 // 2 + tl.arange(0, BLOCK_N // 2)[None, :],
+                packed,
+                mask=row_mask[:, None],
+            )
+        tl.store(
+            s_ptr + rows64[:, None] * stride_sm + col0 // GROUP + tl.arange(0, NG)[None, :],
+            s_code.to(tl.uint8),
+            mask=row_mask[:, None],
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -375,11 +429,18 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
 def _use_tma(x2: torch.Tensor) -> bool:
     """TMA loads of x: on sm_90+, 2-byte inputs with 16-byte aligned rows. A device-side tensor descriptor needs
     Triton's global-scratch allocator; one backed by torch is installed here unless the caller set another."""
-    if not (USE_TMA and x2.is_cuda and x2.element_size() == 2 and torch.cuda.get_device_capability(x2.device)[0] >= 9
-            and x2.data_ptr() % 16 == 0 and (x2.stride(0) * 2) % 16 == 0):
+    if not (
+        USE_TMA
+        and x2.is_cuda
+        and x2.element_size() == 2
+        and torch.cuda.get_device_capability(x2.device)[0] >= 9
+        and x2.data_ptr() % 16 == 0
+        and (x2.stride(0) * 2) % 16 == 0
+    ):
         return False
     try:  # Triton keeps the allocator in a private module: if it moves, plain loads rather than a failed launch
         from triton.runtime import _allocation
+
         unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
     except (ImportError, AttributeError):
         return False
@@ -388,8 +449,15 @@ def _use_tma(x2: torch.Tensor) -> bool:
     return True
 
 
-def _launch(x: torch.Tensor, w: torch.Tensor | None, spec: BlockFormat, g: torch.Tensor | None, block: int,
-            shared: bool, config: TileConfig | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch(
+    x: torch.Tensor,
+    w: torch.Tensor | None,
+    spec: BlockFormat,
+    g: torch.Tensor | None,
+    block: int,
+    shared: bool,
+    config: TileConfig | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     x2 = as_rows(x)
     m, d = x2.shape
     codes = torch.empty((m, d // 2 if spec.packed else d), dtype=torch.uint8, device=x.device)
@@ -403,24 +471,53 @@ def _launch(x: torch.Tensor, w: torch.Tensor | None, spec: BlockFormat, g: torch
             config = TileConfig(16, min(max(tile_block, spec.group), 128), 2, 4, 1)  # interpreter: small, fixed
         if config is not None:
             config = check_tile(config, tile_block, spec.group, d, element)
-        meta = {"FMT": spec.kind, "GROUP": spec.group, "EMAX": spec.emax, "ROTATE": rotate, "W_SHARED": shared,
-                "DOT_IEEE": x.dtype == torch.float32, "HW_FP8": _hardware_fp8(x), "BLOCK": tile_block,
-                "DOT_FP32": not x.is_cuda and x.dtype == torch.bfloat16, "TMA": _use_tma(x2)}
+        meta = {
+            "FMT": spec.kind,
+            "GROUP": spec.group,
+            "EMAX": spec.emax,
+            "ROTATE": rotate,
+            "W_SHARED": shared,
+            "DOT_IEEE": x.dtype == torch.float32,
+            "HW_FP8": _hardware_fp8(x),
+            "BLOCK": tile_block,
+            "DOT_FP32": not x.is_cuda and x.dtype == torch.bfloat16,
+            "TMA": _use_tma(x2),
+        }
         if x.is_cuda:
             meta["enable_fp_fusion"] = False  # no FMA: each rounding step must see the fp32 result of the one before
-        args = (x2, w if rotate else x2, g if g is not None else x2, codes, scales, m, d, x2.stride(0),
-                codes.stride(0), scales.stride(0), m_bucket(m), 7)
+        args = (
+            x2,
+            w if rotate else x2,
+            g if g is not None else x2,
+            codes,
+            scales,
+            m,
+            d,
+            x2.stride(0),
+            codes.stride(0),
+            scales.stride(0),
+            m_bucket(m),
+            7,
+        )
         if config is not None:
             launch(_block_quant_kernel, tile_grid(m, d, config.meta()), args, {**meta, **config.launch_kwargs()})
         else:  # keyed by format and mode too: the autotuner's cache would otherwise share one winner among them
-            launch_tuned(_block_quant_kernel, tile_block, lambda meta: (tile_grid(m, d, meta),), args, meta,
-                         tune_key=(m_bucket(m), d, tile_block, spec.name, rotate, shared, x.dtype, x.device),
-                         key=TUNE_KEY, configs=block_quant_candidates(tile_block, spec.group, d, element))
+            launch_tuned(
+                _block_quant_kernel,
+                tile_block,
+                lambda meta: (tile_grid(m, d, meta),),
+                args,
+                meta,
+                tune_key=(m_bucket(m), d, tile_block, spec.name, rotate, shared, x.dtype, x.device),
+                key=TUNE_KEY,
+                configs=block_quant_candidates(tile_block, spec.group, d, element),
+            )
     return codes.reshape(*lead, codes.shape[-1]), scales.reshape(*lead, scales.shape[-1])
 
 
-def rotate_quantize_mx(x: torch.Tensor, blocks: torch.Tensor, fmt: str = "mxfp4", global_scale=None, *,
-                       config: TileConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_quantize_mx(
+    x: torch.Tensor, blocks: torch.Tensor, fmt: str = "mxfp4", global_scale=None, *, config: TileConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One-pass Triton y = x @ blockdiag(B) then microscaling quantization of y -> (codes, scales); see the module doc.
 
     blocks: [b, b] (or [1, b, b]) shared by every block, or [d / b, b, b]; fmt: "mxfp4", "nvfp4" or "mxfp8";
@@ -431,12 +528,13 @@ def rotate_quantize_mx(x: torch.Tensor, blocks: torch.Tensor, fmt: str = "mxfp4"
     b, shared = check_rotation(x, blocks, spec)
     g = check_global_scale(spec, global_scale, x.device)
     _check_device(x)
-    w = blocks.reshape(-1, b, b)[:1 if shared else None].contiguous()
+    w = blocks.reshape(-1, b, b)[: 1 if shared else None].contiguous()
     return _launch(x, w, spec, g, b, shared, config)
 
 
-def block_quantize(x: torch.Tensor, fmt: str = "mxfp4", global_scale=None, *,
-                   config: TileConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def block_quantize(
+    x: torch.Tensor, fmt: str = "mxfp4", global_scale=None, *, config: TileConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The same quantization of x itself, no rotation (the second launch of a separate rotate-then-quantize)."""
     spec = check_format(fmt)
     if not isinstance(x, torch.Tensor) or x.dtype not in INPUT_DTYPES:
@@ -459,15 +557,17 @@ def rotate_in_dtype(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return blockdiag_matmul_reference(x, stack, compute_dtype=None)
 
 
-def rotate_then_quantize(x: torch.Tensor, blocks: torch.Tensor, fmt: str = "mxfp4", global_scale=None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_then_quantize(
+    x: torch.Tensor, blocks: torch.Tensor, fmt: str = "mxfp4", global_scale=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The two-launch comparison: rotate_in_dtype, then block_quantize of that y (exact for the rounded y)."""
     check_rotation(x, blocks, check_format(fmt))
     return block_quantize(rotate_in_dtype(x, blocks), fmt, global_scale)
 
 
-def rotate_quantize_mx_bytes(d: int, tokens: int, block: int, fmt: str, element_size: int = 2,
-                             shared: bool = False) -> int:
+def rotate_quantize_mx_bytes(
+    d: int, tokens: int, block: int, fmt: str, element_size: int = 2, shared: bool = False
+) -> int:
     """Fewest device-memory bytes: read x and the blocks once, write the codes and the scales."""
     spec = check_format(fmt)
     code_bytes = d // 2 if spec.packed else d
@@ -478,6 +578,7 @@ def rotate_quantize_mx_bytes(d: int, tokens: int, block: int, fmt: str, element_
 # ----------------------------------------------------------------------------------------------------------------
 # Torch references (kernels/ imports no engine.quant module: tests/kernels/test_imports.py. These follow the same
 # rules as engine/quant/formats.py, and tests/kernels/test_block_quant.py checks them against its encoders)
+
 
 def _signbit(v: torch.Tensor) -> torch.Tensor:
     return torch.signbit(v).to(torch.uint8)
@@ -491,14 +592,24 @@ def _e4m3_bits(v: torch.Tensor) -> torch.Tensor:
 def _e2m1_codes(v: torch.Tensor) -> torch.Tensor:
     """E2M1 codes 0..15 of v: RNE on the grid 0, .5, 1, 1.5, 2, 3, 4, 6 (ties to the even code), saturating."""
     a = v.abs()
-    mag = sum(((a > t) if strict else (a >= t)).to(torch.uint8)
-              for t, strict in ((0.25, True), (0.75, False), (1.25, True), (1.75, False), (2.5, True), (3.5, False),
-                                (5.0, True)))
+    mag = sum(
+        ((a > t) if strict else (a >= t)).to(torch.uint8)
+        for t, strict in (
+            (0.25, True),
+            (0.75, False),
+            (1.25, True),
+            (1.75, False),
+            (2.5, True),
+            (3.5, False),
+            (5.0, True),
+        )
+    )
     return mag | (_signbit(v) << 3)
 
 
-def block_quantize_reference(y: torch.Tensor, fmt: str = "mxfp4",
-                             global_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+def block_quantize_reference(
+    y: torch.Tensor, fmt: str = "mxfp4", global_scale=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch quantization of y [..., d] (as float32) -> (codes, scales) laid out like the kernel's."""
     spec = check_format(fmt)
     y = y.float()
@@ -535,8 +646,9 @@ def rotate_reference(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return y.reshape(x.shape)
 
 
-def rotate_quantize_mx_reference(x: torch.Tensor, blocks: torch.Tensor, fmt: str = "mxfp4",
-                                 global_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_quantize_mx_reference(
+    x: torch.Tensor, blocks: torch.Tensor, fmt: str = "mxfp4", global_scale=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference of rotate_quantize_mx: the rotation in fp32, then block_quantize_reference."""
     spec = check_format(fmt)
     check_rotation(x, blocks, spec)
@@ -553,19 +665,23 @@ def nvfp4_global_scale(x: torch.Tensor, blocks: torch.Tensor | None = None) -> t
 # ----------------------------------------------------------------------------------------------------------------
 # Checking helpers (tests, kernels/bench.py, benchmarks/gpu_block_quant.py)
 
+
 def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [..., k] -> E2M1 codes uint8 [..., 2k] (element 2i from the low nibble)."""
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
 
 
-def group_mismatch(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor],
-                   fmt: str) -> torch.Tensor:
+def group_mismatch(
+    got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor], fmt: str
+) -> torch.Tensor:
     """bool [..., d / group]: the groups whose scale or any code differs between two (codes, scales) results."""
     spec = check_format(fmt)
     (c, s), (c_ref, s_ref) = got, want
     if c.shape != c_ref.shape or s.shape != s_ref.shape:
-        raise ValueError(f"shapes differ: codes {list(c.shape)} vs {list(c_ref.shape)}, scales {list(s.shape)} vs "
-                         f"{list(s_ref.shape)}")
+        raise ValueError(
+            f"shapes differ: codes {list(c.shape)} vs {list(c_ref.shape)}, scales {list(s.shape)} vs "
+            f"{list(s_ref.shape)}"
+        )
     if spec.packed:
         c, c_ref = unpack_fp4(c), unpack_fp4(c_ref)
     codes_differ = (c != c_ref).reshape(*s.shape, spec.group).any(-1)
@@ -586,12 +702,14 @@ def boundary_groups(y: torch.Tensor, fmt: str, global_scale=None, tol: torch.Ten
     y = y.float()
     tol = tol * y.abs() if isinstance(tol, float) else tol
     base = block_quantize_reference(y, fmt, global_scale)
-    return (group_mismatch(block_quantize_reference(y + tol, fmt, global_scale), base, fmt)
-            | group_mismatch(block_quantize_reference(y - tol, fmt, global_scale), base, fmt))
+    return group_mismatch(block_quantize_reference(y + tol, fmt, global_scale), base, fmt) | group_mismatch(
+        block_quantize_reference(y - tol, fmt, global_scale), base, fmt
+    )
 
 
-def exact_rotation_inputs(rows: int, d: int, block: int, dtype: torch.dtype, shared: bool, seed: int = 0,
-                          device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def exact_rotation_inputs(
+    rows: int, d: int, block: int, dtype: torch.dtype, shared: bool, seed: int = 0, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x [rows, d], blocks) whose fp32 rotation is exact in any summation order, so the kernel's y equals torch's.
 
     x: integers in [-64, 64] times 2^k (k from -6 to 4 per row; every input dtype holds them exactly); row 1 is all
@@ -607,8 +725,9 @@ def exact_rotation_inputs(rows: int, d: int, block: int, dtype: torch.dtype, sha
         x[1] = 0.0
     if rows > 2:
         k[2] = 0.0
-        x[2, torch.randperm(d, generator=gen)[:max(1, d // 32)]] = 31744.0 * torch.where(
-            torch.rand(max(1, d // 32), generator=gen) < 0.5, -1.0, 1.0)
+        x[2, torch.randperm(d, generator=gen)[: max(1, d // 32)]] = 31744.0 * torch.where(
+            torch.rand(max(1, d // 32), generator=gen) < 0.5, -1.0, 1.0
+        )
     x = x * torch.exp2(torch.where(x.abs() > 64, 0.0, k))
     n = 1 if shared else d // block
     signs = torch.where(torch.rand(n, block, block, generator=gen) < 0.5, -1.0, 1.0)

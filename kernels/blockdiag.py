@@ -43,11 +43,20 @@ DEFAULT_BLOCK = 128
 # ----------------------------------------------------------------------------------------------------------------
 # The kernel (plain function; compiled by kernels.launch)
 
+
 def _blockdiag_kernel(
-    x_ptr, w_ptr, y_ptr,  # x [M, D], w [n, BLOCK, BLOCK], y [M, D]; last dims contiguous
-    M, D, stride_xm, stride_ym,
+    x_ptr,
+    w_ptr,
+    y_ptr,  # x [M, D], w [n, BLOCK, BLOCK], y [M, D]; last dims contiguous
+    M,
+    D,
+    stride_xm,
+    stride_ym,
     M_BUCKET,  # autotune key only
-    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROW_TILES: tl.constexpr,
     DOT_FP32: tl.constexpr,  # the interpreter's dot cannot read bf16: upcast there (exact products)
     X_EVICTION: tl.constexpr,  # L2 hint for x, streamed once (X_EVICTION_POLICY); "" for the default policy
 ):
@@ -61,8 +70,10 @@ def _blockdiag_kernel(
     offs_n = tl.arange(0, BLOCK_N)
 
     # B_j[:, col0-k0 : col0-k0+BLOCK_N]  [BLOCK, BLOCK_N], read once, reused for every row tile
-    w = tl.load(w_ptr + (k0 // BLOCK) * BLOCK * BLOCK + offs_k[:, None] * BLOCK + (col0 - k0) + offs_n[None, :],
-                eviction_policy="evict_last")  # every row group reads it
+    w = tl.load(
+        w_ptr + (k0 // BLOCK) * BLOCK * BLOCK + offs_k[:, None] * BLOCK + (col0 - k0) + offs_n[None, :],
+        eviction_policy="evict_last",
+    )  # every row group reads it
     if DOT_FP32:
         w = w.to(tl.float32)
 
@@ -72,18 +83,26 @@ def _blockdiag_kernel(
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < M
         rows64 = rows.to(tl.int64)  # M * D can pass 2^31
-        x = tl.load(x_ptr + rows64[:, None] * stride_xm + k0 + offs_k[None, :], mask=row_mask[:, None], other=0.0,
-                    eviction_policy=X_EVICTION)
+        x = tl.load(
+            x_ptr + rows64[:, None] * stride_xm + k0 + offs_k[None, :],
+            mask=row_mask[:, None],
+            other=0.0,
+            eviction_policy=X_EVICTION,
+        )
         if DOT_FP32:
             acc = tl.dot(x.to(tl.float32), w, input_precision="ieee")
         else:
             acc = tl.dot(x, w)  # [BLOCK_M, BLOCK_N] fp32
-        tl.store(y_ptr + rows64[:, None] * stride_ym + col0 + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=row_mask[:, None])
+        tl.store(
+            y_ptr + rows64[:, None] * stride_ym + col0 + offs_n[None, :],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=row_mask[:, None],
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Launcher and reference
+
 
 def blockdiag_matmul_triton(x: torch.Tensor, blocks: torch.Tensor, *, config: TileConfig | None = None) -> torch.Tensor:
     """Triton y = x @ blockdiag(blocks); autotuned unless `config` fixes the tile shape."""
@@ -95,13 +114,22 @@ def blockdiag_matmul_triton(x: torch.Tensor, blocks: torch.Tensor, *, config: Ti
         return y.reshape(x.shape)
     meta, config = launch_options(x, b, config)
     meta["X_EVICTION"] = X_EVICTION_POLICY  # read at each call: benchmarks.gpu_kernel_check times the tile without it
-    launch_tiled(_blockdiag_kernel, b, m, d, (x2, w, y, m, d, x2.stride(0), y.stride(0), m_bucket(m)), meta, config,
-                 tune_key=(m_bucket(m), d, b, x.dtype, x.device))
+    launch_tiled(
+        _blockdiag_kernel,
+        b,
+        m,
+        d,
+        (x2, w, y, m, d, x2.stride(0), y.stride(0), m_bucket(m)),
+        meta,
+        config,
+        tune_key=(m_bucket(m), d, b, x.dtype, x.device),
+    )
     return y.reshape(x.shape)
 
 
-def blockdiag_matmul_reference(x: torch.Tensor, blocks: torch.Tensor, *,
-                               compute_dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+def blockdiag_matmul_reference(
+    x: torch.Tensor, blocks: torch.Tensor, *, compute_dtype: torch.dtype | None = torch.float32
+) -> torch.Tensor:
     """Torch y = x @ blockdiag(blocks), computed in compute_dtype (None: x's dtype, one batched matmul)."""
     n, b = check_blocks(x, blocks)
     dtype = compute_dtype or x.dtype
@@ -120,10 +148,16 @@ def blockdiag_matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # Engine hook (online R3/R4): differentiable, any device and dtype
 
+
 def kernel_applies(x: torch.Tensor, blocks: torch.Tensor) -> bool:
     """True when the Triton kernel can run this rotation: CUDA, fp16/bf16 activations, a supported block."""
-    return (x.is_cuda and x.dtype in KERNEL_DTYPES and blocks.dim() == 3
-            and blocks.shape[-1] in SUPPORTED_BLOCKS and blocks.shape[-1] == blocks.shape[-2])
+    return (
+        x.is_cuda
+        and x.dtype in KERNEL_DTYPES
+        and blocks.dim() == 3
+        and blocks.shape[-1] in SUPPORTED_BLOCKS
+        and blocks.shape[-1] == blocks.shape[-2]
+    )
 
 
 class _BlockdiagRotation(torch.autograd.Function):

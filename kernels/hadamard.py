@@ -65,9 +65,12 @@ def _fht_package():
             return None  # no CUDA: the package cannot run, so it is neither checked nor used
         problem = _PACKAGE_CHECKS[package] = check_package(package, device)
         if problem is not None:
-            warnings.warn(f"{PACKAGE} failed its check against the engine's Hadamard transform ({problem}); using "
-                          "the torch backend instead. Reinstall it for this GPU (requirements-gpu.txt) to use it.",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{PACKAGE} failed its check against the engine's Hadamard transform ({problem}); using "
+                "the torch backend instead. Reinstall it for this GPU (requirements-gpu.txt) to use it.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return package if _PACKAGE_CHECKS[package] is None else None
 
 
@@ -106,8 +109,7 @@ def check_package(package, device: str) -> str | None:
             x = torch.randn(4, CHECK_PADDED_WIDTH, generator=generator).to(device=device, dtype=dtype)
             error = _relative_error(_padded_transform(x, package), hadamard_transform_padded_reference(x.cpu()))
             if not error <= tol:
-                return (f"padded transform, width {CHECK_PADDED_WIDTH}, {dtype}: relative error {error:.3g} "
-                        f"> {tol:g}")
+                return f"padded transform, width {CHECK_PADDED_WIDTH}, {dtype}: relative error {error:.3g} > {tol:g}"
     except Exception as err:  # noqa: BLE001 - a package that cannot run on this machine is rejected, not fatal
         return f"it raised {err!r:.300}"
     return None
@@ -145,8 +147,9 @@ def _engine_factor(k: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     """The engine's normalised H_K [K, K] in the compute dtype."""
     h = torch.as_tensor(engine_hadamard.hadamard_matrix(k))
     if h.shape != (k, k):
-        raise ValueError(f"engine.rotation.hadamard.hadamard_matrix({k}) returned shape {tuple(h.shape)}, "
-                         f"expected ({k}, {k})")
+        raise ValueError(
+            f"engine.rotation.hadamard.hadamard_matrix({k}) returned shape {tuple(h.shape)}, expected ({k}, {k})"
+        )
     return h.to(dtype=dtype, device=device)
 
 
@@ -156,7 +159,7 @@ def _apply_kronecker(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tens
     lead = x.shape[:-1]
     y = x
     for axis, f in enumerate(factors):
-        inner = math.prod(sizes[axis + 1:])
+        inner = math.prod(sizes[axis + 1 :])
         if inner == 1:  # last axis: [..., outer, A] @ F
             y = y.reshape(*lead, -1, sizes[axis]) @ f
         else:  # y[..., a', i] = sum_a F[a, a'] y[..., a, i] over [..., outer, A, inner]
@@ -178,8 +181,10 @@ def _use_package(x: torch.Tensor, p: int, backend_name: str | None):
         return None
     package = _fht_package()
     if backend_name == PACKAGE and (package is None or not x.is_cuda):
-        raise RuntimeError(f"backend='{PACKAGE}' needs the package (pip install -r requirements-gpu.txt), a CUDA "
-                           f"tensor, and the package passing its check against the engine ({package_status()})")
+        raise RuntimeError(
+            f"backend='{PACKAGE}' needs the package (pip install -r requirements-gpu.txt), a CUDA "
+            f"tensor, and the package passing its check against the engine ({package_status()})"
+        )
     return package if _package_applies(x, p) else None
 
 

@@ -35,9 +35,11 @@ SHARED_MEMORY_BUDGET = 200 * 1024  # bytes per program; an H100 SM has 227 KiB f
 # ----------------------------------------------------------------------------------------------------------------
 # Tile configurations and the autotune candidates
 
+
 @dataclass(frozen=True)
 class TileConfig:
     """One launch shape of the block-diagonal kernels (blockdiag and both steps of rotate_quant)."""
+
     block_m: int  # tokens per row tile
     block_n: int  # output columns per program; divides the block size b
     row_tiles: int  # consecutive row tiles one program walks with its B tile on chip
@@ -78,14 +80,33 @@ INTERPRETER_TILE = TileConfig(block_m=16, block_n=64, row_tiles=2, num_warps=4, 
 # b = 128; the others cover small L (one program per block), grids near a multiple of the SM count at mid L
 # (2 or 3 programs per column tile at L = 512), and the other block sizes.
 BLOCKDIAG_TILE_CANDIDATES = (
-    (16, 1, 4, 2), (32, 1, 4, 2), (64, 1, 4, 3), (64, 4, 4, 3), (64, 16, 4, 3),
-    (128, 1, 8, 3), (128, 4, 8, 3), (128, 8, 8, 3), (64, 8, 8, 3), (128, 4, 4, 3),
-    (64, 2, 4, 3), (64, 3, 4, 3), (32, 4, 4, 3), (32, 8, 4, 3),
+    (16, 1, 4, 2),
+    (32, 1, 4, 2),
+    (64, 1, 4, 3),
+    (64, 4, 4, 3),
+    (64, 16, 4, 3),
+    (128, 1, 8, 3),
+    (128, 4, 8, 3),
+    (128, 8, 8, 3),
+    (64, 8, 8, 3),
+    (128, 4, 4, 3),
+    (64, 2, 4, 3),
+    (64, 3, 4, 3),
+    (32, 4, 4, 3),
+    (32, 8, 4, 3),
 )
 # Rotate + quantize candidates of each step, the same fields; output tiles are min(b, 128) wide. From the H100
 # sweep (docs/BENCHMARKS.md): long row walks win at large L, one tile per program at small L.
-ROTATE_QUANT_TILE_CANDIDATES = ((64, 4, 4, 3), (64, 8, 4, 4), (64, 16, 4, 4), (128, 4, 4, 3), (128, 4, 8, 3),
-                                (64, 1, 4, 3), (32, 1, 4, 2), (16, 1, 4, 2))
+ROTATE_QUANT_TILE_CANDIDATES = (
+    (64, 4, 4, 3),
+    (64, 8, 4, 4),
+    (64, 16, 4, 4),
+    (128, 4, 4, 3),
+    (128, 4, 8, 3),
+    (64, 1, 4, 3),
+    (32, 1, 4, 2),
+    (16, 1, 4, 2),
+)
 
 
 def shared_memory_estimate(block: int, config: TileConfig, element_size: int = 2) -> int:
@@ -111,12 +132,14 @@ def tile_configs(block: int) -> list[TileConfig]:
     return configs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rotate_quant_candidates(block: int) -> tuple[TileConfig, ...]:
     """Rotate + quantize autotune candidates for block size b, as a tuple (a cache key of launch_tuned)."""
     block_n = min(block, 128)
-    configs = (TileConfig(block_m, block_n, row_tiles, warps, stages)
-               for block_m, row_tiles, warps, stages in ROTATE_QUANT_TILE_CANDIDATES)
+    configs = (
+        TileConfig(block_m, block_n, row_tiles, warps, stages)
+        for block_m, row_tiles, warps, stages in ROTATE_QUANT_TILE_CANDIDATES
+    )
     return tuple(c for c in configs if shared_memory_estimate(block, c) <= SHARED_MEMORY_BUDGET)
 
 
@@ -135,8 +158,10 @@ def fit_config(config: TileConfig, block: int) -> TileConfig:
     if config.block_n > block:
         config = TileConfig(config.block_m, block, config.row_tiles, config.num_warps, config.num_stages)
     if shared_memory_estimate(block, config) > SHARED_MEMORY_BUDGET:
-        raise ValueError(f"tile {config} needs about {shared_memory_estimate(block, config) // 1024} KiB of shared "
-                         f"memory for block {block}; use a smaller block_m, block_n or num_stages")
+        raise ValueError(
+            f"tile {config} needs about {shared_memory_estimate(block, config) // 1024} KiB of shared "
+            f"memory for block {block}; use a smaller block_m, block_n or num_stages"
+        )
     return config
 
 
@@ -153,6 +178,7 @@ def tile_grid(m: int, d: int, meta: dict) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Argument checks and the CPU interpreter
 
+
 def triton_interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -160,10 +186,13 @@ def triton_interpret_requested() -> bool:
 def check_interpreter_active() -> None:
     """Raise if TRITON_INTERPRET=1 came after `import triton` (the interpreter would fail inside tl.max)."""
     from triton.runtime.interpreter import InterpretedFunction
+
     if not isinstance(tl.standard.max, InterpretedFunction):
-        raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported, so Triton's interpreter cannot run "
-                           "the kernels; set it before the first `import triton` (for pytest: at the top of "
-                           "tests/conftest.py, or run the kernel tests in their own process)")
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after triton was imported, so Triton's interpreter cannot run "
+            "the kernels; set it before the first `import triton` (for pytest: at the top of "
+            "tests/conftest.py, or run the kernel tests in their own process)"
+        )
 
 
 def check_blocks(x: torch.Tensor, blocks: torch.Tensor) -> tuple[int, int]:
@@ -176,8 +205,10 @@ def check_blocks(x: torch.Tensor, blocks: torch.Tensor) -> tuple[int, int]:
         raise ValueError("x must have at least one dim (the rotated width d)")
     n, b = blocks.shape[0], blocks.shape[1]
     if n == 0 or x.shape[-1] != n * b:
-        raise ValueError(f"x's last dim ({x.shape[-1]}) must equal n_blocks * b = {n} * {b} = {n * b}; "
-                         f"for width d use d // b blocks of size b with d divisible by b")
+        raise ValueError(
+            f"x's last dim ({x.shape[-1]}) must equal n_blocks * b = {n} * {b} = {n * b}; "
+            f"for width d use d // b blocks of size b with d divisible by b"
+        )
     if x.device != blocks.device:
         raise ValueError(f"x is on {x.device} but blocks are on {blocks.device}; move both to one device")
     return n, b
@@ -187,17 +218,23 @@ def check_kernel_args(x: torch.Tensor, blocks: torch.Tensor) -> tuple[int, int]:
     """The Triton kernels' constraints on top of check_blocks."""
     n, b = check_blocks(x, blocks)
     if b not in SUPPORTED_BLOCKS:
-        raise ValueError(f"the Triton kernel supports block sizes {SUPPORTED_BLOCKS}, got b = {b}; "
-                         "use blockdiag_matmul_reference for other sizes")
+        raise ValueError(
+            f"the Triton kernel supports block sizes {SUPPORTED_BLOCKS}, got b = {b}; "
+            "use blockdiag_matmul_reference for other sizes"
+        )
     if x.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"the Triton kernel takes float16 or bfloat16 inputs, got {x.dtype}; "
-                         "cast x (and blocks) with .half() or .bfloat16(), or use blockdiag_matmul_reference")
+        raise ValueError(
+            f"the Triton kernel takes float16 or bfloat16 inputs, got {x.dtype}; "
+            "cast x (and blocks) with .half() or .bfloat16(), or use blockdiag_matmul_reference"
+        )
     if blocks.dtype != x.dtype:
         raise ValueError(f"blocks dtype ({blocks.dtype}) must match x dtype ({x.dtype}); cast with blocks.to(x.dtype)")
     if not x.is_cuda:
         if not triton_interpret_requested():
-            raise RuntimeError(f"the Triton kernel needs a CUDA tensor (x is on {x.device}); set TRITON_INTERPRET=1 "
-                               "to run it in Triton's CPU interpreter, or use blockdiag_matmul_reference")
+            raise RuntimeError(
+                f"the Triton kernel needs a CUDA tensor (x is on {x.device}); set TRITON_INTERPRET=1 "
+                "to run it in Triton's CPU interpreter, or use blockdiag_matmul_reference"
+            )
         check_interpreter_active()
     return n, b
 
@@ -223,6 +260,7 @@ def launch_options(x: torch.Tensor, block: int, config: TileConfig | None) -> tu
 # ----------------------------------------------------------------------------------------------------------------
 # Compilation, autotuning and launches
 
+
 def autotune_do_bench(fn, quantiles=None):
     """do_bench (L2 flushed before each run) of a CUDA graph of one trial run, shorter than the default.
 
@@ -230,12 +268,12 @@ def autotune_do_bench(fn, quantiles=None):
     the flush) out of the timings, which otherwise ranked the candidates by host noise at small L.
     """
     from kernels.timing import capture
+
     graph = capture(fn)  # our launches never sync, so they can always be captured
-    return triton.testing.do_bench(graph.replay if graph is not None else fn, warmup=5, rep=25,
-                                   quantiles=quantiles)
+    return triton.testing.do_bench(graph.replay if graph is not None else fn, warmup=5, rep=25, quantiles=quantiles)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jit(fn, interpret: bool):
     """triton.jit applied at first use: interpreted or compiled according to TRITON_INTERPRET then."""
     del interpret  # part of the cache key only; triton.jit reads the environment itself
@@ -246,14 +284,15 @@ def jit_kernel(fn):
     return _jit(fn, triton_interpret_requested())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _autotuned(fn, block: int, key: tuple[str, ...], configs: tuple[TileConfig, ...] | None):
     candidates = [c.to_triton() for c in configs] if configs else blockdiag_autotune_configs(block)
     return triton.autotune(configs=candidates, key=list(key), do_bench=autotune_do_bench)(_jit(fn, False))
 
 
-def autotuned_kernel(fn, block: int, key: tuple[str, ...] = ("M_BUCKET", "D", "BLOCK"),
-                     configs: tuple[TileConfig, ...] | None = None):
+def autotuned_kernel(
+    fn, block: int, key: tuple[str, ...] = ("M_BUCKET", "D", "BLOCK"), configs: tuple[TileConfig, ...] | None = None
+):
     """The autotuned kernel for block size b; configs: the candidates (None: tile_configs(block)). Trial runs
     repeat the launch, so a kernel tuned this way must be idempotent (ours are: plain stores, atomic max)."""
     return _autotuned(fn, block, key, configs)
@@ -273,7 +312,7 @@ def specialization(arg):
     return arg == 1, arg % 16 == 0, -(1 << 31) <= arg < (1 << 31)  # the last: i32 or i64
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _constexpr_names(fn) -> tuple[str, ...]:
     """The kernel's tl.constexpr parameters, in order (our kernels list them after every runtime argument)."""
     jitted = jit_kernel(fn)
@@ -300,9 +339,16 @@ def launch(fn, grid: int, args: tuple, meta: dict) -> None:
         compiled[(grid, 1, 1)](*args, *constexprs)
 
 
-def launch_tuned(fn, block: int, grid, args: tuple, meta: dict, tune_key: tuple,
-                 key: tuple[str, ...] = ("M_BUCKET", "D", "BLOCK"),
-                 configs: tuple[TileConfig, ...] | None = None) -> None:
+def launch_tuned(
+    fn,
+    block: int,
+    grid,
+    args: tuple,
+    meta: dict,
+    tune_key: tuple,
+    key: tuple[str, ...] = ("M_BUCKET", "D", "BLOCK"),
+    configs: tuple[TileConfig, ...] | None = None,
+) -> None:
     """Autotune on the first call for tune_key, then launch the winner through `launch` (no autotune wrapper).
 
     grid: meta -> (programs,). configs: the candidates (None: tile_configs(block)). Host time matters: on the
@@ -319,8 +365,17 @@ def launch_tuned(fn, block: int, grid, args: tuple, meta: dict, tune_key: tuple,
         launch(fn, grid(best)[0], args, {**meta, **best})
 
 
-def launch_tiled(fn, block: int, m: int, d: int, args: tuple, meta: dict, config: TileConfig | None,
-                 tune_key: tuple, configs: tuple[TileConfig, ...] | None = None) -> None:
+def launch_tiled(
+    fn,
+    block: int,
+    m: int,
+    d: int,
+    args: tuple,
+    meta: dict,
+    config: TileConfig | None,
+    tune_key: tuple,
+    configs: tuple[TileConfig, ...] | None = None,
+) -> None:
     """One launch of a tiled kernel over x [m, d]: the fixed `config`, or autotuned (launch_tuned) when None."""
     if config is None:
         launch_tuned(fn, block, lambda meta: (tile_grid(m, d, meta),), args, meta, tune_key, configs=configs)

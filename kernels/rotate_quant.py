@@ -57,6 +57,7 @@ def check_bits(bits: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # References and packing
 
+
 def quantize_per_token_reference(y: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token symmetric quantization of y [..., d] -> (q int8 [..., d] unpacked, scales float32 [..., 1])."""
     qmax = check_bits(bits)
@@ -94,8 +95,9 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor
     return values.float() * scales
 
 
-def rotate_quantize_reference(x: torch.Tensor, blocks: torch.Tensor,
-                              bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_quantize_reference(
+    x: torch.Tensor, blocks: torch.Tensor, bits: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference: fp32 rotation, then quantize_per_token_reference; int4 packed like the kernel."""
     check_bits(bits)
     y = blockdiag_matmul_reference(x.float(), blocks.float())
@@ -105,6 +107,7 @@ def rotate_quantize_reference(x: torch.Tensor, blocks: torch.Tensor,
 
 # ----------------------------------------------------------------------------------------------------------------
 # The kernels (plain functions; compiled by kernels.launch) and the prologue they share
+
 
 @triton.jit  # decorated at import, as Triton's own tl functions are: TRITON_INTERPRET must be set before that
 def column_tile(w_ptr, pid, D, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -118,16 +121,25 @@ def column_tile(w_ptr, pid, D, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
     k0 = (col0 // BLOCK) * BLOCK
     offs_k = tl.arange(0, BLOCK)
     offs_n = tl.arange(0, BLOCK_N)
-    w = tl.load(w_ptr + (k0 // BLOCK) * BLOCK * BLOCK + offs_k[:, None] * BLOCK + (col0 - k0) + offs_n[None, :],
-                eviction_policy="evict_last")
+    w = tl.load(
+        w_ptr + (k0 // BLOCK) * BLOCK * BLOCK + offs_k[:, None] * BLOCK + (col0 - k0) + offs_n[None, :],
+        eviction_policy="evict_last",
+    )
     return n_col_tiles, col_tile, col0, k0, w
 
 
 def _row_absmax_kernel(
-    x_ptr, w_ptr, absmax_ptr,  # x [M, D], w [n, BLOCK, BLOCK], absmax int32 [M] (fp32 bits), zero on entry
-    M, D, stride_xm,
+    x_ptr,
+    w_ptr,
+    absmax_ptr,  # x [M, D], w [n, BLOCK, BLOCK], absmax int32 [M] (fp32 bits), zero on entry
+    M,
+    D,
+    stride_xm,
     M_BUCKET,  # autotune key only
-    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROW_TILES: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -141,8 +153,9 @@ def _row_absmax_kernel(
     for tile in range(first, last):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < M
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + k0 + offs_k[None, :], mask=row_mask[:, None],
-                    other=0.0)  # default L2 policy: step 2 re-reads it
+        x = tl.load(
+            x_ptr + rows.to(tl.int64)[:, None] * stride_xm + k0 + offs_k[None, :], mask=row_mask[:, None], other=0.0
+        )  # default L2 policy: step 2 re-reads it
         if DOT_FP32:
             y = tl.dot(x.to(tl.float32), w, input_precision="ieee")
         else:
@@ -152,11 +165,22 @@ def _row_absmax_kernel(
 
 
 def _quantize_kernel(
-    x_ptr, w_ptr, absmax_ptr, q_ptr, scale_ptr,  # absmax from step 1; q [M, D or D/2], scale [M]
-    M, D, stride_xm, stride_qm,
+    x_ptr,
+    w_ptr,
+    absmax_ptr,
+    q_ptr,
+    scale_ptr,  # absmax from step 1; q [M, D or D/2], scale [M]
+    M,
+    D,
+    stride_xm,
+    stride_qm,
     M_BUCKET,  # autotune key only
-    QMAX: tl.constexpr, PACK_INT4: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr,
+    QMAX: tl.constexpr,
+    PACK_INT4: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROW_TILES: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -172,8 +196,12 @@ def _quantize_kernel(
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < M
         rows64 = rows.to(tl.int64)
-        x = tl.load(x_ptr + rows64[:, None] * stride_xm + k0 + offs_k[None, :], mask=row_mask[:, None], other=0.0,
-                    eviction_policy="evict_first")  # its last use
+        x = tl.load(
+            x_ptr + rows64[:, None] * stride_xm + k0 + offs_k[None, :],
+            mask=row_mask[:, None],
+            other=0.0,
+            eviction_policy="evict_first",
+        )  # its last use
         if DOT_FP32:
             y = tl.dot(x.to(tl.float32), w, input_precision="ieee")
         else:
@@ -191,11 +219,11 @@ def _quantize_kernel(
             even, odd = tl.split(tl.reshape(q, (BLOCK_M, BLOCK_N // 2, 2)))  # columns 2k and 2k+1
             packed = ((even & 0x0F) | ((odd & 0x0F) << 4)).to(tl.uint8)
             offs_b = tl.arange(0, BLOCK_N // 2)
-            tl.store(q_ptr + rows64[:, None] * stride_qm + col0 // 2 + offs_b[None, :], packed,
-                     mask=row_mask[:, None])
+            tl.store(q_ptr + rows64[:, None] * stride_qm + col0 // 2 + offs_b[None, :], packed, mask=row_mask[:, None])
         else:
-            tl.store(q_ptr + rows64[:, None] * stride_qm + col0 + offs_n[None, :], q.to(tl.int8),
-                     mask=row_mask[:, None])
+            tl.store(
+                q_ptr + rows64[:, None] * stride_qm + col0 + offs_n[None, :], q.to(tl.int8), mask=row_mask[:, None]
+            )
         if col_tile == 0:
             tl.store(scale_ptr + rows, tl.math.div_rn(absmax, qmax), mask=row_mask)
 
@@ -203,8 +231,10 @@ def _quantize_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # Launcher
 
-def row_absmax(x: torch.Tensor, blocks: torch.Tensor, *, config: TileConfig | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+
+def row_absmax(
+    x: torch.Tensor, blocks: torch.Tensor, *, config: TileConfig | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Step 1 alone: merge max_j |(x @ blockdiag(blocks))_j| of each token into `out` (int32 [M], the fp32 bits).
 
     out: zeros when None; an existing buffer keeps the larger of its value and the new maximum (atomic max), so a
@@ -216,16 +246,26 @@ def row_absmax(x: torch.Tensor, blocks: torch.Tensor, *, config: TileConfig | No
     if out is None:
         out = torch.zeros((x2.shape[0],), dtype=torch.int32, device=x.device)
     elif out.shape != (x2.shape[0],) or out.dtype != torch.int32 or out.device != x.device:
-        raise ValueError(f"out must be int32 [{x2.shape[0]}] on {x.device}, got {out.dtype} {list(out.shape)} "
-                         f"on {out.device}")
+        raise ValueError(
+            f"out must be int32 [{x2.shape[0]}] on {x.device}, got {out.dtype} {list(out.shape)} on {out.device}"
+        )
     if x2.shape[0]:
         _launch_step(_row_absmax_kernel, x, x2, blocks.contiguous(), (out,), b, None, config)
     return out
 
 
-def _launch_step(kernel, x: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, buffers: tuple, b: int,
-                 bits: int | None, config: TileConfig | None, out_stride: tuple = (),
-                 extra: dict | None = None) -> None:
+def _launch_step(
+    kernel,
+    x: torch.Tensor,
+    x2: torch.Tensor,
+    w: torch.Tensor,
+    buffers: tuple,
+    b: int,
+    bits: int | None,
+    config: TileConfig | None,
+    out_stride: tuple = (),
+    extra: dict | None = None,
+) -> None:
     """Launch one step over x2 [M, D]: args (x2, w, *buffers, M, D, x2's row stride, *out_stride, M bucket)."""
     m, d = x2.shape
     meta, config = launch_options(x, b, config)
@@ -233,12 +273,22 @@ def _launch_step(kernel, x: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, buf
         meta["enable_fp_fusion"] = False  # no y * s + c fused into one FMA: the rounding must see fp32 y * s
     args = (x2, w, *buffers, m, d, x2.stride(0), *out_stride, m_bucket(m))
     # both steps are idempotent, so the autotuner's repeated trial runs are harmless
-    launch_tiled(kernel, b, m, d, args, {**meta, **(extra or {})}, config,
-                 tune_key=(m_bucket(m), d, b, bits, x.dtype, x.device), configs=rotate_quant_candidates(b))
+    launch_tiled(
+        kernel,
+        b,
+        m,
+        d,
+        args,
+        {**meta, **(extra or {})},
+        config,
+        tune_key=(m_bucket(m), d, b, bits, x.dtype, x.device),
+        configs=rotate_quant_candidates(b),
+    )
 
 
-def rotate_quantize(x: torch.Tensor, blocks: torch.Tensor, bits: int = 4, *,
-                    config: TileConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_quantize(
+    x: torch.Tensor, blocks: torch.Tensor, bits: int = 4, *, config: TileConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton rotation + per-token quantization -> (q, scales float32 [..., 1]); see the module doc.
 
     config: one tile shape for both steps (None: each step autotuned on CUDA; a small fixed tile when interpreted).
@@ -249,16 +299,25 @@ def rotate_quantize(x: torch.Tensor, blocks: torch.Tensor, bits: int = 4, *,
         raise ValueError("int4 packing needs an even width")
     x2, w = as_rows(x), blocks.contiguous()
     m, d = x2.shape
-    q = torch.empty((m, d // 2 if bits == 4 else d), dtype=torch.uint8 if bits == 4 else torch.int8,
-                    device=x.device)
+    q = torch.empty((m, d // 2 if bits == 4 else d), dtype=torch.uint8 if bits == 4 else torch.int8, device=x.device)
     scales = torch.empty((m,), dtype=torch.float32, device=x.device)
     lead = x.shape[:-1]
     if m == 0:
         return q.reshape(*lead, q.shape[-1]), scales.reshape(*lead, 1)
     absmax = torch.zeros((m,), dtype=torch.int32, device=x.device)
     _launch_step(_row_absmax_kernel, x, x2, w, (absmax,), b, bits, config)
-    _launch_step(_quantize_kernel, x, x2, w, (absmax, q, scales), b, bits, config, out_stride=(q.stride(0),),
-                 extra={"QMAX": qmax, "PACK_INT4": bits == 4})
+    _launch_step(
+        _quantize_kernel,
+        x,
+        x2,
+        w,
+        (absmax, q, scales),
+        b,
+        bits,
+        config,
+        out_stride=(q.stride(0),),
+        extra={"QMAX": qmax, "PACK_INT4": bits == 4},
+    )
     return q.reshape(*lead, q.shape[-1]), scales.reshape(*lead, 1)
 
 

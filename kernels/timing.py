@@ -32,8 +32,10 @@ def capture(fn) -> torch.cuda.CUDAGraph | None:
         with torch.cuda.graph(graph):
             fn()
     except RuntimeError as err:
-        raise RuntimeError(f"this op cannot be captured in a CUDA graph ({err}); time it eagerly "
-                           "(graph=False, or --eager on the command line)") from err
+        raise RuntimeError(
+            f"this op cannot be captured in a CUDA graph ({err}); time it eagerly "
+            "(graph=False, or --eager on the command line)"
+        ) from err
     torch.cuda.synchronize()
     return graph
 
@@ -41,6 +43,7 @@ def capture(fn) -> torch.cuda.CUDAGraph | None:
 def median_us(fn, warmup_ms: int = 25, rep_ms: int = 100, graph: bool = True) -> tuple[float, str]:
     """(median microseconds, "cuda graph" or "eager") of fn by do_bench, the L2 flushed before each call."""
     import triton.testing
+
     captured = capture(fn) if graph else None
     run = captured.replay if captured is not None else fn
     us = 1e3 * triton.testing.do_bench(run, warmup=warmup_ms, rep=rep_ms, return_mode="median")

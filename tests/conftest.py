@@ -7,6 +7,7 @@ a fresh one of its own (`tmp_cache`, autouse). Their models/ folder is a symlink
 the default model's one-time conversion (about 30 s) is shared, read-only. tests/test_real_cache_untouched.py
 runs last and checks that the real cache/ holds nothing new.
 """
+
 import os
 import shutil
 import tempfile
@@ -42,8 +43,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "default_handle" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
-        if any(m.name == "skipif" and str(m.kwargs.get("reason", "")).startswith("needs a CUDA GPU")
-               for m in item.iter_markers()):  # the kernels' GPU tests too: `make test-gpu` selects the marker
+        if any(
+            m.name == "skipif" and str(m.kwargs.get("reason", "")).startswith("needs a CUDA GPU")
+            for m in item.iter_markers()
+        ):  # the kernels' GPU tests too: `make test-gpu` selects the marker
             item.add_marker(pytest.mark.gpu)
     last = [i for i in items if i.get_closest_marker("runs_last")]
     items[:] = [i for i in items if not i.get_closest_marker("runs_last")] + last
@@ -89,13 +92,24 @@ def family_model_dirs(tmp_path_factory):
     from engine.model.loading import default_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    common = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=16, max_position_embeddings=256)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=256,
+    )
     out = {}
     for name, cfg, cls in (
-            ("qwen3", transformers.Qwen3Config(intermediate_size=64, **common), transformers.Qwen3ForCausalLM),
-            ("mixtral", transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
-                                                   **common), transformers.MixtralForCausalLM)):
+        ("qwen3", transformers.Qwen3Config(intermediate_size=64, **common), transformers.Qwen3ForCausalLM),
+        (
+            "mixtral",
+            transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **common),
+            transformers.MixtralForCausalLM,
+        ),
+    ):
         torch.manual_seed(0)
         path = tmp_path_factory.mktemp(name)
         cls(cfg).save_pretrained(path)
@@ -104,8 +118,15 @@ def family_model_dirs(tmp_path_factory):
     # a causal LM the architecture table does not know (engine.model.generic: capture only)
     torch.manual_seed(0)
     out["gpt_neox"] = tmp_path_factory.mktemp("gpt_neox")
-    transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=256)).save_pretrained(out["gpt_neox"])
+    transformers.GPTNeoXForCausalLM(
+        transformers.GPTNeoXConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=256,
+        )
+    ).save_pretrained(out["gpt_neox"])
     tokenizer.save_pretrained(out["gpt_neox"])
     return out

@@ -2,6 +2,7 @@
 
 Fixtures live in the conftest.py files; a test module imports nothing from another test module or a conftest.
 """
+
 import re
 from pathlib import Path
 
@@ -39,9 +40,16 @@ def save_tiny_llama(path, hidden: int = 16, intermediate: int = 32):
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -66,8 +74,16 @@ def latest_recorded_csv() -> Path:
     return ROOT / "docs" / names[0]
 
 
-def tiny_llama_gguf(path: Path, hidden: int = 32, intermediate: int = 64, layers: int = 2, heads: int = 2,
-                    kv_heads: int = 1, vocab: int = 1024, seed: int = 0) -> tuple[Path, dict]:
+def tiny_llama_gguf(
+    path: Path,
+    hidden: int = 32,
+    intermediate: int = 64,
+    layers: int = 2,
+    heads: int = 2,
+    kv_heads: int = 1,
+    vocab: int = 1024,
+    seed: int = 0,
+) -> tuple[Path, dict]:
     """A 2-layer random Llama written as a GGUF file the way llama.cpp writes one: the default model's GGUF keys and
     the first `vocab` tokens of its tokenizer with this model's sizes, Q4_1 linears, a Q8_0 embedding (tied),
     float32 norms, and q/k rows in llama.cpp's rotary order (convert_hf_to_gguf's `permute`). Returns (path, the
@@ -85,13 +101,24 @@ def tiny_llama_gguf(path: Path, hidden: int = 32, intermediate: int = 64, layers
     # checks, transformers' config, tokenizer and weights) parses the vocabulary again, 15 s a time at 49152 tokens.
     tokens = src.fields["tokenizer.ggml.tokens"].contents()[:vocab]
     known = set(tokens)
-    merges = [m for m in src.fields["tokenizer.ggml.merges"].contents()
-              if m.replace(" ", "", 1) in known and all(part in known for part in m.split(" ", 1))]
-    sizes = {"llama.vocab_size": vocab, "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
-             "tokenizer.ggml.token_type": src.fields["tokenizer.ggml.token_type"].contents()[:vocab],
-             "llama.block_count": layers, "llama.embedding_length": hidden, "llama.feed_forward_length": intermediate,
-             "llama.attention.head_count": heads, "llama.attention.head_count_kv": kv_heads,
-             "llama.rope.dimension_count": hidden // heads, "llama.context_length": 256}
+    merges = [
+        m
+        for m in src.fields["tokenizer.ggml.merges"].contents()
+        if m.replace(" ", "", 1) in known and all(part in known for part in m.split(" ", 1))
+    ]
+    sizes = {
+        "llama.vocab_size": vocab,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.token_type": src.fields["tokenizer.ggml.token_type"].contents()[:vocab],
+        "llama.block_count": layers,
+        "llama.embedding_length": hidden,
+        "llama.feed_forward_length": intermediate,
+        "llama.attention.head_count": heads,
+        "llama.attention.head_count_kv": kv_heads,
+        "llama.rope.dimension_count": hidden // heads,
+        "llama.context_length": 256,
+    }
     writer = GGUFWriter(path, "llama")
     for field in src.fields.values():
         if field.name == "general.architecture" or field.name.startswith("GGUF."):
@@ -147,16 +174,19 @@ def llama_from_state(state: dict, gguf_path: Path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     f = {k: v.contents() for k, v in GGUFReader(gguf_path).fields.items() if k.startswith("llama.")}
-    cfg = LlamaConfig(vocab_size=int(f["llama.vocab_size"]), hidden_size=int(f["llama.embedding_length"]),
-                      intermediate_size=int(f["llama.feed_forward_length"]),
-                      num_hidden_layers=int(f["llama.block_count"]),
-                      num_attention_heads=int(f["llama.attention.head_count"]),
-                      num_key_value_heads=int(f["llama.attention.head_count_kv"]),
-                      max_position_embeddings=int(f["llama.context_length"]),
-                      rope_theta=float(f["llama.rope.freq_base"]),
-                      rms_norm_eps=float(f["llama.attention.layer_norm_rms_epsilon"]), tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=int(f["llama.vocab_size"]),
+        hidden_size=int(f["llama.embedding_length"]),
+        intermediate_size=int(f["llama.feed_forward_length"]),
+        num_hidden_layers=int(f["llama.block_count"]),
+        num_attention_heads=int(f["llama.attention.head_count"]),
+        num_key_value_heads=int(f["llama.attention.head_count_kv"]),
+        max_position_embeddings=int(f["llama.context_length"]),
+        rope_theta=float(f["llama.rope.freq_base"]),
+        rms_norm_eps=float(f["llama.attention.layer_norm_rms_epsilon"]),
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(cfg)
-    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()},
-                                                strict=False)
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()}, strict=False)
     assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)  # lm_head: tied
     return model.eval()

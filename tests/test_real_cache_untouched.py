@@ -1,4 +1,5 @@
 """The whole suite leaves the user's cache/ as it found it (tests/conftest.py redirects every test's cache)."""
+
 import pytest
 
 from tests.helpers import REAL_CACHE, cache_snapshot

@@ -17,6 +17,7 @@ match exactly; when several elements match, 'LABEL#2' picks the second (the firs
 The same helpers serve tests/browser: `running_app()` starts and stops the server, `launch_browser()` opens
 Debian's chromium (Playwright's own browser download needs a network we do not have), `apply()` runs an action.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,14 @@ REPO = Path(__file__).resolve().parent.parent
 APP = REPO / "app" / "streamlit_app.py"
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 VIEWPORT = {"width": 1400, "height": 900}
 RERUN_START_MS = 1500  # how long a rerun may take to start after an input
 MAX_SHOT_HEIGHT = 16000  # px; a taller page is cut here (chromium refuses very large surfaces)
@@ -48,8 +55,8 @@ KINDS = ("fill", "click", "select", "wait", "shot", "sleep")
 
 @dataclass(frozen=True)
 class Action:
-    kind: str      # one of KINDS
-    target: str    # a label, button text, text to wait for, shot name or seconds
+    kind: str  # one of KINDS
+    target: str  # a label, button text, text to wait for, shot name or seconds
     value: str = ""  # what to type or pick (fill, select)
 
     def __post_init__(self):
@@ -80,6 +87,7 @@ def parse_action(text: str) -> Action:
 
 # ---- the server ---------------------------------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -95,8 +103,13 @@ def _healthy(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def running_app(python: str | None = None, port: int | None = None, startup_timeout: float = 60.0, log=None,
-                env: dict[str, str] | None = None):
+def running_app(
+    python: str | None = None,
+    port: int | None = None,
+    startup_timeout: float = 60.0,
+    log=None,
+    env: dict[str, str] | None = None,
+):
     """Start `streamlit run app/streamlit_app.py` headless on 127.0.0.1 (with the repository's venv python unless
     `python` is given) and yield its base URL; always stop it.
 
@@ -107,10 +120,29 @@ def running_app(python: str | None = None, port: int | None = None, startup_time
     python = python or str(VENV_PYTHON if VENV_PYTHON.exists() else sys.executable)
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [python, "-m", "streamlit", "run", str(APP), "--server.headless", "true", "--server.address", "127.0.0.1",
-           "--server.port", str(port), "--browser.gatherUsageStats", "false"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=log or subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = [
+        python,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP),
+        "--server.headless",
+        "true",
+        "--server.address",
+        "127.0.0.1",
+        "--server.port",
+        str(port),
+        "--browser.gatherUsageStats",
+        "false",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=log or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + startup_timeout
         while not _healthy(url):
@@ -132,6 +164,7 @@ def running_app(python: str | None = None, port: int | None = None, startup_time
 
 
 # ---- the browser --------------------------------------------------------------------------------------------
+
 
 def launch_browser(playwright):
     if not Path(CHROMIUM).exists():
@@ -155,15 +188,21 @@ def wait_idle(page, timeout_ms: int = 120_000) -> None:
             return app && app.dataset.testScriptState === 'notRunning'
                 && app.dataset.testConnectionState === 'CONNECTED'
                 && !document.querySelector('[data-testid="stSpinner"], [data-testid="stSkeleton"]');
-        }""", timeout=timeout_ms, polling=200)
+        }""",
+        timeout=timeout_ms,
+        polling=200,
+    )
 
 
 def wait_rerun(page, timeout_ms: int) -> None:
     """After an input that may rerun the script: give the rerun a moment to start, then wait for it to end.
     (Inside a form nothing reruns until the submit button; the short wait then simply expires.)"""
     try:
-        page.wait_for_function("() => document.querySelector('[data-testid=\"stApp\"]')"
-                               "?.dataset.testScriptState !== 'notRunning'", timeout=RERUN_START_MS, polling=50)
+        page.wait_for_function(
+            "() => document.querySelector('[data-testid=\"stApp\"]')?.dataset.testScriptState !== 'notRunning'",
+            timeout=RERUN_START_MS,
+            polling=50,
+        )
     except PlaywrightTimeout:
         pass
     wait_idle(page, timeout_ms)
@@ -185,8 +224,9 @@ def _nth(find, target: str):
 def in_form(element) -> bool:
     """Whether an input sits inside an st.form other than as its submit button: changing it reruns nothing (the
     form sends every value with its submit), so there is no rerun to wait for."""
-    return element.evaluate("el => !!el.closest('[data-testid=\"stForm\"]') "
-                            "&& !el.closest('[data-testid=\"stFormSubmitButton\"]')")
+    return element.evaluate(
+        "el => !!el.closest('[data-testid=\"stForm\"]') && !el.closest('[data-testid=\"stFormSubmitButton\"]')"
+    )
 
 
 def apply(page, action: Action, out: Path | None = None, timeout_ms: int = 120_000) -> Path | None:
@@ -213,8 +253,11 @@ def apply(page, action: Action, out: Path | None = None, timeout_ms: int = 120_0
         box.fill(action.value)
         page.get_by_role("option").filter(has_text=action.value).first.click(timeout=timeout_ms)
     elif action.kind == "wait":
-        found = (page.locator("svg text", has_text=action.target[4:]) if action.target.startswith("svg=") else
-                 page.get_by_text(action.target)).first
+        found = (
+            page.locator("svg text", has_text=action.target[4:])
+            if action.target.startswith("svg=")
+            else page.get_by_text(action.target)
+        ).first
         try:
             found.wait_for(timeout=timeout_ms)
         except PlaywrightTimeout as e:
@@ -259,7 +302,8 @@ def full_page_screenshot(page, path: Path, timeout_ms: int = 120_000) -> Path:
         """() => {
             const main = document.querySelector('[data-testid="stMain"]') || document.scrollingElement;
             return Math.max(main.scrollHeight, document.documentElement.scrollHeight);
-        }""")
+        }"""
+    )
     size = page.viewport_size or VIEWPORT
     page.set_viewport_size({"width": size["width"], "height": min(max(height, size["height"]), MAX_SHOT_HEIGHT)})
     time.sleep(1.0)  # plotly charts re-layout on resize
@@ -295,9 +339,11 @@ def _action_arg(text: str) -> Action:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 2)[2])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
     p.add_argument("--page", default="home", help="page path as in the URL: home, explore, ...")
     p.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
     p.add_argument("--action", action="append", default=[], type=_action_arg, help="KIND:TARGET[=VALUE], repeatable")

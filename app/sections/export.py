@@ -1,5 +1,6 @@
 """Evaluate's "Export for serving" section: any finished row as a compressed-tensors checkpoint, built with the same
 settings as its evaluation."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,10 +18,12 @@ def draw(handle, labels: list[str]) -> None:
         return
     runs, cfg = request
     st.header("Export for serving")
-    st.caption("Writes the row as a Hugging Face model directory in the compressed-tensors format (what vLLM and "
-               "llm-compressor read): R1/R2 fused, weights packed with their scales, the activation and KV-cache "
-               "quantizers and the online R3/R4 rotations in its config. The same directory loads back here as a "
-               "model: type its path in the sidebar's Model box, or pass --model DIR.")
+    st.caption(
+        "Writes the row as a Hugging Face model directory in the compressed-tensors format (what vLLM and "
+        "llm-compressor read): R1/R2 fused, weights packed with their scales, the activation and KV-cache "
+        "quantizers and the online R3/R4 rotations in its config. The same directory loads back here as a "
+        "model: type its path in the sidebar's Model box, or pass --model DIR."
+    )
     pick = st.selectbox("Row", range(len(labels)), format_func=lambda i: labels[i], key="eval_export_row")
     recipe, bits = runs[pick]
     try:
@@ -29,9 +32,13 @@ def draw(handle, labels: list[str]) -> None:
         st.info(f"This row cannot be exported: {e}")
         return
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(handle.name).name)
-    out = st.text_input("Output directory", str(Path("exports") / f"{slug}-{recipe.name}-{bits}"),
-                        key=f"eval_export_dir_{pick}", help="A new directory (written to a temporary one beside it and "
-                        "renamed at the end, so an error leaves nothing behind).")
+    out = st.text_input(
+        "Output directory",
+        str(Path("exports") / f"{slug}-{recipe.name}-{bits}"),
+        key=f"eval_export_dir_{pick}",
+        help="A new directory (written to a temporary one beside it and "
+        "renamed at the end, so an error leaves nothing behind).",
+    )
     force = st.checkbox("Replace an earlier export in that directory", key="eval_export_force")
     if not st.button("Export", key="eval_export"):
         return

@@ -1,4 +1,5 @@
 """Home: what SpinScope is, the loaded model, and what each page does."""
+
 import pandas as pd
 import streamlit as st
 
@@ -17,14 +18,18 @@ if problem:
     st.error(f"Cannot place the model: {problem}")
 elif placement is not None and (placement.devices != ["cpu"] or st.session_state[state.MAX_MEMORY]):
     st.subheader("Memory plan")
-    st.caption(f"Before loading, from the config alone: {placement.summary()}. Each decoder layer stays whole on "
-               "one device; offloaded weights (CPU when a GPU computes, or disk) are streamed in for every forward.")
+    st.caption(
+        f"Before loading, from the config alone: {placement.summary()}. Each decoder layer stays whole on "
+        "one device; offloaded weights (CPU when a GPU computes, or disk) are streamed in for every forward."
+    )
     left, right = st.columns([1, 2])
     left.plotly_chart(charts.device_weights(placement.device_bytes))
     right.dataframe(pd.DataFrame(placement.rows()), hide_index=True, height=320)
     st.caption("Each job's predicted peak on one device (engine.memory, as benchmarks.gpu_scale measures it):")
-    st.dataframe(pd.DataFrame(memory.plan_rows(st.session_state[state.MODEL_NAME],
-                                               st.session_state[state.MODEL_DTYPE])), hide_index=True)
+    st.dataframe(
+        pd.DataFrame(memory.plan_rows(st.session_state[state.MODEL_NAME], st.session_state[state.MODEL_DTYPE])),
+        hide_index=True,
+    )
     for note in placement.notes:
         st.warning(note)
 
@@ -39,14 +44,18 @@ if handle is not None:
     cols[2].metric("Hidden width", a.hidden)
     cols[3].metric("MLP width", a.intermediate)
     cols[4].metric("Heads (query / KV)", f"{a.n_heads} / {a.n_kv_heads}")
-    st.caption(f"head_dim {a.head_dim} · vocabulary {a.vocab} · tied embeddings: {a.tied_embeddings} · "
-               f"{handle.dtype} on {handle.device}")
+    st.caption(
+        f"head_dim {a.head_dim} · vocabulary {a.vocab} · tied embeddings: {a.tied_embeddings} · "
+        f"{handle.dtype} on {handle.device}"
+    )
     st.markdown("**What SpinScope can do with this model**")
     st.dataframe(pd.DataFrame([{"what": k, "supported": v} for k, v in a.support().items()]), hide_index=True)
 
 st.subheader("Pages")
-st.caption("In the sidebar's order. New here? Start with **Explore** (where the outliers are), then **Rotate** "
-           "(how a rotation removes them).")
+st.caption(
+    "In the sidebar's order. New here? Start with **Explore** (where the outliers are), then **Rotate** "
+    "(how a rotation removes them)."
+)
 st.markdown(
     "- **Explore**: capture activations on a text corpus and see where outliers live: kurtosis per layer for "
     "every site the rotations touch, per-channel maxima with the outlier channels marked, a 3D tokens x channels "

@@ -4,6 +4,7 @@ The default corpus is the Wikipedia sample shipped in gensim's test data (107 re
 WikiText-2, which ships in no package. Calibration and evaluation splits are made of whole articles, so they
 never share one. A user's own text file, or a local WikiText-2 directory, works the same way.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -31,8 +32,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Corpus:
-    name: str    # "wiki", a text file path, or a WikiText-2 directory
-    label: str   # what the UI shows
+    name: str  # "wiki", a text file path, or a WikiText-2 directory
+    label: str  # what the UI shows
     splits: dict  # split -> tuple of article texts
 
     @property
@@ -48,7 +49,7 @@ def _clean_wiki(text: str) -> str:
     from gensim.corpora.wikicorpus import filter_wiki
 
     text = filter_wiki(text)
-    text = re.sub(r"'{2,}", "", text)                       # bold / italic quotes
+    text = re.sub(r"'{2,}", "", text)  # bold / italic quotes
     text = re.sub(r"^(=+)\s*(.*?)\s*\1\s*$", lambda m: f"{m.group(1)} {m.group(2)} {m.group(1)}", text, flags=re.M)
     text = re.sub(r"[ \t]+", " ", text)
     text = re.sub(r"\n{3,}", "\n\n", text)
@@ -56,8 +57,10 @@ def _clean_wiki(text: str) -> str:
 
 
 def _split_articles(articles: list[str]) -> dict:
-    return {"calib": tuple(a for i, a in enumerate(articles) if i % EVAL_EVERY != EVAL_EVERY - 1),
-            "eval": tuple(a for i, a in enumerate(articles) if i % EVAL_EVERY == EVAL_EVERY - 1)}
+    return {
+        "calib": tuple(a for i, a in enumerate(articles) if i % EVAL_EVERY != EVAL_EVERY - 1),
+        "eval": tuple(a for i, a in enumerate(articles) if i % EVAL_EVERY == EVAL_EVERY - 1),
+    }
 
 
 @lru_cache(maxsize=1)
@@ -132,8 +135,11 @@ def _load_corpus(name: str, stamp: tuple) -> Corpus:
     articles = _file_articles(_read_text_file(path))
     if len(articles) < 2:
         # Too short to split by article: the same text serves both splits, and the label says so.
-        return Corpus(str(path), f"text file {path.name} (too short to split: calibration = evaluation)",
-                      {"calib": tuple(articles), "eval": tuple(articles)})
+        return Corpus(
+            str(path),
+            f"text file {path.name} (too short to split: calibration = evaluation)",
+            {"calib": tuple(articles), "eval": tuple(articles)},
+        )
     return Corpus(str(path), f"text file {path.name}", _split_articles(articles))
 
 
@@ -151,8 +157,9 @@ def split_tokens(corpus: Corpus, tokenizer, split: str) -> torch.Tensor:
     return _TOKEN_CACHE[key]
 
 
-def windows(corpus: Corpus, tokenizer, tokens: int, window: int, split: str = "calib",
-            seed: int | None = None) -> torch.Tensor:
+def windows(
+    corpus: Corpus, tokenizer, tokens: int, window: int, split: str = "calib", seed: int | None = None
+) -> torch.Tensor:
     """[n_windows, window] token ids covering `tokens` tokens: consecutive from the start, or at seeded random
     non-overlapping positions when `seed` is given (calibration sampling)."""
     if tokens <= 0:
@@ -173,4 +180,4 @@ def windows(corpus: Corpus, tokenizer, tokens: int, window: int, split: str = "c
     else:
         g = torch.Generator().manual_seed(seed)
         starts = torch.randperm(slots, generator=g)[:n].sort().values * window
-    return torch.stack([ids[s:s + window] for s in starts.tolist()])
+    return torch.stack([ids[s : s + window] for s in starts.tolist()])

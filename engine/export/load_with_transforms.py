@@ -11,6 +11,7 @@ quantize_queries=True.   Usage: from load_with_transforms import load; model = l
 (SpinScope copies this file, engine/export/load_with_transforms.py, into every export; it imports nothing of
 SpinScope.)
 """
+
 import json
 from pathlib import Path
 

@@ -46,6 +46,7 @@ SpinScope quantizes only K and V, so the loader keeps queries in floating point 
 
 Reading a checkpoint back is engine.model.compressed's job (load_model calls it).
 """
+
 from __future__ import annotations
 
 import copy
@@ -75,8 +76,11 @@ def _formats(recipe, bits, head_dim: int | None = None):
     """(weight, activation, KV-cache) formats of the row (engine.quant.methods), None where left at 16 bits."""
     from engine.quant.methods import activation_format, kv_format, weight_format
 
-    return (weight_format(bits.w, recipe) if bits.quantizes("w") else None, activation_format(bits.a),
-            kv_format(bits.kv, head_dim))
+    return (
+        weight_format(bits.w, recipe) if bits.quantizes("w") else None,
+        activation_format(bits.a),
+        kv_format(bits.kv, head_dim),
+    )
 
 
 # ---- what can be expressed ----------------------------------------------------------------------------------------
@@ -86,17 +90,23 @@ def check_exportable(recipe, bits, handle=None) -> None:
     from engine.quant.formats import NotExportable
 
     if not recipe.quantize or not any(bits.quantizes(p) for p in ("w", "a", "kv")):
-        raise ExportError(f"nothing to export: {recipe.name} at {bits} quantizes nothing, and a floating-point model "
-                          "needs no compressed-tensors checkpoint")
+        raise ExportError(
+            f"nothing to export: {recipe.name} at {bits} quantizes nothing, and a floating-point model "
+            "needs no compressed-tensors checkpoint"
+        )
     if "qrazor" in (recipe.weights, recipe.activations):
-        raise ExportError("QRazor cannot be exported: its significant-data razoring keeps each value's 4 bits from "
-                          "its group's leading one, with a per-group shift flag, and compressed-tensors' integer "
-                          "formats hold only a scale and a zero point per group")
+        raise ExportError(
+            "QRazor cannot be exported: its significant-data razoring keeps each value's 4 bits from "
+            "its group's leading one, with a per-group shift flag, and compressed-tensors' integer "
+            "formats hold only a scale and a zero point per group"
+        )
     head_dim = handle.arch.head_dim if handle is not None else None
     w, a, kv = _formats(recipe, bits, head_dim)
-    for part, name, fmt, describe in (("w", "weight", w, lambda f: f.ct_weights()),
-                                      ("a", "activation", a, lambda f: f.ct_input_activations()),
-                                      ("kv", "KV-cache", kv, lambda f: f.ct_kv_cache(head_dim))):
+    for part, name, fmt, describe in (
+        ("w", "weight", w, lambda f: f.ct_weights()),
+        ("a", "activation", a, lambda f: f.ct_input_activations()),
+        ("kv", "KV-cache", kv, lambda f: f.ct_kv_cache(head_dim)),
+    ):
         try:
             if fmt is not None:
                 describe(fmt)
@@ -104,29 +114,39 @@ def check_exportable(recipe, bits, handle=None) -> None:
             verb = "is not exported" if part == "w" else "cannot be exported"
             raise ExportError(f"{name} format {bits.label(part)} {verb}: {e}") from None
     if (bits.quantizes("a") or bits.quantizes("kv")) and recipe.clip.calibrated:
-        raise ExportError("calibrated activation and KV clip ratios cannot be exported: compressed-tensors' dynamic "
-                          "quantizers take each token's whole min-max range (clip 1.0); use --clip none, or keep "
-                          "activations and KV cache at 16 bits (weight clipping is kept: weight scales are stored)")
-    low = [f"{name} {ratio:g}" for name, part, ratio in (("activation", "a", recipe.clip.activation),
-                                                         ("KV-cache", "kv", recipe.clip.kv))
-           if bits.quantizes(part) and ratio < 1.0]
+        raise ExportError(
+            "calibrated activation and KV clip ratios cannot be exported: compressed-tensors' dynamic "
+            "quantizers take each token's whole min-max range (clip 1.0); use --clip none, or keep "
+            "activations and KV cache at 16 bits (weight clipping is kept: weight scales are stored)"
+        )
+    low = [
+        f"{name} {ratio:g}"
+        for name, part, ratio in (("activation", "a", recipe.clip.activation), ("KV-cache", "kv", recipe.clip.kv))
+        if bits.quantizes(part) and ratio < 1.0
+    ]
     if low:
-        raise ExportError(f"fixed clip ratios below 1.0 ({', '.join(low)}) cannot be exported: compressed-tensors' "
-                          "dynamic quantizers take each token's whole min-max range; use --clip none")
+        raise ExportError(
+            f"fixed clip ratios below 1.0 ({', '.join(low)}) cannot be exported: compressed-tensors' "
+            "dynamic quantizers take each token's whole min-max range; use --clip none"
+        )
     if handle is None:
         return
     arch = handle.arch
     if handle.dispatched:
         raise ExportError("a model dispatched over several devices cannot be exported yet: load it on one device")
     if arch.n_experts:
-        raise ExportError(f"{arch.name} is a mixture of experts: transformers stores its experts as stacked 3-D "
-                          "parameters, which compressed-tensors' Linear schemes do not cover")
+        raise ExportError(
+            f"{arch.name} is a mixture of experts: transformers stores its experts as stacked 3-D "
+            "parameters, which compressed-tensors' Linear schemes do not cover"
+        )
     group = w.group if w is not None else None
     for role in arch.linears if group else ():
         width = arch.module(handle.model, role, 0).in_features
         if width % group:
-            raise ExportError(f"weight group size {group} does not divide {role}'s {width} input channels, and "
-                              "compressed-tensors' group strategy needs whole groups")
+            raise ExportError(
+                f"weight group size {group} does not divide {role}'s {width} input channels, and "
+                "compressed-tensors' group strategy needs whole groups"
+            )
 
 
 def check_destination(out: str | os.PathLike, force: bool = False) -> Path:
@@ -137,8 +157,10 @@ def check_destination(out: str | os.PathLike, force: bool = False) -> Path:
         if not force:
             raise ExportError(f"{out} already exists; pass --force to replace it")
         if not out.is_dir() or out.is_symlink() or (any(out.iterdir()) and not (out / MARKER).is_file()):
-            raise ExportError(f"{out} is not an earlier SpinScope export (it has no {MARKER}); --force replaces only "
-                              "those or an empty directory")
+            raise ExportError(
+                f"{out} is not an earlier SpinScope export (it has no {MARKER}); --force replaces only "
+                "those or an empty directory"
+            )
     return out
 
 
@@ -152,13 +174,15 @@ def _plain_model(model: nn.Module) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):  # no memory until the built model's tensors are assigned
-        plain = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
-                                                 dtype=next(model.parameters()).dtype)
+        plain = AutoModelForCausalLM.from_config(
+            config, attn_implementation="sdpa", dtype=next(model.parameters()).dtype
+        )
     own, state = plain.state_dict(), model.state_dict()
     missing = sorted(set(own) - set(state))
     if missing:
-        raise ExportError(f"the built model lacks {len(missing)} tensors of a plain {type(model).__name__} (e.g. "
-                          f"{missing[0]})")
+        raise ExportError(
+            f"the built model lacks {len(missing)} tensors of a plain {type(model).__name__} (e.g. {missing[0]})"
+        )
     plain.load_state_dict({k: state[k] for k in own}, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         plain.tie_weights()
@@ -173,10 +197,22 @@ def _quantization_config(recipe, bits, arch):
     weights = None if weights is None else QuantizationArgs(**weights)
     acts = None if a is None else QuantizationArgs(**a.ct_input_activations())
     kv = None if kv is None else QuantizationArgs(**kv.ct_kv_cache(arch.head_dim))
-    groups = {} if weights is None and acts is None else {"group_0": QuantizationScheme(
-        targets=["Linear"], weights=weights, input_activations=acts, format=fmt_name if weights else None)}
-    return QuantizationConfig(config_groups=groups, ignore=[arch.roles.lm_head], kv_cache_scheme=kv, format=fmt_name,
-                              quantization_status="frozen")
+    groups = (
+        {}
+        if weights is None and acts is None
+        else {
+            "group_0": QuantizationScheme(
+                targets=["Linear"], weights=weights, input_activations=acts, format=fmt_name if weights else None
+            )
+        }
+    )
+    return QuantizationConfig(
+        config_groups=groups,
+        ignore=[arch.roles.lm_head],
+        kv_cache_scheme=kv,
+        format=fmt_name,
+        quantization_status="frozen",
+    )
 
 
 def _regex(path: str) -> str:
@@ -196,19 +232,36 @@ def _offline_schemes(recipe, arch) -> dict:
     first_r2 = data.get("model.layers.0.self_attn.R2", data.get("R2"))
 
     def kind(setting: str, loaded) -> str:
-        return transform_type(loaded) if setting == "file" and loaded is not None else {
-            "hadamard": "random-hadamard"}.get(setting, "random-matrix")
+        return (
+            transform_type(loaded)
+            if setting == "file" and loaded is not None
+            else {"hadamard": "random-hadamard"}.get(setting, "random-matrix")
+        )
 
     if rot.r1 != "none":
-        out["R1"] = TransformScheme(type=kind(rot.r1, data.get("R1")), apply=[
-            TransformArgs(targets=[_regex(roles.embed)] + [_regex(getattr(roles, r)) for r in arch.residual_writers],
-                          location="weight_output"),
-            TransformArgs(targets=[_regex(getattr(roles, r)) for r in arch.residual_readers] + [roles.lm_head],
-                          location="weight_input", inverse=True)])
+        out["R1"] = TransformScheme(
+            type=kind(rot.r1, data.get("R1")),
+            apply=[
+                TransformArgs(
+                    targets=[_regex(roles.embed)] + [_regex(getattr(roles, r)) for r in arch.residual_writers],
+                    location="weight_output",
+                ),
+                TransformArgs(
+                    targets=[_regex(getattr(roles, r)) for r in arch.residual_readers] + [roles.lm_head],
+                    location="weight_input",
+                    inverse=True,
+                ),
+            ],
+        )
     if rot.r2 != "none" and roles.value == "v":  # a fused qkv holds R2 on its value rows only: not a CT location
-        out["R2"] = TransformScheme(type=kind(rot.r2, first_r2), head_dim=arch.head_dim, apply=[
-            TransformArgs(targets=[_regex(roles.v)], location="weight_output"),
-            TransformArgs(targets=[_regex(roles.o)], location="weight_input", inverse=True)])
+        out["R2"] = TransformScheme(
+            type=kind(rot.r2, first_r2),
+            head_dim=arch.head_dim,
+            apply=[
+                TransformArgs(targets=[_regex(roles.v)], location="weight_output"),
+                TransformArgs(targets=[_regex(roles.o)], location="weight_input", inverse=True),
+            ],
+        )
     return out
 
 
@@ -274,8 +327,10 @@ def _online_schemes(model: nn.Module, arch) -> tuple[dict, dict]:
             if kind == "R3":
                 apply = [TransformArgs(targets=targets, location=loc) for loc in ("q_attn", "k_cache")]
             else:  # R4: online on down_proj's input, and fused into its weight (W R4)
-                apply = [TransformArgs(targets=targets, location="input"),
-                         TransformArgs(targets=targets, location="weight_input", inverse=True)]
+                apply = [
+                    TransformArgs(targets=targets, location="input"),
+                    TransformArgs(targets=targets, location="weight_input", inverse=True),
+                ]
             schemes[key] = TransformScheme(type=kind_name, head_dim=r.shape[0] if kind == "R3" else None, apply=apply)
             weights[key] = stored_matrix(r, kind_name)
     return schemes, weights
@@ -291,8 +346,10 @@ def _weight_tensors(linear: nn.Module, name: str, fmt, scale_dtype: torch.dtype)
         raise ExportError(f"{name} holds {enc.fmt.name} codes where the row's weights are {fmt.name}")
     w = linear.weight
     if not torch.equal(enc.dequantize().to(device=w.device, dtype=w.dtype), w):
-        raise ExportError(f"{name}'s weight changed after it was quantized, so its codes and scales no longer say "
-                          "what the model computes")
+        raise ExportError(
+            f"{name}'s weight changed after it was quantized, so its codes and scales no longer say "
+            "what the model computes"
+        )
     return enc.fmt.ct_weight_tensors(enc, scale_dtype)
 
 
@@ -329,11 +386,12 @@ def _pack(model: nn.Module, recipe, bits, arch):
             for name, module in plain.named_modules():
                 leaf = name.rsplit(".", 1)[-1]  # "{scheme}_{location}", as compressed-tensors names it
                 if isinstance(module, TransformBase):
-                    key = next(leaf[:-len(x)] for x in ("_q_attn", "_k_cache", "_input") if leaf.endswith(x))
+                    key = next(leaf[: -len(x)] for x in ("_q_attn", "_k_cache", "_input") if leaf.endswith(x))
                     module.weight.copy_(matrices[key].to(module.weight))
     tconfig = {**_offline_schemes(recipe, arch), **online}
-    compressor = ModelCompressor(quantization_config=qconfig,
-                                 transform_config=TransformConfig(config_groups=tconfig) if tconfig else None)
+    compressor = ModelCompressor(
+        quantization_config=qconfig, transform_config=TransformConfig(config_groups=tconfig) if tconfig else None
+    )
     compressor.compress_model(plain)
     return plain, compressor
 
@@ -370,25 +428,34 @@ def runtime_notes(recipe, bits) -> list[str]:
     """What a consumer of the checkpoint must know (see the module docstring)."""
     rot, notes = recipe.rotation, []
     if rot.r3 != "none" or rot.r4 != "none":
-        notes.append(f"transformers ignores transform_config: load with {LOADER_FILE} (transformers + "
-                     "compressed-tensors only), which applies the online R3/R4 transforms and their stored matrices")
+        notes.append(
+            f"transformers ignores transform_config: load with {LOADER_FILE} (transformers + "
+            "compressed-tensors only), which applies the online R3/R4 transforms and their stored matrices"
+        )
     if rot.r3 != "none" and bits.quantizes("kv"):
-        notes.append("compressed-tensors also quantizes the queries with the KV-cache arguments once R3 hooks the "
-                     f"attention; SpinScope quantizes only K and V, so {LOADER_FILE} keeps queries unquantized "
-                     "(quantize_queries=True gives compressed-tensors' own behaviour)")
+        notes.append(
+            "compressed-tensors also quantizes the queries with the KV-cache arguments once R3 hooks the "
+            f"attention; SpinScope quantizes only K and V, so {LOADER_FILE} keeps queries unquantized "
+            "(quantize_queries=True gives compressed-tensors' own behaviour)"
+        )
     w, _, kv = _formats(recipe, bits)
     if w is not None and w.ct_weights()[1].startswith(("mxfp", "nvfp4")):
-        notes.append(f"compressed-tensors decompresses {w.name} weights to bfloat16: load in bfloat16, or with "
-                     f"{LOADER_FILE}, which casts them to the model's dtype")
+        notes.append(
+            f"compressed-tensors decompresses {w.name} weights to bfloat16: load in bfloat16, or with "
+            f"{LOADER_FILE}, which casts them to the model's dtype"
+        )
     if kv is not None and not kv.ct_kv_cache(None)["symmetric"]:
-        notes.append("the KV cache is quantized dynamically and asymmetrically per token and head: compressed-tensors "
-                     "runs it in transformers, and itself warns that vLLM does not support asymmetric KV-cache "
-                     "quantization")
+        notes.append(
+            "the KV cache is quantized dynamically and asymmetrically per token and head: compressed-tensors "
+            "runs it in transformers, and itself warns that vLLM does not support asymmetric KV-cache "
+            "quantization"
+        )
     return notes
 
 
-def write_checkpoint(handle, model: nn.Module, recipe, bits, out: str | os.PathLike, force: bool = False,
-                     seed: int = 0) -> dict:
+def write_checkpoint(
+    handle, model: nn.Module, recipe, bits, out: str | os.PathLike, force: bool = False, seed: int = 0
+) -> dict:
     """Write the built `model` (engine.evaluate.build_model's) as a compressed-tensors directory at `out`, through a
     temporary directory beside it renamed at the end: an error or an interruption leaves nothing behind. Returns a
     summary (also written as SPINSCOPE_EXPORT.json)."""
@@ -400,10 +467,21 @@ def write_checkpoint(handle, model: nn.Module, recipe, bits, out: str | os.PathL
     out = check_destination(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    record = {"model": handle.name, "source": handle.source, "recipe": recipe.name, "weights": recipe.weights,
-              "bits": str(bits), "clip": recipe.clip.mode, "rotation": recipe.rotation.tag(), "seed": seed,
-              "dtype": handle.dtype, "engine_code": CODE_VERSION, "compressed_tensors": ct_version,
-              "transformers": tf_version, "notes": runtime_notes(recipe, bits)}
+    record = {
+        "model": handle.name,
+        "source": handle.source,
+        "recipe": recipe.name,
+        "weights": recipe.weights,
+        "bits": str(bits),
+        "clip": recipe.clip.mode,
+        "rotation": recipe.rotation.tag(),
+        "seed": seed,
+        "dtype": handle.dtype,
+        "engine_code": CODE_VERSION,
+        "compressed_tensors": ct_version,
+        "transformers": tf_version,
+        "notes": runtime_notes(recipe, bits),
+    }
     try:
         plain, compressor = _pack(model, recipe, bits, handle.arch)
         tmp.mkdir()
@@ -416,8 +494,13 @@ def write_checkpoint(handle, model: nn.Module, recipe, bits, out: str | os.PathL
         shutil.rmtree(tmp, ignore_errors=True)
     files = sorted(p.name for p in out.iterdir())
     config = json.loads((out / "config.json").read_text())["quantization_config"]
-    return {**record, "out": str(out), "files": files, "bytes": sum((out / f).stat().st_size for f in files),
-            "quantization_config": config}
+    return {
+        **record,
+        "out": str(out),
+        "files": files,
+        "bytes": sum((out / f).stat().st_size for f in files),
+        "quantization_config": config,
+    }
 
 
 def export_job(handle, recipe, bits, out_dir: str | os.PathLike, cfg, force: bool = False):
@@ -446,5 +529,3 @@ def export_row(handle, recipe, bits, out_dir, cfg, force: bool = False) -> dict:
     from engine.events import run_to_end
 
     return run_to_end(export_job(handle, recipe, bits, out_dir, cfg, force))
-
-

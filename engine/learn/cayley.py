@@ -20,9 +20,10 @@ When ||W||_1 > 1/lr the step is normalised (a ||W||_1 = 1): very large gradients
 moves, so scale the loss (e.g. a mean, not a sum) for the cap to fall back to lr near an optimum.
 Nesterov and weight decay are not offered: they are not used for rotations.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 

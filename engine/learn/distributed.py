@@ -5,12 +5,14 @@ gradient all-reduce is torch's own; this module only sets the process group up f
 says who this process is, and splits each step's batch of windows across ranks. Everything here also works in a
 single plain process (world size 1), so callers need no special case.
 """
+
 from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,10 +24,10 @@ ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # what torchrun sets for every 
 
 @dataclass(frozen=True)
 class DistInfo:
-    rank: int          # this process among all of them, 0 .. world_size - 1
-    world_size: int    # processes training together (1: a plain single process)
-    local_rank: int    # this process among those on its host (its GPU index)
-    device: str        # where this process computes: "cuda:<local_rank>" or "cpu"
+    rank: int  # this process among all of them, 0 .. world_size - 1
+    world_size: int  # processes training together (1: a plain single process)
+    local_rank: int  # this process among those on its host (its GPU index)
+    device: str  # where this process computes: "cuda:<local_rank>" or "cpu"
 
     def __post_init__(self):
         if self.world_size < 1:
@@ -68,16 +70,21 @@ def init_from_env() -> DistInfo:
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK {local_rank} has no GPU: this host has {torch.cuda.device_count()}; "
-                             f"start at most that many processes per node")
+            raise ValueError(
+                f"LOCAL_RANK {local_rank} has no GPU: this host has {torch.cuda.device_count()}; "
+                f"start at most that many processes per node"
+            )
         torch.cuda.set_device(local_rank)  # before NCCL starts, so each rank talks from its own GPU
     if not dist.is_initialized():
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if not os.environ.get(name):
-                raise ValueError(f"WORLD_SIZE is {world_size} but {name} is not set; start the processes with "
-                                 "torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)")
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
-                                rank=rank, world_size=world_size)
+                raise ValueError(
+                    f"WORLD_SIZE is {world_size} but {name} is not set; start the processes with "
+                    "torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)"
+                )
+        dist.init_process_group(
+            backend="nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world_size
+        )
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, _device_for(local_rank))
 
 
@@ -109,9 +116,11 @@ def local_batch(batch: int, world_size: int, rank: int) -> slice:
         raise ValueError(f"rank {rank} is not in a world of size {world_size}")
     if batch % world_size:
         fits = [w for w in range(1, batch + 1) if batch % w == 0]
-        raise ValueError(f"batch ({batch} windows per step) is not divisible by the {world_size} processes; use a "
-                         f"multiple of {world_size} (e.g. {world_size * -(-batch // world_size)}) or run "
-                         f"{' or '.join(map(str, fits))} processes")
+        raise ValueError(
+            f"batch ({batch} windows per step) is not divisible by the {world_size} processes; use a "
+            f"multiple of {world_size} (e.g. {world_size * -(-batch // world_size)}) or run "
+            f"{' or '.join(map(str, fits))} processes"
+        )
     per_rank = batch // world_size
     return slice(rank * per_rank, (rank + 1) * per_rank)
 
@@ -135,15 +144,17 @@ def check_same_on_all_ranks(tensors: list[torch.Tensor], what: str = "tensors", 
         flat = t.detach().reshape(-1).double()
         weights = torch.sin(torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device) * 0.7)
         prints.append(flat @ weights)
-    prints = torch.stack(prints)               # [n_tensors]
-    both = torch.cat([prints, -prints])        # max of -x gives -min: one all-reduce for both
+    prints = torch.stack(prints)  # [n_tensors]
+    both = torch.cat([prints, -prints])  # max of -x gives -min: one all-reduce for both
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    spread = both[: len(tensors)] + both[len(tensors):]  # max - min per tensor
+    spread = both[: len(tensors)] + both[len(tensors) :]  # max - min per tensor
     scale = prints.abs().clamp(min=1.0)
     if bool((spread > rtol * scale).any()):
         bad = int((spread / scale).argmax())
-        raise RuntimeError(f"{what} differ across ranks (tensor {bad}: fingerprint spread {float(spread[bad]):.3g}); "
-                           "the ranks did not see the same averaged gradients")
+        raise RuntimeError(
+            f"{what} differ across ranks (tensor {bad}: fingerprint spread {float(spread[bad]):.3g}); "
+            "the ranks did not see the same averaged gradients"
+        )
 
 
 class TrainedOnly(nn.Module):

@@ -25,6 +25,7 @@ hidden values in the store dtype) and move per mini-batch. The per-layer rotatio
 engine.learn.rotated_network.LearnedRotations, the weights are its RotatedWeight parametrization over the one
 rotation algebra, so the result is a rotation file the 'rotated' recipe loads (engine.rotation.files).
 """
+
 from __future__ import annotations
 
 import copy
@@ -64,30 +65,31 @@ _NORM_SITES = {"input_norm": "attn_in", "post_attn_norm": "mlp_in"}
 
 @dataclass(frozen=True)
 class LayerwiseConfig:
-    method: str = "spinquant"   # spinquant: R2 per block | flrot: R2, R3 and block-diagonal R4 per block
-    bits: str = "4-4-4"         # W-A-KV of the fake quantizers while training
-    steps: int = 20             # optimizer steps per block
-    windows: int = 16           # calibration windows (cycled through, `batch` per step)
-    window: int = 256           # tokens per window
-    batch: int = 4              # windows per step (and per mini-batch of the streamed passes)
-    lr: float = 0.1             # Cayley SGD step cap, cosine-decayed to 0 over each block's steps; the loss is
-                                # normalised to 1 (see the top), and 1.5 (SpinQuant's) overshoots on it
-    clip_lr: float = 0.05       # Adam on the clip ratios' logits, cosine-decayed likewise
-    clip: str = "learned"       # learned (from a_clip/kv_clip) | fixed (a_clip/kv_clip) | none
-    a_clip: float = 0.9         # activation clip ratio: the fixed one, or where a learned one starts (QuaRot's)
-    kv_clip: float = 0.95       # the KV cache's
-    block: int = 128            # FLRot's R4 block size (the intermediate width if smaller)
-    inputs: str = "quantized"   # quantized: block k sees the quantized blocks' outputs | fp: the FP hidden states
+    method: str = "spinquant"  # spinquant: R2 per block | flrot: R2, R3 and block-diagonal R4 per block
+    bits: str = "4-4-4"  # W-A-KV of the fake quantizers while training
+    steps: int = 20  # optimizer steps per block
+    windows: int = 16  # calibration windows (cycled through, `batch` per step)
+    window: int = 256  # tokens per window
+    batch: int = 4  # windows per step (and per mini-batch of the streamed passes)
+    lr: float = 0.1  # Cayley SGD step cap, cosine-decayed to 0 over each block's steps; the loss is
+    # normalised to 1 (see the top), and 1.5 (SpinQuant's) overshoots on it
+    clip_lr: float = 0.05  # Adam on the clip ratios' logits, cosine-decayed likewise
+    clip: str = "learned"  # learned (from a_clip/kv_clip) | fixed (a_clip/kv_clip) | none
+    a_clip: float = 0.9  # activation clip ratio: the fixed one, or where a learned one starts (QuaRot's)
+    kv_clip: float = 0.95  # the KV cache's
+    block: int = 128  # FLRot's R4 block size (the intermediate width if smaller)
+    inputs: str = "quantized"  # quantized: block k sees the quantized blocks' outputs | fp: the FP hidden states
     w_clip_search: bool = False  # QuaRot's weight clipping search inside the loss (80 RTN passes per weight per step)
-    seed: int = 0               # random Hadamard initialisation (QuaRot's for seed 0) and calibration sampling
+    seed: int = 0  # random Hadamard initialisation (QuaRot's for seed 0) and calibration sampling
     corpus: str = "wiki"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not Bits.parse(self.bits).integer:
-            raise ValueError(f"training quantizes with integer grids: bits must be bit widths (e.g. 4-4-4), got "
-                             f"{self.bits!r}")
+            raise ValueError(
+                f"training quantizes with integer grids: bits must be bit widths (e.g. 4-4-4), got {self.bits!r}"
+            )
         for name in ("steps", "windows", "window", "batch", "block"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -117,11 +119,11 @@ class LayerwiseConfig:
 @dataclass
 class LayerwiseResult:
     config: dict
-    path: str                                     # the rotation file (R1, R2 per layer; FLRot R3, R4; clip ratios)
-    history: list = field(default_factory=list)   # {"block", "step", "loss", "lr", "seconds"} per step
-    blocks: list = field(default_factory=list)    # {"block", "first_loss", "mse", "seconds", "clips"} per block
+    path: str  # the rotation file (R1, R2 per layer; FLRot R3, R4; clip ratios)
+    history: list = field(default_factory=list)  # {"block", "step", "loss", "lr", "seconds"} per step
+    blocks: list = field(default_factory=list)  # {"block", "first_loss", "mse", "seconds", "clips"} per block
     seconds: float = 0.0
-    peak_bytes: int = 0                           # torch.cuda.max_memory_allocated on a CUDA device, else 0
+    peak_bytes: int = 0  # torch.cuda.max_memory_allocated on a CUDA device, else 0
 
 
 # ---- the sites a clip ratio belongs to -------------------------------------------------------------------------
@@ -173,8 +175,9 @@ def _to(obj, device, dtype=None):
 
 
 @torch.no_grad()
-def block_inputs(fp: nn.Module, arch: ArchInfo, calib: torch.Tensor, batch: int,
-                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
+def block_inputs(
+    fp: nn.Module, arch: ArchInfo, calib: torch.Tensor, batch: int, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, dict]:
     """(X_0 [N, T, hidden] on the CPU: the residual stream entering block 0 of `fp` for windows calib [N, T], the
     keyword arguments block 0 receives for one window: position embeddings, mask; they broadcast over a batch)."""
     found: dict = {}
@@ -188,12 +191,12 @@ def block_inputs(fp: nn.Module, arch: ArchInfo, calib: torch.Tensor, batch: int,
     try:
         for s in range(0, calib.shape[0], batch):
             try:
-                fp(calib[s:s + batch], use_cache=False)
+                fp(calib[s : s + batch], use_cache=False)
             except StopForward:
                 pass
             part = found["x"].to("cpu", dtype or found["x"].dtype)
             x = torch.empty((calib.shape[0], *part.shape[1:]), dtype=part.dtype) if x is None else x
-            x[s:s + batch] = part
+            x[s : s + batch] = part
             if kwargs is None:
                 kwargs = {k: v for k, v in found["kwargs"].items() if k != "hidden_states"}
     finally:
@@ -209,17 +212,25 @@ def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def stream(block: nn.Module, x: torch.Tensor, out: torch.Tensor, kwargs: dict, batch: int, device,
-           dtype: torch.dtype, target: torch.Tensor | None = None) -> float:
+def stream(
+    block: nn.Module,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    kwargs: dict,
+    batch: int,
+    device,
+    dtype: torch.dtype,
+    target: torch.Tensor | None = None,
+) -> float:
     """out[n] = block(x[n]) for every window, mini-batch by mini-batch (x and out on the CPU; out may be x); with a
     target, the MSE of the outputs against it."""
     se, count = 0.0, 0
     for s in range(0, x.shape[0], batch):
-        y = run_block(block, x[s:s + batch].to(device, dtype), kwargs)
+        y = run_block(block, x[s : s + batch].to(device, dtype), kwargs)
         if target is not None:
-            se += float(((y.float() - target[s:s + batch].to(device).float()) ** 2).sum())
+            se += float(((y.float() - target[s : s + batch].to(device).float()) ** 2).sum())
             count += y.numel()
-        out[s:s + batch] = y.to("cpu", out.dtype)
+        out[s : s + batch] = y.to("cpu", out.dtype)
     return se / count if count else math.nan
 
 
@@ -252,8 +263,17 @@ def _quantizer(bits: int, ratio, kv_group: int | None = None):
     return lambda x: quantize_activation(x, bits, clip_ratio=ratio)
 
 
-def quantized_block(fp_block: nn.Module, arch: ArchInfo, rots: LearnedRotations, layer: int, bits: Bits,
-                    ratios: dict, device, dtype: torch.dtype, w_clip_search: bool = False) -> nn.Module:
+def quantized_block(
+    fp_block: nn.Module,
+    arch: ArchInfo,
+    rots: LearnedRotations,
+    layer: int,
+    bits: Bits,
+    ratios: dict,
+    device,
+    dtype: torch.dtype,
+    w_clip_search: bool = False,
+) -> nn.Module:
     """A copy of the (norm-folded, R1-fused) block on `device` in `dtype` computing, on every forward, the rotated
     and fake-quantized block from layer `layer`'s rotations in `rots` (which must be on `device`): weights through
     RotatedWeight, R3 on q and k after RoPE, R4 on the down_proj input, then the activation and KV quantizers with
@@ -263,13 +283,15 @@ def quantized_block(fp_block: nn.Module, arch: ArchInfo, rots: LearnedRotations,
     if rots.r4 is None:  # a fixed R4 folds once (float64, cast back), as engine.rotation.fusion.install_r4 does
         for role in arch.down_roles:
             down = arch.module(blk, role)
-            down.weight.data = rotated_weight(arch, role, down.weight.double(),
-                                              r4=rots.r4_fixed.double()).to(dtype)
+            down.weight.data = rotated_weight(arch, role, down.weight.double(), r4=rots.r4_fixed.double()).to(dtype)
     factors = _LayerFactors(rots)
     for role in arch.linears:
-        parametrize.register_parametrization(arch.module(blk, role), "weight",
-                                             RotatedWeight(factors, arch, role, layer, bits.w, w_clip_search),
-                                             unsafe=True)
+        parametrize.register_parametrization(
+            arch.module(blk, role),
+            "weight",
+            RotatedWeight(factors, arch, role, layer, bits.w, w_clip_search),
+            unsafe=True,
+        )
     attn = arch.module(blk, "attn")
 
     def r3(module, q, k, v):
@@ -279,7 +301,8 @@ def quantized_block(fp_block: nn.Module, arch: ArchInfo, rots: LearnedRotations,
     attention.add_hook(attn, r3)  # before the KV quantizers: they must see its output
     for role in arch.down_roles:
         arch.module(blk, role).register_forward_pre_hook(
-            lambda mod, args: (rots.rotate_down_input(layer, args[0]), *args[1:]))
+            lambda mod, args: (rots.rotate_down_input(layer, args[0]), *args[1:])
+        )
     for role in arch.linears:
         quant = _quantizer(bits.a, ratios[site_of(arch, role)])
         if quant is not None:
@@ -299,9 +322,21 @@ def _ratios(cfg: LayerwiseConfig, arch: ArchInfo, clips: ClipRatios | None) -> d
     return {s: (kv if s in KV_SITES else a) for s in clip_sites(arch)}
 
 
-def train_block(fp_block: nn.Module, arch: ArchInfo, rots: LearnedRotations, layer: int, z: torch.Tensor,
-                y: torch.Tensor, kwargs: dict, cfg: LayerwiseConfig, device, dtype: torch.dtype, t0: float,
-                total_steps: int, done_steps: int):
+def train_block(
+    fp_block: nn.Module,
+    arch: ArchInfo,
+    rots: LearnedRotations,
+    layer: int,
+    z: torch.Tensor,
+    y: torch.Tensor,
+    kwargs: dict,
+    cfg: LayerwiseConfig,
+    device,
+    dtype: torch.dtype,
+    t0: float,
+    total_steps: int,
+    done_steps: int,
+):
     """Generator: learn layer `layer`'s transforms on inputs z against targets y ([N, T, hidden], CPU), a Metric("loss")
     and a Progress per step; returns (the trained block, its ClipRatios or None, the per-step history)."""
     bits = cfg.parsed_bits
@@ -310,8 +345,9 @@ def train_block(fp_block: nn.Module, arch: ArchInfo, rots: LearnedRotations, lay
     clips = None
     if cfg.clip == "learned":
         clips = ClipRatios({s: (cfg.kv_clip if s in KV_SITES else cfg.a_clip) for s in clip_sites(arch)}).to(device)
-    blk = quantized_block(fp_block, arch, rots, layer, bits, _ratios(cfg, arch, clips), device, dtype,
-                          cfg.w_clip_search)
+    blk = quantized_block(
+        fp_block, arch, rots, layer, bits, _ratios(cfg, arch, clips), device, dtype, cfg.w_clip_search
+    )
     params = [p for m in layer_modules(rots, layer) for p in m.parameters()]
     opt = CayleySGD(params, lr=cfg.lr)
     adam = torch.optim.Adam(clips.parameters(), lr=cfg.clip_lr) if clips is not None else None
@@ -335,10 +371,16 @@ def train_block(fp_block: nn.Module, arch: ArchInfo, rots: LearnedRotations, lay
         seconds = time.perf_counter() - t0
         loss = float(mse.detach())
         history.append({"block": layer, "step": step + 1, "loss": loss, "lr": lr, "seconds": seconds})
-        yield Metric("loss", done_steps + step + 1, loss, extra={"block": layer, "step": step + 1, "lr": lr,
-                                                                  "seconds": seconds})
-        yield Progress("layerwise", done_steps + step + 1, total_steps, seconds,
-                       f"block {layer + 1}/{arch.n_layers}, step {step + 1}/{cfg.steps}: MSE {loss:.4g}")
+        yield Metric(
+            "loss", done_steps + step + 1, loss, extra={"block": layer, "step": step + 1, "lr": lr, "seconds": seconds}
+        )
+        yield Progress(
+            "layerwise",
+            done_steps + step + 1,
+            total_steps,
+            seconds,
+            f"block {layer + 1}/{arch.n_layers}, step {step + 1}/{cfg.steps}: MSE {loss:.4g}",
+        )
     return blk, clips, history
 
 
@@ -352,8 +394,15 @@ def export_path(key: str, method: str) -> Path:
     return store.cache_root() / "rotations" / f"{method}-layerwise-{key}.bin"
 
 
-def train_layerwise(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, cfg: LayerwiseConfig,
-                    key: str | None = None, device=None, probe=None):
+def train_layerwise(
+    model: nn.Module,
+    arch: ArchInfo,
+    calib: torch.Tensor,
+    cfg: LayerwiseConfig,
+    key: str | None = None,
+    device=None,
+    probe=None,
+):
     """Generator: per block, Progress and Metric("loss") per step (extra: block, step, lr, seconds) and
     Metric("block_mse", k, MSE of the trained block over all windows, extra: first_loss, clips); Done(LayerwiseResult).
 
@@ -361,8 +410,10 @@ def train_layerwise(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, cfg: 
     block's inputs stay on the CPU. probe(k, z): called with block k's inputs before it trains (tests)."""
     arch.check_learnable()
     if arch.n_experts:
-        raise ValueError("layer-wise training covers dense MLPs: in a mixture of experts each expert's R4 and clip "
-                         "ratios would learn from the few tokens routed to it; use the end-to-end mode")
+        raise ValueError(
+            "layer-wise training covers dense MLPs: in a mixture of experts each expert's R4 and clip "
+            "ratios would learn from the few tokens routed to it; use the end-to-end mode"
+        )
     if calib.dim() != 2 or calib.shape[0] < cfg.batch or calib.shape[1] < 2:
         raise ValueError(f"calibration windows must be [N >= batch, T >= 2], got {tuple(calib.shape)}")
     block = min(cfg.block, arch.intermediate)
@@ -379,9 +430,9 @@ def train_layerwise(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, cfg: 
     dtype = torch.float64 if next(fp.parameters()).dtype == torch.float64 else torch.float32  # float32 at least
     store_dtype = next(fp.parameters()).dtype
     yield Progress("layerwise", 0, arch.n_layers * cfg.steps, 0.0, "embedding the calibration windows")
-    x, kwargs = block_inputs(fp, arch, calib, cfg.batch, store_dtype)   # X_0 [N, T, hidden] on the CPU
+    x, kwargs = block_inputs(fp, arch, calib, cfg.batch, store_dtype)  # X_0 [N, T, hidden] on the CPU
     kwargs = _to(kwargs, device, dtype)
-    z = x.clone() if cfg.inputs == "quantized" else x                   # Z_0 = X_0
+    z = x.clone() if cfg.inputs == "quantized" else x  # Z_0 = X_0
     y = torch.empty_like(x)
     result = LayerwiseResult(cfg.to_dict(), "")
     total = arch.n_layers * cfg.steps
@@ -391,13 +442,14 @@ def train_layerwise(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, cfg: 
             probe(k, z)
         fp_block = arch.layer(fp, k)
         on_device = copy.deepcopy(fp_block).to(device, dtype)
-        stream(on_device, x, y, kwargs, cfg.batch, device, dtype)        # Y_k = f_k(X_k)
+        stream(on_device, x, y, kwargs, cfg.batch, device, dtype)  # Y_k = f_k(X_k)
         del on_device
-        blk, clips, history = yield from train_block(fp_block, arch, rots, k, z, y, kwargs, cfg, device, dtype,
-                                                     t0, total, k * cfg.steps)
+        blk, clips, history = yield from train_block(
+            fp_block, arch, rots, k, z, y, kwargs, cfg, device, dtype, t0, total, k * cfg.steps
+        )
         with parametrize.cached():  # the rotated, quantized weights once for all windows
             if cfg.inputs == "quantized":
-                mse = stream(blk, z, z, kwargs, cfg.batch, device, dtype, target=y)   # Z_{k+1} = g_k(Z_k)
+                mse = stream(blk, z, z, kwargs, cfg.batch, device, dtype, target=y)  # Z_{k+1} = g_k(Z_k)
             else:
                 mse = stream(blk, x, torch.empty_like(x), kwargs, cfg.batch, device, dtype, target=y)
         ratios = clips.values() if clips is not None else None
@@ -405,13 +457,14 @@ def train_layerwise(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, cfg: 
         for m in layer_modules(rots, k):
             m.to("cpu")
         del blk, clips
-        x, y = y, x                                                     # X_{k+1} = Y_k; the old X is the next Y
+        x, y = y, x  # X_{k+1} = Y_k; the old X is the next Y
         if cfg.inputs == "fp":
             z = x
         result.history += history
         seconds = time.perf_counter() - t0
-        result.blocks.append({"block": k, "first_loss": history[0]["loss"], "mse": mse, "seconds": seconds,
-                              "clips": ratios})
+        result.blocks.append(
+            {"block": k, "first_loss": history[0]["loss"], "mse": mse, "seconds": seconds, "clips": ratios}
+        )
         yield Metric("block_mse", k, mse, extra={"first_loss": history[0]["loss"], "clips": ratios})
     rs = rots.rotation_set()
     if cfg.clip == "learned":
@@ -424,8 +477,9 @@ def train_layerwise(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, cfg: 
 
 
 def run_key(model_fingerprint: str, corpus_fingerprint: str, cfg: LayerwiseConfig) -> str:
-    return store.make_key(kind="layerwise", model=model_fingerprint, corpus=corpus_fingerprint, cfg=cfg.to_dict(),
-                          code=CODE_VERSION)
+    return store.make_key(
+        kind="layerwise", model=model_fingerprint, corpus=corpus_fingerprint, cfg=cfg.to_dict(), code=CODE_VERSION
+    )
 
 
 def layerwise_job(handle, cfg: LayerwiseConfig, use_cache: bool = True, device=None):
@@ -440,8 +494,7 @@ def layerwise_job(handle, cfg: LayerwiseConfig, use_cache: bool = True, device=N
     if cfg.method == "flrot":
         check_block_divides(handle.arch.intermediate, min(cfg.block, handle.arch.intermediate))
     if handle.dispatched:
-        raise ValueError("layer-wise training streams one block at a time itself: load the model without a device "
-                         "map")
+        raise ValueError("layer-wise training streams one block at a time itself: load the model without a device map")
     corpus = load_corpus(cfg.corpus)
     key = run_key(handle.fingerprint, corpus.fingerprint, cfg)
     hit = store.load("layerwise", key) if use_cache else None

@@ -12,6 +12,7 @@ and the zero point), and rounding is straight-through. The token range max/min i
 no gradient to x (PACT/LSQ's choice); inside the range the gradient w.r.t. x is the identity, as the fixed
 quantizers' STE.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,8 @@ from torch import Tensor, nn
 
 from engine.quant.quantizers import integer_range
 
-INIT_CAP = 6.0        # theta of a start at 1.0: sigmoid(6) = 0.9975
-THETA_BOUND = 40.0    # sigmoid(-40) = 4e-18 > 0 and sigmoid(40) = 1.0 in float32
+INIT_CAP = 6.0  # theta of a start at 1.0: sigmoid(6) = 0.9975
+THETA_BOUND = 40.0  # sigmoid(-40) = 4e-18 > 0 and sigmoid(40) = 1.0 in float32
 
 
 def _round_ste(x: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ A "random Hadamard" run with seed s is the 'quarot' recipe at EvalConfig(seed=s)
 engine.rotation.fusion.rotate from s. A "random orthogonal" run draws R1 and every R2 Haar-random instead; R3/R4 stay
 random Hadamard as in QuaRot. Every run goes through engine.evaluate.eval_job, so it is cached like any other.
 """
+
 from __future__ import annotations
 
 import time
@@ -22,19 +23,22 @@ from engine.rotation.fusion import RotationConfig
 
 FAMILIES: dict[str, Recipe] = {
     "hadamard": RECIPES["quarot"],
-    "orthogonal": Recipe("random-orthogonal", "Haar-random orthogonal R1 and R2, random Hadamard R3/R4",
-                         rotation=RotationConfig(r1="orthogonal", r2="orthogonal", r3="hadamard", r4="hadamard")),
+    "orthogonal": Recipe(
+        "random-orthogonal",
+        "Haar-random orthogonal R1 and R2, random Hadamard R3/R4",
+        rotation=RotationConfig(r1="orthogonal", r2="orthogonal", r3="hadamard", r4="hadamard"),
+    ),
 }
 
 
 @dataclass(frozen=True)
 class SpreadConfig:
-    seeds: int = 10                               # random rotations per family
+    seeds: int = 10  # random rotations per family
     families: tuple = ("hadamard", "orthogonal")
     bits: str = "4-4-4"
-    weights: str = "rtn"                          # rtn | gptq
-    w_clip_search: bool = True                    # weight clipping search for every row (learned ones included)
-    first_seed: int = 0                           # seeds first_seed .. first_seed + seeds - 1
+    weights: str = "rtn"  # rtn | gptq
+    w_clip_search: bool = True  # weight clipping search for every row (learned ones included)
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(tokens=4096, window=1024))
 
     def __post_init__(self):
@@ -89,10 +93,15 @@ def spread_job(handle, cfg: SpreadConfig, learned: dict[str, tuple[str, str]] | 
     bits = Bits.parse(cfg.bits)
     clip = ClipPolicy("fixed", weight_range_search=cfg.w_clip_search)  # as training quantized
     quantizer = lambda r: replace(r.with_weights(cfg.weights), clip=clip)  # noqa: E731
-    runs = [(fam, seed, f"{fam} seed {seed}", quantizer(FAMILIES[fam]), replace(cfg.eval, seed=seed))
-            for fam in cfg.families for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds)]
-    runs += [("learned", None, label, quantizer(learned_recipe(path, method)), replace(cfg.eval, seed=ONLINE_SEED))
-             for label, (path, method) in learned.items()]
+    runs = [
+        (fam, seed, f"{fam} seed {seed}", quantizer(FAMILIES[fam]), replace(cfg.eval, seed=seed))
+        for fam in cfg.families
+        for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds)
+    ]
+    runs += [
+        ("learned", None, label, quantizer(learned_recipe(path, method)), replace(cfg.eval, seed=ONLINE_SEED))
+        for label, (path, method) in learned.items()
+    ]
     rows, t0 = [], time.perf_counter()
     for i, (fam, seed, name, recipe, ecfg) in enumerate(runs):
         yield Progress("spread", i, len(runs), time.perf_counter() - t0, f"{name} ({i + 1}/{len(runs)})")
@@ -102,5 +111,6 @@ def spread_job(handle, cfg: SpreadConfig, learned: dict[str, tuple[str, str]] | 
         rows.append(row)
         yield Metric("ppl", i, result["ppl"], extra=row)
     yield Progress("spread", len(runs), len(runs), time.perf_counter() - t0, "done")
-    yield Done(SpreadResult(pd.DataFrame(rows), str(bits), cfg.weights, cfg.w_clip_search),
-               seconds=time.perf_counter() - t0)
+    yield Done(
+        SpreadResult(pd.DataFrame(rows), str(bits), cfg.weights, cfg.w_clip_search), seconds=time.perf_counter() - t0
+    )

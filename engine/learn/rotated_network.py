@@ -11,6 +11,7 @@ same network that `engine.rotation.fusion.rotate` + `engine.quant.apply` build f
 SpinQuant keeps R3/R4 fixed: the random Hadamards that `rotate` draws for seed 0, i.e. what the 'rotated' recipe
 uses at EvalConfig(seed=0).
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,7 +33,7 @@ from engine.rotation.fusion import fold_norms, permute_mlp_channels
 from engine.rotation.hadamard import random_hadamard
 from engine.rotation.orthogonal import BlockDiagonalRotation, FullRotation, check_block_divides
 
-ONLINE_SEED = 0                   # SpinQuant's fixed R3/R4: rotate(..., seed=0) draws them from seeds 2000 / 3000
+ONLINE_SEED = 0  # SpinQuant's fixed R3/R4: rotate(..., seed=0) draws them from seeds 2000 / 3000
 KURTOSIS_SITES = ("attn_in", "down_in")
 
 
@@ -53,9 +54,11 @@ class LearnedRotations(nn.Module):
             nb = check_block_divides(inter, block)
             self.r3 = nn.ModuleList(FullRotation(hd, matrix=had(hd, seed + 2000 + i)) for i in range(n))
             self.r4 = nn.ModuleList(
-                BlockDiagonalRotation(inter, block, blocks=torch.stack([had(block, seed + 3000 + nb * i + j)
-                                                                        for j in range(nb)]))
-                for i in range(n))
+                BlockDiagonalRotation(
+                    inter, block, blocks=torch.stack([had(block, seed + 3000 + nb * i + j) for j in range(nb)])
+                )
+                for i in range(n)
+            )
         else:
             self.r3, self.r4 = None, None
             self.register_buffer("r3_fixed", had(hd, ONLINE_SEED + 2000))
@@ -82,9 +85,13 @@ class LearnedRotations(nn.Module):
     def rotation_set(self) -> RotationSet:
         """A detached copy in the file layout (R4 as its blocks)."""
         grab = lambda t: t.detach().float().clone()  # noqa: E731
-        return RotationSet(grab(self.r1.weight), [grab(r.weight) for r in self.r2],
-                           None if self.r3 is None else [grab(r.weight) for r in self.r3],
-                           None if self.r4 is None else [grab(r.blocks) for r in self.r4], self.r4_perm)
+        return RotationSet(
+            grab(self.r1.weight),
+            [grab(r.weight) for r in self.r2],
+            None if self.r3 is None else [grab(r.weight) for r in self.r3],
+            None if self.r4 is None else [grab(r.blocks) for r in self.r4],
+            self.r4_perm,
+        )
 
 
 class RotatedWeight(nn.Module):
@@ -92,8 +99,9 @@ class RotatedWeight(nn.Module):
     rotations through the straight-through quantizer. `rots.weight_factors(layer)` gives (R1, R2, R4), each None
     when absent (LearnedRotations here; one block's transforms in engine.learn.layerwise, R1 already fused)."""
 
-    def __init__(self, rots: LearnedRotations, arch: ArchInfo, role: str, layer: int, w_bits: int,
-                 weight_range_search: bool):
+    def __init__(
+        self, rots: LearnedRotations, arch: ArchInfo, role: str, layer: int, w_bits: int, weight_range_search: bool
+    ):
         super().__init__()
         self._rots = (rots,)  # a tuple, so the rotations are not registered as a submodule of every weight
         self.arch, self.role, self.layer, self.w_bits = arch, role, layer, w_bits
@@ -108,8 +116,15 @@ class RotatedWeight(nn.Module):
 class RotatedTrainingModel:
     """A norm-folded copy of `model` computing the rotated, fake-quantized network from `rots` on every forward."""
 
-    def __init__(self, model: nn.Module, arch: ArchInfo, rots: LearnedRotations, bits: Bits, recipe: Recipe,
-                 weight_range_search: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        arch: ArchInfo,
+        rots: LearnedRotations,
+        bits: Bits,
+        recipe: Recipe,
+        weight_range_search: bool = False,
+    ):
         self.arch, self.rots, self.bits = arch, rots, bits
         m = copy.deepcopy(model).eval().requires_grad_(False)
         if next(m.parameters()).dtype in (torch.float16, torch.bfloat16):
@@ -121,32 +136,38 @@ class RotatedTrainingModel:
             for i in range(arch.n_layers):
                 for role in arch.down_roles:
                     down = arch.module(m, role, i)
-                    down.weight.data = rotated_weight(arch, role, down.weight.double(),
-                                                      r4=rots.r4_fixed.double()).to(down.weight.dtype)
+                    down.weight.data = rotated_weight(arch, role, down.weight.double(), r4=rots.r4_fixed.double()).to(
+                        down.weight.dtype
+                    )
         unquantized = tuple(r for r in arch.residual_readers if r not in arch.linears)  # a router, a shared gate
         for i in range(arch.n_layers):
             for role in arch.linears + unquantized:
                 w_bits = bits.w if role in arch.linears else 16
-                parametrize.register_parametrization(arch.module(m, role, i), "weight",
-                                                     RotatedWeight(rots, arch, role, i, w_bits, weight_range_search),
-                                                     unsafe=True)
+                parametrize.register_parametrization(
+                    arch.module(m, role, i),
+                    "weight",
+                    RotatedWeight(rots, arch, role, i, w_bits, weight_range_search),
+                    unsafe=True,
+                )
         arch.module(m, "embed").register_forward_hook(lambda mod, args, out: rotated_embedding(out, rots.r1.weight))
         arch.module(m, "lm_head").register_forward_pre_hook(
-            lambda mod, args: (args[0] @ rots.r1.weight.to(args[0].dtype).T, *args[1:]))
+            lambda mod, args: (args[0] @ rots.r1.weight.to(args[0].dtype).T, *args[1:])
+        )
         self.kurtosis: dict | None = None  # {(site, layer): [sum, count]} while probing
         attention.install(m)
         for i in range(arch.n_layers):  # online rotations first: the quantizers must see their outputs
+
             def r3(mod, q, k, v, i=i):
                 return q @ rots.r3_matrix(i).to(q.dtype), k @ rots.r3_matrix(i).to(k.dtype), v
 
             attention.add_hook(arch.module(m, "attn", i), r3)
             for role in arch.down_roles:  # every expert's down_proj in a mixture
                 down = arch.module(m, role, i)
-                down.register_forward_pre_hook(lambda mod, args, i=i: (rots.rotate_down_input(i, args[0]),
-                                                                       *args[1:]))
+                down.register_forward_pre_hook(lambda mod, args, i=i: (rots.rotate_down_input(i, args[0]), *args[1:]))
                 down.register_forward_pre_hook(lambda mod, args, i=i: self._probe("down_in", i, args[0]))
             arch.module(m, "input_norm", i).register_forward_hook(
-                lambda mod, args, out, i=i: self._probe("attn_in", i, out))
+                lambda mod, args, out, i=i: self._probe("attn_in", i, out)
+            )
         install_activation_quant(m, arch, bits, recipe)
         install_kv_quant(m, arch, bits, recipe)
         self.model = m

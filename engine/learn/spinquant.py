@@ -4,6 +4,7 @@ Cayley SGD on the next-token loss of the rotated, fake-quantized network (engine
 This module is the job: its settings, the training loop with checkpoints every few steps (resumable, also under
 torchrun), the quick perplexity and kurtosis probes, and the exported rotation file in SpinQuant's layout.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,34 +36,38 @@ CODE_VERSION = "optimize-2"  # 2: the asymmetric quantizer in compressed-tensors
 
 @dataclass(frozen=True)
 class TrainConfig:
-    method: str = "spinquant"   # spinquant (R1, R2) | flrot (R1, R2, R3, block-diagonal R4)
-    bits: str = "4-4-4"         # W-A-KV of the fake quantizers during training
+    method: str = "spinquant"  # spinquant (R1, R2) | flrot (R1, R2, R3, block-diagonal R4)
+    bits: str = "4-4-4"  # W-A-KV of the fake quantizers during training
     steps: int = 20
-    windows: int = 20           # calibration windows (cycled through, `batch` per step)
-    window: int = 256           # tokens per window
-    batch: int = 1              # windows per step
-    lr: float = 1.5             # Cayley SGD step cap, cosine-decayed to 0 (SpinQuant's 1.5)
-    block: int = 128            # FLRot's R4 block size (must divide the intermediate width)
-    eval_every: int = 5         # kurtosis and quick perplexity every N steps (0: never)
-    checkpoint_every: int = 5   # checkpoint under cache/optimize/ every N steps (0: only when stopped)
-    eval_tokens: int = 512      # evaluation-split tokens of the quick perplexity
-    seed: int = 0               # random Hadamard initialisation and calibration sampling
+    windows: int = 20  # calibration windows (cycled through, `batch` per step)
+    window: int = 256  # tokens per window
+    batch: int = 1  # windows per step
+    lr: float = 1.5  # Cayley SGD step cap, cosine-decayed to 0 (SpinQuant's 1.5)
+    block: int = 128  # FLRot's R4 block size (must divide the intermediate width)
+    eval_every: int = 5  # kurtosis and quick perplexity every N steps (0: never)
+    checkpoint_every: int = 5  # checkpoint under cache/optimize/ every N steps (0: only when stopped)
+    eval_tokens: int = 512  # evaluation-split tokens of the quick perplexity
+    seed: int = 0  # random Hadamard initialisation and calibration sampling
     corpus: str = "wiki"
     w_clip_search: bool = False  # weight clipping search in the loss, as SpinQuant's --w_clip (80 RTN passes per
-                                 # weight per step, minutes on a CPU); evaluate with the quantizer trained for
-    permute: bool = False        # FLRot: deal the down_proj input channels over R4's blocks (by their magnitude on
-                                 # the first calibration windows) before learning the blocks
+    # weight per step, minutes on a CPU); evaluate with the quantizer trained for
+    permute: bool = False  # FLRot: deal the down_proj input channels over R4's blocks (by their magnitude on
+    # the first calibration windows) before learning the blocks
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         bits = Bits.parse(self.bits)
         if not bits.integer:
-            raise ValueError(f"training quantizes with integer grids: bits must be bit widths (e.g. 4-4-4), got "
-                             f"{self.bits!r}; evaluate the learned rotations in other formats on the Evaluate page")
+            raise ValueError(
+                f"training quantizes with integer grids: bits must be bit widths (e.g. 4-4-4), got "
+                f"{self.bits!r}; evaluate the learned rotations in other formats on the Evaluate page"
+            )
         if bits.a >= 16 and bits.kv >= 16 and bits.w >= 16:
-            raise ValueError("at 16-16-16 the network is rotation invariant: nothing to learn; train at 4-4-4 "
-                             "(W4A4KV4) or 16-4-4 (W16A4KV4)")
+            raise ValueError(
+                "at 16-16-16 the network is rotation invariant: nothing to learn; train at 4-4-4 "
+                "(W4A4KV4) or 16-4-4 (W16A4KV4)"
+            )
         for name in ("steps", "windows", "window", "batch", "eval_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -100,10 +105,10 @@ class TrainState:
     """Everything a resumed run needs besides the rotations; JSON-able (checkpoint meta)."""
 
     step: int = 0
-    history: list = field(default_factory=list)    # {"step", "loss", "lr", "seconds"} per step
-    kurtosis: list = field(default_factory=list)   # {"step", "attn_in": [per layer], "down_in": [...]}
-    ppl: list = field(default_factory=list)        # {"step", "ppl"}
-    seconds: float = 0.0                           # training time so far, over all sessions
+    history: list = field(default_factory=list)  # {"step", "loss", "lr", "seconds"} per step
+    kurtosis: list = field(default_factory=list)  # {"step", "attn_in": [per layer], "down_in": [...]}
+    ppl: list = field(default_factory=list)  # {"step", "ppl"}
+    seconds: float = 0.0  # training time so far, over all sessions
     opt_steps: list = field(default_factory=list)  # CayleySGD step count per parameter (its QR schedule)
 
 
@@ -111,20 +116,25 @@ class TrainState:
 class TrainResult:
     config: dict
     key: str
-    path: str              # the exported rotation file (SpinQuant layout, plus R3/R4 for FLRot)
+    path: str  # the exported rotation file (SpinQuant layout, plus R3/R4 for FLRot)
     state: TrainState
-    finished: bool         # False when the run was stopped (a checkpoint holds it; resume continues)
+    finished: bool  # False when the run was stopped (a checkpoint holds it; resume continues)
 
 
 def run_key(model_fingerprint: str, corpus_fingerprint: str, cfg: TrainConfig) -> str:
-    return store.make_key(kind="optimize", model=model_fingerprint, corpus=corpus_fingerprint, cfg=cfg.to_dict(),
-                          code=CODE_VERSION)
+    return store.make_key(
+        kind="optimize", model=model_fingerprint, corpus=corpus_fingerprint, cfg=cfg.to_dict(), code=CODE_VERSION
+    )
 
 
 def save_checkpoint(key: str, rots: LearnedRotations, opt: CayleySGD, state: TrainState, cfg: TrainConfig) -> None:
     state.opt_steps = [opt.state[p].get("step", 0) if p in opt.state else 0 for p in rots.manifold_params()]
-    store.save("optimize", key, {"state": asdict(state), "config": cfg.to_dict()},
-               {name: p.detach() for name, p in rots.named_parameters()})
+    store.save(
+        "optimize",
+        key,
+        {"state": asdict(state), "config": cfg.to_dict()},
+        {name: p.detach() for name, p in rots.named_parameters()},
+    )
 
 
 def load_checkpoint(key: str, rots: LearnedRotations, opt: CayleySGD) -> TrainState | None:
@@ -143,7 +153,7 @@ def load_checkpoint(key: str, rots: LearnedRotations, opt: CayleySGD) -> TrainSt
 
 def restore_opt_steps(rots: LearnedRotations, opt: CayleySGD, opt_steps: list[int]) -> None:
     """CayleySGD's per-parameter step counts (its QR schedule) from a checkpoint's TrainState.opt_steps."""
-    for p, n in zip(rots.manifold_params(), opt_steps):
+    for p, n in zip(rots.manifold_params(), opt_steps, strict=False):
         if n:
             opt.state[p]["step"] = n
 
@@ -160,12 +170,20 @@ def learned_recipe(path: str | Path, method: str) -> Recipe:
         return get_recipe("rotated", rotation_file=str(path))
     base = RECIPES["rotated"]
     rot = RotationConfig(r1="file", r2="file", r3="file", r4="file", file=str(path))
-    return replace(base, name="flrot", description="FLRot: R1-R4 learned (R4 block-diagonal), from a file",
-                   rotation=rot)
+    return replace(
+        base, name="flrot", description="FLRot: R1-R4 learned (R4 block-diagonal), from a file", rotation=rot
+    )
 
 
-def train(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, eval_wins: torch.Tensor, cfg: TrainConfig,
-          key: str | None = None, resume: bool = True):
+def train(
+    model: nn.Module,
+    arch: ArchInfo,
+    calib: torch.Tensor,
+    eval_wins: torch.Tensor,
+    cfg: TrainConfig,
+    key: str | None = None,
+    resume: bool = True,
+):
     """Generator: Progress and Metric("loss") per step (extra: lr, seconds); every cfg.eval_every steps
     Metric("ppl") and Metric("kurtosis") (extra: per-layer lists per site); Done(TrainResult) at the end. A resumed
     run first yields a Progress whose `partial` is the restored TrainState (its loss/ppl/kurtosis history).
@@ -190,8 +208,9 @@ def train(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, eval_wins: torc
     if cfg.permute:  # the same windows on every rank and at every resume: the same permutation
         rots.r4_perm = r4_permutations(model, arch, calib, cfg.block)
     # SpinQuant trains with fixed clips (activations 0.9, KV 0.95): a calibration per step would cost more than the step
-    net = RotatedTrainingModel(model, arch, rots, bits, replace(RECIPES["rotated"], clip=ClipPolicy("fixed")),
-                               cfg.w_clip_search)
+    net = RotatedTrainingModel(
+        model, arch, rots, bits, replace(RECIPES["rotated"], clip=ClipPolicy("fixed")), cfg.w_clip_search
+    )
     opt = CayleySGD(rots.manifold_params(), lr=cfg.lr)
     state = None
     if info.is_main:  # one process touches cache/: the others get rank 0's state and rotations
@@ -216,8 +235,14 @@ def train(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, eval_wins: torc
 
     try:
         if state.step:  # resumed: a snapshot of the history, for charts that continue where the stop left off
-            yield Progress("optimize", state.step, cfg.steps, state.seconds,
-                           f"resumed from the checkpoint at step {state.step}", partial=copy.deepcopy(state))
+            yield Progress(
+                "optimize",
+                state.step,
+                cfg.steps,
+                state.seconds,
+                f"resumed from the checkpoint at step {state.step}",
+                partial=copy.deepcopy(state),
+            )
         if state.step == 0 and cfg.eval_every and not state.ppl:
             yield Progress("optimize", 0, cfg.steps, 0.0, "evaluating the initial (random Hadamard) rotations")
             yield from probe()
@@ -240,8 +265,13 @@ def train(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, eval_wins: torc
             if key and info.is_main and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                 save_checkpoint(key, rots, opt, state, cfg)
                 saved_step = state.step
-            yield Progress("optimize", state.step, cfg.steps, state.seconds,
-                           f"step {state.step}/{cfg.steps}: loss {loss:.3f}, lr {lr:.3f}")
+            yield Progress(
+                "optimize",
+                state.step,
+                cfg.steps,
+                state.seconds,
+                f"step {state.step}/{cfg.steps}: loss {loss:.3f}, lr {lr:.3f}",
+            )
     finally:  # also on Stop (the generator closed) or an error: unsaved steps are kept for a resume
         if key and info.is_main and state.step > saved_step:
             state.seconds = time.perf_counter() - t0
@@ -270,9 +300,11 @@ def train_job(handle, cfg: TrainConfig, resume: bool = True):
 
     handle.arch.check_learnable()  # before any data work
     if handle.dispatched:
-        raise ValueError("Cayley training needs the whole model on each process's device (the rotations touch every "
-                         "weight at every step); load it on one device per process and spread the data over GPUs "
-                         "with torchrun (python -m engine optimize), not with a device map")
+        raise ValueError(
+            "Cayley training needs the whole model on each process's device (the rotations touch every "
+            "weight at every step); load it on one device per process and spread the data over GPUs "
+            "with torchrun (python -m engine optimize), not with a device map"
+        )
     if cfg.method == "flrot":
         check_block_divides(handle.arch.intermediate, cfg.block)  # before any data work
     corpus = load_corpus(cfg.corpus)
@@ -296,8 +328,7 @@ def checkpoint_result(handle, cfg: TrainConfig) -> TrainResult | None:
         from engine.data.corpus import windows
 
         window = min(cfg.window, handle.max_length)
-        calib = windows(load_corpus(cfg.corpus), handle.tokenizer, cfg.windows * window, window, "calib",
-                        seed=cfg.seed)
+        calib = windows(load_corpus(cfg.corpus), handle.tokenizer, cfg.windows * window, window, "calib", seed=cfg.seed)
         rots.r4_perm = r4_permutations(handle.model, handle.arch, calib, cfg.block)
     path = export_path(key, cfg.method, state.step)
     if not path.exists():

@@ -7,6 +7,7 @@ Families whose rotations cannot be fused exactly (Gemma 2/3, Gemma 3's multimoda
 the reason and are captured and evaluated unrotated. Causal LMs outside the table are captured only
 (engine.model.generic).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -30,7 +31,7 @@ class ArchRoles:
     lm_head: str = "lm_head"
     # per decoder layer
     attn: str = "self_attn"
-    input_norm: str | None = "input_layernorm"          # feeds the attention's input linears
+    input_norm: str | None = "input_layernorm"  # feeds the attention's input linears
     post_attn_norm: str | None = "post_attention_layernorm"  # feeds the MLP's input linears
     q: str | None = "self_attn.q_proj"
     k: str | None = "self_attn.k_proj"
@@ -39,49 +40,80 @@ class ArchRoles:
     gate: str | None = "mlp.gate_proj"
     up: str | None = "mlp.up_proj"
     down: str | None = "mlp.down_proj"  # None in a mixture: every expert has its own
-    qkv: str | None = None       # fused rows [q | k | v] (Phi-3)
-    gate_up: str | None = None   # fused rows [gate | up] (Phi-3)
+    qkv: str | None = None  # fused rows [q | k | v] (Phi-3)
+    gate_up: str | None = None  # fused rows [gate | up] (Phi-3)
     qkv_bias: bool = False  # Qwen2 has biases on q, k, v
     # what each linear does to the residual stream, and which RMSNorm feeds which linears (rotation fusion,
     # norm folding, quantization and GPTQ all read these; none spells the lists again)
-    linears: tuple = ("q", "k", "v", "o", "gate", "up", "down")   # every decoder linear, in execution order
+    linears: tuple = ("q", "k", "v", "o", "gate", "up", "down")  # every decoder linear, in execution order
     residual_readers: tuple = ("q", "k", "v", "gate", "up")
     residual_writers: tuple = ("o", "down")
     norm_feeds: tuple = (("input_norm", ("q", "k", "v")), ("post_attn_norm", ("gate", "up")))
-    value: str = "v"             # the linear whose output rows hold the values (R2 acts on them per KV head)
-    attn_reader: str = "q"       # a linear reading the attention's input (where capture sees it without a norm)
-    mlp_reader: str = "gate"     # a linear reading the MLP's input
+    value: str = "v"  # the linear whose output rows hold the values (R2 acts on them per KV head)
+    attn_reader: str = "q"  # a linear reading the attention's input (where capture sees it without a norm)
+    mlp_reader: str = "gate"  # a linear reading the MLP's input
     rotation_refusal: str | None = None  # why R1-R4 cannot be fused exactly (capture and evaluation still work)
     # mixtures of experts (engine.model.experts makes each expert a pair of linears: roles expert{e}.gate_up and
     # expert{e}.down); the router and a shared expert's gate read the residual stream too, unquantized
     router: str | None = None
-    experts: str | None = None          # the ModuleList of ExpertMLP
-    shared_expert: str | None = None    # an always-on MLP beside the routed experts (Qwen2-MoE)
-    shared_gate: str | None = None      # its sigmoid gate [1, hidden]
+    experts: str | None = None  # the ModuleList of ExpertMLP
+    shared_expert: str | None = None  # an always-on MLP beside the routed experts (Qwen2-MoE)
+    shared_gate: str | None = None  # its sigmoid gate [1, hidden]
     # a class outside this table (engine.model.generic): only `layers` is known, and `linears` are module paths
     generic: bool = False
 
 
 LLAMA = ArchRoles()
-PHI3 = ArchRoles(q=None, k=None, v=None, gate=None, up=None, qkv="self_attn.qkv_proj", gate_up="mlp.gate_up_proj",
-                 linears=("qkv", "o", "gate_up", "down"), residual_readers=("qkv", "gate_up"),
-                 norm_feeds=(("input_norm", ("qkv",)), ("post_attn_norm", ("gate_up",))), value="qkv",
-                 attn_reader="qkv", mlp_reader="gate_up")
+PHI3 = ArchRoles(
+    q=None,
+    k=None,
+    v=None,
+    gate=None,
+    up=None,
+    qkv="self_attn.qkv_proj",
+    gate_up="mlp.gate_up_proj",
+    linears=("qkv", "o", "gate_up", "down"),
+    residual_readers=("qkv", "gate_up"),
+    norm_feeds=(("input_norm", ("qkv",)), ("post_attn_norm", ("gate_up",))),
+    value="qkv",
+    attn_reader="qkv",
+    mlp_reader="gate_up",
+)
 
-_SUBLAYER_NORM = ("{} normalize each sublayer's output before the residual add, so a rotation R1 of the residual "
-                  "stream does not commute with those norms' per-channel gains and cannot be fused exactly")
-_LAYERNORM = ("{} uses LayerNorm, which subtracts each token's mean over the channels; a rotation of the residual "
-              "stream does not commute with that centering, so it cannot be fused exactly")
+_SUBLAYER_NORM = (
+    "{} normalize each sublayer's output before the residual add, so a rotation R1 of the residual "
+    "stream does not commute with those norms' per-channel gains and cannot be fused exactly"
+)
+_LAYERNORM = (
+    "{} uses LayerNorm, which subtracts each token's mean over the channels; a rotation of the residual "
+    "stream does not commute with that centering, so it cannot be fused exactly"
+)
 GEMMA = ArchRoles(post_attn_norm="pre_feedforward_layernorm", rotation_refusal=_SUBLAYER_NORM.format("Gemma 2 and 3"))
 # the multimodal class: the same decoder under model.language_model, beside a vision tower capture never visits
-GEMMA3_MULTIMODAL = replace(GEMMA, embed="model.language_model.embed_tokens", layers="model.language_model.layers",
-                            final_norm="model.language_model.norm")
-OLMO2 = ArchRoles(input_norm=None, post_attn_norm=None, norm_feeds=(),  # no norm before a sublayer: x feeds q/k/v
-                  rotation_refusal=_SUBLAYER_NORM.format("OLMo-2"))
+GEMMA3_MULTIMODAL = replace(
+    GEMMA,
+    embed="model.language_model.embed_tokens",
+    layers="model.language_model.layers",
+    final_norm="model.language_model.norm",
+)
+OLMO2 = ArchRoles(
+    input_norm=None,
+    post_attn_norm=None,
+    norm_feeds=(),  # no norm before a sublayer: x feeds q/k/v
+    rotation_refusal=_SUBLAYER_NORM.format("OLMo-2"),
+)
 
-MOE = ArchRoles(gate=None, up=None, down=None, linears=("q", "k", "v", "o"), residual_readers=("q", "k", "v"),
-                residual_writers=("o",), norm_feeds=(("input_norm", ("q", "k", "v")), ("post_attn_norm", ())),
-                router="mlp.gate", experts="mlp.experts.experts")
+MOE = ArchRoles(
+    gate=None,
+    up=None,
+    down=None,
+    linears=("q", "k", "v", "o"),
+    residual_readers=("q", "k", "v"),
+    residual_writers=("o",),
+    norm_feeds=(("input_norm", ("q", "k", "v")), ("post_attn_norm", ())),
+    router="mlp.gate",
+    experts="mlp.experts.experts",
+)
 
 # Llama 1-3.2 (tied or untied embeddings), Mistral, Qwen2/2.5 (q/k/v biases) and Qwen3 (per-head q/k RMSNorms
 # before RoPE: R1 acts on q_proj's input and R2 only on v and o, so those norms are untouched) share the layout.
@@ -90,7 +122,7 @@ ARCHITECTURES: dict[str, ArchRoles] = {
     "MistralForCausalLM": LLAMA,
     "Qwen2ForCausalLM": ArchRoles(qkv_bias=True),
     "Qwen3ForCausalLM": LLAMA,
-    "Phi3ForCausalLM": PHI3,     # Phi-3 and Phi-4-mini; partial rotary is fine: R3 acts on whole heads after RoPE
+    "Phi3ForCausalLM": PHI3,  # Phi-3 and Phi-4-mini; partial rotary is fine: R3 acts on whole heads after RoPE
     # captured and evaluated unrotated; Rotate and Optimize refuse with the reason
     "Gemma2ForCausalLM": GEMMA,
     "Gemma3ForCausalLM": GEMMA,
@@ -100,9 +132,10 @@ ARCHITECTURES: dict[str, ArchRoles] = {
     # mixtures of experts: the router reads the residual stream (R1 fused into it), every expert's down gets R4
     "MixtralForCausalLM": MOE,
     "Qwen3MoeForCausalLM": MOE,
-    "OlmoeForCausalLM": MOE,     # q/k norms over all heads before RoPE: R1 acts on their input, R2 not on q or k
-    "Qwen2MoeForCausalLM": replace(MOE, qkv_bias=True, shared_expert="mlp.shared_expert",
-                                   shared_gate="mlp.shared_expert_gate"),
+    "OlmoeForCausalLM": MOE,  # q/k norms over all heads before RoPE: R1 acts on their input, R2 not on q or k
+    "Qwen2MoeForCausalLM": replace(
+        MOE, qkv_bias=True, shared_expert="mlp.shared_expert", shared_gate="mlp.shared_expert_gate"
+    ),
 }
 
 
@@ -122,11 +155,11 @@ class ArchInfo:
     tied_embeddings: bool
     n_experts: int = 0
     # the concrete roles of one decoder layer (the pattern of `roles`, with one pair of roles per expert)
-    linears: tuple = ()            # every quantized linear, in execution order
-    residual_readers: tuple = ()   # W <- W R1 (router and shared gate included)
-    residual_writers: tuple = ()   # W <- R1^T W
-    norm_feeds: tuple = ()         # (norm role, the roles it feeds)
-    down_roles: tuple = ()         # the linears whose input R4 rotates
+    linears: tuple = ()  # every quantized linear, in execution order
+    residual_readers: tuple = ()  # W <- W R1 (router and shared gate included)
+    residual_writers: tuple = ()  # W <- R1^T W
+    norm_feeds: tuple = ()  # (norm role, the roles it feeds)
+    down_roles: tuple = ()  # the linears whose input R4 rotates
     learn_refusal: str | None = None  # why rotations cannot be trained (beyond rotation_refusal)
 
     def layer(self, model: nn.Module, i: int) -> nn.Module:
@@ -158,9 +191,13 @@ class ArchInfo:
         rotate = self.roles.rotation_refusal or "yes"
         learn = self.roles.rotation_refusal or self.learn_refusal or "yes"
         evaluate = f"floating point only: {self.roles.rotation_refusal}" if self.roles.generic else "yes"
-        return {"capture (Explore)": "yes", "rotate (Rotate)": rotate, "learn rotations (Optimize)": learn,
-                "evaluate (fp, rtn, qrazor)": evaluate,
-                "evaluate rotated recipes (quarot, rotated)": rotate}
+        return {
+            "capture (Explore)": "yes",
+            "rotate (Rotate)": rotate,
+            "learn rotations (Optimize)": learn,
+            "evaluate (fp, rtn, qrazor)": evaluate,
+            "evaluate rotated recipes (quarot, rotated)": rotate,
+        }
 
     def module(self, model: nn.Module, role: str, layer: int | None = None) -> nn.Module:
         head, _, leaf = role.partition(".")
@@ -182,15 +219,19 @@ def _layer_roles(roles: ArchRoles, n_experts: int) -> dict:
     """The concrete per-layer role lists: the dense pattern plus, for a mixture, each expert's pair of linears."""
     experts = [f"expert{e}.{r}" for e in range(n_experts) for r in ("gate_up", "down")]
     shared = ["shared.gate", "shared.up", "shared.down"] if roles.shared_expert else []
-    moe_readers = ([r for r in ("router", "shared_gate") if getattr(roles, r)] + experts[0::2] + shared[:2])
+    moe_readers = [r for r in ("router", "shared_gate") if getattr(roles, r)] + experts[0::2] + shared[:2]
     moe_writers = experts[1::2] + shared[2:]
-    norm_feeds = tuple((norm, tuple(readers) + (tuple(moe_readers) if norm == "post_attn_norm" else ()))
-                       for norm, readers in roles.norm_feeds)
-    return dict(linears=tuple(roles.linears) + tuple(experts + shared),
-                residual_readers=tuple(roles.residual_readers) + tuple(moe_readers),
-                residual_writers=tuple(roles.residual_writers) + tuple(moe_writers),
-                norm_feeds=norm_feeds,
-                down_roles=(("down",) if roles.down else ()) + tuple(moe_writers))
+    norm_feeds = tuple(
+        (norm, tuple(readers) + (tuple(moe_readers) if norm == "post_attn_norm" else ()))
+        for norm, readers in roles.norm_feeds
+    )
+    return dict(
+        linears=tuple(roles.linears) + tuple(experts + shared),
+        residual_readers=tuple(roles.residual_readers) + tuple(moe_readers),
+        residual_writers=tuple(roles.residual_writers) + tuple(moe_writers),
+        norm_feeds=norm_feeds,
+        down_roles=(("down",) if roles.down else ()) + tuple(moe_writers),
+    )
 
 
 def resolve(model: nn.Module) -> ArchInfo:
@@ -207,19 +248,24 @@ def resolve(model: nn.Module) -> ArchInfo:
     n_experts, intermediate, learn_refusal = 0, cfg.intermediate_size, None
     if roles.experts:
         if getattr(cfg, "mlp_only_layers", None) or getattr(cfg, "decoder_sparse_step", 1) != 1:
-            raise UnsupportedArchitectureError(f"{name} with dense MLP layers between the sparse ones "
-                                               "(mlp_only_layers / decoder_sparse_step) is not supported yet")
-        if not hasattr(model.get_submodule(roles.layers)[0].get_submodule(roles.experts.rpartition(".")[0]),
-                       "experts"):
-            raise UnsupportedArchitectureError(f"{name}'s experts are stacked 3-D parameters: load it with "
-                                               "engine.model.loading.load_model (or engine.model.experts."
-                                               "unfuse_experts) so each expert is a pair of linears")
+            raise UnsupportedArchitectureError(
+                f"{name} with dense MLP layers between the sparse ones "
+                "(mlp_only_layers / decoder_sparse_step) is not supported yet"
+            )
+        if not hasattr(model.get_submodule(roles.layers)[0].get_submodule(roles.experts.rpartition(".")[0]), "experts"):
+            raise UnsupportedArchitectureError(
+                f"{name}'s experts are stacked 3-D parameters: load it with "
+                "engine.model.loading.load_model (or engine.model.experts."
+                "unfuse_experts) so each expert is a pair of linears"
+            )
         n_experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
         intermediate = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
         shared = getattr(cfg, "shared_expert_intermediate_size", None) if roles.shared_expert else None
         if shared and shared != intermediate:
-            learn_refusal = (f"its shared expert's down_proj input ({shared}) is wider than the routed experts' "
-                             f"({intermediate}), and training learns one R4 width per layer")
+            learn_refusal = (
+                f"its shared expert's down_proj input ({shared}) is wider than the routed experts' "
+                f"({intermediate}), and training learns one R4 width per layer"
+            )
     return ArchInfo(
         name=name,
         roles=roles,
@@ -246,8 +292,10 @@ def causal_lm_classes() -> set[str]:
 
 
 def _refusal(shown: str) -> str:
-    return (f"architecture {shown} is not supported: SpinScope reads decoder-only causal LMs that transformers "
-            f"builds (AutoModelForCausalLM), and knows the roles of {', '.join(sorted(ARCHITECTURES))}")
+    return (
+        f"architecture {shown} is not supported: SpinScope reads decoder-only causal LMs that transformers "
+        f"builds (AutoModelForCausalLM), and knows the roles of {', '.join(sorted(ARCHITECTURES))}"
+    )
 
 
 def check_config_supported(config) -> None:

@@ -5,6 +5,7 @@ RoPE, the online R3 rotate Q and K, and the KV quantizer act on the cache values
 A module's hooks live in its `spinscope_qkv_hooks` list; each maps (module, q, k, v) -> (q, k, v) with
 q [B, heads, T, head_dim] and k, v [B, kv_heads, T, head_dim].
 """
+
 from __future__ import annotations
 
 from torch import nn

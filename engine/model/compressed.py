@@ -6,6 +6,7 @@ SpinScope's own rotations and quantizers to it.
 It lives with the loading code, not in engine/export: loading is this floor's job, the writer sits on the top floor
 (it builds rows with engine.evaluate), and model/ must not import a floor above it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,15 @@ from engine.model import dispatch
 
 # checked to dequantize correctly with transformers 5.23 (nvfp4: to bfloat16's rounding, as compressed-tensors 0.20.1
 # decompresses it; the rest exactly)
-IMPORT_FORMATS = ("pack-quantized", "dense", "float-quantized", "mxfp4-pack-quantized", "mxfp6-pack-quantized",
-                  "mxfp8-quantized", "nvfp4-pack-quantized")
+IMPORT_FORMATS = (
+    "pack-quantized",
+    "dense",
+    "float-quantized",
+    "mxfp4-pack-quantized",
+    "mxfp6-pack-quantized",
+    "mxfp8-quantized",
+    "nvfp4-pack-quantized",
+)
 
 
 def import_kwargs(config) -> dict:
@@ -32,9 +40,11 @@ def import_kwargs(config) -> dict:
     if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
         return {}
     if qc.get("format") not in IMPORT_FORMATS:
-        raise ValueError(f"compressed-tensors format {qc.get('format')!r} cannot be imported: SpinScope reads "
-                         f"{', '.join(IMPORT_FORMATS)} checkpoints (transformers' dequantizing load returns an "
-                         "int-quantized checkpoint's integers without their scales)")
+        raise ValueError(
+            f"compressed-tensors format {qc.get('format')!r} cannot be imported: SpinScope reads "
+            f"{', '.join(IMPORT_FORMATS)} checkpoints (transformers' dequantizing load returns an "
+            "int-quantized checkpoint's integers without their scales)"
+        )
     config = copy.deepcopy(config)
     config.quantization_config = {**qc, "dequantize": True}
     return {"config": config}
@@ -59,8 +69,7 @@ def _transform_matrix(scheme, args, key: str, leaf: str, stored: dict, size: int
     if scheme.randomize:
         raise ValueError(f"transform {leaf} is randomized per module, which import does not support")
     n = scheme.head_dim or size
-    w = stored.get(key, next((v for k, v in stored.items() if k.endswith(f".{leaf}.weight") and v.shape[0] == n),
-                             None))
+    w = stored.get(key, next((v for k, v in stored.items() if k.endswith(f".{leaf}.weight") and v.shape[0] == n), None))
     if w is None and scheme.type == "hadamard":
         w = deterministic_hadamard_matrix(n, torch.float64)
     if w is None:
@@ -93,12 +102,15 @@ def fold_online_transforms(model: nn.Module, directory: str | os.PathLike) -> st
             folded.append(f"{name} (queries and keys: cancels in q k^T)")
             continue
         if locations != {"input"}:
-            raise ValueError(f"transform {name} acts online at {', '.join(sorted(locations))}, which SpinScope cannot "
-                             "fold into the weights on import (it folds input transforms and q_attn/k_cache pairs)")
+            raise ValueError(
+                f"transform {name} acts online at {', '.join(sorted(locations))}, which SpinScope cannot "
+                "fold into the weights on import (it folds input transforms and q_attn/k_cache pairs)"
+            )
         for args in (a for a in scheme.apply if a.is_online()):
             for module_name, module in match_named_modules(model, args.targets, args.ignore):
-                t = _transform_matrix(scheme, args, f"{module_name}.{name}_input.weight", f"{name}_input", stored,
-                                      module.in_features)
+                t = _transform_matrix(
+                    scheme, args, f"{module_name}.{name}_input.weight", f"{name}_input", stored, module.in_features
+                )
                 w = dispatch.read_tensor(module, "weight")
                 dispatch.write_tensor(module, "weight", (w.double() @ t.T.to(w.device)).to(w.dtype))
         folded.append(f"{name} (linear inputs: folded into the weights)")
@@ -110,8 +122,11 @@ def import_note(config, folded: str | None) -> str:
     quant = config.quantization_config
     scheme = next(iter((quant.get("config_groups") or {}).values()), {}) or {}
     w = (scheme.get("weights") or {}).get("num_bits")
-    parts = [f"compressed-tensors checkpoint ({quant.get('format', '?')}"
-             + (f", {w}-bit weights dequantized at load" if w else "")
-             + (" to bfloat16's rounding" if quant.get("format", "").startswith("nvfp4") else "") + ")",
-             "its activation and KV-cache quantizers are not applied: SpinScope's own recipes quantize it"]
+    parts = [
+        f"compressed-tensors checkpoint ({quant.get('format', '?')}"
+        + (f", {w}-bit weights dequantized at load" if w else "")
+        + (" to bfloat16's rounding" if quant.get("format", "").startswith("nvfp4") else "")
+        + ")",
+        "its activation and KV-cache quantizers are not applied: SpinScope's own recipes quantize it",
+    ]
     return "; ".join(parts + ([folded] if folded else []))

@@ -7,6 +7,7 @@ from files on disk. Everything that edits weights (norm folding, rotation fusion
 through `read_tensor` / `write_tensor`, so an edit of an offloaded weight lands where the hook reads it (the CPU
 dict, or a new file in this load's own offload folder, never the model's files).
 """
+
 from __future__ import annotations
 
 import re
@@ -18,7 +19,7 @@ from torch import nn
 
 GiB = 1 << 30
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GiB|GB|MiB|MB|KiB|KB|B)?\s*$", re.IGNORECASE)
-_UNITS = {"gib": GiB, "gb": 10 ** 9, "mib": 1 << 20, "mb": 10 ** 6, "kib": 1 << 10, "kb": 10 ** 3, "b": 1}
+_UNITS = {"gib": GiB, "gb": 10**9, "mib": 1 << 20, "mb": 10**6, "kib": 1 << 10, "kb": 10**3, "b": 1}
 
 
 class PlacementError(ValueError):
@@ -43,8 +44,7 @@ def _device_key(name: str):
         raise PlacementError(f"unknown device {name!r} in the memory budget; use cuda:N (or N) and cpu")
     index = int(m.group(1))
     if index >= torch.cuda.device_count():
-        raise PlacementError(f"device cuda:{index} is not present (this machine has {torch.cuda.device_count()} "
-                             "GPUs)")
+        raise PlacementError(f"device cuda:{index} is not present (this machine has {torch.cuda.device_count()} GPUs)")
     return index
 
 
@@ -80,8 +80,8 @@ def default_max_memory() -> dict:
 class Placement:
     """Where each top-level block of a model goes, and the weight bytes per device, computed before loading."""
 
-    device_map: dict          # module name -> 0, 1, ... | "cpu" | "disk" (accelerate's format)
-    module_bytes: dict        # module name -> weight bytes in the load dtype
+    device_map: dict  # module name -> 0, 1, ... | "cpu" | "disk" (accelerate's format)
+    module_bytes: dict  # module name -> weight bytes in the load dtype
     dtype: str
     offload_dir: str | None = None
     notes: list = field(default_factory=list)
@@ -101,21 +101,35 @@ class Placement:
     def devices(self) -> list[str]:
         """The devices used: GPUs in index order, then 'cpu', then 'disk'."""
         used = set(self.device_map.values())
-        return [device_name(d) for d in sorted(used, key=lambda d: (0, d) if isinstance(d, int) else
-                                                 (1 if d == "cpu" else 2, 0))]
+        return [
+            device_name(d)
+            for d in sorted(used, key=lambda d: (0, d) if isinstance(d, int) else (1 if d == "cpu" else 2, 0))
+        ]
 
     def rows(self) -> list[dict]:
         """One row per placed block: module, device, MiB (for tables in the CLI and the page)."""
-        return [{"module": n or "(whole model)", "device": device_name(d),
-                 "MiB": round(self.module_bytes.get(n, 0) / (1 << 20), 1)} for n, d in self.device_map.items()]
+        return [
+            {
+                "module": n or "(whole model)",
+                "device": device_name(d),
+                "MiB": round(self.module_bytes.get(n, 0) / (1 << 20), 1),
+            }
+            for n, d in self.device_map.items()
+        ]
 
     def summary(self) -> str:
         per = ", ".join(f"{d} {fmt_bytes(b)}" for d, b in self.device_bytes.items())
         return f"{fmt_bytes(self.total_bytes)} of {self.dtype} weights: {per}"
 
 
-def plan(config, dtype: torch.dtype, dtype_name: str, max_memory: dict | None = None,
-         offload_dir: str | None = None, device_map: dict | None = None) -> Placement:
+def plan(
+    config,
+    dtype: torch.dtype,
+    dtype_name: str,
+    max_memory: dict | None = None,
+    offload_dir: str | None = None,
+    device_map: dict | None = None,
+) -> Placement:
     """Plan the placement of a model of this config (no weights are read): accelerate's infer_auto_device_map
     within max_memory, or an explicit device_map (module name -> cuda index, "cpu" or "disk") checked against
     the model. Raises PlacementError when it does not fit: blocks would go to disk but disk offload is off
@@ -132,16 +146,18 @@ def plan(config, dtype: torch.dtype, dtype_name: str, max_memory: dict | None = 
         skeleton.get_output_embeddings().weight = skeleton.get_input_embeddings().weight
     if device_map is None:
         no_split = list(getattr(skeleton, "_no_split_modules", None) or [])
-        device_map = infer_auto_device_map(skeleton, max_memory=budget, no_split_module_classes=no_split,
-                                           dtype=dtype)
+        device_map = infer_auto_device_map(skeleton, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
     else:
-        device_map = {name: (_device_key(dev) if isinstance(dev, str) and dev not in ("cpu", "disk") else dev)
-                      for name, dev in device_map.items()}
+        device_map = {
+            name: (_device_key(dev) if isinstance(dev, str) and dev not in ("cpu", "disk") else dev)
+            for name, dev in device_map.items()
+        }
         _check_covers(skeleton, device_map)
     notes = _keep_tied_together(skeleton, device_map)
     sizes = compute_module_sizes(skeleton, dtype=dtype)
-    placement = Placement(dict(device_map), {n: int(sizes.get(n, 0)) for n in device_map}, dtype_name,
-                          offload_dir, notes)
+    placement = Placement(
+        dict(device_map), {n: int(sizes.get(n, 0)) for n in device_map}, dtype_name, offload_dir, notes
+    )
     on_disk = placement.device_bytes.get("disk", 0)
     if on_disk:
         given = ", ".join(f"{device_name(k)} {fmt_bytes(v)}" for k, v in budget.items())
@@ -149,11 +165,14 @@ def plan(config, dtype: torch.dtype, dtype_name: str, max_memory: dict | None = 
             raise PlacementError(
                 f"the model does not fit: its {fmt_bytes(placement.total_bytes)} of {dtype_name} weights exceed "
                 f"the budgets ({given}) by {fmt_bytes(on_disk)}. Raise the budgets, "
-                + ("load in a 16-bit dtype, " if dtype == torch.float32 else "") + "or allow disk offload")
+                + ("load in a 16-bit dtype, " if dtype == torch.float32 else "")
+                + "or allow disk offload"
+            )
         free = shutil.disk_usage(_existing_parent(offload_dir)).free
         if free < on_disk * 1.1:
-            raise PlacementError(f"disk offload needs {fmt_bytes(on_disk)} but the disk of {offload_dir} has "
-                                 f"{fmt_bytes(free)} free")
+            raise PlacementError(
+                f"disk offload needs {fmt_bytes(on_disk)} but the disk of {offload_dir} has {fmt_bytes(free)} free"
+            )
         placement.notes.append(f"{fmt_bytes(on_disk)} offloaded to disk: every forward reads it back (slow)")
     return placement
 
@@ -211,8 +230,7 @@ def _existing_parent(path: str):
 
 # ---- dispatched models ----------------------------------------------------------------------------------------
 def is_dispatched(model: nn.Module) -> bool:
-    return bool(getattr(model, "hf_device_map", None)) and any(
-        hasattr(m, "_hf_hook") for m in model.modules())
+    return bool(getattr(model, "hf_device_map", None)) and any(hasattr(m, "_hf_hook") for m in model.modules())
 
 
 def is_offloaded(module: nn.Module) -> bool:
@@ -260,7 +278,7 @@ def _store(loader, key: str, value: torch.Tensor) -> None:
     from accelerate.utils import OffloadedWeightsLoader, offload_weight
 
     if isinstance(loader, OffloadedWeightsLoader):
-        if key in loader.state_dict:           # CPU offload: the tensor lives in memory
+        if key in loader.state_dict:  # CPU offload: the tensor lives in memory
             loader.state_dict[key] = value
             return
         if loader.save_folder is None:

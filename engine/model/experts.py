@@ -7,6 +7,7 @@ weights (copied into one nn.Linear pair per expert), computing the same function
 quantizers, GPTQ's Hessians and capture then address expert e's linears as roles `expert{e}.gate_up` and
 `expert{e}.down` (engine.model.arch), and an expert's down_proj input holds exactly the tokens routed to it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,9 @@ class ExpertMLP(nn.Module):
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module):
         super().__init__()
-        self.gate_up_proj = nn.Linear(gate_up.shape[1], gate_up.shape[0], bias=False, dtype=gate_up.dtype,
-                                      device=gate_up.device)
+        self.gate_up_proj = nn.Linear(
+            gate_up.shape[1], gate_up.shape[0], bias=False, dtype=gate_up.dtype, device=gate_up.device
+        )
         self.down_proj = nn.Linear(down.shape[1], down.shape[0], bias=False, dtype=down.dtype, device=down.device)
         with torch.no_grad():
             self.gate_up_proj.weight.copy_(gate_up)
@@ -38,11 +40,14 @@ class UnfusedExperts(nn.Module):
     def __init__(self, fused: nn.Module):
         super().__init__()
         self.num_experts = fused.gate_up_proj.shape[0]
-        self.experts = nn.ModuleList(ExpertMLP(fused.gate_up_proj[e].detach(), fused.down_proj[e].detach(),
-                                               fused.act_fn) for e in range(self.num_experts))
+        self.experts = nn.ModuleList(
+            ExpertMLP(fused.gate_up_proj[e].detach(), fused.down_proj[e].detach(), fused.act_fn)
+            for e in range(self.num_experts)
+        )
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         for e in top_k_index.unique().tolist():  # the experts some token was routed to, in index order
             token_idx, slot = torch.where(top_k_index == e)

@@ -5,6 +5,7 @@ entering each block (site resid_attn) and the input of every linear inside it (n
 named by module path (site linear_in[attention.query_key_value]). Nothing says which linear reads or writes the
 residual stream, or which norm feeds which, so rotations, quantizer placement and KV quantization refuse.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -15,10 +16,30 @@ from engine.model.arch import ArchInfo, ArchRoles, UnsupportedArchitectureError,
 
 REASON = "not in the architecture table: roles unknown, rotations cannot be fused"
 # every role the table spells is unknown here; only `layers` is filled in by discover()
-GENERIC = ArchRoles(embed=None, final_norm=None, lm_head=None, attn=None, input_norm=None, post_attn_norm=None,
-                    q=None, k=None, v=None, o=None, gate=None, up=None, down=None, linears=(), residual_readers=(),
-                    residual_writers=(), norm_feeds=(), value=None, attn_reader=None, mlp_reader=None,
-                    rotation_refusal=REASON, generic=True)
+GENERIC = ArchRoles(
+    embed=None,
+    final_norm=None,
+    lm_head=None,
+    attn=None,
+    input_norm=None,
+    post_attn_norm=None,
+    q=None,
+    k=None,
+    v=None,
+    o=None,
+    gate=None,
+    up=None,
+    down=None,
+    linears=(),
+    residual_readers=(),
+    residual_writers=(),
+    norm_feeds=(),
+    value=None,
+    attn_reader=None,
+    mlp_reader=None,
+    rotation_refusal=REASON,
+    generic=True,
+)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -46,9 +67,16 @@ def discover(model: nn.Module, refusal: str) -> ArchInfo:
     linears = tuple(path for path, m in block.named_modules() if path and is_linear(m))
     hidden = cfg.hidden_size
     heads = getattr(cfg, "num_attention_heads", None) or 0
-    return ArchInfo(name=name, roles=replace(GENERIC, layers=layers), n_layers=n_layers,
-                    hidden=hidden, intermediate=getattr(cfg, "intermediate_size", None) or 0, n_heads=heads,
-                    n_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-                    head_dim=getattr(cfg, "head_dim", None) or (hidden // heads if heads else 0),
-                    vocab=cfg.vocab_size, tied_embeddings=bool(getattr(model.config, "tie_word_embeddings", False)),
-                    linears=linears)
+    return ArchInfo(
+        name=name,
+        roles=replace(GENERIC, layers=layers),
+        n_layers=n_layers,
+        hidden=hidden,
+        intermediate=getattr(cfg, "intermediate_size", None) or 0,
+        n_heads=heads,
+        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=getattr(cfg, "head_dim", None) or (hidden // heads if heads else 0),
+        vocab=cfg.vocab_size,
+        tied_embeddings=bool(getattr(model.config, "tie_word_embeddings", False)),
+        linears=linears,
+    )

@@ -4,6 +4,7 @@ merge them into one GGUF with the gguf package, since transformers reads only si
 A part holds the same key-value header (plus split.no, split.count, split.tensors.count) and its own share of the
 tensors; the merge keeps the first part's keys without the split.* ones and every part's tensors, bytes unchanged.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,13 +25,17 @@ def split_parts(path: Path) -> list[Path] | None:
         return None
     count = int(m["count"])
     if int(m["no"]) != 1:
-        raise SplitGGUFError(f"{path.name} is part {int(m['no'])} of a split GGUF of {count} parts; give the path of "
-                             f"its first part, {m['stem']}-00001-of-{m['count']}.gguf")
+        raise SplitGGUFError(
+            f"{path.name} is part {int(m['no'])} of a split GGUF of {count} parts; give the path of "
+            f"its first part, {m['stem']}-00001-of-{m['count']}.gguf"
+        )
     parts = [path.with_name(f"{m['stem']}-{i:05d}-of-{m['count']}.gguf") for i in range(1, count + 1)]
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
-        raise SplitGGUFError(f"{path.name} is the first part of a split GGUF of {count} parts, but "
-                             f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing from {path.parent}")
+        raise SplitGGUFError(
+            f"{path.name} is the first part of a split GGUF of {count} parts, but "
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing from {path.parent}"
+        )
     return parts
 
 
@@ -51,8 +56,9 @@ def merge_parts(parts: list[Path], out: Path) -> Path:
         if field.name == "general.architecture" or field.name.startswith(("GGUF.", "split.")):
             continue
         vtype = field.types[0]
-        writer.add_key_value(field.name, field.contents(), vtype,
-                             sub_type=field.types[-1] if vtype == GGUFValueType.ARRAY else None)
+        writer.add_key_value(
+            field.name, field.contents(), vtype, sub_type=field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        )
     tensors = [(t, r.endianess) for r in readers for t in r.tensors]
     for t, _ in tensors:
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)

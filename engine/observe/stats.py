@@ -5,6 +5,7 @@ pairwise formulas (so streaming equals batch to rounding). The whole-tensor mome
 Tokens at position 0 of a window (the attention sink) are kept in a separate accumulator, so every view exists
 with and without them. Kurtosis is Pearson's: a Gaussian gives 3, a Laplace 6, a uniform 1.8.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,10 +17,10 @@ from engine.quant.quantizers import quantize_activation
 
 CODE_VERSION = "stats-3"  # bump when a change alters any statistic: cached captures stop matching
 # stats-3: the quantizers and Hadamards of engine.evaluate eval-2 (SQNR sites, rotated captures)
-TOP_TOKENS = 8          # largest-norm tokens kept per site
-SAMPLE_ROWS = 64        # token rows kept (uniform reservoir) for histograms
-NORM_SAMPLE = 2048      # token norms kept (uniform reservoir) for the median
-SURFACE_TOKENS = 64     # tokens of the first window kept for the |x| surface
+TOP_TOKENS = 8  # largest-norm tokens kept per site
+SAMPLE_ROWS = 64  # token rows kept (uniform reservoir) for histograms
+NORM_SAMPLE = 2048  # token norms kept (uniform reservoir) for the median
+SURFACE_TOKENS = 64  # tokens of the first window kept for the |x| surface
 SURFACE_CHANNELS = 1024  # wider tensors are max-pooled down to at most this many channel bins
 
 
@@ -27,8 +28,13 @@ def state_bytes_bound(channels: int) -> int:
     """The most bytes of tensors one SiteAccumulator keeps, whatever the number of tokens it sees: float64 moments
     (mean, M2, M3, M4) and absmax for body and sink, the top tokens, the norm and row reservoirs (float32 keys and
     rows, a row carrying its sink flag) and the bfloat16 surface. A mixture's memory is sites x this."""
-    return (8 * 10 * channels + 8 * 5 * TOP_TOKENS + 4 * 2 * NORM_SAMPLE + 4 * SAMPLE_ROWS * (channels + 2)
-            + 2 * SURFACE_TOKENS * min(channels, SURFACE_CHANNELS))
+    return (
+        8 * 10 * channels
+        + 8 * 5 * TOP_TOKENS
+        + 4 * 2 * NORM_SAMPLE
+        + 4 * SAMPLE_ROWS * (channels + 2)
+        + 2 * SURFACE_TOKENS * min(channels, SURFACE_CHANNELS)
+    )
 
 
 @dataclass
@@ -42,15 +48,16 @@ class Moments:
     m4: torch.Tensor
 
     @staticmethod
-    def of(x: torch.Tensor) -> "Moments":
+    def of(x: torch.Tensor) -> Moments:
         """Moments of a batch x [N, C]. Centred first, so float32 sums lose nothing that matters; merged in float64."""
         mean = x.mean(0)
         d = x - mean
         d2 = d * d
-        return Moments(float(x.shape[0]), mean.double(), d2.sum(0).double(), (d2 * d).sum(0).double(),
-                       (d2 * d2).sum(0).double())
+        return Moments(
+            float(x.shape[0]), mean.double(), d2.sum(0).double(), (d2 * d).sum(0).double(), (d2 * d2).sum(0).double()
+        )
 
-    def merge(self, b: "Moments") -> "Moments":
+    def merge(self, b: Moments) -> Moments:
         """Pebay (2008) pairwise update of central moments up to order four."""
         if self.n == 0:
             return b
@@ -61,11 +68,14 @@ class Moments:
         delta = b.mean - self.mean
         mean = self.mean + delta * nb / n
         m2 = self.m2 + b.m2 + delta**2 * na * nb / n
-        m3 = (self.m3 + b.m3 + delta**3 * na * nb * (na - nb) / n**2
-              + 3 * delta * (na * b.m2 - nb * self.m2) / n)
-        m4 = (self.m4 + b.m4 + delta**4 * na * nb * (na * na - na * nb + nb * nb) / n**3
-              + 6 * delta**2 * (na * na * b.m2 + nb * nb * self.m2) / n**2
-              + 4 * delta * (na * b.m3 - nb * self.m3) / n)
+        m3 = self.m3 + b.m3 + delta**3 * na * nb * (na - nb) / n**2 + 3 * delta * (na * b.m2 - nb * self.m2) / n
+        m4 = (
+            self.m4
+            + b.m4
+            + delta**4 * na * nb * (na * na - na * nb + nb * nb) / n**3
+            + 6 * delta**2 * (na * na * b.m2 + nb * nb * self.m2) / n**2
+            + 4 * delta * (na * b.m3 - nb * self.m3) / n
+        )
         return Moments(n, mean, m2, m3, m4)
 
     def pooled(self) -> tuple[float, float, float, float]:
@@ -151,8 +161,8 @@ class SiteAccumulator:
         self.c = channels
         # per-token asymmetric RTN error at these bit widths: bits -> [signal power, noise power] (sink excluded)
         self.sqnr = {b: [0.0, 0.0] for b in sqnr_bits}
-        self.body = empty_moments(channels)   # tokens at positions >= 1
-        self.sink = empty_moments(channels)   # tokens at position 0 of each window
+        self.body = empty_moments(channels)  # tokens at positions >= 1
+        self.sink = empty_moments(channels)  # tokens at position 0 of each window
         self.absmax_body = torch.zeros(channels, dtype=torch.float64)
         self.absmax_sink = torch.zeros(channels, dtype=torch.float64)
         self.tk_sum = {"body": 0.0, "sink": 0.0}
@@ -165,8 +175,9 @@ class SiteAccumulator:
         self.surface: torch.Tensor | None = None
         self.gen = torch.Generator().manual_seed(seed)
 
-    def update(self, x: torch.Tensor, token_ids: torch.Tensor, window_index: int,
-               rows: torch.Tensor | None = None) -> None:
+    def update(
+        self, x: torch.Tensor, token_ids: torch.Tensor, window_index: int, rows: torch.Tensor | None = None
+    ) -> None:
         """x [B, T, C] activations of B windows starting at window_index; token_ids [B, T]. Or x [N, C] for some
         of those tokens only (e.g. the ones routed to one expert), rows [N] their flat indices into [B, T]."""
         # These reductions are small and memory-bound: on a busy 2-core machine, intra-op threads cost 10x more
@@ -178,8 +189,9 @@ class SiteAccumulator:
         finally:
             torch.set_num_threads(threads)
 
-    def _update(self, x: torch.Tensor, token_ids: torch.Tensor, window_index: int,
-                rows: torch.Tensor | None = None) -> None:
+    def _update(
+        self, x: torch.Tensor, token_ids: torch.Tensor, window_index: int, rows: torch.Tensor | None = None
+    ) -> None:
         x = x.detach().float().cpu()
         t = token_ids.shape[-1]
         flat = x.reshape(-1, x.shape[-1])
@@ -203,9 +215,16 @@ class SiteAccumulator:
         self.norms.add(norms[~is_sink].unsqueeze(1), self.gen)
         # Largest-norm tokens: pick candidates by norm first, then read their absmax and identity.
         top = norms.topk(min(TOP_TOKENS, norms.numel())).indices
-        cand = torch.stack([norms[top].double(), flat[top].abs().amax(1).double(),
-                            (rows[top] // t + window_index).double(), (rows[top] % t).double(),
-                            token_ids.reshape(-1)[rows[top]].double()], 1)
+        cand = torch.stack(
+            [
+                norms[top].double(),
+                flat[top].abs().amax(1).double(),
+                (rows[top] // t + window_index).double(),
+                (rows[top] % t).double(),
+                token_ids.reshape(-1)[rows[top]].double(),
+            ],
+            1,
+        )
         cand = torch.cat([self.top, cand])
         self.top = cand[cand[:, 0].topk(min(TOP_TOKENS, cand.shape[0])).indices]
         self.samples.add(flat, self.gen, flags=is_sink)

@@ -1,6 +1,7 @@
 """Fake-quantize a (rotated) model in place: weights (RTN, GPTQ or QRazor), activations on the inputs of every
 linear except lm_head (per token), and the KV cache (per head, K after R3). Apply it to a copy: see evaluate.py.
 """
+
 from __future__ import annotations
 
 import time
@@ -40,9 +41,15 @@ def _weight(lin: nn.Linear) -> torch.Tensor:
     return dispatch.read_tensor(lin, "weight").float()
 
 
-def quantize_weights_direct(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe,
-                            inputs: CalibrationInputs | None = None, plan: ClipPlan | None = None,
-                            unclipped: dict | None = None):
+def quantize_weights_direct(
+    model: nn.Module,
+    arch: ArchInfo,
+    bits: Bits,
+    recipe: Recipe,
+    inputs: CalibrationInputs | None = None,
+    plan: ClipPlan | None = None,
+    unclipped: dict | None = None,
+):
     """Generator: each weight on its own (RTN, QRazor: no error feedback), a Progress per decoder layer. With
     calibration `inputs`, RTN picks each row's clip on its output error (engine.quant.calibrate), noted in `plan`;
     where that changed the rounding, `unclipped` gets (layer, role) -> (linear, the weight rounded unclipped, CPU)
@@ -65,13 +72,19 @@ def quantize_weights_direct(model: nn.Module, arch: ArchInfo, bits: Bits, recipe
             else:
                 w = method.quantize(_weight(lin), bits.w, recipe)
             _set_weight(lin, w)
-        yield Progress("weights", i + 1, arch.n_layers, time.perf_counter() - t0,
-                       f"{recipe.weights.upper()} weights{' (clip calibrated per row)' * calibrated}, "
-                       f"layer {i + 1}/{arch.n_layers}")
+        yield Progress(
+            "weights",
+            i + 1,
+            arch.n_layers,
+            time.perf_counter() - t0,
+            f"{recipe.weights.upper()} weights{' (clip calibrated per row)' * calibrated}, "
+            f"layer {i + 1}/{arch.n_layers}",
+        )
 
 
-def calibrate_activation_clips(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe,
-                               inputs: CalibrationInputs, plan: ClipPlan):
+def calibrate_activation_clips(
+    model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe, inputs: CalibrationInputs, plan: ClipPlan
+):
     """Generator: the activation clip of every linear input and the K, V clips of every layer, chosen on the
     calibration inputs with the weights as quantized; a Progress per decoder layer."""
     method = ACTIVATION_METHODS[recipe.activations]
@@ -80,12 +93,18 @@ def calibrate_activation_clips(model: nn.Module, arch: ArchInfo, bits: Bits, rec
     for i in range(arch.n_layers):
         if act is not None:
             for role in arch.linears:
-                plan.activations[(i, role)] = search_activation(inputs.x.get((i, role)),
-                                                                _weight(arch.module(model, role, i)), act)
+                plan.activations[(i, role)] = search_activation(
+                    inputs.x.get((i, role)), _weight(arch.module(model, role, i)), act
+                )
         if kv is not None and i in inputs.qkv:
             plan.k[i], plan.v[i] = search_kv(inputs.qkv[i], kv)
-        yield Progress("clips", i + 1, arch.n_layers, time.perf_counter() - t0,
-                       f"activation and KV clip ratios, layer {i + 1}/{arch.n_layers}")
+        yield Progress(
+            "clips",
+            i + 1,
+            arch.n_layers,
+            time.perf_counter() - t0,
+            f"activation and KV clip ratios, layer {i + 1}/{arch.n_layers}",
+        )
 
 
 def _layer_inputs(model: nn.Module, arch: ArchInfo, windows: torch.Tensor) -> list:
@@ -110,8 +129,15 @@ def _layer_inputs(model: nn.Module, arch: ArchInfo, windows: torch.Tensor) -> li
     return caught
 
 
-def quantize_weights_gptq(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe, windows: torch.Tensor,
-                          damp: float = 0.01, block: int = 128):
+def quantize_weights_gptq(
+    model: nn.Module,
+    arch: ArchInfo,
+    bits: Bits,
+    recipe: Recipe,
+    windows: torch.Tensor,
+    damp: float = 0.01,
+    block: int = 128,
+):
     """Sequential GPTQ: layer by layer, Hessians from the inputs each linear sees given the already-quantized
     earlier layers (and any online rotation, since forward hooks see the arguments after pre-hooks)."""
     if not bits.quantizes("w"):
@@ -125,8 +151,9 @@ def quantize_weights_gptq(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: 
         for role in arch.linears:
             lin = arch.module(model, role, i)
             accs[role] = HessianAccumulator(lin.in_features, device=dispatch.execution_device(lin))
-            handles.append(lin.register_forward_hook(
-                lambda m, args, out, acc=accs[role]: acc.add_batch(args[0].detach().float())))
+            handles.append(
+                lin.register_forward_hook(lambda m, args, out, acc=accs[role]: acc.add_batch(args[0].detach().float()))
+            )
         with torch.no_grad():
             for args, kwargs in inputs:
                 layer(*args, **kwargs)
@@ -137,8 +164,10 @@ def quantize_weights_gptq(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: 
             if accs[role].num_samples == 0:  # an expert no calibration token was routed to: nothing to weigh by
                 _set_weight(lin, method.quantize(_weight(lin), bits.w, recipe))
                 continue
-            _set_weight(lin, method.quantize_with_hessian(_weight(lin), accs[role].hessian, bits.w, recipe,
-                                                          damp=damp, block=block))
+            _set_weight(
+                lin,
+                method.quantize_with_hessian(_weight(lin), accs[role].hessian, bits.w, recipe, damp=damp, block=block),
+            )
         with torch.no_grad():  # outputs of the quantized layer feed the next one
             outs = []
             for args, kwargs in inputs:
@@ -149,8 +178,9 @@ def quantize_weights_gptq(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: 
         yield Progress("gptq", i + 1, arch.n_layers, time.perf_counter() - t0, f"GPTQ layer {i + 1}/{arch.n_layers}")
 
 
-def install_activation_quant(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe,
-                             plan: ClipPlan | None = None) -> None:
+def install_activation_quant(
+    model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe, plan: ClipPlan | None = None
+) -> None:
     """Per-token quantization of the input of every decoder linear (registered after any online rotation), with
     the plan's calibrated ratio of that linear when there is one, read at each call (the end-to-end check
     switches ratios in the plan)."""
@@ -160,8 +190,10 @@ def install_activation_quant(model: nn.Module, arch: ArchInfo, bits: Bits, recip
     ratios = plan.activations if plan is not None else {}
     for i in range(arch.n_layers):
         for role in arch.linears:
+
             def quant(m, args, key=(i, role)):
                 return (method.activation_fn(bits.a, recipe, ratios.get(key))(args[0]), *args[1:])
+
             arch.module(model, role, i).register_forward_pre_hook(quant)
 
 
@@ -174,10 +206,12 @@ def install_kv_quant(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recip
     attention.install(model)
     plan = plan if plan is not None else ClipPlan()
     for i in range(arch.n_layers):
+
         def quant(module, q, k, v, i=i):
             qk = method.kv_fn(bits.kv, recipe, arch.head_dim, plan.k.get(i))
             qv = method.kv_fn(bits.kv, recipe, arch.head_dim, plan.v.get(i))
             return q, qk(k), qv(v)
+
         attention.add_hook(arch.module(model, "attn", i), quant)
 
 
@@ -190,12 +224,16 @@ def needs_calibration(recipe: Recipe, bits: Bits) -> bool:
 
 def _calibrates_clips(recipe: Recipe, bits: Bits) -> bool:
     acts = ACTIVATION_METHODS[recipe.activations]
-    return recipe.clip.calibrated and acts.calibrates and (
-        (recipe.weights == "rtn" and bits.quantizes("w")) or bits.quantizes("a") or bits.quantizes("kv"))
+    return (
+        recipe.clip.calibrated
+        and acts.calibrates
+        and ((recipe.weights == "rtn" and bits.quantizes("w")) or bits.quantizes("a") or bits.quantizes("kv"))
+    )
 
 
-def quantize_model(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe,
-                   calib_windows: torch.Tensor | None = None):
+def quantize_model(
+    model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe, calib_windows: torch.Tensor | None = None
+):
     """Generator: quantize `model` in place, yielding Progress in every phase; returns the ClipPlan (empty unless
     clipping is calibrated). Calibration inputs are captured from the floating-point model first (as GPTQ
     calibrates in QuaRot), then weights are quantized, then activation and KV clips chosen and installed, and
@@ -209,8 +247,11 @@ def quantize_model(model: nn.Module, arch: ArchInfo, bits: Bits, recipe: Recipe,
     weights.check(bits.w)  # refuse an impossible setting before any weight is touched
     acts.activation_fn(bits.a, recipe), acts.kv_fn(bits.kv, recipe, arch.head_dim)
     if needs_calibration(recipe, bits) and calib_windows is None:
-        raise ValueError("GPTQ needs calibration windows" if weights.needs_calibration and bits.quantizes("w") else
-                         "calibrated clipping needs calibration windows (or fixed or no clipping)")
+        raise ValueError(
+            "GPTQ needs calibration windows"
+            if weights.needs_calibration and bits.quantizes("w")
+            else "calibrated clipping needs calibration windows (or fixed or no clipping)"
+        )
     inputs, unclipped = None, {}
     if _calibrates_clips(recipe, bits):
         inputs = yield from capture_inputs(model, arch, calib_windows, kv=bits.quantizes("kv"))

@@ -21,6 +21,7 @@ Each choice is no worse than no clipping on its own local error only: the errors
 plan is then checked end to end, and a layer's choices are kept only where they lower the quantized model's loss
 on calibration windows (engine.quant.clip_check).
 """
+
 from __future__ import annotations
 
 import time
@@ -36,16 +37,16 @@ from engine.model.arch import ArchInfo
 WEIGHT_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 ACTIVATION_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
 KV_GRID = (1.0, 0.975, 0.95, 0.9, 0.85)
-SAMPLE_TOKENS = 256   # calibration tokens kept per linear input: the search costs rows x inputs x this per candidate
-KV_TOKENS = 512       # tokens of K, V and Q kept per layer (whole windows: scores need positions)
-WINDOWS = 4           # calibration windows run (at most): the sample is spread over them
+SAMPLE_TOKENS = 256  # calibration tokens kept per linear input: the search costs rows x inputs x this per candidate
+KV_TOKENS = 512  # tokens of K, V and Q kept per layer (whole windows: scores need positions)
+WINDOWS = 4  # calibration windows run (at most): the sample is spread over them
 
 
 @dataclass
 class CalibrationInputs:
     """What the calibration forward pass saw: a token sample of each linear's input, and q, k, v per layer."""
 
-    x: dict = field(default_factory=dict)    # (layer, role) -> [n, in] float32
+    x: dict = field(default_factory=dict)  # (layer, role) -> [n, in] float32
     qkv: dict = field(default_factory=dict)  # layer -> list of (q, k, v) per window, [1, heads, T, head_dim]
 
 
@@ -53,9 +54,9 @@ class CalibrationInputs:
 class ClipPlan:
     """The chosen ratios: per-row weight shrinks, a ratio per linear input, and K and V ratios per layer."""
 
-    weights: dict = field(default_factory=dict)      # (layer, role) -> [out] shrink per row
+    weights: dict = field(default_factory=dict)  # (layer, role) -> [out] shrink per row
     activations: dict = field(default_factory=dict)  # (layer, role) -> ratio
-    k: dict = field(default_factory=dict)            # layer -> ratio
+    k: dict = field(default_factory=dict)  # layer -> ratio
     v: dict = field(default_factory=dict)
     check: dict | None = None  # the end-to-end check's losses, kept and reverted layers (engine.quant.clip_check)
 
@@ -86,7 +87,7 @@ def capture_inputs(model: nn.Module, arch: ArchInfo, windows: Tensor, kv: bool, 
     """Generator: one forward pass per calibration window (the first WINDOWS of [N, T]) with hooks on every linear's
     input (registered last, so after any online rotation) and, with `kv`, on q, k, v; Progress per window; returns
     the inputs."""
-    windows = windows[:max(WINDOWS, -(-KV_TOKENS // windows.shape[1]))]
+    windows = windows[: max(WINDOWS, -(-KV_TOKENS // windows.shape[1]))]
     n, t = windows.shape
     per_window = max(1, min(t, SAMPLE_TOKENS // n + 1))
     gen = torch.Generator().manual_seed(seed)
@@ -96,6 +97,7 @@ def capture_inputs(model: nn.Module, arch: ArchInfo, windows: Tensor, kv: bool, 
     hooks, qkv_hooks = [], []
     for i in range(arch.n_layers):
         for role in arch.linears:
+
             def keep(m, args, key=(i, role)):
                 x = args[0].detach()
                 if x.dim() == 3 and x.shape[1] == t:  # a dense linear [1, T, in]: the sampled positions
@@ -103,13 +105,17 @@ def capture_inputs(model: nn.Module, arch: ArchInfo, windows: Tensor, kv: bool, 
                 else:  # an expert [routed, in] sees only its routed tokens: keep a share of them
                     rows = x.reshape(-1, x.shape[-1])[: max(1, x.shape[0] * per_window // t)]
                 got.x.setdefault(key, []).append(rows.float().cpu())
+
             hooks.append(arch.module(model, role, i).register_forward_pre_hook(keep))
         if kv:
+
             def keep_qkv(module, q, k, v, layer=i):
                 if current[0] < kv_windows:
-                    got.qkv.setdefault(layer, []).append((q.detach().float().cpu(), k.detach().float().cpu(),
-                                                          v.detach().float().cpu()))
+                    got.qkv.setdefault(layer, []).append(
+                        (q.detach().float().cpu(), k.detach().float().cpu(), v.detach().float().cpu())
+                    )
                 return q, k, v
+
             attention.install(model)
             attn = arch.module(model, "attn", i)
             attention.add_hook(attn, keep_qkv)
@@ -120,9 +126,10 @@ def capture_inputs(model: nn.Module, arch: ArchInfo, windows: Tensor, kv: bool, 
         with torch.no_grad():
             for w in range(n):
                 current[0] = w
-                model(windows[w:w + 1].to(device), use_cache=False)
-                yield Progress("calibrate", w + 1, n, time.perf_counter() - t0,
-                               f"calibration inputs, window {w + 1}/{n}")
+                model(windows[w : w + 1].to(device), use_cache=False)
+                yield Progress(
+                    "calibrate", w + 1, n, time.perf_counter() - t0, f"calibration inputs, window {w + 1}/{n}"
+                )
     finally:
         for h in hooks:
             h.remove()

@@ -16,6 +16,7 @@ plan gave QuaRot 388.7 against 198.7 with no clipping at all. So, after the plan
 The final loss is at most the unclipped one by construction (equal only when every choice was reverted, which is the
 `none` setting itself). Cost: two forwards, then one per layer that clips anything.
 """
+
 from __future__ import annotations
 
 import time
@@ -55,8 +56,10 @@ class _Replay:
         saved = [layer.__dict__.get("forward") for layer in self.layers[:start]]
         for layer in self.layers[:start]:  # an instance attribute shadows the class's forward (as accelerate's does)
             layer.forward = lambda *args, **kwargs: self.prefix[current[0]]
-        hooks = [self.layers[j].register_forward_hook(lambda m, args, out, j=j: self.captured[j].append(out))
-                 for j in capture]
+        hooks = [
+            self.layers[j].register_forward_hook(lambda m, args, out, j=j: self.captured[j].append(out))
+            for j in capture
+        ]
         nll, count = 0.0, 0
         try:
             with torch.no_grad():
@@ -69,7 +72,7 @@ class _Replay:
         finally:
             for h in hooks:
                 h.remove()
-            for layer, old in zip(self.layers[:start], saved):
+            for layer, old in zip(self.layers[:start], saved, strict=False):
                 if old is None:
                     del layer.forward
                 else:
@@ -85,7 +88,7 @@ class LayerSwitch:
         self.plan = plan
         self.choices = {"activations": dict(plan.activations), "k": dict(plan.k), "v": dict(plan.v)}
         self.weights = {}  # (layer, role) -> (linear, row indices, calibrated rows, unclipped rows)
-        self.codes = {}    # (layer, role) -> (calibrated codes, unclipped codes): what export writes follows the switch
+        self.codes = {}  # (layer, role) -> (calibrated codes, unclipped codes): what export writes follows the switch
         for key, (lin, enc_none) in unclipped_weights.items():
             w_cal = dispatch.read_tensor(lin, "weight")
             w_none = enc_none.dequantize().to(w_cal.device, w_cal.dtype)
@@ -131,8 +134,13 @@ def check_plan(model: nn.Module, arch: ArchInfo, plan: ClipPlan, unclipped_weigh
     check = {"windows": int(windows.shape[0]), "tokens": int(windows.numel()), "kept": [], "reverted": []}
     if not layers:  # nothing clips: the plan is `none` already
         loss = calibration_loss(model, windows)
-        plan.check = {**check, "loss_none": loss, "loss_calibrated": loss, "loss_final": loss,
-                      "seconds": time.perf_counter() - t0}
+        plan.check = {
+            **check,
+            "loss_none": loss,
+            "loss_calibrated": loss,
+            "loss_final": loss,
+            "seconds": time.perf_counter() - t0,
+        }
         return plan.check
     n = len(layers) + 2
 
@@ -163,13 +171,23 @@ def check_plan(model: nn.Module, arch: ArchInfo, plan: ClipPlan, unclipped_weigh
             switch.set(i, not adding)
             if i > start:  # layer i - 1's output does not depend on layer i's choice
                 replay.prefix, start = replay.captured[i - 1], i
-        yield tick(k + 3, f"layer {i}: {'with' if adding else 'without'} its clips loss {loss:.4f} "
-                          f"({'kept' if i in on else 'reverted'}; best {best:.4f})")
+        yield tick(
+            k + 3,
+            f"layer {i}: {'with' if adding else 'without'} its clips loss {loss:.4f} "
+            f"({'kept' if i in on else 'reverted'}; best {best:.4f})",
+        )
     kept = sorted(on)
     if loss_calibrated < best:  # the whole plan beats the walk from no clipping: keep all of it
         for i in layers:
             switch.set(i, True)
         best, kept = loss_calibrated, list(layers)
-    plan.check = {**check, "loss_none": loss_none, "loss_calibrated": loss_calibrated, "loss_final": best,
-                  "kept": kept, "reverted": [i for i in layers if i not in kept], "seconds": time.perf_counter() - t0}
+    plan.check = {
+        **check,
+        "loss_none": loss_none,
+        "loss_calibrated": loss_calibrated,
+        "loss_final": best,
+        "kept": kept,
+        "reverted": [i for i in layers if i not in kept],
+        "seconds": time.perf_counter() - t0,
+    }
     return plan.check

@@ -10,14 +10,17 @@ Separately, `weight_range_search` says whether weight rows shrink their range to
 (QuaRot's w_clip): used under `fixed`, and by GPTQ weights under `calibrated` (RTN weights are calibrated per row on
 their output error instead); never under `none`.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 CLIP_MODES = ("calibrated", "fixed", "none")
-CLIP_LABELS = {"calibrated": "calibrated per layer, kept where it lowers the calibration loss (never worse than none "
-                             "there)",
-               "fixed": "fixed: weight search, A 0.9, KV 0.95 (QuaRot's)", "none": "none"}
+CLIP_LABELS = {
+    "calibrated": "calibrated per layer, kept where it lowers the calibration loss (never worse than none there)",
+    "fixed": "fixed: weight search, A 0.9, KV 0.95 (QuaRot's)",
+    "none": "none",
+}
 QUAROT_RATIOS = (0.9, 0.95)  # activations, KV cache: QuaRot's fixed clip ratios
 
 
@@ -25,10 +28,10 @@ QUAROT_RATIOS = (0.9, 0.95)  # activations, KV cache: QuaRot's fixed clip ratios
 class ClipPolicy:
     """What clipping does for one quantized row; unset fields take the mode's defaults (see the module)."""
 
-    mode: str = "calibrated"                  # calibrated | fixed | none
-    activation: float | None = None           # fixed: the activations' ratio (default 0.9); 1.0 otherwise
-    kv: float | None = None                   # fixed: the KV cache's ratio (default 0.95); 1.0 otherwise
-    weight_range_search: bool | None = None   # default: on, except under none
+    mode: str = "calibrated"  # calibrated | fixed | none
+    activation: float | None = None  # fixed: the activations' ratio (default 0.9); 1.0 otherwise
+    kv: float | None = None  # fixed: the KV cache's ratio (default 0.95); 1.0 otherwise
+    weight_range_search: bool | None = None  # default: on, except under none
 
     def __post_init__(self):
         if self.mode not in CLIP_MODES:
@@ -41,8 +44,10 @@ class ClipPolicy:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
                 raise ValueError(f"the {name} clip ratio must be a number in (0, 1] (1 = no clipping), got {value!r}")
             if not fixed and value != 1.0:
-                raise ValueError(f"a fixed {name} clip ratio ({value:g}) needs clipping mode fixed, not {self.mode}"
-                                 + (" (calibration chooses the ratios)" if self.mode == "calibrated" else ""))
+                raise ValueError(
+                    f"a fixed {name} clip ratio ({value:g}) needs clipping mode fixed, not {self.mode}"
+                    + (" (calibration chooses the ratios)" if self.mode == "calibrated" else "")
+                )
             object.__setattr__(self, name, float(value))
         search = self.weight_range_search
         if search is None:

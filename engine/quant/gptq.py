@@ -84,8 +84,9 @@ def _check_inputs(W: Tensor, H: Tensor, damp: float, block: int) -> None:
 
 
 @torch.no_grad()
-def gptq_encode(W: Tensor, H: Tensor, rounder: ColumnRounder, damp: float = 0.01, block: int = 128,
-                act_order: bool = False) -> Encoded:
+def gptq_encode(
+    W: Tensor, H: Tensor, rounder: ColumnRounder, damp: float = 0.01, block: int = 128, act_order: bool = False
+) -> Encoded:
     """GPTQ of W [out, in] given H [in, in] on a format's grid: the codes and scales of the result.
 
     - rounder: the format's column rounder built on W (Format.column_rounder: integer grids with or without
@@ -152,8 +153,16 @@ def gptq_encode(W: Tensor, H: Tensor, rounder: ColumnRounder, damp: float = 0.01
     return rounder.encoded(elements)
 
 
-def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, damp: float = 0.01,
-                  block: int = 128, clip_search: bool = False, act_order: bool = False) -> Tensor:
+def gptq_quantize(
+    W: Tensor,
+    H: Tensor,
+    bits: int,
+    group_size: int | None = None,
+    damp: float = 0.01,
+    block: int = 128,
+    clip_search: bool = False,
+    act_order: bool = False,
+) -> Tensor:
     """GPTQ fake quantization of W [out, in] on the symmetric integer grid of `bits` per row (or per group of
     `group_size` input columns), optionally with QuaRot's clipping search: gptq_encode's result dequantized, in
     W's dtype. bits = 16 returns W unchanged."""

@@ -4,6 +4,7 @@ A recipe names a weight method (rtn, gptq, qrazor) and an activation method (rtn
 `ACTIVATION_METHODS` map those names to one small handler each. A new quantizer is one class and one table row.
 engine.quant.apply walks the model and asks the handlers what to do with each weight, activation and K/V tensor.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -65,8 +66,9 @@ class GPTQWeights(RTNWeights):
 
     needs_calibration = True
 
-    def quantize_with_hessian(self, w: Tensor, hessian: Tensor, bits: int | Format, recipe: Recipe,
-                              damp: float = 0.01, block: int = 128) -> Encoded:
+    def quantize_with_hessian(
+        self, w: Tensor, hessian: Tensor, bits: int | Format, recipe: Recipe, damp: float = 0.01, block: int = 128
+    ) -> Encoded:
         rounder = weight_format(bits, recipe).column_rounder(w, search=recipe.weight_range_search)
         return gptq_encode(w, hessian, rounder, damp=damp, block=block)
 
@@ -132,8 +134,10 @@ class QRazorActivations:
             return None
         # refuse before any weight is quantized, not in the middle of a forward pass
         if qrazor_target("kv", bits) is not None and head_dim % QRAZOR_GROUP:
-            raise ValueError(f"qrazor razors K and V in groups of {QRAZOR_GROUP} along each head, but this model's "
-                             f"head_dim is {head_dim}; keep the KV cache at 16 bits (e.g. 4-4-16)")
+            raise ValueError(
+                f"qrazor razors K and V in groups of {QRAZOR_GROUP} along each head, but this model's "
+                f"head_dim is {head_dim}; keep the KV cache at 16 bits (e.g. 4-4-16)"
+            )
         return lambda x: qrazor(x, "kv", bits)
 
 
@@ -158,8 +162,10 @@ def qrazor_target(role: str, bits: int) -> int | None:
     if bits == base:
         return None
     name = {"weight": "weight", "activation": "activation", "kv": "KV-cache"}[role]
-    raise ValueError(f"qrazor {name} bits must be below its {base}-bit base precision (razored), {base} (base "
-                     f"integers only) or 16 (floating point), got {bits}")
+    raise ValueError(
+        f"qrazor {name} bits must be below its {base}-bit base precision (razored), {base} (base "
+        f"integers only) or 16 (floating point), got {bits}"
+    )
 
 
 def qrazor(x: torch.Tensor, role: str, bits: int, group: int = QRAZOR_GROUP, per_channel: bool = False) -> torch.Tensor:

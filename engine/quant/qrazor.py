@@ -28,11 +28,14 @@ def _check_bits(base_bits: int, target_bits: int | None = None) -> None:
     if target_bits is None:
         return
     if not isinstance(target_bits, int) or target_bits < MIN_BITS:
-        raise ValueError(f"target_bits must be an int >= {MIN_BITS} (sign + at least one magnitude bit), "
-                         f"got {target_bits!r}")
+        raise ValueError(
+            f"target_bits must be an int >= {MIN_BITS} (sign + at least one magnitude bit), got {target_bits!r}"
+        )
     if target_bits >= base_bits:
-        raise ValueError(f"target_bits ({target_bits}) must be smaller than base_bits ({base_bits}): "
-                         "razoring compresses the base-precision integers, e.g. base 8 or 16 to target 4")
+        raise ValueError(
+            f"target_bits ({target_bits}) must be smaller than base_bits ({base_bits}): "
+            "razoring compresses the base-precision integers, e.g. base 8 or 16 to target 4"
+        )
 
 
 def _check_group_size(group_size: int, last_dim: int) -> None:
@@ -40,13 +43,16 @@ def _check_group_size(group_size: int, last_dim: int) -> None:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if last_dim % group_size != 0:
         divisors = [g for g in (4, 8, 16, 32, 64, 128) if last_dim % g == 0]
-        raise ValueError(f"the last dim ({last_dim}) must be divisible by group_size ({group_size}); "
-                         f"group sizes that divide it: {', '.join(map(str, divisors)) or 'none of 4-128'}")
+        raise ValueError(
+            f"the last dim ({last_dim}) must be divisible by group_size ({group_size}); "
+            f"group sizes that divide it: {', '.join(map(str, divisors)) or 'none of 4-128'}"
+        )
 
 
 @dataclass(frozen=True)
 class QRazorConfig:
     """Base precisions per role and the SDR target; defaults are the paper's W8A16KV8 -> 4 bits."""
+
     weight_bits: int = 8  # per output channel absmax
     activation_bits: int = 16  # per tensor static absmax
     kv_bits: int = 8  # per tensor static absmax
@@ -69,11 +75,12 @@ class QRazorConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "QRazorConfig":
+    def from_dict(cls, data: dict) -> QRazorConfig:
         return cls(**data)
 
 
 # ---------------------------------------------------------------------------------------------- base stage
+
 
 def qmax(bits: int) -> int:
     """Largest magnitude of a symmetric `bits`-bit integer: 2^(bits-1) - 1 (127 for 8 bits)."""
@@ -81,8 +88,9 @@ def qmax(bits: int) -> int:
     return (1 << (bits - 1)) - 1
 
 
-def quantize_absmax(x: torch.Tensor, bits: int, per_channel: bool = False,
-                    absmax: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_absmax(
+    x: torch.Tensor, bits: int, per_channel: bool = False, absmax: float | torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Static symmetric absmax quantization -> (int64 q of x's shape, float32 scale); x ~= q * scale.
 
     per_channel: x is a weight [out, in], one scale per output row (scale [out, 1]); otherwise one scale
@@ -114,6 +122,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
 
 # ----------------------------------------------------------------------------------------------- SDR stage
 
+
 def flag_bits(base_bits: int, target_bits: int = 4) -> int:
     """Bits to store one group's shift.
 
@@ -135,6 +144,7 @@ def effective_bits(base_bits: int, target_bits: int = 4, group_size: int = 16) -
 class RazoredTensor:
     """SDR output. codes: int64 [..., d], signed, |code| < 2^(target_bits-1). flags: int64 [..., d // g],
     the per-group right shift; decoded value = sign(code) * (|code| << flag)."""
+
     codes: torch.Tensor
     flags: torch.Tensor
     base_bits: int
@@ -167,8 +177,9 @@ def _group_or(mags: torch.Tensor) -> torch.Tensor:
 
 def _check_int_tensor(q: torch.Tensor, name: str) -> None:
     if not isinstance(q, torch.Tensor) or q.dtype.is_floating_point or q.dtype.is_complex or q.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor (e.g. from quantize_absmax), got "
-                         f"{getattr(q, 'dtype', type(q))}")
+        raise ValueError(
+            f"{name} must be an integer tensor (e.g. from quantize_absmax), got {getattr(q, 'dtype', type(q))}"
+        )
     if q.dim() == 0:
         raise ValueError(f"{name} must have at least one dim (groups run along the last dim)")
 
@@ -182,8 +193,10 @@ def sdr_encode(q: torch.Tensor, base_bits: int, target_bits: int = 4, group_size
     top = qmax(base_bits)
     q = q.to(torch.int64)
     if q.numel() and q.abs().max().item() > top:
-        raise ValueError(f"q holds magnitudes above {top}, outside a symmetric {base_bits}-bit base; "
-                         "quantize with quantize_absmax(x, base_bits) first")
+        raise ValueError(
+            f"q holds magnitudes above {top}, outside a symmetric {base_bits}-bit base; "
+            "quantize with quantize_absmax(x, base_bits) first"
+        )
     kept = target_bits - 1  # magnitude bits kept; the sign is the remaining bit
     grouped = q.reshape(*q.shape[:-1], q.shape[-1] // group_size, group_size)  # [..., G, g]
     sign, mag = torch.sign(grouped), grouped.abs()
@@ -205,16 +218,19 @@ def sdr_decode(codes: torch.Tensor, flags: torch.Tensor, group_size: int) -> tor
     _check_group_size(group_size, codes.shape[-1])
     groups = codes.shape[-1] // group_size
     if tuple(flags.shape) != (*codes.shape[:-1], groups):
-        raise ValueError(f"flags must have shape {(*codes.shape[:-1], groups)} for codes {tuple(codes.shape)} "
-                         f"and group_size {group_size}, got {tuple(flags.shape)}")
+        raise ValueError(
+            f"flags must have shape {(*codes.shape[:-1], groups)} for codes {tuple(codes.shape)} "
+            f"and group_size {group_size}, got {tuple(flags.shape)}"
+        )
     grouped = codes.to(torch.int64).reshape(*codes.shape[:-1], groups, group_size)
     s = flags.to(torch.int64).unsqueeze(-1)
     # Shift the magnitude, not the signed value, so the sign handling matches the encoder exactly.
     return (torch.sign(grouped) * (grouped.abs() << s)).reshape(codes.shape)
 
 
-def razored_dot(a_codes: torch.Tensor, a_flags: torch.Tensor, w_codes: torch.Tensor, w_flags: torch.Tensor,
-                g: int) -> torch.Tensor:
+def razored_dot(
+    a_codes: torch.Tensor, a_flags: torch.Tensor, w_codes: torch.Tensor, w_flags: torch.Tensor, g: int
+) -> torch.Tensor:
     """Decompression-free product of razored tensors, exact in int64.
 
     a: codes [T, d] (or [d]) with flags [T, d // g]; w: codes [out, d] (or [d]) with flags [out, d // g].
@@ -234,15 +250,16 @@ def razored_dot(a_codes: torch.Tensor, a_flags: torch.Tensor, w_codes: torch.Ten
     groups = a_c.shape[-1] // g
     for name, flags, codes in (("a_flags", a_flags, a_codes), ("w_flags", w_flags, w_codes)):
         if tuple(flags.shape) != (*codes.shape[:-1], groups):
-            raise ValueError(f"{name} must have shape {(*codes.shape[:-1], groups)} (one shift per group of "
-                             f"{g}), got {tuple(flags.shape)}")
+            raise ValueError(
+                f"{name} must have shape {(*codes.shape[:-1], groups)} (one shift per group of "
+                f"{g}), got {tuple(flags.shape)}"
+            )
     a_s, w_s = a_flags.reshape(a_c.shape[0], groups), w_flags.reshape(w_c.shape[0], groups)
     a_c, w_c = a_c.to(torch.int64), w_c.to(torch.int64)
     a_s, w_s = a_s.to(torch.int64), w_s.to(torch.int64)
     if a_c.numel() and w_c.numel():
         # Worst-case |result| in Python ints: refuse rather than wrap around silently.
-        bound = (a_c.shape[-1] * a_c.abs().max().item() * w_c.abs().max().item()
-                 << (a_s.max().item() + w_s.max().item()))
+        bound = a_c.shape[-1] * a_c.abs().max().item() * w_c.abs().max().item() << (a_s.max().item() + w_s.max().item())
         if bound >= 1 << 63:
             raise ValueError(f"the product could reach {bound}, beyond int64; use smaller bases or d")
 
@@ -264,8 +281,15 @@ def razored_dot(a_codes: torch.Tensor, a_flags: torch.Tensor, w_codes: torch.Ten
 
 # ------------------------------------------------------------------------------------------ fake quant
 
-def qrazor_fake_quant(x: torch.Tensor, base_bits: int, target_bits: int = 4, group_size: int = 16,
-                      per_channel: bool = False, absmax: float | torch.Tensor | None = None) -> torch.Tensor:
+
+def qrazor_fake_quant(
+    x: torch.Tensor,
+    base_bits: int,
+    target_bits: int = 4,
+    group_size: int = 16,
+    per_channel: bool = False,
+    absmax: float | torch.Tensor | None = None,
+) -> torch.Tensor:
     """Quantize to the base precision, razor, decode, dequantize -> a float tensor of x's shape and dtype.
 
     Weights: x [out, in], per_channel=True (one scale per output row), groups along in.

@@ -43,9 +43,7 @@ CLIP_SEARCH_NORM = 2.4
 def check_bits(bits: int) -> int:
     """Return bits if it is an int in 2..16, else raise a ValueError that says so."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(
-            f"bits must be between {MIN_BITS} and {MAX_BITS}, got {bits!r} (16 means no quantization)"
-        )
+        raise ValueError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {bits!r} (16 means no quantization)")
     return bits
 
 
@@ -87,7 +85,7 @@ class QuantSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "QuantSpec":
+    def from_dict(cls, data: dict) -> QuantSpec:
         return cls(**data)
 
 

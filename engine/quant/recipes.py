@@ -2,6 +2,7 @@
 
 A new method is one line in RECIPES, not a new code path.
 """
+
 from __future__ import annotations
 
 import re
@@ -33,27 +34,31 @@ class Bits:
             if isinstance(value, Format):
                 fmt = value
             elif isinstance(value, bool) or not isinstance(value, (int, str)):
-                raise ValueError(f"{name} bits must be an integer bit width from 2 to 16 or a format name, "
-                                 f"got {value!r}")
+                raise ValueError(
+                    f"{name} bits must be an integer bit width from 2 to 16 or a format name, got {value!r}"
+                )
             elif isinstance(value, int) and not 2 <= value <= 16:
                 raise ValueError(f"{name} bits must be an integer from 2 to 16, got {value!r}")
             else:
                 try:
                     fmt = parse_format(str(value))
                 except ValueError as e:
-                    raise ValueError(f"bits must look like W-A-KV, each part a bit width or a format; the {name} "
-                                     f"part: {e}") from None
+                    raise ValueError(
+                        f"bits must look like W-A-KV, each part a bit width or a format; the {name} part: {e}"
+                    ) from None
             # a plain bit width stays an int (the role's own integer grid); any other format as its Format object
             plain = fmt is None or fmt == IntFormat(fmt.element_bits)
             object.__setattr__(self, field, (16 if fmt is None else fmt.element_bits) if plain else fmt)
 
     @staticmethod
-    def parse(text: str) -> "Bits":
+    def parse(text: str) -> Bits:
         """'4-4-4' -> Bits(4, 4, 4); 'mxfp4-mxfp4-16' -> Bits(MXFormat('e2m1'), MXFormat('e2m1'), 16)."""
         match = next((m for form in _BITS_FORMS if (m := form.fullmatch(str(text).strip()))), None)
         if match is None:
-            raise ValueError(f"bits must look like W-A-KV, each a bit width or a format, e.g. 4-4-16, W4A4KV16 or "
-                             f"mxfp4-mxfp4-16 (presets: {', '.join(PRESETS + FORMAT_PRESETS)}); got {text!r}")
+            raise ValueError(
+                f"bits must look like W-A-KV, each a bit width or a format, e.g. 4-4-16, W4A4KV16 or "
+                f"mxfp4-mxfp4-16 (presets: {', '.join(PRESETS + FORMAT_PRESETS)}); got {text!r}"
+            )
         return Bits(*(int(p) if p.isdigit() else p.lower() for p in match.groups()))
 
     def quantizes(self, part: str) -> bool:
@@ -86,11 +91,11 @@ class Recipe:
     name: str
     description: str
     rotation: RotationConfig = RotationConfig()
-    weights: str = "rtn"          # rtn | gptq | qrazor
-    activations: str = "rtn"      # rtn | qrazor
+    weights: str = "rtn"  # rtn | gptq | qrazor
+    activations: str = "rtn"  # rtn | qrazor
     clip: ClipPolicy = ClipPolicy()  # calibrated | fixed | none, and the weight range search (engine.quant.clipping)
     w_group: int | None = None
-    quantize: bool = True         # False: the floating-point model whatever the bits
+    quantize: bool = True  # False: the floating-point model whatever the bits
 
     def __post_init__(self):
         from engine.quant.methods import ACTIVATION_METHODS, WEIGHT_METHODS
@@ -98,11 +103,13 @@ class Recipe:
         if self.weights not in WEIGHT_METHODS:
             raise ValueError(f"weight quantizer must be one of {', '.join(WEIGHT_METHODS)}, got {self.weights!r}")
         if not isinstance(self.clip, ClipPolicy):
-            raise ValueError(f"a recipe's clipping is a ClipPolicy (ClipPolicy.parse('{self.clip}')), got "
-                             f"{type(self.clip).__name__}")
+            raise ValueError(
+                f"a recipe's clipping is a ClipPolicy (ClipPolicy.parse('{self.clip}')), got {type(self.clip).__name__}"
+            )
         if self.activations not in ACTIVATION_METHODS:
-            raise ValueError(f"activation quantizer must be one of {', '.join(ACTIVATION_METHODS)}, "
-                             f"got {self.activations!r}")
+            raise ValueError(
+                f"activation quantizer must be one of {', '.join(ACTIVATION_METHODS)}, got {self.activations!r}"
+            )
 
     @property
     def weight_range_search(self) -> bool:
@@ -110,7 +117,7 @@ class Recipe:
         GPTQ weights under calibrated ones (calibrated RTN weights pick each row's shrink on its output error)."""
         return self.clip.weight_range_search and (self.clip.mode == "fixed" or self.weights == "gptq")
 
-    def with_weights(self, method: str) -> "Recipe":
+    def with_weights(self, method: str) -> Recipe:
         return replace(self, weights=method) if method else self
 
     def to_dict(self) -> dict:
@@ -127,15 +134,24 @@ RECIPES: dict[str, Recipe] = {
     "fp": Recipe("fp", "floating point: no rotation, no quantization", quantize=False),
     "rtn": Recipe("rtn", "round-to-nearest quantization, no rotation"),
     "quarot": Recipe("quarot", "random Hadamard R1-R4 (QuaRot), then quantize", rotation=_HADAMARD_ALL),
-    "rotated": Recipe("rotated", "rotations loaded from a file (e.g. learned by SpinQuant), then quantize",
-                      rotation=RotationConfig(r1="file", r2="file", r3="hadamard", r4="hadamard", file="")),
-    "qrazor": Recipe("qrazor", "QRazor: absmax base precision (W8 A16 KV8), then SDR razoring to the bits",
-                     weights="qrazor", activations="qrazor", clip=ClipPolicy("none")),
+    "rotated": Recipe(
+        "rotated",
+        "rotations loaded from a file (e.g. learned by SpinQuant), then quantize",
+        rotation=RotationConfig(r1="file", r2="file", r3="hadamard", r4="hadamard", file=""),
+    ),
+    "qrazor": Recipe(
+        "qrazor",
+        "QRazor: absmax base precision (W8 A16 KV8), then SDR razoring to the bits",
+        weights="qrazor",
+        activations="qrazor",
+        clip=ClipPolicy("none"),
+    ),
 }
 
 
-def get_recipe(name: str, weights: str | None = None, rotation_file: str | None = None,
-               clip: ClipPolicy | str | None = None) -> Recipe:
+def get_recipe(
+    name: str, weights: str | None = None, rotation_file: str | None = None, clip: ClipPolicy | str | None = None
+) -> Recipe:
     """A recipe by name, with another weight quantizer, rotation file or clipping (a policy, or a mode name parsed
     by ClipPolicy.parse) where given."""
     if name not in RECIPES:
@@ -161,6 +177,7 @@ def _from_file(rotation: RotationConfig, path: str) -> RotationConfig:
         keys = load_rotation_file(path).keys()
     except ValueError:
         return replace(rotation, file=path)
-    online = {r: "file" for r, suffix in (("r3", ".self_attn.R3"), ("r4", ".mlp.R4")) if any(k.endswith(suffix)
-                                                                                              for k in keys)}
+    online = {
+        r: "file" for r, suffix in (("r3", ".self_attn.R3"), ("r4", ".mlp.R4")) if any(k.endswith(suffix) for k in keys)
+    }
     return replace(rotation, file=path, **online)

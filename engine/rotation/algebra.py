@@ -8,6 +8,7 @@ W [out, in]; the residual stream x becomes x R1, per-head values v_h become v_h 
     down_proj:                    W <- W R4          embeddings and lm_head:  E <- E R1
 The factors commute per role (R1 acts on one side, R2/R4 on the other), so one call applies any subset.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -24,8 +25,14 @@ def _right(x: Tensor, r: RightFactor) -> Tensor:
     return r(x) if callable(r) else x @ r.to(x.dtype)
 
 
-def rotated_weight(arch: ArchInfo, role: str, w: Tensor, r1: Tensor | None = None, r2: Tensor | None = None,
-                   r4: RightFactor | None = None) -> Tensor:
+def rotated_weight(
+    arch: ArchInfo,
+    role: str,
+    w: Tensor,
+    r1: Tensor | None = None,
+    r2: Tensor | None = None,
+    r4: RightFactor | None = None,
+) -> Tensor:
     """W [out, in] of the decoder linear `role` with the given rotations fused (None: that rotation is absent)."""
     roles = arch.roles
     if r1 is not None:
@@ -47,8 +54,7 @@ def rotated_weight(arch: ArchInfo, role: str, w: Tensor, r1: Tensor | None = Non
     return w
 
 
-def rotated_bias(arch: ArchInfo, role: str, b: Tensor, r1: Tensor | None = None,
-                 r2: Tensor | None = None) -> Tensor:
+def rotated_bias(arch: ArchInfo, role: str, b: Tensor, r1: Tensor | None = None, r2: Tensor | None = None) -> Tensor:
     """The bias [out] of `role` after the rotations: a writer's output lives in the residual stream (b R1), v's
     output per KV head is rotated by R2 (b_h R2); readers' biases (Qwen2's q, k, v) are outputs R1 never touches."""
     if r1 is not None and role in arch.residual_writers:

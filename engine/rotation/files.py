@@ -17,6 +17,7 @@ scalar in (0, 1] per quantizer site of the layer (attn_in, o_in, mlp_in, down_in
 v_cache: the KV cache). Files without them (every file before) load as before; SpinQuant's code ignores the extra
 keys.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from engine.rotation.fusion import RotationConfig
 
 R1_KEY = "R1"
-ORTHO_TOL = 1e-3          # what engine.rotation.fusion accepts
+ORTHO_TOL = 1e-3  # what engine.rotation.fusion accepts
 LOW_PRECISION_TOL = 5e-2  # a bf16/fp16 file is this far off at most; import re-orthonormalises it
 
 
@@ -84,14 +85,16 @@ def load_rotation_file(path: str) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
         with open(p, "rb") as f:
             head = f.read(4)
-        found = ("a torch file holding objects other than tensors" if "weights_only" in str(e) and head[:2] == b"PK"
-                 else f"a file of {p.stat().st_size} bytes that torch cannot read")
+        found = (
+            "a torch file holding objects other than tensors"
+            if "weights_only" in str(e) and head[:2] == b"PK"
+            else f"a file of {p.stat().st_size} bytes that torch cannot read"
+        )
         raise ValueError(f"{path} is not a rotation file: expected {ROTATION_FILE_LAYOUT}, found {found}") from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         found = type(data).__name__ if not isinstance(data, dict) else "a dict with non-tensor values"
         raise ValueError(f"{path} is not a rotation file: expected {ROTATION_FILE_LAYOUT}, found {found}")
     return data
-
 
 
 @dataclass
@@ -124,8 +127,13 @@ class RotationSet:
                 out.update({key(i): r for i, r in enumerate(rs)})
         out = {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
         out.update({r4_perm_key(i): p.detach().long().contiguous().cpu() for i, p in enumerate(self.r4_perm or [])})
-        out.update({clip_key(i, site): torch.tensor(float(r)) for i, layer in enumerate(self.clips or [])
-                    for site, r in layer.items()})
+        out.update(
+            {
+                clip_key(i, site): torch.tensor(float(r))
+                for i, layer in enumerate(self.clips or [])
+                for site, r in layer.items()
+            }
+        )
         return out
 
     def rotation_config(self, path: str | os.PathLike) -> RotationConfig:
@@ -133,8 +141,13 @@ class RotationSet:
         otherwise R3/R4 are random Hadamard (SpinQuant's fixed online rotations)."""
         from engine.rotation.fusion import RotationConfig  # fusion reads files with this module: import it late
 
-        return RotationConfig(r1="file", r2="file", r3="file" if self.r3 is not None else "hadamard",
-                              r4="file" if self.r4 is not None else "hadamard", file=str(path))
+        return RotationConfig(
+            r1="file",
+            r2="file",
+            r3="file" if self.r3 is not None else "hadamard",
+            r4="file" if self.r4 is not None else "hadamard",
+            file=str(path),
+        )
 
 
 def check_against(rs: RotationSet, arch: ArchInfo, tol: float = ORTHO_TOL) -> None:
@@ -182,14 +195,22 @@ def from_state_dict(data: dict[str, torch.Tensor]) -> RotationSet:
         if not any(present):
             return None
         if not all(present):
-            raise ValueError(f"the rotation file has {key(0).rsplit('.', 1)[-1]} for only some layers "
-                             f"(missing layer {present.index(False)})")
+            raise ValueError(
+                f"the rotation file has {key(0).rsplit('.', 1)[-1]} for only some layers "
+                f"(missing layer {present.index(False)})"
+            )
         return [data[key(i)] for i in range(n)]
 
     prefixes = [clip_key(i, "") for i in range(n)]
-    clips = [{k[len(p):]: float(v) for k, v in data.items() if k.startswith(p)} for p in prefixes]
-    return RotationSet(data[R1_KEY], [data[r2_key(i)] for i in range(n)], per_layer(r3_key), per_layer(r4_key),
-                       per_layer(r4_perm_key), clips if any(clips) else None)
+    clips = [{k[len(p) :]: float(v) for k, v in data.items() if k.startswith(p)} for p in prefixes]
+    return RotationSet(
+        data[R1_KEY],
+        [data[r2_key(i)] for i in range(n)],
+        per_layer(r3_key),
+        per_layer(r4_key),
+        per_layer(r4_perm_key),
+        clips if any(clips) else None,
+    )
 
 
 def save_rotations(rs: RotationSet, path: str | os.PathLike, spinquant_only: bool = False) -> Path:
@@ -222,8 +243,14 @@ def import_spinquant(src: str | os.PathLike, dst: str | os.PathLike, arch: ArchI
     rs = from_state_dict(load_rotation_file(str(src)))
     check_against(rs, arch, tol=LOW_PRECISION_TOL)
     fix = nearest_orthogonal
-    fixed = RotationSet(fix(rs.r1), [fix(r) for r in rs.r2], None if rs.r3 is None else [fix(r) for r in rs.r3],
-                        None if rs.r4 is None else [fix(r) for r in rs.r4], rs.r4_perm, rs.clips)
+    fixed = RotationSet(
+        fix(rs.r1),
+        [fix(r) for r in rs.r2],
+        None if rs.r3 is None else [fix(r) for r in rs.r3],
+        None if rs.r4 is None else [fix(r) for r in rs.r4],
+        rs.r4_perm,
+        rs.clips,
+    )
     return save_rotations(fixed, dst)
 
 

@@ -4,6 +4,7 @@
 no reload. R1 and R2 are fused into the weights (in float64, cast back); R3 (queries and keys after RoPE) and R4
 (down_proj input) run online as modules. HF linears compute y = x @ W.T with W [out, in].
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,8 +52,10 @@ class RotationConfig:
             if getattr(self, r) not in KINDS:
                 raise ValueError(f"{r.upper()} kind must be one of {', '.join(KINDS)}, got {getattr(self, r)!r}")
             if getattr(self, r) in PERMUTED_KINDS and r != "r4":
-                raise ValueError(f"a channel permutation before the blocks ({getattr(self, r)}) is fused exactly only "
-                                 f"for R4 (the rows of gate/up and the columns of down_proj), not for {r.upper()}")
+                raise ValueError(
+                    f"a channel permutation before the blocks ({getattr(self, r)}) is fused exactly only "
+                    f"for R4 (the rows of gate/up and the columns of down_proj), not for {r.upper()}"
+                )
         if self.file is None and any(getattr(self, r) == "file" for r in ROTATIONS):
             raise ValueError("a rotation of kind 'file' needs a rotation file")
         if self.r1 != "none" and not self.fold_norms:
@@ -89,7 +92,7 @@ class RotationConfig:
             raise ValueError(f"cannot read rotation file {self.file}: {e.strerror or e}") from e
 
     @staticmethod
-    def from_names(names: list[str], kind: str, seed: int = 0, file: str | None = None) -> "RotationConfig":
+    def from_names(names: list[str], kind: str, seed: int = 0, file: str | None = None) -> RotationConfig:
         """RotationConfig.from_names(["R1", "R4"], "hadamard") -> those rotations of that kind, others none."""
         chosen = {n.strip().lower() for n in names if n.strip()}
         bad = chosen - set(ROTATIONS)
@@ -108,8 +111,12 @@ class OnlineRotation(nn.Module):
     (engine.export) then computes bit for bit what the engine evaluated (a 4-bit row turns any one-ulp difference
     into a different network, tests/engine/test_export.py)."""
 
-    def __init__(self, matrix: torch.Tensor | None = None, hadamard_signs: torch.Tensor | None = None,
-                 blocks: torch.Tensor | None = None):
+    def __init__(
+        self,
+        matrix: torch.Tensor | None = None,
+        hadamard_signs: torch.Tensor | None = None,
+        blocks: torch.Tensor | None = None,
+    ):
         super().__init__()
         if sum(t is not None for t in (matrix, hadamard_signs, blocks)) != 1:
             raise ValueError("give exactly one of matrix, hadamard_signs or blocks")
@@ -211,8 +218,9 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
 def untie_embeddings(model: nn.Module, arch: ArchInfo) -> None:
     """lm_head gets its own copy of the embedding so the final norm can be folded into it alone."""
     emb, head = arch.module(model, "embed"), arch.module(model, "lm_head")
-    if head.weight is emb.weight or (head.weight.device.type != "meta"
-                                     and head.weight.data_ptr() == emb.weight.data_ptr()):
+    if head.weight is emb.weight or (
+        head.weight.device.type != "meta" and head.weight.data_ptr() == emb.weight.data_ptr()
+    ):
         value = dispatch.read_tensor(emb, "weight").detach().clone()
         if dispatch.is_offloaded(head):
             dispatch.write_tensor(head, "weight", value)
@@ -255,8 +263,14 @@ class _PerDevice:
         return self._copies[device]
 
 
-def _fuse(module: nn.Module, arch: ArchInfo, role: str, r1: _PerDevice | None = None, r2: _PerDevice | None = None,
-          r4: _PerDevice | None = None) -> None:
+def _fuse(
+    module: nn.Module,
+    arch: ArchInfo,
+    role: str,
+    r1: _PerDevice | None = None,
+    r2: _PerDevice | None = None,
+    r4: _PerDevice | None = None,
+) -> None:
     """Write the decoder linear's rotated weight (and bias) back, each rotation on that weight's device."""
     w = _get(module)
     on = lambda r, device: None if r is None else r.on(device)  # noqa: E731
@@ -328,9 +342,11 @@ def down_input_magnitudes(model: nn.Module, arch: ArchInfo, calib: torch.Tensor)
     found: list = [None] * arch.n_layers
     hooks = []
     for i in range(arch.n_layers):
+
         def keep(m, args, i=i):
             a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float().cpu()
             found[i] = a if found[i] is None else torch.maximum(found[i], a)
+
         hooks.append(arch.module(model, "down", i).register_forward_pre_hook(keep))
     try:
         with torch.no_grad():
@@ -345,6 +361,7 @@ def down_input_magnitudes(model: nn.Module, arch: ArchInfo, calib: torch.Tensor)
 def permute_mlp_channels(model: nn.Module, arch: ArchInfo, layer: int, perm: torch.Tensor) -> None:
     """Reorder the MLP's intermediate channels: rows of gate and up (both halves of a fused gate_up) and the
     columns of down_proj. The MLP computes exactly the same function; its down_proj input is x[..., perm]."""
+
     def rows(role: str, index: torch.Tensor) -> None:
         m = arch.module(model, role, layer)
         dispatch.write_tensor(m, "weight", dispatch.read_tensor(m, "weight")[index])
@@ -382,27 +399,33 @@ def _permutation(t: torch.Tensor, n: int, layer: int) -> torch.Tensor:
     return perm
 
 
-def rotate(model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: bool = False,
-           calib: torch.Tensor | None = None) -> nn.Module:
+def rotate(
+    model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: bool = False, calib: torch.Tensor | None = None
+) -> nn.Module:
     """A rotated copy of `model` (or the model itself with inplace=True) computing the same function. A model
     dispatched over several devices is rotated in place only (ModelHandle.working_model gives one to rotate)."""
     return run_to_end(rotate_job(model, arch, cfg, inplace, calib))
 
 
-def rotate_job(model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: bool = False,
-               calib: torch.Tensor | None = None):
+def rotate_job(
+    model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: bool = False, calib: torch.Tensor | None = None
+):
     """Generator: rotate() with a Progress("rotate") after each decoder layer; Done(the rotated model). A permuted
     block R4 (cfg.permutes) orders each layer's down_proj input channels by their magnitude on `calib` windows."""
     t0 = time.perf_counter()
     if not inplace and dispatch.is_dispatched(model):
-        raise ValueError("a model dispatched over several devices may not fit twice, so it is not copied: rotate "
-                         "it in place (inplace=True, e.g. inside ModelHandle.working_model())")
+        raise ValueError(
+            "a model dispatched over several devices may not fit twice, so it is not copied: rotate "
+            "it in place (inplace=True, e.g. inside ModelHandle.working_model())"
+        )
     if cfg.active:
         arch.check_rotatable()
     if cfg.permutes:
         if arch.n_experts:
-            raise ValueError("a channel permutation before block R4 is supported on dense MLPs only: in a mixture of "
-                             "experts each expert would need its own, from the tokens routed to it")
+            raise ValueError(
+                "a channel permutation before block R4 is supported on dense MLPs only: in a mixture of "
+                "experts each expert would need its own, from the tokens routed to it"
+            )
         if calib is None:
             raise ValueError(f"R4 {cfg.r4} orders channels by their calibration magnitude: give calibration windows")
     m = model if inplace else copy.deepcopy(model)
@@ -415,36 +438,54 @@ def rotate_job(model: nn.Module, arch: ArchInfo, cfg: RotationConfig, inplace: b
         fold_norms(m, arch)
     r1 = None
     if cfg.r1 != "none":
-        r1 = _PerDevice(_from_file(data, "R1", None, arch.hidden, "R1") if cfg.r1 == "file"
-                        else _matrix(cfg.r1, arch.hidden, cfg.seed))
+        r1 = _PerDevice(
+            _from_file(data, "R1", None, arch.hidden, "R1")
+            if cfg.r1 == "file"
+            else _matrix(cfg.r1, arch.hidden, cfg.seed)
+        )
         fuse_r1(m, arch, r1, layers=())  # embeddings and lm_head; each layer's linears below
     for i in range(arch.n_layers):
         if r1 is not None:
             fuse_r1(m, arch, r1, layers=(i,), embeddings=False)
         if cfg.r2 != "none":
-            r2 = (_from_file(data, f"model.layers.{i}.self_attn.R2", "R2", arch.head_dim, f"R2 of layer {i}")
-                  if cfg.r2 == "file" else _matrix(cfg.r2, arch.head_dim, cfg.seed + 1000 + i))
+            r2 = (
+                _from_file(data, f"model.layers.{i}.self_attn.R2", "R2", arch.head_dim, f"R2 of layer {i}")
+                if cfg.r2 == "file"
+                else _matrix(cfg.r2, arch.head_dim, cfg.seed + 1000 + i)
+            )
             fuse_r2(m, arch, i, r2)
         if cfg.r3 != "none":
-            loaded = (_from_file(data, f"model.layers.{i}.self_attn.R3", "R3", arch.head_dim, f"R3 of layer {i}")
-                      if cfg.r3 == "file" else None)
+            loaded = (
+                _from_file(data, f"model.layers.{i}.self_attn.R3", "R3", arch.head_dim, f"R3 of layer {i}")
+                if cfg.r3 == "file"
+                else None
+            )
             install_r3(m, arch, i, _online(cfg.r3, arch.head_dim, cfg.seed + 2000, loaded))
         if cfg.r4 != "none":
             if magnitudes is not None:
                 permute_mlp_channels(m, arch, i, deal_channels(magnitudes[i], int(cfg.r4[5:-1])))
             elif cfg.r4 == "file" and f"model.layers.{i}.mlp.R4_perm" in data:  # a learned permuted block R4
-                permute_mlp_channels(m, arch, i, _permutation(data[f"model.layers.{i}.mlp.R4_perm"],
-                                                              arch.intermediate, i))
+                permute_mlp_channels(
+                    m, arch, i, _permutation(data[f"model.layers.{i}.mlp.R4_perm"], arch.intermediate, i)
+                )
             made: dict[int, OnlineRotation] = {}  # per width: every expert's down shares its layer's R4
             for role in arch.down_roles:  # one per expert in a mixture (a shared expert may be narrower)
                 width = arch.module(m, role, i).in_features
                 if width not in made:
-                    loaded = (_from_file(data, f"model.layers.{i}.mlp.R4", "R4", width, f"R4 of layer {i}")
-                              if cfg.r4 == "file" else None)
+                    loaded = (
+                        _from_file(data, f"model.layers.{i}.mlp.R4", "R4", width, f"R4 of layer {i}")
+                        if cfg.r4 == "file"
+                        else None
+                    )
                     made[width] = _online(cfg.r4, width, cfg.seed + 3000, loaded)
                 install_r4(m, arch, i, made[width], role)
-        yield Progress("rotate", i + 1, arch.n_layers, time.perf_counter() - t0,
-                       f"rotation fused into layer {i + 1}/{arch.n_layers}")
+        yield Progress(
+            "rotate",
+            i + 1,
+            arch.n_layers,
+            time.perf_counter() - t0,
+            f"rotation fused into layer {i + 1}/{arch.n_layers}",
+        )
     yield Done(m, seconds=time.perf_counter() - t0)
 
 
@@ -455,8 +496,9 @@ def logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def equivalence(original: nn.Module | None, rotated: nn.Module, input_ids: torch.Tensor,
-                reference: torch.Tensor | None = None) -> dict[str, float]:
+def equivalence(
+    original: nn.Module | None, rotated: nn.Module, input_ids: torch.Tensor, reference: torch.Tensor | None = None
+) -> dict[str, float]:
     """Logits of both models on the same tokens: max |difference| and mean KL(original || rotated) in nats.
     reference: the original's logits (from `logits`) instead of running `original`."""
     a = reference if reference is not None else logits(original, input_ids)
@@ -466,5 +508,8 @@ def equivalence(original: nn.Module | None, rotated: nn.Module, input_ids: torch
 def logit_agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     """Max |a - b|, mean KL(softmax a || softmax b) in nats over positions, and max |a| for scale."""
     kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="none")
-    return {"max_abs_logit_diff": float((a - b).abs().max()), "kl": float(kl.sum(-1).mean()),
-            "max_abs_logit": float(a.abs().max())}
+    return {
+        "max_abs_logit_diff": float((a - b).abs().max()),
+        "kl": float(kl.sum(-1).mean()),
+        "max_abs_logit": float(a.abs().max()),
+    }

@@ -8,6 +8,7 @@ Sylvester and `H_K` a Paley matrix (K = 1 when n is a power of two):
 Prime powers q = p^k use GF(p^k) arithmetic (e.g. 11008 = 344 * 32 with 344 = 7^3 + 1), so no matrix is stored.
 Index convention of the Kronecker order: position i = a * P + b, a in [0, K), b in [0, P).
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,6 +24,7 @@ class UnsupportedWidthError(ValueError):
 
 
 # ---------------------------------------------------------------- number theory and GF(p^k)
+
 
 def _prime_power(q: int) -> tuple[int, int] | None:
     """(p, k) with q = p^k and p prime, or None."""
@@ -49,11 +51,11 @@ def _poly_rem(a: list[int], b: list[int], p: int) -> list[int]:
 
 def _monic_polys(p: int, degree: int):
     """All monic polynomials of this degree over GF(p), coefficients low to high."""
-    for code in range(p ** degree):
-        yield [(code // p ** i) % p for i in range(degree)] + [1]
+    for code in range(p**degree):
+        yield [(code // p**i) % p for i in range(degree)] + [1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _irreducible_poly(p: int, k: int) -> tuple[int, ...]:
     """The first monic irreducible polynomial of degree k over GF(p) (trial division by lower degrees)."""
     for f in _monic_polys(p, k):
@@ -66,13 +68,13 @@ def _irreducible_poly(p: int, k: int) -> tuple[int, ...]:
 
 def _field_digits(p: int, k: int) -> torch.Tensor:
     """(q, k) base-p digits of the element codes 0..q-1; code c is the polynomial sum_i digit_i x^i."""
-    codes = torch.arange(p ** k)
-    return torch.stack([(codes // p ** i) % p for i in range(k)], dim=1)
+    codes = torch.arange(p**k)
+    return torch.stack([(codes // p**i) % p for i in range(k)], dim=1)
 
 
 def _quadratic_character(p: int, k: int) -> torch.Tensor:
     """(q,) chi over GF(p^k) by element code: 0 at 0, +1 on nonzero squares, -1 elsewhere."""
-    q, digits = p ** k, _field_digits(p, k)
+    q, digits = p**k, _field_digits(p, k)
     f = _irreducible_poly(p, k)
     prod = torch.zeros(q, 2 * k - 1, dtype=torch.long)  # (q, 2k-1) coefficients of x * x
     for i in range(k):
@@ -94,17 +96,18 @@ def _jacobsthal(q: int) -> torch.Tensor:
     p, k = _prime_power(q)
     digits, chi = _field_digits(p, k), _quadratic_character(p, k).to(torch.int8)
     out = torch.empty(q, q, dtype=torch.int8)
-    rows = max(1, 2 ** 22 // q)  # row chunks keep the int64 codes to ~32 MB at any q
+    rows = max(1, 2**22 // q)  # row chunks keep the int64 codes to ~32 MB at any q
     for start in range(0, q, rows):
-        block = digits[start:start + rows]
+        block = digits[start : start + rows]
         diff_codes = torch.zeros(block.shape[0], q, dtype=torch.long)
         for i in range(k):  # subtraction is digit-wise mod p
-            diff_codes += ((block[:, None, i] - digits[None, :, i]) % p) * p ** i
-        out[start:start + rows] = chi[diff_codes]
+            diff_codes += ((block[:, None, i] - digits[None, :, i]) % p) * p**i
+        out[start : start + rows] = chi[diff_codes]
     return out
 
 
 # ---------------------------------------------------------------- unnormalised +-1 constructions (int8)
+
 
 def _sylvester_pm1(n: int) -> torch.Tensor:
     """(n, n) Sylvester matrix, H[i, j] = (-1)^popcount(i & j); symmetric."""
@@ -117,8 +120,10 @@ def _sylvester_pm1(n: int) -> torch.Tensor:
 
 def _check_paley_q(q: int, residue: int, name: str, order: str) -> None:
     if not isinstance(q, int) or isinstance(q, bool) or _prime_power(q) is None or q % 4 != residue:
-        raise ValueError(f"{name} needs a prime power q = {residue} mod 4 (order {order}); got q = {q!r}. "
-                         f"Use hadamard_matrix(n) to pick a construction for a width n.")
+        raise ValueError(
+            f"{name} needs a prime power q = {residue} mod 4 (order {order}); got q = {q!r}. "
+            f"Use hadamard_matrix(n) to pick a construction for a width n."
+        )
 
 
 def _paley1_pm1(q: int) -> torch.Tensor:
@@ -173,6 +178,7 @@ def _build_factor_pm1(k: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- widths
 
+
 def _find_decomposition(n: int) -> tuple[int, int] | None:
     if n & (n - 1) == 0:
         return 1, n
@@ -199,15 +205,19 @@ def _unsupported_message(n: int) -> str:
     if power < 4:
         why = f"a Hadamard matrix of order n > 2 needs n to be a multiple of 4 ({n} = {odd} * {power})"
     else:
-        candidates = ", ".join(str(odd * 2 ** j) for j in range(2, power.bit_length()))
-        why = (f"{n} = {odd} * {power} and none of the K factors {candidates} has a known construction "
-               f"(Paley I: q + 1, Paley II: 2(q + 1), q a prime power)")
+        candidates = ", ".join(str(odd * 2**j) for j in range(2, power.bit_length()))
+        why = (
+            f"{n} = {odd} * {power} and none of the K factors {candidates} has a known construction "
+            f"(Paley I: q + 1, Paley II: 2(q + 1), q a prime power)"
+        )
     below, above = _nearest_supported(n, -1), _nearest_supported(n, +1)
     divisors = {d for i in range(1, math.isqrt(n) + 1) if n % i == 0 for d in (i, n // i)}
     block = max(d for d in divisors if _find_decomposition(d) is not None)
-    return (f"no Hadamard matrix of width {n}: {why}. Nearest supported widths: {below} and {above}; "
-            f"or use block_diagonal_hadamard({n}, block={block}) (the largest supported block dividing {n}; "
-            f"the largest power of two dividing it is {power}).")
+    return (
+        f"no Hadamard matrix of width {n}: {why}. Nearest supported widths: {below} and {above}; "
+        f"or use block_diagonal_hadamard({n}, block={block}) (the largest supported block dividing {n}; "
+        f"the largest power of two dividing it is {power})."
+    )
 
 
 def decompose(n: int) -> tuple[int, int]:
@@ -234,6 +244,7 @@ def supported(n: int) -> bool:
 
 
 # ---------------------------------------------------------------- normalised matrices
+
 
 def sylvester(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """(n, n) normalised Sylvester Hadamard matrix, n = 2^m; symmetric."""
@@ -274,8 +285,10 @@ def random_block_hadamard(n: int, block: int, seed: Seed = None, dtype: torch.dt
         raise ValueError(f"block must be an int >= 2; got {block!r}.")
     sizes = [block] * (n // block) + ([n % block] if n % block else [])
     if not supported(sizes[-1]):
-        raise ValueError(f"a block Hadamard of {block} does not fit width {n}: the last block would be "
-                         f"{sizes[-1]} wide, a size with no Hadamard matrix; choose a block that divides {n}")
+        raise ValueError(
+            f"a block Hadamard of {block} does not fit width {n}: the last block would be "
+            f"{sizes[-1]} wide, a size with no Hadamard matrix; choose a block that divides {n}"
+        )
     h = torch.block_diag(*[hadamard_matrix(b, dtype) for b in sizes])
     signs = torch.randint(0, 2, (n,), generator=_generator(seed)) * 2 - 1
     return h * signs.to(dtype)
@@ -311,6 +324,7 @@ def random_orthogonal(n: int, seed: Seed = None, dtype: torch.dtype = torch.floa
 
 
 # ---------------------------------------------------------------- fast application
+
 
 def _fwht(y: torch.Tensor) -> torch.Tensor:
     """Unnormalised Walsh-Hadamard transform (Sylvester order) over the last dim (2^m): y @ H_(2^m)."""

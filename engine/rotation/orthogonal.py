@@ -4,6 +4,7 @@ Both hold their matrix as a plain `nn.Parameter` that starts orthogonal; they st
 `engine.learn.cayley.CayleySGD` moves them along the orthogonal group, not through a parametrisation.
 Both apply on the last dimension as a right multiplication, `x @ R`, like every rotation in the brief.
 """
+
 from __future__ import annotations
 
 import torch

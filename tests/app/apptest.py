@@ -1,5 +1,6 @@
 """What the AppTests of every page share: open a page as a user would (optionally after typing a model directory in
 the sidebar), read the figures it drew, and decode plotly's packed arrays. Widgets are found by key or label."""
+
 from __future__ import annotations
 
 import base64

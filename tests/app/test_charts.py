@@ -1,6 +1,7 @@
 """The figure builders the pages draw (app/charts.py), checked on small hand-made inputs: what each figure claims
 (the bars' heights, the saturation of the matrix colours, the share of values per error bin) against numbers
 computed here."""
+
 import math
 
 import numpy as np
@@ -41,8 +42,9 @@ def test_error_histograms_give_the_share_of_all_values_per_bin():
 
 
 def test_group_size_lines_draw_one_line_per_method_and_mark_the_chosen_size():
-    sweep = pd.DataFrame({"sdr_group": [4, 16, 4, 16], "method": ["SDR", "SDR", "RTN-4", "RTN-4"],
-                          "sqnr_db": [20.0, 18.0, 19.0, 19.0]})
+    sweep = pd.DataFrame(
+        {"sdr_group": [4, 16, 4, 16], "method": ["SDR", "SDR", "RTN-4", "RTN-4"], "sqnr_db": [20.0, 18.0, 19.0, 19.0]}
+    )
     fig = charts.group_size_lines(sweep, "sqnr_db", "SQNR", "dB", 16, (4, 16)).to_plotly_json()
     assert [t["name"] for t in fig["data"]] == ["SDR", "RTN-4"]
     assert decode(fig["data"][0]["y"]) == [20.0, 18.0]

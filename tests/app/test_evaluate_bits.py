@@ -1,6 +1,7 @@
 """Evaluate's open bit settings, as a user types them on a tiny model directory: a typed 8-8-8 (not a preset)
 evaluates; a malformed setting is refused with the parser's message and the earlier results stay on screen; Run
 with no recipe says so."""
+
 from tests.app.apptest import open_page, run_evaluate, table
 
 

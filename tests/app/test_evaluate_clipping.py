@@ -1,5 +1,6 @@
 """Evaluate's clipping choice, as a user makes it on a tiny model directory: a calibrated row shows its clip
 ratios in a heat map (one column per quantized site, one row per layer) and in the table; a fixed row does not."""
+
 from tests.app.apptest import figure, open_page, run_evaluate, table
 
 

@@ -1,6 +1,7 @@
 """Evaluate's Export section, as a user meets it on a tiny model directory: a weight-only row exports to the
 directory typed (a compressed-tensors checkpoint that transformers reads), a second press into the same directory is
 refused until 'Replace' is ticked, and a row with calibrated activation clipping says why it cannot be exported."""
+
 import json
 
 from tests.app.apptest import open_page, run_evaluate
@@ -22,8 +23,9 @@ def test_a_finished_row_exports_and_a_row_that_cannot_says_why(tiny_model_dir, t
 
     # row 1 is rtn 4-4-4 with the default calibrated clipping: dynamic activation quantizers cannot clip
     at.selectbox(key="eval_export_row").set_value(1).run()
-    assert any("cannot be exported" in i.value and "calibrated activation and KV clip ratios" in i.value
-               for i in at.info), [i.value for i in at.info]
+    assert any(
+        "cannot be exported" in i.value and "calibrated activation and KV clip ratios" in i.value for i in at.info
+    ), [i.value for i in at.info]
     assert not [b for b in at.button if b.key == "eval_export"]
 
     out = tmp_path / "w4a16"

@@ -1,6 +1,7 @@
 """AppTest of Evaluate on the real default model: a quick fp / rtn comparison at 4-4-4 (RTN without rotation is far
 worse than floating point) with its perplexity chart and downloads; the 'rotated' recipe without a rotation file is
 refused with a clear message."""
+
 import pytest
 
 from tests.app.apptest import open_page, run_evaluate, table, titles

@@ -2,6 +2,7 @@
 default model's tokenizer and chosen in the sidebar as a user would: the capture runs and every chart draws; for
 the mixture, the per-expert sites are offered and the tokens-per-expert heat map adds up to top-k per token; for a
 GPT-NeoX (outside the architecture table), its linears are offered by module path."""
+
 from streamlit.testing.v1 import AppTest
 
 from tests.app.apptest import decode, figure, open_page, titles

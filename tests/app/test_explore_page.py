@@ -1,5 +1,6 @@
 """AppTest of Explore on the real default model, as a user would click it: a capture draws every chart and the
 massive-token table; a missing corpus file and a token budget beyond the corpus are refused with a clear message."""
+
 import pytest
 
 from tests.app.apptest import decode, figure, open_page, table, titles
@@ -39,7 +40,9 @@ def test_explore_missing_corpus_file_message():
 def test_explore_token_budget_beyond_the_corpus_is_refused_with_a_clear_message():
     at = capture(1_000_000)  # the widget's maximum; the sample's calibration split is smaller
     (error,) = [e.value for e in at.error]
-    assert error.startswith("token budget 1000000 exceeds the calib split of Wikipedia sample") and \
-        "choose at most" in error, error
+    assert (
+        error.startswith("token budget 1000000 exceeds the calib split of Wikipedia sample")
+        and "choose at most" in error
+    ), error
     assert not at.success and not at.get("plotly_chart")  # nothing was captured
     assert any("press **Capture**" in i.value for i in at.info)

@@ -1,5 +1,6 @@
 """AppTest of Home on the real default model (its conversion is cached): the model's shape and the page list, a clear
 error for a model that does not exist, and the memory plan shown before loading, refusing what cannot fit."""
+
 from streamlit.testing.v1 import AppTest
 
 from app import state

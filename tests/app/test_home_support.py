@@ -1,6 +1,7 @@
 """Home's support table for the loaded model, as a user sees it after choosing a local model directory: every
 capability 'yes' for a Llama; for a Gemma 3 capture and evaluation 'yes', rotation refused with the reason; for a
 model outside the architecture table (GPT-NeoX) capture only."""
+
 import pytest
 import torch
 
@@ -15,8 +16,16 @@ def gemma3_dir(tmp_path_factory):
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=256,
+    )
     path = tmp_path_factory.mktemp("tiny_gemma3")
     Gemma3ForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -27,7 +36,7 @@ def support_table(model_dir) -> dict:
     at = open_page("home", model_dir)
     assert any("What SpinScope can do with this model" in m.value for m in at.markdown)
     table = at.dataframe[-1].value
-    return dict(zip(table["what"], table["supported"]))
+    return dict(zip(table["what"], table["supported"], strict=False))
 
 
 def test_a_llama_directory_supports_everything(tiny_model_dir):

@@ -1,5 +1,6 @@
 """The Kernels page on this CPU machine, as a user meets it: the no-GPU warning, the latest recorded GPU run (the one
 docs/BENCHMARKS.md calls latest, with its numbers), and the run form, which says why nothing can be timed here."""
+
 import re
 from pathlib import Path
 

@@ -1,6 +1,7 @@
 """The what-if matrix page as a user fills it on a tiny model directory: a 2x2 corner fills in with a perplexity
 per cell, a bad rotation column is refused in one sentence and the cells on screen stay, and the SQNR of one cell
 is drawn per layer."""
+
 from tests.app.apptest import decode, figure, open_page
 
 
@@ -25,6 +26,8 @@ def test_a_2x2_corner_fills_in_and_one_cell_shows_its_sqnr(tiny_model_dir, tmp_p
     at.button(key="mx_sqnr_go").click().run()
     assert not at.exception
     fig = figure(at, "Activation SQNR per layer: mxfp4, block 16")
-    assert [t["name"] for t in fig["data"]] == ["down_proj input (after R4)",
-                                                "attention input (residual stream after R1)"]
+    assert [t["name"] for t in fig["data"]] == [
+        "down_proj input (after R4)",
+        "attention input (residual stream after R1)",
+    ]
     assert all(len(decode(t["y"])) == 2 for t in fig["data"])  # one point per layer of the tiny model

@@ -1,6 +1,7 @@
 """AppTest of the Optimize page on a tiny random Llama directory (tests/conftest.py: tiny_model_dir), chosen in the
 sidebar as a user would choose any local model: train, see the curves, evaluate, run the random spread, and the
 page a Stop press leads to."""
+
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -33,12 +34,12 @@ def test_train_then_evaluate_then_random_spread(tiny_model_dir):
     assert "3 of 3 steps" in done and ".bin" in done and "R3 and R4" in done
     figs = figures(at)
     loss = figs["Training loss and quick perplexity"]
-    assert decode(loss["data"][0]["x"]) == [1, 2, 3]                 # one loss point per step
-    assert decode(loss["data"][1]["x"]) == [0, 1, 2, 3]              # perplexity at the start and every step
+    assert decode(loss["data"][0]["x"]) == [1, 2, 3]  # one loss point per step
+    assert decode(loss["data"][1]["x"]) == [0, 1, 2, 3]  # perplexity at the start and every step
     heat = [f for t, f in figs.items() if t.startswith("Per-token kurtosis")]
-    assert len(heat) == 2                                            # q/k/v input and down_proj input
+    assert len(heat) == 2  # q/k/v input and down_proj input
     assert heat[0]["data"][0]["x"] == ["step 0", "step 1", "step 2", "step 3"]
-    assert len(heat[0]["data"][0]["z"]) == 2                         # one row per decoder layer
+    assert len(heat[0]["data"][0]["z"]) == 2  # one row per decoder layer
     assert at.get("download_button")
 
     at.number_input(key="opt_eval_tokens").set_value(256)  # also the random spread's budget
@@ -57,7 +58,7 @@ def test_train_then_evaluate_then_random_spread(tiny_model_dir):
     assert [b["name"] for b in boxes] == ["random hadamard", "random orthogonal"]
     assert all(len(decode(b["y"])) == 2 for b in boxes)
     marks = [a["text"] for a in spread["layout"]["annotations"]]
-    assert any(m.startswith("flrot (learned)") for m in marks)       # the learned result is marked
+    assert any(m.startswith("flrot (learned)") for m in marks)  # the learned result is marked
     assert any("beats" in c for c in at.table[-1].value.columns)
 
 
@@ -94,8 +95,9 @@ def test_a_stopped_run_is_shown_and_can_be_resumed(tiny_model_dir):
     at.button(key="opt_start").click().run()  # again: the checkpoint now holds every step
     assert not at.exception, at.exception
     assert any("3 of 3 steps" in s.value for s in at.success)
-    assert [i.value for i in at.info] == ["Resumed from the checkpoint at step 3: nothing left to train "
-                                          "(**Start over** trains again)."]
+    assert [i.value for i in at.info] == [
+        "Resumed from the checkpoint at step 3: nothing left to train (**Start over** trains again)."
+    ]
 
 
 def test_bad_settings_show_a_clear_error(tiny_model_dir):

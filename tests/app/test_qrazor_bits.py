@@ -1,6 +1,7 @@
 """The QRazor page's bit-by-bit view of one SDR group (app/qrazor_bits.py): every column of the table agrees with
 engine.quant.qrazor's sdr_encode / sdr_decode on the same row, zero and all-ones groups are labelled, and the page
 starts at the group holding the largest value outside the sink row."""
+
 import pytest
 import torch
 

@@ -1,10 +1,23 @@
 """AppTest of the QRazor page on the real default model: the bit view, the comparison and the group-size charts."""
+
 from streamlit.testing.v1 import AppTest
 
 from tests.app.apptest import figures, open_page
 
-BIT_COLUMNS = ["channel", "x", "q (base int)", "sign bit", "magnitude bits", "kept", "dropped", "rounding", "code",
-               "flag", "decoded q", "decoded x"]
+BIT_COLUMNS = [
+    "channel",
+    "x",
+    "q (base int)",
+    "sign bit",
+    "magnitude bits",
+    "kept",
+    "dropped",
+    "rounding",
+    "code",
+    "flag",
+    "decoded q",
+    "decoded x",
+]
 
 
 def _open() -> AppTest:

@@ -1,6 +1,7 @@
 """AppTest of Rotate on the real default model, with small budgets: a random orthogonal R1 computes the same function
 and flattens the residual stream's per-token kurtosis in the before/after charts; a missing rotation file is refused
 with a clear message."""
+
 import pytest
 
 from tests.app.apptest import decode, figure, open_page, titles

@@ -1,5 +1,6 @@
 """benchmarks.gpu_scale on the CPU at tiny sizes, and the memory model it prints (engine.memory): weights
 counted exactly, and a phase's measured peak within the predicted one."""
+
 import json
 
 import pytest
@@ -10,8 +11,20 @@ from benchmarks import gpu_scale
 from engine import memory
 
 # one torch thread: a CPU run's many small operations are much faster so on a busy machine (see --threads)
-SMALL = ["--device", "cpu", "--threads", "1", "--tokens", "64", "--eval-tokens", "64", "--matrix-tokens", "64",
-         "--calib-tokens", "128"]
+SMALL = [
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--tokens",
+    "64",
+    "--eval-tokens",
+    "64",
+    "--matrix-tokens",
+    "64",
+    "--calib-tokens",
+    "128",
+]
 
 
 def run(tmp_path, *args) -> dict:
@@ -94,16 +107,28 @@ def by_hand(c, experts: int = 0, moe_width: int = 0, qk_norm: bool = False, qkv_
 def test_memory_model_counts_the_published_configs_by_hand(size):
     c = gpu_scale.model_config(size)
     moe = size == "30b-a3b"
-    n = by_hand(c, experts=c.num_experts if moe else 0, moe_width=c.moe_intermediate_size if moe else 0,
-                qk_norm=moe, qkv_bias=size == "1.5b")
+    n = by_hand(
+        c,
+        experts=c.num_experts if moe else 0,
+        moe_width=c.moe_intermediate_size if moe else 0,
+        qk_norm=moe,
+        qkv_bias=size == "1.5b",
+    )
     s = memory.shapes(c, "bfloat16")
     assert s.weights_bytes == 2 * n
     published = {"135m": 134_515_008, "1.5b": 1_543_714_304, "8b": 8_030_261_248, "30b-a3b": 30_532_122_624}
     assert n == published[size]  # the published checkpoints' parameter counts (their safetensors totals)
 
 
-TINY_QWEN2 = Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True)
+TINY_QWEN2 = Qwen2Config(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=300,
+    tie_word_embeddings=True,
+)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe", "qwen2-tied", "135m"])
@@ -126,22 +151,30 @@ def test_measured_cpu_peak_of_rotation_stays_within_the_memory_model(tmp_path, o
     """The rotate phase (compare_job: a working copy, float64 fusion, the logits check) on a model whose weights
     dwarf the process's own allocations, measured by the resident-set high-water mark: within the prediction, and
     above the two copies of the weights it must hold (so the measurement sees what it claims to)."""
-    config = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=512,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     settings = gpu_scale.Settings("cpu", tokens=64, eval_tokens=64, matrix_tokens=64, calib_tokens=128)
     meter = gpu_scale.Meter("cpu")
     warm = gpu_scale.Settings("cpu", tokens=64, eval_tokens=64, calib_tokens=128)  # imports and first calls first
     tiny = gpu_scale.model_config("tiny")
     warm.corpus = gpu_scale.corpus_file(tmp_path, tiny.vocab_size, 256, 256)
-    gpu_scale.run_phase(gpu_scale.build(tiny, "tiny", "cpu", "float32", gpu_scale.RandomIds(512)), warm, "rotate",
-                        meter)
+    gpu_scale.run_phase(
+        gpu_scale.build(tiny, "tiny", "cpu", "float32", gpu_scale.RandomIds(512)), warm, "rotate", meter
+    )
 
     meter.set_baseline()
     settings.corpus = gpu_scale.corpus_file(tmp_path, config.vocab_size, 256, 256)
     handle = gpu_scale.build(config, "mid", "cpu", "float32", gpu_scale.RandomIds(config.vocab_size))
     weights = gpu_scale.parameter_bytes(handle.model)
-    assert weights > 150 * 2 ** 20
+    assert weights > 150 * 2**20
     row = gpu_scale.run_phase(handle, settings, "rotate", meter)
     assert "error" not in row, row
     predicted = memory.job_peaks(memory.shapes(config, "float32"), settings.windows(), device="cpu")["rotate"]

@@ -6,6 +6,7 @@ converted models, as in tests/conftest.py): a capture here is computed, never re
 cache. Screenshots go to test-artifacts/ (git-ignored): one at the end of each test that asks for it, and one of
 the page as it was when a test failed.
 """
+
 from pathlib import Path
 
 import pytest

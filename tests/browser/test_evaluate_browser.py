@@ -3,6 +3,7 @@ and the perplexity chart the user ends up looking at.
 
 Frames of a live run are merged on this 2-core machine, so the assertions are on the final state of the page.
 """
+
 import re
 
 import pytest
@@ -27,8 +28,11 @@ def test_evaluate_fp_and_rtn_fill_table_and_chart(app_url, page):
     assert [t.split(":")[0] for t in recipes.locator("[data-tag]").all_inner_texts()] == ["fp", "rtn"]
 
     # The label holds an '=', which the 'fill:LABEL=VALUE' text form cannot carry: build the Action directly.
-    for action in (shots.Action("fill", "Perplexity tokens (0 = the mode's)", str(TOKENS)),
-                   shots.parse_action("click:Run"), shots.parse_action("wait:svg=Perplexity on")):
+    for action in (
+        shots.Action("fill", "Perplexity tokens (0 = the mode's)", str(TOKENS)),
+        shots.parse_action("click:Run"),
+        shots.parse_action("wait:svg=Perplexity on"),
+    ):
         shots.apply(page, action, timeout_ms=TIMEOUT_MS)
 
     # The results table (st.table, real HTML) has one row per run: fp at 16-16-16, rtn at the bits asked for.
@@ -49,7 +53,8 @@ def test_evaluate_fp_and_rtn_fill_table_and_chart(app_url, page):
     titles = page.locator("svg text.gtitle").all_text_contents()
     assert f"Perplexity on {TOKENS} evaluation tokens" in titles, titles
     chart = page.locator('[data-testid="stPlotlyChart"]').filter(
-        has=page.locator("text.gtitle", has_text="Perplexity on"))
+        has=page.locator("text.gtitle", has_text="Perplexity on")
+    )
     assert chart.locator("g.barlayer g.point").count() == 2, "one bar for fp, one for rtn 4-4-4"
 
     assert page.locator('[data-testid="stTable"]').count() == 1, "the live table must give way to Results"

@@ -2,6 +2,7 @@
 
 Frames of a live run are merged on this 2-core machine, so the assertions are on the final state of the page.
 """
+
 import pytest
 
 from tools import screenshot as shots
@@ -16,8 +17,7 @@ N_LAYERS, HIDDEN = 30, 576  # the default model, SmolLM2-135M-Instruct (as the H
 
 def _chart(page, title_start: str):
     """The plotly chart whose SVG title starts with title_start."""
-    return page.locator('[data-testid="stPlotlyChart"]').filter(
-        has=page.locator("text.gtitle", has_text=title_start))
+    return page.locator('[data-testid="stPlotlyChart"]').filter(has=page.locator("text.gtitle", has_text=title_start))
 
 
 def test_explore_capture_draws_charts_in_browser(app_url, page):

@@ -1,5 +1,6 @@
 """Export in a real browser: evaluate RTN at 4-16-16 on the default model, then export that row from the Evaluate
 page's Export section and check what the user is told and what was written."""
+
 import json
 import re
 
@@ -23,14 +24,20 @@ def test_evaluate_then_export_a_row(app_url, page, tmp_path):
     bits = page.locator('[data-testid="stMultiSelect"]').nth(1).locator("input")
     bits.fill("4-16-16")
     bits.press("Enter")
-    for action in (shots.Action("fill", "Perplexity tokens (0 = the mode's)", str(TOKENS)),
-                   shots.parse_action("click:Run"), shots.parse_action("wait:svg=Perplexity on")):
+    for action in (
+        shots.Action("fill", "Perplexity tokens (0 = the mode's)", str(TOKENS)),
+        shots.parse_action("click:Run"),
+        shots.parse_action("wait:svg=Perplexity on"),
+    ):
         shots.apply(page, action, timeout_ms=TIMEOUT_MS)
     assert page.get_by_role("heading", name="Export for serving").is_visible()
 
     out = tmp_path / "smollm2-rtn-w4a16"
-    for action in (shots.Action("fill", "Output directory", str(out)), shots.parse_action("click:Export"),
-                   shots.parse_action("wait:Wrote ")):
+    for action in (
+        shots.Action("fill", "Output directory", str(out)),
+        shots.parse_action("click:Export"),
+        shots.parse_action("wait:Wrote "),
+    ):
         shots.apply(page, action, timeout_ms=TIMEOUT_MS)
     success = page.locator('[data-testid="stAlertContentSuccess"]').inner_text()
     assert f"Wrote {out}" in success and "MiB" in success, success

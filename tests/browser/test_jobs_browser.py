@@ -5,6 +5,7 @@ is evaluated.
 
 The server's CPU time is read with psutil: after a Stop the job must really be over, not computing on unseen.
 """
+
 import re
 import time
 
@@ -100,8 +101,12 @@ LOSS_CHART_JS = """() => {
 def test_optimize_stop_is_prompt_and_start_resumes_with_the_whole_history(app_url, page, tiny_model_dir):
     _use_tiny_model(page, app_url, "optimize", tiny_model_dir)
     # 256-token windows: a few tenths of a second per step on the tiny model, so a run can be caught mid-way
-    for label, value in (("Steps", str(OPT_STEPS)), ("Calibration windows", "4"), ("Window length", "256"),
-                         ("Probe every N steps", "0")):
+    for label, value in (
+        ("Steps", str(OPT_STEPS)),
+        ("Calibration windows", "4"),
+        ("Window length", "256"),
+        ("Probe every N steps", "0"),
+    ):
         shots.apply(page, shots.Action("fill", label, value), timeout_ms=TIMEOUT_MS)
     page.get_by_role("button", name="Start (or resume)").click()  # no wait: the run must still be going
     stop = page.get_by_role("button", name="Stop")
@@ -130,16 +135,20 @@ def test_optimize_stop_is_prompt_and_start_resumes_with_the_whole_history(app_ur
     # Start again with the same settings: the checkpoint's history first, then steps k+1..N
     page.get_by_role("button", name="Start (or resume)").click()
     live = page.locator(ALERT.format("Info")).filter(
-        has_text=f"Resumed from the checkpoint at step {k}: training steps {k + 1}-{OPT_STEPS}")
+        has_text=f"Resumed from the checkpoint at step {k}: training steps {k + 1}-{OPT_STEPS}"
+    )
     live.first.wait_for(timeout=TIMEOUT_MS)
     # while it trains (the live note still up), the live chart continues the history: from step 1, not k+1
     page.wait_for_function(
         f"""() => [...document.querySelectorAll('{ALERT.format("Info")}')]
                     .some(a => a.innerText.includes('training steps {k + 1}-{OPT_STEPS}'))
                   && ({LOSS_CHART_JS})().some(c => c.x[0] === 1 && c.x.length >= {k})""",
-        timeout=TIMEOUT_MS, polling=100)
-    page.locator(ALERT.format("Success")).filter(
-        has_text=f"{OPT_STEPS} of {OPT_STEPS} steps").first.wait_for(timeout=TIMEOUT_MS)
+        timeout=TIMEOUT_MS,
+        polling=100,
+    )
+    page.locator(ALERT.format("Success")).filter(has_text=f"{OPT_STEPS} of {OPT_STEPS} steps").first.wait_for(
+        timeout=TIMEOUT_MS
+    )
     shots.wait_idle(page, TIMEOUT_MS)
     infos = page.locator(ALERT.format("Info")).all_inner_texts()
     assert f"Resumed from the checkpoint at step {k}: trained steps {k + 1}-{OPT_STEPS}." in infos, infos
@@ -148,13 +157,15 @@ def test_optimize_stop_is_prompt_and_start_resumes_with_the_whole_history(app_ur
     assert final["x"] == list(range(1, OPT_STEPS + 1)), f"the loss chart must hold steps 1-{OPT_STEPS}: {final['x']}"
     assert final["y"][:k] == stopped_chart["y"], "steps 1-k are the stopped run's losses, from the checkpoint"
     loss = page.locator('[data-testid="stPlotlyChart"]').filter(
-        has=page.locator("text.gtitle", has_text="Training loss"))
+        has=page.locator("text.gtitle", has_text="Training loss")
+    )
     assert loss.locator("g.scatterlayer g.trace").first.locator("path.point").count() == OPT_STEPS
     _no_job_left(page, finished=True)
     shots.full_page_screenshot(page, ARTIFACTS / "jobs_optimize_resumed.png", TIMEOUT_MS)
 
 
 # ---- Evaluate: stop keeps the finished rows -----------------------------------------------------------------
+
 
 def test_evaluate_stop_keeps_the_finished_rows(app_url, page, tiny_model_dir):
     _use_tiny_model(page, app_url, "evaluate", tiny_model_dir)
@@ -188,6 +199,7 @@ def test_evaluate_stop_keeps_the_finished_rows(app_url, page, tiny_model_dir):
 
 # ---- errors: no stale Stop button or frozen bar; an input error keeps the results ---------------------------
 
+
 def test_a_bad_rotation_file_leaves_no_stop_button_or_bar(app_url, page, tiny_model_dir, tmp_path):
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(bytes(range(256)) * 8)
@@ -203,9 +215,16 @@ def test_a_bad_rotation_file_leaves_no_stop_button_or_bar(app_url, page, tiny_mo
         _no_job_left(page)
 
     _use_tiny_model(page, app_url, "rotate", tiny_model_dir)
-    for action in ("select:R1=from a file", "select:R2=identity", "select:R3=identity", "select:R4=identity",
-                   f"fill:Rotation file (SpinQuant layout)={garbage}", "fill:Token budget=256",
-                   "fill:Window length=128", "click:Rotate and compare"):
+    for action in (
+        "select:R1=from a file",
+        "select:R2=identity",
+        "select:R3=identity",
+        "select:R4=identity",
+        f"fill:Rotation file (SpinQuant layout)={garbage}",
+        "fill:Token budget=256",
+        "fill:Window length=128",
+        "click:Rotate and compare",
+    ):
         shots.apply(page, shots.parse_action(action), timeout_ms=TIMEOUT_MS)
     errors = page.locator(ALERT.format("Error")).all_inner_texts()
     assert len(errors) == 1 and "is not a rotation file" in errors[0], errors

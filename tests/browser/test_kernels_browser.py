@@ -1,5 +1,6 @@
 """Kernels in a real browser on this CPU machine: the no-GPU warning, the recorded H100 run drawn as a chart and a
 table, and the run form's answer when Run benchmark is pressed without a GPU."""
+
 import pandas as pd
 import pytest
 import torch
@@ -9,8 +10,10 @@ from tools import screenshot as shots
 
 from .conftest import ARTIFACTS
 
-pytestmark = [pytest.mark.browser,
-              pytest.mark.skipif(torch.cuda.is_available(), reason="checks what the page shows without a CUDA GPU")]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(torch.cuda.is_available(), reason="checks what the page shows without a CUDA GPU"),
+]
 
 TIMEOUT_MS = 60_000  # no model to load: the page reads two CSV files
 TITLE = "Recorded latency vs tokens, d = 11008, fp16, block 128"

@@ -6,6 +6,7 @@ tests/engine/test_matrix.py; here the page's wiring, on the model whose outliers
 
 Frames of a live run are merged on this 2-core machine, so the assertions are on the final state of the page.
 """
+
 import csv
 import io
 import math
@@ -72,8 +73,7 @@ def test_a_matrix_row_fills_in_and_one_cell_shows_its_sqnr(app_url, page):
     shots.apply(page, shots.Action("fill", "Evaluation tokens", str(TOKENS)), timeout_ms=TIMEOUT_MS)
     page.get_by_role("button", name="Fill the matrix").click()
     # progress while the cells compute: a bar counting the four cells, and a Stop button
-    page.locator('[data-testid="stProgress"]').get_by_text(re.compile(r"^2 cells: ")).first.wait_for(
-        timeout=TIMEOUT_MS)
+    page.locator('[data-testid="stProgress"]').get_by_text(re.compile(r"^2 cells: ")).first.wait_for(timeout=TIMEOUT_MS)
     assert page.get_by_role("button", name="Stop").count() == 1
     shots.apply(page, shots.Action("wait", f"svg=Perplexity on {TOKENS} evaluation tokens"), timeout_ms=TIMEOUT_MS)
     _no_error(page)
@@ -94,8 +94,10 @@ def test_a_matrix_row_fills_in_and_one_cell_shows_its_sqnr(app_url, page):
     shots.wait_rerun(page, TIMEOUT_MS)  # a download button reruns the script, as any button does
     labels = {"none": "none", "block32": "block 32"}
     from_csv = {(r["format"], labels[r["rotation"]]): float(r["ppl"]) for r in rows}
-    assert from_csv.keys() == ppl.keys() and all(math.isclose(from_csv[k], ppl[k], rel_tol=1e-6) for k in ppl), \
-        (from_csv, ppl)
+    assert from_csv.keys() == ppl.keys() and all(math.isclose(from_csv[k], ppl[k], rel_tol=1e-6) for k in ppl), (
+        from_csv,
+        ppl,
+    )
     assert {r["tokens"] for r in rows} == {str(TOKENS)}, "the typed token budget must reach every cell"
 
     # why: the SQNR per layer of one cell
@@ -104,8 +106,9 @@ def test_a_matrix_row_fills_in_and_one_cell_shows_its_sqnr(app_url, page):
     # any SQNR chart, then its title: a chart of another cell fails here at once, not after the wait
     shots.apply(page, shots.Action("wait", "svg=Activation SQNR per layer"), timeout_ms=SQNR_TIMEOUT_MS)
     _no_error(page)
-    assert page.locator("svg text", has_text="Activation SQNR per layer: 4, block 32").count() == 1, \
-        shots.describe(page)
+    assert page.locator("svg text", has_text="Activation SQNR per layer: 4, block 32").count() == 1, shots.describe(
+        page
+    )
     traces = _plot(page, "Activation SQNR per layer")
     assert [t["name"] for t in traces] == ["down_proj input (after R4)", "attention input (residual stream after R1)"]
     for t in traces:

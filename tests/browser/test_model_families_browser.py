@@ -7,6 +7,7 @@ and draws the kurtosis chart (and, for the mixture, the tokens-per-expert heat m
 Rotate applies R1-R4 random Hadamard and the badge must say the rotated model computes the same function.
 Screenshots go to test-artifacts/<page>_<model>.png.
 """
+
 import pytest
 
 from tools import screenshot as shots
@@ -32,8 +33,7 @@ def _choose_model(page, app_url, page_name: str, model_dir) -> None:
 
 def _chart(page, title_start: str):
     """The plotly chart whose SVG title starts with title_start."""
-    return page.locator('[data-testid="stPlotlyChart"]').filter(
-        has=page.locator("text.gtitle", has_text=title_start))
+    return page.locator('[data-testid="stPlotlyChart"]').filter(has=page.locator("text.gtitle", has_text=title_start))
 
 
 def _no_errors(page) -> None:
@@ -47,8 +47,12 @@ def test_explore_on_a_tiny_model_family(app_url, page, family_model_dirs, name):
     _choose_model(page, app_url, "explore", family_model_dirs[name])
     page.get_by_role("heading", name="Explore activation outliers").wait_for(timeout=TIMEOUT_MS)
 
-    for action in (f"fill:Token budget={TOKENS}", f"fill:Window length={WINDOW}", "click:Capture",
-                   "wait:svg=Kurtosis per layer"):
+    for action in (
+        f"fill:Token budget={TOKENS}",
+        f"fill:Window length={WINDOW}",
+        "click:Capture",
+        "wait:svg=Kurtosis per layer",
+    ):
         shots.apply(page, shots.parse_action(action), timeout_ms=TIMEOUT_MS)
 
     success = page.locator('[data-testid="stAlertContentSuccess"]').inner_text()
@@ -74,8 +78,11 @@ def test_explore_on_a_tiny_model_family(app_url, page, family_model_dirs, name):
         titles = page.locator("svg text.gtitle").all_text_contents()
         assert any(t.startswith("Per-channel max |x|, layer 1, down_in[expert1]") for t in titles), titles
         # An expert's surface rows are the tokens routed to it, not window positions: the title says so.
-        assert any(t.startswith("|x| over tokens and channels, layer 1, down_in[expert1] (the first")
-                   and t.endswith("tokens of window 0 routed to it)") for t in titles), titles
+        assert any(
+            t.startswith("|x| over tokens and channels, layer 1, down_in[expert1] (the first")
+            and t.endswith("tokens of window 0 routed to it)")
+            for t in titles
+        ), titles
     else:
         assert heat.count() == 0, "a dense model has no expert view"
         assert page.get_by_role("heading", name="Experts").count() == 0
@@ -89,15 +96,18 @@ def test_explore_on_a_model_outside_the_architecture_table(app_url, page, family
     linear's input by its module path, and the close-up follows the chosen one."""
     _choose_model(page, app_url, "explore", family_model_dirs["gpt_neox"])
     page.get_by_role("heading", name="Explore activation outliers").wait_for(timeout=TIMEOUT_MS)
-    for action in (f"fill:Token budget={TOKENS}", f"fill:Window length={WINDOW}", "click:Capture",
-                   "wait:svg=Kurtosis per layer"):
+    for action in (
+        f"fill:Token budget={TOKENS}",
+        f"fill:Window length={WINDOW}",
+        "click:Capture",
+        "wait:svg=Kurtosis per layer",
+    ):
         shots.apply(page, shots.parse_action(action), timeout_ms=TIMEOUT_MS)
     points = _chart(page, "Kurtosis per layer").locator("g.scatterlayer g.trace").first.locator("path.point")
     assert points.count() == N_LAYERS, "one marker per decoder layer"
     for site in ("linear_in[attention.query_key_value]", "linear_in[mlp.dense_4h_to_h]"):  # offered by module path
         shots.apply(page, shots.parse_action(f"select:Site for this layer={site}"), timeout_ms=TIMEOUT_MS)
-        page.locator("text.gtitle", has_text=f"Per-channel max |x|, layer 1, {site}").first.wait_for(
-            timeout=TIMEOUT_MS)
+        page.locator("text.gtitle", has_text=f"Per-channel max |x|, layer 1, {site}").first.wait_for(timeout=TIMEOUT_MS)
     _no_errors(page)
     shots.full_page_screenshot(page, ARTIFACTS / "explore_gpt_neox.png", TIMEOUT_MS)
 
@@ -107,9 +117,16 @@ def test_rotate_on_a_tiny_model_family(app_url, page, family_model_dirs, name):
     _choose_model(page, app_url, "rotate", family_model_dirs[name])
     page.get_by_role("heading", name="Rotate: R1-R4 before and after").wait_for(timeout=TIMEOUT_MS)
 
-    for action in ("select:R1=random Hadamard", "select:R2=random Hadamard", "select:R3=random Hadamard",
-                   "select:R4=random Hadamard", f"fill:Token budget={TOKENS}", f"fill:Window length={WINDOW}",
-                   "click:Rotate and compare", "wait:svg=resid_attn, after rotation"):
+    for action in (
+        "select:R1=random Hadamard",
+        "select:R2=random Hadamard",
+        "select:R3=random Hadamard",
+        "select:R4=random Hadamard",
+        f"fill:Token budget={TOKENS}",
+        f"fill:Window length={WINDOW}",
+        "click:Rotate and compare",
+        "wait:svg=resid_attn, after rotation",
+    ):
         shots.apply(page, shots.parse_action(action), timeout_ms=TIMEOUT_MS)
 
     badge = page.locator('[data-testid="stAlertContentSuccess"]')
@@ -137,8 +154,12 @@ def test_rotate_on_a_tiny_model_family(app_url, page, family_model_dirs, name):
         assert [o for o in options if o.startswith("down_in")] == [f"down_in[expert{e}]" for e in range(N_EXPERTS)]
         shots.apply(page, shots.parse_action("select:Site=down_in[expert1]"), timeout_ms=TIMEOUT_MS)
         titles = page.locator("svg text.gtitle").all_text_contents()
-        for title in ("down_in[expert1], before rotation", "down_in[expert1], after rotation",
-                      "Activation quantization SQNR per layer: down_in[expert1]", "Per-channel max |x|, after"):
+        for title in (
+            "down_in[expert1], before rotation",
+            "down_in[expert1], after rotation",
+            "Activation quantization SQNR per layer: down_in[expert1]",
+            "Per-channel max |x|, after",
+        ):
             assert title in titles, titles
     _no_errors(page)
     shots.full_page_screenshot(page, ARTIFACTS / f"rotate_{name}.png", TIMEOUT_MS)

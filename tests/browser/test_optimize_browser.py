@@ -1,5 +1,6 @@
 """Optimize in a real browser: start a SpinQuant run on a tiny local model, stop it mid-way, and see the page say
 where it stopped and offer the checkpoint (the model is chosen in the sidebar, as a user would)."""
+
 import re
 
 import pytest
@@ -15,8 +16,12 @@ TIMEOUT_MS = 90_000
 def test_optimize_start_then_stop_keeps_a_checkpoint(app_url, page, tiny_model_dir):
     shots.open_page(page, app_url, "optimize", TIMEOUT_MS)
     shots.apply(page, shots.Action("fill", "Model", str(tiny_model_dir)), timeout_ms=TIMEOUT_MS)
-    for label, value in (("Steps", "400"), ("Calibration windows", "4"), ("Window length", "32"),
-                         ("Probe every N steps", "0")):
+    for label, value in (
+        ("Steps", "400"),
+        ("Calibration windows", "4"),
+        ("Window length", "32"),
+        ("Probe every N steps", "0"),
+    ):
         shots.apply(page, shots.Action("fill", label, value), timeout_ms=TIMEOUT_MS)
     page.get_by_role("button", name="Start (or resume)").click()  # no wait: the run must still be going
     stop = page.get_by_role("button", name="Stop")

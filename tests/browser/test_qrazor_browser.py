@@ -1,6 +1,7 @@
 """QRazor in a real browser: open the page at its defaults and check the bit view of one group (the OR, the
 razoring point, the flag and the binary table) against itself, and that the error and group-size charts are drawn.
 """
+
 import re
 
 import pytest
@@ -15,13 +16,17 @@ TIMEOUT_MS = 90_000  # model load (cached conversion) + 256 tokens through layer
 GROUP_SIZE = 16  # the page's default g
 BASE_BITS = 16  # activations are razored from 16-bit integers (the default tensor is an activation)
 KEPT_BITS = 3  # magnitude bits kept beside the sign (a 4-bit code)
-CHART_TITLES = ("|quantization error| of every value", "Effective bits per value vs SDR group size",
-                "Quantization SQNR vs SDR group size")
+CHART_TITLES = (
+    "|quantization error| of every value",
+    "Effective bits per value vs SDR group size",
+    "Quantization SQNR vs SDR group size",
+)
 
 
 def _metric(page, label_start: str) -> str:
     metric = page.locator('[data-testid="stMetric"]').filter(
-        has=page.locator('[data-testid="stMetricLabel"]', has_text=label_start))
+        has=page.locator('[data-testid="stMetricLabel"]', has_text=label_start)
+    )
     return metric.locator('[data-testid="stMetricValue"]').inner_text().strip()
 
 
@@ -66,7 +71,8 @@ def test_qrazor_shows_one_group_bit_by_bit_and_the_charts(app_url, page):
     for title in CHART_TITLES:
         assert any(t.startswith(title) for t in titles), titles
     error_chart = page.locator('[data-testid="stPlotlyChart"]').filter(
-        has=page.locator("text.gtitle", has_text=CHART_TITLES[0]))
+        has=page.locator("text.gtitle", has_text=CHART_TITLES[0])
+    )
     legend = error_chart.locator("text.legendtext").all_text_contents()
     assert [t.split(" (")[0] for t in legend] == ["SDR", "RTN-4", "Hadamard + RTN-4"], legend
 

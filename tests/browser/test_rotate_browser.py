@@ -3,6 +3,7 @@ what the user ends up looking at: the equivalence badge and the before/after kur
 
 Frames of a live run are merged on this 2-core machine, so the assertions are on the final state of the page.
 """
+
 import pytest
 
 from tools import screenshot as shots
@@ -15,15 +16,21 @@ TIMEOUT_MS = 90_000  # model load (cached conversion) + rotation + equivalence c
 N_LAYERS = 30  # the default model, SmolLM2-135M-Instruct
 
 # Only R1 on: a random orthogonal residual rotation, fused into the weights (no online rotation to pay for).
-ACTIONS = ("select:R1=random orthogonal", "select:R2=identity", "select:R3=identity", "select:R4=identity",
-           "fill:Token budget=256", "fill:Window length=128", "click:Rotate and compare",
-           "wait:svg=resid_attn, after rotation")
+ACTIONS = (
+    "select:R1=random orthogonal",
+    "select:R2=identity",
+    "select:R3=identity",
+    "select:R4=identity",
+    "fill:Token budget=256",
+    "fill:Window length=128",
+    "click:Rotate and compare",
+    "wait:svg=resid_attn, after rotation",
+)
 
 
 def _chart(page, title: str):
     """The plotly chart whose SVG title is exactly title."""
-    return page.locator('[data-testid="stPlotlyChart"]').filter(
-        has=page.locator("text.gtitle", has_text=title))
+    return page.locator('[data-testid="stPlotlyChart"]').filter(has=page.locator("text.gtitle", has_text=title))
 
 
 def test_rotate_r1_orthogonal_keeps_function_and_draws_both_charts(app_url, page):
@@ -62,8 +69,13 @@ def test_rotate_a_model_dispatched_over_cpu_and_disk(app_url, page):
     """The sidebar's budgets spread the model over CPU memory and disk; Home shows the plan, and Rotate still
     proves the rotated (in place, then reloaded) model computes the same function."""
     shots.open_page(page, app_url, "home", TIMEOUT_MS)
-    for action in ("click:Beyond one device", "fill:Memory budgets=cpu=200MiB", "click:Allow disk offload",
-                   "wait:Memory plan", "wait:svg=Weights per device"):
+    for action in (
+        "click:Beyond one device",
+        "fill:Memory budgets=cpu=200MiB",
+        "click:Allow disk offload",
+        "wait:Memory plan",
+        "wait:svg=Weights per device",
+    ):
         shots.apply(page, shots.parse_action(action), timeout_ms=TIMEOUT_MS)
     assert page.get_by_text("dispatched:", exact=False).count() >= 1, "Home must say the model was dispatched"
     shots.full_page_screenshot(page, ARTIFACTS / "home_dispatched.png", TIMEOUT_MS)

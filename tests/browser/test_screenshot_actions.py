@@ -2,6 +2,7 @@
 a pick takes the option the typed text leaves, a pick that no option matches fails instead of keeping the old
 value, and a wait that times out says what the page showed instead.
 """
+
 import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 

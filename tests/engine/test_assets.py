@@ -1,5 +1,6 @@
 """Files inside installed packages are found through the package's metadata, and a missing package or file is
 refused with the caller's own error type and a sentence saying what to run."""
+
 import importlib.util
 from pathlib import Path
 

@@ -1,5 +1,6 @@
 """Every file a user can give, when it is the wrong file, is refused in one sentence saying what was expected and
 what was found; never a library's internal advice (torch's suggests the unsafe weights_only=False)."""
+
 import pickle
 
 import pytest
@@ -17,13 +18,16 @@ class Opaque:  # an object torch refuses to unpickle with weights_only=True
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, about the plain pickle written here
-@pytest.mark.parametrize("content, found", [
-    (b"not a torch file", "a file of 16 bytes that torch cannot read"),
-    ("pickle", "a file of"),
-    ("objects", "a torch file holding objects other than tensors"),
-    ("list", "found list"),
-    ("strings", "found a dict with non-tensor values"),
-])
+@pytest.mark.parametrize(
+    "content, found",
+    [
+        (b"not a torch file", "a file of 16 bytes that torch cannot read"),
+        ("pickle", "a file of"),
+        ("objects", "a torch file holding objects other than tensors"),
+        ("list", "found list"),
+        ("strings", "found a dict with non-tensor values"),
+    ],
+)
 def test_a_file_that_is_not_a_rotation_file(tmp_path, content, found):
     path = tmp_path / "R.bin"
     if content == "pickle":
@@ -51,24 +55,30 @@ def test_a_missing_rotation_file(tmp_path):
 def test_a_gguf_that_is_not_one(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"PK\x03\x04 a zip file")
-    with pytest.raises(ModelLoadError, match="model.gguf is not a GGUF file: expected it to start with b'GGUF', "
-                                             "found b'PK\\\\x03\\\\x04'"):
+    with pytest.raises(
+        ModelLoadError,
+        match="model.gguf is not a GGUF file: expected it to start with b'GGUF', found b'PK\\\\x03\\\\x04'",
+    ):
         load_model(str(path))
 
 
 def test_a_truncated_gguf(tmp_path):
     path = tmp_path / "cut.gguf"
     path.write_bytes(default_gguf_path().read_bytes()[:200])
-    with pytest.raises(ModelLoadError, match="cut.gguf is a damaged GGUF file: its header is readable only in part "
-                                             "\\(200 bytes\\)"):
+    with pytest.raises(
+        ModelLoadError, match="cut.gguf is a damaged GGUF file: its header is readable only in part \\(200 bytes\\)"
+    ):
         load_model(str(path))
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: p.write_bytes(b""), "is empty"),
-    (lambda p: p.write_bytes(b"\x00\x01binary"), "looks binary (it contains NUL bytes); give a UTF-8 text file"),
-    (lambda p: p.write_bytes("caf\u00e9".encode("latin-1") * 10), "is not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.write_bytes(b""), "is empty"),
+        (lambda p: p.write_bytes(b"\x00\x01binary"), "looks binary (it contains NUL bytes); give a UTF-8 text file"),
+        (lambda p: p.write_bytes("caf\u00e9".encode("latin-1") * 10), "is not UTF-8 text"),
+    ],
+)
 def test_a_corpus_that_is_not_text(tmp_path, make, message):
     path = tmp_path / "corpus.txt"
     make(path)

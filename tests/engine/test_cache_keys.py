@@ -1,6 +1,7 @@
 """Cache keys that cannot serve stale numbers: a rotation file enters every key by its content (not its path),
 capture keys carry the statistics' code version, and an edited evaluation entry (meta.json) is detected and
 recomputed rather than shown."""
+
 import json
 import shutil
 
@@ -32,8 +33,8 @@ def test_a_rotation_file_keys_by_content_not_path(tiny_model_dir, tmp_path):
     shutil.copy(a, b)
     key = lambda path: run_key(handle, get_recipe("rotated", rotation_file=str(path)), Bits(4, 4, 4), cfg)  # noqa: E731
     key_a = key(a)
-    assert key(b) == key_a                                   # same rotations under another name: same entry
-    write_rotation_file(a, handle.arch, seed=2)              # new rotations under the old name: a new entry
+    assert key(b) == key_a  # same rotations under another name: same entry
+    write_rotation_file(a, handle.arch, seed=2)  # new rotations under the old name: a new entry
     assert key(a) != key_a
     tag_a = RotationConfig(r1="file", r2="file", file=str(a)).tag()
     assert tag_a != RotationConfig(r1="file", r2="file", file=str(b)).tag()  # capture keys use the tag
@@ -60,7 +61,7 @@ def test_an_edited_evaluation_entry_is_recomputed_not_shown(tiny_model_dir):
     assert ppl() == (computed, True)
     meta = store.entry_dir("eval", run_key(handle, get_recipe("rtn"), Bits(4, 16, 16), cfg)) / "meta.json"
     record = json.loads(meta.read_text())
-    record["meta"]["ppl"] = 1.5                             # someone "improves" a cached figure
+    record["meta"]["ppl"] = 1.5  # someone "improves" a cached figure
     meta.write_text(json.dumps(record))
     again, cached = ppl()
-    assert not cached and again == computed                  # recomputed, never the edited 1.5
+    assert not cached and again == computed  # recomputed, never the edited 1.5

@@ -1,5 +1,6 @@
 """`--json FILE` on every CLI verb that produces results: the file parses and holds the figures the printed table
 shows (the same numbers, in full precision), on the tiny model directory."""
+
 import json
 import re
 
@@ -32,8 +33,20 @@ def test_capture_json(capsys, tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_rotate_json(capsys, tmp_path, tiny_model_dir):
-    printed, data = run(capsys, tmp_path, "rotate", "--model", str(tiny_model_dir), "--rotations", "R1,R2",
-                        "--tokens", "64", "--window", "32", "--check")
+    printed, data = run(
+        capsys,
+        tmp_path,
+        "rotate",
+        "--model",
+        str(tiny_model_dir),
+        "--rotations",
+        "R1,R2",
+        "--tokens",
+        "64",
+        "--window",
+        "32",
+        "--check",
+    )
     assert [r["rotation"] for r in data["check_each"]][:2] == ["R1=hadamard,seed=0", "R2=hadamard,seed=0"]
     assert len(data["check_each"]) == 3 and all(r["max_abs_logit_diff"] < 1e-4 for r in data["check_each"])
     assert f"max |logit diff| {data['check']['max_abs_logit_diff']:.2e}" in printed
@@ -42,8 +55,21 @@ def test_rotate_json(capsys, tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_eval_json(capsys, tmp_path, tiny_model_dir):
-    printed, data = run(capsys, tmp_path, "eval", "--model", str(tiny_model_dir), "--recipe", "fp,rtn",
-                        "--bits", "4-16-16", "--tokens", "64", "--window", "32")
+    printed, data = run(
+        capsys,
+        tmp_path,
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--recipe",
+        "fp,rtn",
+        "--bits",
+        "4-16-16",
+        "--tokens",
+        "64",
+        "--window",
+        "32",
+    )
     assert [(r["recipe"], r["bits"]) for r in data["rows"]] == [("fp", "16-16-16"), ("rtn", "4-16-16")]
     for r in data["rows"]:
         assert f"{r['ppl']:.4g}" in printed  # the table prints 4 significant digits of the same number
@@ -52,8 +78,21 @@ def test_eval_json(capsys, tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_optimize_json(capsys, tmp_path, tiny_model_dir):
-    printed, data = run(capsys, tmp_path, "optimize", "--model", str(tiny_model_dir), "--steps", "2", "--windows",
-                        "2", "--window", "16", "--eval-every", "0")
+    printed, data = run(
+        capsys,
+        tmp_path,
+        "optimize",
+        "--model",
+        str(tiny_model_dir),
+        "--steps",
+        "2",
+        "--windows",
+        "2",
+        "--window",
+        "16",
+        "--eval-every",
+        "0",
+    )
     assert [h["step"] for h in data["history"]] == [1, 2] and data["finished"]
     for h in data["history"]:
         assert f"step {h['step']}/2  loss {h['loss']:.4f}" in printed

@@ -9,6 +9,7 @@
 A subprocess would add only the seconds of Python, torch and transformers starting; tests/engine/test_cli.py keeps
 one real `python -m engine` run on the default model.
 """
+
 import math
 import os
 from pathlib import Path
@@ -35,7 +36,7 @@ def table_after(lines: list[str], header_words: tuple) -> list[list[str]]:
     after it with as many fields as the header."""
     start = max(i for i, line in enumerate(lines) if all(w in line.split() for w in header_words))
     rows = []
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if len(line.split()) != len(lines[start].split()):
             break
         rows.append(line.split())
@@ -48,22 +49,40 @@ def cached_evals() -> list[dict]:
 
 @pytest.mark.slow
 def test_rotate_check_reports_equivalence_at_float_noise(capsys, tmp_cache, tiny_model_dir):
-    proc = run_engine(capsys, "rotate", "--model", tiny_model_dir, "--rotations", "R1,R2,R3,R4", "--kind",
-                      "hadamard", "--check", "--tokens", 64, "--window", 32)
+    proc = run_engine(
+        capsys,
+        "rotate",
+        "--model",
+        tiny_model_dir,
+        "--rotations",
+        "R1,R2,R3,R4",
+        "--kind",
+        "hadamard",
+        "--check",
+        "--tokens",
+        64,
+        "--window",
+        32,
+    )
     lines = proc.out.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("Equivalence on 256 evaluation tokens"))
     max_logit = float(lines[head].rsplit(" ", 1)[-1].rstrip(":"))
     assert max_logit > 0
     rows = table_after(lines, ("rotation", "max_abs_logit_diff", "kl_nats"))
-    assert [r[0].split(",seed")[0] for r in rows] == ["R1=hadamard", "R2=hadamard", "R3=hadamard", "R4=hadamard",
-                                                     "R1=hadamard,R2=hadamard,R3=hadamard,R4=hadamard"]
+    assert [r[0].split(",seed")[0] for r in rows] == [
+        "R1=hadamard",
+        "R2=hadamard",
+        "R3=hadamard",
+        "R4=hadamard",
+        "R1=hadamard,R2=hadamard,R3=hadamard,R4=hadamard",
+    ]
     for name, diff, kl in rows:
         assert 0 <= float(diff) < 1e-5 * max(1.0, max_logit), name  # observed ~1e-7 in float32
         assert abs(float(kl)) < 1e-9, name
     summary = next(line for line in lines if line.startswith("Rotation R1=hadamard,R2=hadamard,R3=hadamard"))
     assert float(summary.split("max |logit diff| ")[1].split(",")[0]) < 1e-5
     kurt = next(i for i, line in enumerate(lines) if "tok_kurt_before" in line.split())
-    assert [r.split()[0] for r in lines[kurt + 1:] if r.split()[0].isdigit()] == ["0", "1"]  # one row per layer
+    assert [r.split()[0] for r in lines[kurt + 1 :] if r.split()[0].isdigit()] == ["0", "1"]  # one row per layer
     # the before/after captures and the equivalence figures, cached here (a rerun is answered from them)
     assert sorted(p.name for p in tmp_cache.iterdir()) == ["capture", "models", "rotate"]
 
@@ -87,7 +106,7 @@ def test_prepare_readies_the_default_model_and_writes_nothing_else(capsys, tmp_c
     proc = run_engine(capsys, "prepare")
     after = snapshot(real)
     line = next(line for line in proc.out.splitlines() if line.startswith("default model ready at "))
-    path = Path(line[len("default model ready at "):].split(";")[0])
+    path = Path(line[len("default model ready at ") :].split(";")[0])
     assert path.parent == tmp_cache / "models" and path.name.startswith("smollm2-135m-instruct-")
     assert (path / "config.json").is_file() and list(path.glob("*.safetensors"))
     assert "calibration" in line and "evaluation articles" in line
@@ -101,8 +120,24 @@ def test_prepare_readies_the_default_model_and_writes_nothing_else(capsys, tmp_c
 
 @pytest.mark.slow
 def test_eval_rtn_with_gptq_weights_reports_a_perplexity(capsys, tiny_model_dir):
-    proc = run_engine(capsys, "eval", "--model", tiny_model_dir, "--recipe", "rtn", "--bits", "4-16-16",
-                      "--weights", "gptq", "--tokens", 64, "--window", 32, "--calib-tokens", 64)
+    proc = run_engine(
+        capsys,
+        "eval",
+        "--model",
+        tiny_model_dir,
+        "--recipe",
+        "rtn",
+        "--bits",
+        "4-16-16",
+        "--weights",
+        "gptq",
+        "--tokens",
+        64,
+        "--window",
+        32,
+        "--calib-tokens",
+        64,
+    )
     rows = table_after(proc.out.splitlines(), ("recipe", "weights", "bits", "clip", "ppl"))
     assert len(rows) == 1
     recipe, weights, bits, clip, ppl = rows[0][:5]
@@ -136,8 +171,22 @@ def test_eval_rotated_from_a_file_differs_from_rtn(capsys, tiny_model_dir, tmp_p
     cfg = AutoConfig.from_pretrained(tiny_model_dir)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     rot = spinquant_file(tmp_path / "R.bin", cfg.hidden_size, head_dim, cfg.num_hidden_layers)
-    proc = run_engine(capsys, "eval", "--model", tiny_model_dir, "--recipe", "rtn,rotated", "--rotation-file", rot,
-                      "--bits", "4-4-4", "--tokens", 64, "--window", 32)
+    proc = run_engine(
+        capsys,
+        "eval",
+        "--model",
+        tiny_model_dir,
+        "--recipe",
+        "rtn,rotated",
+        "--rotation-file",
+        rot,
+        "--bits",
+        "4-4-4",
+        "--tokens",
+        64,
+        "--window",
+        32,
+    )
     rows = table_after(proc.out.splitlines(), ("recipe", "weights", "bits", "ppl"))
     assert [r[:3] for r in rows] == [["rtn", "rtn", "4-4-4"], ["rotated", "rtn", "4-4-4"]]
     ppl = {r["recipe"]: r["ppl"] for r in cached_evals()}
@@ -149,6 +198,12 @@ def test_eval_rotated_from_a_file_differs_from_rtn(capsys, tiny_model_dir, tmp_p
     from engine.quant.recipes import get_recipe
 
     eye = spinquant_file(tmp_path / "I.bin", cfg.hidden_size, head_dim, cfg.num_hidden_layers, identity=True)
-    done = list(eval_job(load_model(str(tiny_model_dir)), get_recipe("rotated", rotation_file=str(eye)), "4-4-4",
-                         EvalConfig(tokens=64, window=32)))[-1]
+    done = list(
+        eval_job(
+            load_model(str(tiny_model_dir)),
+            get_recipe("rotated", rotation_file=str(eye)),
+            "4-4-4",
+            EvalConfig(tokens=64, window=32),
+        )
+    )[-1]
     assert math.isfinite(done.result["ppl"]) and done.result["ppl"] != pytest.approx(ppl["rotated"], rel=1e-7)

@@ -1,6 +1,7 @@
 """Perplexity and the cached evaluation job: perplexity equals exp(mean NLL) computed independently; on the default
 model fp and 16-16-16 agree, a fixed seed reproduces a randomly rotated run, and the same run again is a cache hit
 (in a private cache: see tmp_cache)."""
+
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -35,14 +36,17 @@ def test_perplexity_is_exp_of_mean_next_token_nll():
     assert events[-1].result == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"tokens": 0}, "token budget must be positive"),
-    ({"tokens": 1}, "at least 2 tokens"),  # one token predicts nothing: perplexity would divide by zero
-    ({"window": 1}, "at least 2 tokens"),
-    ({"calib_tokens": 0}, "calibration tokens and window must be positive"),
-    ({"limit": 0}, "document limit must be positive"),
-    ({"tasks": ("piqa", "nosuch")}, "unknown zero-shot task(s) 'nosuch'"),  # before any perplexity is computed
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"tokens": 0}, "token budget must be positive"),
+        ({"tokens": 1}, "at least 2 tokens"),  # one token predicts nothing: perplexity would divide by zero
+        ({"window": 1}, "at least 2 tokens"),
+        ({"calib_tokens": 0}, "calibration tokens and window must be positive"),
+        ({"limit": 0}, "document limit must be positive"),
+        ({"tasks": ("piqa", "nosuch")}, "unknown zero-shot task(s) 'nosuch'"),  # before any perplexity is computed
+    ],
+)
 def test_eval_config_rejects_bad_input(kwargs, message):
     with pytest.raises(ValueError) as e:
         EvalConfig(**kwargs)
@@ -55,8 +59,12 @@ CFG = EvalConfig(tokens=512, window=512)
 # Seeded random Hadamard R2 and R3 (QuaRot's online ones) are enough to make a run depend on the seed; leaving out
 # R1/R4 (dense float64 fusion over 30 layers) and clipping (the calibration and its end-to-end check) keeps the test
 # quick.
-QUAROT = replace(get_recipe("quarot"), name="quarot_r2_r3", rotation=RotationConfig(r2="hadamard", r3="hadamard"),
-                 clip=ClipPolicy("none"))
+QUAROT = replace(
+    get_recipe("quarot"),
+    name="quarot_r2_r3",
+    rotation=RotationConfig(r2="hadamard", r3="hadamard"),
+    clip=ClipPolicy("none"),
+)
 
 
 def run(handle, recipe, bits, cfg=CFG, use_cache=True) -> Done:
@@ -104,12 +112,19 @@ def test_fixed_seed_reproduces_and_second_run_is_a_cache_hit(default_handle, tmp
 
 # ---- the comparison table: the one loop behind the Evaluate and Optimize pages and `python -m engine eval` ---------
 
+
 def test_table_row_adds_the_weight_search_cached_and_one_column_per_task_metric():
     tasks = {"piqa": {"acc": 0.5, "acc_norm": 0.625}, "arc_easy": {"acc": 0.25}}
     result = {"recipe": "rtn", "ppl": 12.5, "tasks": tasks}
     row = table_row(result, get_recipe("rtn"), cached=True)
-    assert row == {**result, "w_search": False, "cached": True, "piqa acc": 0.5,  # calibrated RTN: no |err|^2.4
-                   "piqa acc_norm": 0.625, "arc_easy acc": 0.25}
+    assert row == {
+        **result,
+        "w_search": False,
+        "cached": True,
+        "piqa acc": 0.5,  # calibrated RTN: no |err|^2.4
+        "piqa acc_norm": 0.625,
+        "arc_easy acc": 0.25,
+    }
     assert table_row(result, get_recipe("rtn", clip="fixed"))["w_search"] is True
     assert table_row({**result, "tasks": {}}, get_recipe("fp"))["w_search"] is False  # fp quantizes nothing
 
@@ -117,8 +132,12 @@ def test_table_row_adds_the_weight_search_cached_and_one_column_per_task_metric(
 def test_beside_baselines_gives_every_quantized_row_the_same_weight_quantizer():
     learned = get_recipe("rotated", rotation_file="R.bin")
     runs = beside_baselines(learned, "4-4-4", "gptq", weight_range_search=False)
-    assert [(r.name, str(b)) for r, b in runs] == [("fp", "16-16-16"), ("rtn", "4-4-4"), ("quarot", "4-4-4"),
-                                                   ("rotated", "4-4-4")]
+    assert [(r.name, str(b)) for r, b in runs] == [
+        ("fp", "16-16-16"),
+        ("rtn", "4-4-4"),
+        ("quarot", "4-4-4"),
+        ("rotated", "4-4-4"),
+    ]
     assert all(r.weights == "gptq" and r.clip == ClipPolicy("fixed", weight_range_search=False) for r, _ in runs[1:])
     assert runs[3][0].rotation == learned.rotation
 
@@ -134,12 +153,15 @@ def test_eval_table_job_streams_rows_and_reuses_each_run(tiny_model_dir):
     assert isinstance(done, Done) and all(isinstance(e, Progress) for e in events[:-1])
     rows = done.result
     assert [(r["recipe"], r["bits"], r["bits_requested"], r["clip"], r["cached"]) for r in rows] == [
-        ("fp", "16-16-16", "4-4-4", "-", False), ("rtn", "4-4-4", "4-4-4", "calibrated", False)]
+        ("fp", "16-16-16", "4-4-4", "-", False),
+        ("rtn", "4-4-4", "4-4-4", "calibrated", False),
+    ]
     partials = [e.partial for e in events if e is not done and e.partial is not None]
     assert partials == [rows[:1], rows]  # the live table: one more row after each run
     inner = [e.message for e in events if e is not done and e.partial is None]
-    assert inner and all(m.startswith(("run 1/2 fp (unquantized): ", "run 2/2 rtn 4-4-4 (rtn weights): "))
-                         for m in inner)
+    assert inner and all(
+        m.startswith(("run 1/2 fp (unquantized): ", "run 2/2 rtn 4-4-4 (rtn weights): ")) for m in inner
+    )
     # each row is eval_job's own result: asked again, every run is a cache hit with exactly the same numbers
     again = list(eval_table_job(handle, runs, cfg))[-1]
     assert again.cached and [r["cached"] for r in again.result] == [True, True]
@@ -166,10 +188,11 @@ def test_a_comparison_draws_one_bar_that_never_goes_back_with_phases_named_and_t
 
     handle = load_model(str(tiny_model_dir))
     cfg = EvalConfig(tokens=64, window=32)
-    events = [e for e in eval_table_job(handle, [("quarot", "4-4-4"), ("rtn", "4-16-16")], cfg)
-              if isinstance(e, Progress)]
+    events = [
+        e for e in eval_table_job(handle, [("quarot", "4-4-4"), ("rtn", "4-16-16")], cfg) if isinstance(e, Progress)
+    ]
     overall = [e.overall for e in events]
-    assert all(a <= b for a, b in zip(overall, overall[1:])) and overall[-1] == 1.0  # never restarts
+    assert all(a <= b for a, b in zip(overall, overall[1:], strict=False)) and overall[-1] == 1.0  # never restarts
     stages = {e.stage for e in events}
     assert {"rotate", "weights", "perplexity", "runs"} <= stages  # every phase reports
     assert all(f": {e.stage}: " in e.message for e in events if e.stage != "runs")

@@ -3,6 +3,7 @@ compressed-tensors in a process that imports no SpinScope module, computes the e
 logits to float rounding, same perplexity); what cannot be expressed is refused; a failed write leaves nothing; the
 directory loads back into SpinScope as the floating-point model of its weights. Fast tests on a tiny random Llama,
 one slow test on the default model."""
+
 import errno
 import json
 import math
@@ -24,6 +25,7 @@ from tests.helpers import save_tiny_llama
 
 CFG = EvalConfig(calib_tokens=512, calib_window=128)
 
+
 def reference(handle, recipe, bits, ids, wins, cfg=CFG, out: Path | None = None, weights: dict | None = None):
     """The engine's own fake-quantized model of the row: logits on `ids`, perplexity on `wins` (engine.evaluate);
     with `out`, that same built model is also exported there (one build instead of two); `weights` (a dict)
@@ -37,8 +39,9 @@ def reference(handle, recipe, bits, ids, wins, cfg=CFG, out: Path | None = None,
         if out is not None:
             write_checkpoint(handle, model, recipe, bits, out, seed=cfg.seed)
         if weights is not None:  # the built (fake-quantized) linear weights
-            weights.update({n: p.detach().float().clone() for n, p in model.named_parameters()
-                            if n.endswith("_proj.weight")})
+            weights.update(
+                {n: p.detach().float().clone() for n, p in model.named_parameters() if n.endswith("_proj.weight")}
+            )
         return logits, ppl
 
 
@@ -61,14 +64,17 @@ def tokens():
 
 def spinquant_file(path: Path, arch, seed: int = 0) -> str:
     """A rotation file in SpinQuant's layout: R1 and one R2 per layer (random orthogonal, as if learned)."""
-    rs = RotationSet(random_orthogonal(arch.hidden, seed=seed).float(),
-                     [random_orthogonal(arch.head_dim, seed=seed + 1 + i).float() for i in range(arch.n_layers)])
+    rs = RotationSet(
+        random_orthogonal(arch.hidden, seed=seed).float(),
+        [random_orthogonal(arch.head_dim, seed=seed + 1 + i).float() for i in range(arch.n_layers)],
+    )
     return str(save_rotations(rs, path))
 
 
 def text_corpus(path: Path) -> str:
-    path.write_text("\n\n".join(f"Paragraph {i}. " + "The quick brown fox jumps over the lazy dog. " * 20
-                                for i in range(40)))
+    path.write_text(
+        "\n\n".join(f"Paragraph {i}. " + "The quick brown fox jumps over the lazy dog. " * 20 for i in range(40))
+    )
     return str(path)
 
 
@@ -95,8 +101,12 @@ def test_w4a4kv4_quarot_runs_its_online_rotations_through_compressed_tensors(tin
     q = json.loads((tmp_path / "w4a4kv4" / "config.json").read_text())["quantization_config"]
     acts, kv = q["config_groups"]["group_0"]["input_activations"], q["kv_cache_scheme"]
     assert (acts["strategy"], acts["symmetric"], acts["dynamic"]) == ("token", False, True)
-    assert (kv["strategy"], kv["group_size"], kv["symmetric"], kv["dynamic"]) == ("group", tiny.arch.head_dim,
-                                                                                    False, True)
+    assert (kv["strategy"], kv["group_size"], kv["symmetric"], kv["dynamic"]) == (
+        "group",
+        tiny.arch.head_dim,
+        False,
+        True,
+    )
     logits, ppl = reference(tiny, recipe, bits, ids, wins)
     got = load_elsewhere(tmp_path / "w4a4kv4", ids, wins, tmp_path, "loader")
     diff = (got["logits"] - logits).abs().max()
@@ -116,8 +126,12 @@ def test_a_spinquant_rotation_file_with_gptq_weights_and_grouped_scales(tiny, to
     q = json.loads((tmp_path / "file" / "config.json").read_text())["quantization_config"]
     w, t = q["config_groups"]["group_0"]["weights"], q["transform_config"]["config_groups"]
     assert (w["strategy"], w["group_size"]) == ("group", 8)
-    assert {k: v["type"] for k, v in t.items()} == {"R1": "random-matrix", "R2": "random-matrix",
-                                                     "R3": "random-hadamard", "R4": "random-hadamard"}
+    assert {k: v["type"] for k, v in t.items()} == {
+        "R1": "random-matrix",
+        "R2": "random-matrix",
+        "R3": "random-hadamard",
+        "R4": "random-hadamard",
+    }
     logits, ppl = reference(tiny, recipe, bits, ids, wins, cfg)
     got = load_elsewhere(tmp_path / "file", ids, wins, tmp_path, "loader")
     assert (got["logits"] - logits).abs().max() < 1e-4
@@ -128,10 +142,12 @@ def test_learned_online_rotations_per_layer_are_stored_per_layer(tiny, tokens, t
     """An FLRot-style file (R3 and R4 learned, different in every layer): one random-matrix scheme per layer, each
     targeting its own module by name."""
     a, ids, wins = tiny.arch, *tokens
-    rs = RotationSet(random_orthogonal(a.hidden, seed=0).float(),
-                     [random_orthogonal(a.head_dim, seed=1 + i).float() for i in range(a.n_layers)],
-                     [random_orthogonal(a.head_dim, seed=10 + i).float() for i in range(a.n_layers)],
-                     [random_orthogonal(a.intermediate, seed=20 + i).float() for i in range(a.n_layers)])
+    rs = RotationSet(
+        random_orthogonal(a.hidden, seed=0).float(),
+        [random_orthogonal(a.head_dim, seed=1 + i).float() for i in range(a.n_layers)],
+        [random_orthogonal(a.head_dim, seed=10 + i).float() for i in range(a.n_layers)],
+        [random_orthogonal(a.intermediate, seed=20 + i).float() for i in range(a.n_layers)],
+    )
     file = str(save_rotations(rs, tmp_path / "flrot.bin"))
     recipe = replace(get_recipe("rotated", rotation_file=file, clip="none"), rotation=rs.rotation_config(file))
     bits = Bits.parse("4-4-4")
@@ -151,15 +167,23 @@ def test_the_transform_config_has_llm_compressors_spinquant_layout(tiny, tmp_pat
     the same Sylvester rotations in a throwaway environment: same R1-R4 entries)."""
     export_row(tiny, get_recipe("quarot", clip="none"), Bits.parse("4-4-4"), tmp_path / "x", CFG)
     t = json.loads((tmp_path / "x" / "config.json").read_text())["quantization_config"]["transform_config"]
-    layout = {k: sorted((a["location"], a["inverse"], tuple(sorted(a["targets"]))) for a in v["apply"])
-              for k, v in t["config_groups"].items()}
+    layout = {
+        k: sorted((a["location"], a["inverse"], tuple(sorted(a["targets"]))) for a in v["apply"])
+        for k, v in t["config_groups"].items()
+    }
     assert layout == {
-        "R1": [("weight_input", True, ("lm_head", "re:.*gate_proj$", "re:.*k_proj$", "re:.*q_proj$", "re:.*up_proj$",
-                                       "re:.*v_proj$")),
-               ("weight_output", False, ("re:.*down_proj$", "re:.*embed_tokens$", "re:.*o_proj$"))],
+        "R1": [
+            (
+                "weight_input",
+                True,
+                ("lm_head", "re:.*gate_proj$", "re:.*k_proj$", "re:.*q_proj$", "re:.*up_proj$", "re:.*v_proj$"),
+            ),
+            ("weight_output", False, ("re:.*down_proj$", "re:.*embed_tokens$", "re:.*o_proj$")),
+        ],
         "R2": [("weight_input", True, ("re:.*o_proj$",)), ("weight_output", False, ("re:.*v_proj$",))],
         "R3": [("k_cache", False, ("re:.*self_attn$",)), ("q_attn", False, ("re:.*self_attn$",))],
-        "R4": [("input", False, ("re:.*down_proj$",)), ("weight_input", True, ("re:.*down_proj$",))]}
+        "R4": [("input", False, ("re:.*down_proj$",)), ("weight_input", True, ("re:.*down_proj$",))],
+    }
     assert t["config_groups"]["R3"]["head_dim"] == tiny.arch.head_dim
     assert {v["type"] for v in t["config_groups"].values()} == {"random-hadamard"}
 
@@ -210,28 +234,45 @@ def test_floating_point_formats_round_trip(wide, tokens, tmp_path, bits):
     codes, E4M3 scales and 1/g dequantize in float32 to the engine's to float rounding, but compressed-tensors
     0.20.1 decompresses NVFP4 to bfloat16, so the runtime holds them to bfloat16 rounding), the logits follow."""
     method, fmt, num_bits, strategy, group, scale_dtype = FLOAT_ROWS[bits]
-    recipe = get_recipe("quarot" if method == "quarot" else "rtn", weights="gptq" if method == "gptq" else None,
-                        clip="none")
+    recipe = get_recipe(
+        "quarot" if method == "quarot" else "rtn", weights="gptq" if method == "gptq" else None, clip="none"
+    )
     cfg = replace(CFG, corpus=text_corpus(tmp_path / "c.txt")) if method == "gptq" else CFG
     ids, wins = tokens
     engine_w: dict = {}
     logits, _ = reference(wide, recipe, Bits.parse(bits), ids, wins[:1], cfg, out=tmp_path / "x", weights=engine_w)
     q = json.loads((tmp_path / "x" / "config.json").read_text())["quantization_config"]
     w = q["config_groups"]["group_0"]["weights"]
-    assert q["format"] == fmt and (w["type"], w["num_bits"], w["strategy"], w["group_size"], w["symmetric"],
-                                   w.get("scale_dtype")) == ("float", num_bits, strategy, group, True, scale_dtype)
+    assert q["format"] == fmt and (
+        w["type"],
+        w["num_bits"],
+        w["strategy"],
+        w["group_size"],
+        w["symmetric"],
+        w.get("scale_dtype"),
+    ) == ("float", num_bits, strategy, group, True, scale_dtype)
     if bits == "fp8-fp8-fp8":
         a, kv = q["config_groups"]["group_0"]["input_activations"], q["kv_cache_scheme"]
-        assert (a["type"], a["num_bits"], a["strategy"], a["dynamic"], a["symmetric"]) == ("float", 8, "token", True,
-                                                                                            True)
+        assert (a["type"], a["num_bits"], a["strategy"], a["dynamic"], a["symmetric"]) == (
+            "float",
+            8,
+            "token",
+            True,
+            True,
+        )
         assert (kv["type"], kv["num_bits"], kv["strategy"], kv["group_size"], kv["dynamic"]) == (
-            "float", 8, "group", wide.arch.head_dim, True)
+            "float",
+            8,
+            "group",
+            wide.arch.head_dim,
+            True,
+        )
     got = load_elsewhere(tmp_path / "x", ids, wins[:0], tmp_path, "loader")  # raises if it imported SpinScope
     assert sorted(got["weights"]) == sorted(engine_w)
     for name, ref in engine_w.items():
         runtime = got["weights"][name].float()
         if fmt.startswith("nvfp4"):
-            assert ((runtime - ref).abs() <= 2.0 ** -8 * ref.abs()).all(), name  # bfloat16 rounding
+            assert ((runtime - ref).abs() <= 2.0**-8 * ref.abs()).all(), name  # bfloat16 rounding
         else:
             assert torch.equal(runtime, ref), name
     if fmt.startswith("nvfp4"):  # the checkpoint itself, dequantized in float32 by compressed-tensors' own functions
@@ -242,15 +283,19 @@ def test_floating_point_formats_round_trip(wide, tokens, tmp_path, bits):
 
         stored, args = load_file(tmp_path / "x" / "model.safetensors"), QuantizationArgs(**w)
         for name, ref in engine_w.items():
-            packed, base = stored[name[:-len("weight")] + "weight_packed"], name[:-len("weight")]
-            dq = dequantize(unpack_fp4_from_uint8(packed, packed.shape[0], packed.shape[1] * 2, torch.float32),
-                            stored[base + "weight_scale"].float(), args=args, dtype=torch.float32,
-                            global_scale=stored[base + "weight_global_scale"])
+            packed, base = stored[name[: -len("weight")] + "weight_packed"], name[: -len("weight")]
+            dq = dequantize(
+                unpack_fp4_from_uint8(packed, packed.shape[0], packed.shape[1] * 2, torch.float32),
+                stored[base + "weight_scale"].float(),
+                args=args,
+                dtype=torch.float32,
+                global_scale=stored[base + "weight_global_scale"],
+            )
             assert torch.allclose(dq, ref, rtol=1e-6, atol=0), name
     diff = float((got["logits"] - logits).abs().max())
     assert diff < (1e-2 if fmt.startswith("nvfp4") else 1e-5), diff  # measured: 2.6e-3 (NVFP4), 0 or 2.4e-7
     back = dict(load_model(str(tmp_path / "x")).model.named_parameters())  # import: the weights, dequantized
-    for name, ref in engine_w.items():
+    for name in engine_w:
         assert back[name].dtype == torch.float32, name
         if method == "quarot" and "down_proj" in name:  # R4 folded back in (the loads-back test checks that)
             continue
@@ -258,18 +303,25 @@ def test_floating_point_formats_round_trip(wide, tokens, tmp_path, bits):
 
 
 # ---- refusals and failures -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("recipe, bits, match", [
-    (get_recipe("qrazor"), "4-4-4", "QRazor cannot be exported"),
-    (get_recipe("quarot"), "4-4-4", "calibrated activation and KV clip ratios"),
-    (get_recipe("quarot", clip="fixed"), "4-8-16", "fixed clip ratios below 1.0 .activation 0.9"),
-    (get_recipe("rtn", clip="none"), "int4a-16-16", "weight format int4a is not exported"),
-    (get_recipe("rtn", clip="none"), "4-nvfp4-16", "activation format nvfp4 cannot .* calibrated input_global_scale"),
-    (get_recipe("rtn", clip="none"), "mxfp4-mxfp4-16", "activation format mxfp4 cannot .*round_to_power_2"),
-    (get_recipe("rtn", clip="none"), "4-16-mxfp8", "KV-cache format mxfp8 cannot .* floor.log2 max"),
-    (get_recipe("rtn", clip="none"), "nvfp4-nvfp4-fp8", "activation format nvfp4 cannot"),
-    (get_recipe("rtn", clip="none"), "12-16-16", "pack-quantized holds 1- to 8-bit"),
-    (get_recipe("fp"), "4-4-4", "nothing to export"),
-])
+@pytest.mark.parametrize(
+    "recipe, bits, match",
+    [
+        (get_recipe("qrazor"), "4-4-4", "QRazor cannot be exported"),
+        (get_recipe("quarot"), "4-4-4", "calibrated activation and KV clip ratios"),
+        (get_recipe("quarot", clip="fixed"), "4-8-16", "fixed clip ratios below 1.0 .activation 0.9"),
+        (get_recipe("rtn", clip="none"), "int4a-16-16", "weight format int4a is not exported"),
+        (
+            get_recipe("rtn", clip="none"),
+            "4-nvfp4-16",
+            "activation format nvfp4 cannot .* calibrated input_global_scale",
+        ),
+        (get_recipe("rtn", clip="none"), "mxfp4-mxfp4-16", "activation format mxfp4 cannot .*round_to_power_2"),
+        (get_recipe("rtn", clip="none"), "4-16-mxfp8", "KV-cache format mxfp8 cannot .* floor.log2 max"),
+        (get_recipe("rtn", clip="none"), "nvfp4-nvfp4-fp8", "activation format nvfp4 cannot"),
+        (get_recipe("rtn", clip="none"), "12-16-16", "pack-quantized holds 1- to 8-bit"),
+        (get_recipe("fp"), "4-4-4", "nothing to export"),
+    ],
+)
 def test_what_compressed_tensors_cannot_express_is_refused(recipe, bits, match):
     with pytest.raises(ExportError, match=match):
         check_exportable(recipe, Bits.parse(bits))
@@ -336,8 +388,9 @@ def test_an_export_loads_back_as_the_floating_point_model_of_its_weights(tiny, t
         assert (back.model(ids, use_cache=False).logits - logits).abs().max() < 1e-4
     corpus = text_corpus(tmp_path / "c.txt")
     assert run_to_end(capture_job(back, corpus, CaptureConfig(tokens=64, window=32), use_cache=False)) is not None
-    row = run_to_end(eval_job(back, "rtn", "4-16-16", replace(CFG, tokens=64, window=32, corpus=corpus),
-                              use_cache=False))
+    row = run_to_end(
+        eval_job(back, "rtn", "4-16-16", replace(CFG, tokens=64, window=32, corpus=corpus), use_cache=False)
+    )
     assert math.isfinite(row["ppl"])
 
 
@@ -360,6 +413,8 @@ def test_round_trips_on_the_default_model(default_handle, tmp_path):
     logits, ppl = reference(h, recipe, bits, ids, wins, EvalConfig(), out=out)
     got = load_elsewhere(out, ids, wins, tmp_path, "loader")
     diff = float((got["logits"] - logits).abs().max())
-    print(f"w4a4kv4-quarot: max |logit diff| {diff:.3g} (max |logit| {float(logits.abs().max()):.1f}); perplexity "
-          f"engine {ppl:.4f} export {got['ppl']:.4f}")
+    print(
+        f"w4a4kv4-quarot: max |logit diff| {diff:.3g} (max |logit| {float(logits.abs().max()):.1f}); perplexity "
+        f"engine {ppl:.4f} export {got['ppl']:.4f}"
+    )
     assert diff == 0 and got["ppl"] == ppl

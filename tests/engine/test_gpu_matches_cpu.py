@@ -4,6 +4,7 @@ rotation fusion and its logits check, RTN fake quantization of a whole model wit
 float32 on both devices; the GPU's reductions add in another order, so values agree to float32 rounding, and
 the few rounding decisions a quantizer takes on values within rounding of a grid boundary may differ: the
 tolerances below allow exactly that much. `make test-gpu` runs them; without a GPU they skip."""
+
 import copy
 
 import pytest
@@ -17,9 +18,13 @@ from engine.quant.gptq import gptq_quantize
 from engine.quant.recipes import Bits, get_recipe
 from engine.rotation.fusion import RotationConfig, equivalence, logits, rotate
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="needs a CUDA GPU: compares GPU results with the CPU's on the same code paths (make test-gpu)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="needs a CUDA GPU: compares GPU results with the CPU's on the same code paths (make test-gpu)",
+    ),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -116,10 +121,21 @@ def test_the_whole_eval_build_runs_on_the_gpu_and_agrees_with_the_cpu():
     out = {}
     for device in ("cpu", "cuda"):
         m = on(device, model)
-        handle = ModelHandle(name="tiny", model=m, tokenizer=None, arch=resolve(m), fingerprint="tiny", note="",
-                             dtype="float32", device=device)
-        built, _ = run_to_end(build_model(handle, copy.deepcopy(m), get_recipe("quarot", clip="fixed"),
-                                          Bits.parse("4-4-4"), EvalConfig(), seed=0))
+        handle = ModelHandle(
+            name="tiny",
+            model=m,
+            tokenizer=None,
+            arch=resolve(m),
+            fingerprint="tiny",
+            note="",
+            dtype="float32",
+            device=device,
+        )
+        built, _ = run_to_end(
+            build_model(
+                handle, copy.deepcopy(m), get_recipe("quarot", clip="fixed"), Bits.parse("4-4-4"), EvalConfig(), seed=0
+            )
+        )
         out[device] = logits(built, x)
     diff = (out["cuda"] - out["cpu"]).abs()
     assert float(diff.mean()) < 1e-3 * float(out["cpu"].abs().max())

@@ -7,6 +7,7 @@ and importlib.import_module("..."). The source is read, nothing is imported. Als
 app or streamlit (pages sit on top of the engine, and the CLI and the tests run it without a browser), and the
 kernels never import the app either (tests/kernels/test_imports.py keeps kernels and engine apart).
 """
+
 import ast
 import functools
 from pathlib import Path
@@ -18,14 +19,14 @@ ENGINE = ROOT / "engine"
 
 FLOORS = (
     ("store", "events", "assets"),  # the cache, the job events, files inside installed packages: import no engine
-    ("model", "data"),              # architectures, loading, dispatch; corpora and zero-shot tasks
-    ("rotation",),                  # Hadamard matrices, orthogonal modules, fusion, rotation files
-    ("quant",),                     # formats, quantizers, GPTQ, applying them; recipes name rotations
-    ("observe",),                   # capture and statistics (the SQNR of a quantizer), before/after a rotation
-    ("evaluate", "memory"),         # build a rotated, quantized model and measure it; what each job holds
-    ("learn", "matrix"),            # training rotations (measured by evaluate), the format x rotation matrix
-    ("export",),                    # checkpoints of evaluated recipes
-    ("__main__",),                  # the CLI
+    ("model", "data"),  # architectures, loading, dispatch; corpora and zero-shot tasks
+    ("rotation",),  # Hadamard matrices, orthogonal modules, fusion, rotation files
+    ("quant",),  # formats, quantizers, GPTQ, applying them; recipes name rotations
+    ("observe",),  # capture and statistics (the SQNR of a quantizer), before/after a rotation
+    ("evaluate", "memory"),  # build a rotated, quantized model and measure it; what each job holds
+    ("learn", "matrix"),  # training rotations (measured by evaluate), the format x rotation matrix
+    ("export",),  # checkpoints of evaluated recipes
+    ("__main__",),  # the CLI
 )
 FLOOR = {unit: level for level, units in enumerate(FLOORS) for unit in units}
 
@@ -50,13 +51,19 @@ def _imported_modules(path: Path) -> list[tuple[str, int]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: from . import x, from ..model import y
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             # `from engine import store` imports the module engine.store; `from engine.x import name` the module x
-            found += [(f"{base}.{alias.name}" if base in ("engine", "app") else base, node.lineno)
-                      for alias in node.names]
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
-              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            found += [
+                (f"{base}.{alias.name}" if base in ("engine", "app") else base, node.lineno) for alias in node.names
+            ]
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             found.append((node.args[0].value, node.lineno))
     return found
 
@@ -97,18 +104,24 @@ def test_the_premise_holds_the_check_sees_imports_inside_functions():
 
 def test_no_engine_module_imports_a_unit_on_its_own_floor_or_above():
     climbing = [c for c in _climbs() if (c[0], c[2]) not in PENDING]
-    assert climbing == [], "\n".join(f"{f}:{line}: {u} (floor {FLOOR[u]}) imports engine.{t} (floor {FLOOR[t]})"
-                                     for f, u, t, line in climbing)
+    assert climbing == [], "\n".join(
+        f"{f}:{line}: {u} (floor {FLOOR[u]}) imports engine.{t} (floor {FLOOR[t]})" for f, u, t, line in climbing
+    )
 
 
 @pytest.mark.parametrize("exception", sorted(PENDING))
 def test_each_pending_exception_is_still_needed(exception):
     assert exception in {(f, t) for f, _, t, _ in _climbs()}, (
-        f"{exception[0]} no longer imports engine.{exception[1]}: delete its line from PENDING")
+        f"{exception[0]} no longer imports engine.{exception[1]}: delete its line from PENDING"
+    )
 
 
 @pytest.mark.parametrize("folder", ["engine", "kernels"])
 def test_the_engine_and_the_kernels_never_import_the_app_or_streamlit(folder):
-    found = [(str(p.relative_to(ROOT)), name, line) for p in sorted((ROOT / folder).rglob("*.py"))
-             for name, line in _imported_modules(p) if name.split(".")[0] in ("app", "streamlit")]
+    found = [
+        (str(p.relative_to(ROOT)), name, line)
+        for p in sorted((ROOT / folder).rglob("*.py"))
+        for name, line in _imported_modules(p)
+        if name.split(".")[0] in ("app", "streamlit")
+    ]
     assert found == []

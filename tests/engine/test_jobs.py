@@ -1,6 +1,7 @@
 """Jobs you can trust: every phase reports progress, a long forward pass reports inside itself and stops at the
 next layer when its job is closed, an identical Rotate rerun is answered from the cache, and Ctrl-C in the CLI
 keeps what was finished and says where a rerun resumes."""
+
 import os
 import signal
 import subprocess
@@ -145,10 +146,13 @@ def tiny_handle(tiny_model_dir):
     return load_model(str(tiny_model_dir))
 
 
-@pytest.mark.parametrize("recipe, weights, stages", [
-    ("quarot", "rtn", ["calibrate", "rotate", "weights", "clips", "perplexity"]),
-    ("rtn", "gptq", ["calibrate", "gptq", "clips", "perplexity"]),
-])
+@pytest.mark.parametrize(
+    "recipe, weights, stages",
+    [
+        ("quarot", "rtn", ["calibrate", "rotate", "weights", "clips", "perplexity"]),
+        ("rtn", "gptq", ["calibrate", "gptq", "clips", "perplexity"]),
+    ],
+)
 def test_every_phase_of_an_evaluation_reports_progress(tiny_handle, recipe, weights, stages):
     cfg = EvalConfig(tokens=128, window=64, calib_tokens=64, calib_window=32)
     events = list(eval_job(tiny_handle, get_recipe(recipe, weights=weights), "4-4-4", cfg))
@@ -156,8 +160,9 @@ def test_every_phase_of_an_evaluation_reports_progress(tiny_handle, recipe, weig
     assert [s for s in dict.fromkeys(seen)] == stages  # each phase, in order, none silent
     n_layers = tiny_handle.arch.n_layers
     for stage in set(stages) - {"calibrate", "perplexity"}:  # the per-layer phases report once per decoder layer
-        assert [e.done for e in events if isinstance(e, Progress) and e.stage == stage][-n_layers:] == \
-            list(range(1, n_layers + 1))
+        assert [e.done for e in events if isinstance(e, Progress) and e.stage == stage][-n_layers:] == list(
+            range(1, n_layers + 1)
+        )
     assert isinstance(events[-1], Done)
 
 
@@ -177,15 +182,38 @@ def test_an_identical_rotate_rerun_is_answered_from_the_cache(tiny_handle):
 @pytest.mark.slow
 def test_ctrl_c_in_optimize_saves_the_finished_steps_and_says_where_the_rerun_resumes(tiny_model_dir, tmp_cache):
     # far more steps than can run before the Ctrl-C
-    cmd = [sys.executable, "-m", "engine", "optimize", "--model", str(tiny_model_dir), "--steps", "100000",
-           "--windows", "2", "--window", "16", "--batch", "1", "--eval-every", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine",
+        "optimize",
+        "--model",
+        str(tiny_model_dir),
+        "--steps",
+        "100000",
+        "--windows",
+        "2",
+        "--window",
+        "16",
+        "--batch",
+        "1",
+        "--eval-every",
+        "0",
+    ]
     env = {**os.environ, "SPINSCOPE_CACHE": str(tmp_cache), "PYTHONUNBUFFERED": "1"}
 
     def run_until_step(n):  # the first step line printed, after Ctrl-C once step n is printed
         # SIGINT back to its default in the child, as in a terminal: a test run started in the background of a
         # non-interactive shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         first = None
         for line in proc.stdout:
             if line.startswith("step "):

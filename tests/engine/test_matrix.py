@@ -6,6 +6,7 @@ cell's SQNR per layer is the SQNR of a per-token quantizer written out here.
 The hand-built model is QuaRot's integers as ../shared/BRIEF.md states them, with no clipping (clip="none"):
 weights per output row, symmetric, 4 bits (q in [-7, 7]), lm_head kept; every other linear's input per token,
 asymmetric, 4 bits (16 levels over [min(x, 0), max(x, 0)]); the KV cache in 16 bits."""
+
 import copy
 import math
 
@@ -31,8 +32,9 @@ def handle(tmp_path_factory):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text("\n\n".join(f"Paragraph {i}. " + "The quick brown fox jumps over the lazy dog. " * 20
-                                for i in range(40)))
+    path.write_text(
+        "\n\n".join(f"Paragraph {i}. " + "The quick brown fox jumps over the lazy dog. " * 20 for i in range(40))
+    )
     return str(path)
 
 
@@ -69,8 +71,7 @@ def hand_perplexity(model, wins: torch.Tensor, quantize: bool) -> float:
     return math.exp(nll / n)
 
 
-def test_a_1x2_matrix_gives_its_cells_the_perplexity_of_their_models_and_a_rerun_comes_from_the_cache(handle,
-                                                                                                        corpus):
+def test_a_1x2_matrix_gives_its_cells_the_perplexity_of_their_models_and_a_rerun_comes_from_the_cache(handle, corpus):
     cfg = EvalConfig(tokens=TOKENS, window=WINDOW, corpus=corpus)
     mcfg = MatrixConfig(formats=("4",), rotations=("none", "block32"), clip="none")
     events = list(matrix_job(handle, mcfg, cfg))
@@ -78,8 +79,10 @@ def test_a_1x2_matrix_gives_its_cells_the_perplexity_of_their_models_and_a_rerun
     assert partials == [1, 2], "each cell is streamed as it finishes"
     assert isinstance(events[-1], Done)
     cells = events[-1].result
-    assert [(c["format"], c["rotation"], c["bits"]) for c in cells] == [("4", "none", "4-4-16"),
-                                                                        ("4", "block32", "4-4-16")]
+    assert [(c["format"], c["rotation"], c["bits"]) for c in cells] == [
+        ("4", "none", "4-4-16"),
+        ("4", "block32", "4-4-16"),
+    ]
     assert {c["tokens"] for c in cells} == {TOKENS} and not any(c["cached"] for c in cells)
     ppl = {c["rotation"]: c["ppl"] for c in cells}
 
@@ -92,8 +95,7 @@ def test_a_1x2_matrix_gives_its_cells_the_perplexity_of_their_models_and_a_rerun
     again = run_to_end(matrix_job(handle, mcfg, cfg))
     assert all(c["cached"] for c in again) and [c["ppl"] for c in again] == [c["ppl"] for c in cells]
     # a matrix that shares one cell with this one reads that cell from the cache
-    (shared,) = run_to_end(matrix_job(handle, MatrixConfig(formats=("4",), rotations=("block32",), clip="none"),
-                                      cfg))
+    (shared,) = run_to_end(matrix_job(handle, MatrixConfig(formats=("4",), rotations=("block32",), clip="none"), cfg))
     assert shared["cached"] and shared["ppl"] == ppl["block32"]
 
 
@@ -104,10 +106,12 @@ def test_a_cells_sqnr_per_layer_is_that_of_the_per_token_quantizer(handle):
     hooks = []
     for i, layer in enumerate(handle.model.model.layers):
         for site, linear in (("down_in", layer.mlp.down_proj), ("attn_in", layer.self_attn.q_proj)):
+
             def keep(m, args, s=sums[site][i]):
                 x = args[0].double()
                 s[0] += float(x.pow(2).sum())
                 s[1] += float((x - int4_token(args[0]).double()).pow(2).sum())
+
             hooks.append(linear.register_forward_pre_hook(keep))
     with torch.no_grad():
         for w in wins:

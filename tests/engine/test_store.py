@@ -1,4 +1,5 @@
 """The results cache: keys, round trip, atomic writes, and corrupt entries detected, removed and reported absent."""
+
 import json
 import os
 import shutil
@@ -107,9 +108,9 @@ DAMAGE = {
     "missing meta.json": lambda d: (d / "meta.json").unlink(),
     "meta without checksum": lambda d: (d / "meta.json").write_text(json.dumps({"schema": 1, "key": "k1"})),
     "other schema": lambda d: (d / "meta.json").write_text(
-        (d / "meta.json").read_text().replace(f'"schema": {store.SCHEMA_VERSION}', '"schema": 999')),
-    "edited figure": lambda d: (d / "meta.json").write_text(
-        (d / "meta.json").read_text().replace('"v": 1', '"v": 7')),
+        (d / "meta.json").read_text().replace(f'"schema": {store.SCHEMA_VERSION}', '"schema": 999')
+    ),
+    "edited figure": lambda d: (d / "meta.json").write_text((d / "meta.json").read_text().replace('"v": 1', '"v": 7')),
 }
 
 

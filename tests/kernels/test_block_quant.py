@@ -33,10 +33,12 @@ from kernels.block_quant import (
 )
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETED,
-                                 reason="runs the kernel in Triton's CPU interpreter (TRITON_INTERPRET=1)")
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED,
-                               reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+interpreted = pytest.mark.skipif(
+    not INTERPRETED, reason="runs the kernel in Triton's CPU interpreter (TRITON_INTERPRET=1)"
+)
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU and TRITON_INTERPRET=0"
+)
 
 
 def engine_encode(y: torch.Tensor, fmt: str, g=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +62,7 @@ def small_g(x, blocks):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The kernels-side torch reference equals the engine's encoders (kernels/ may not import engine.quant)
+
 
 def test_every_kernel_format_is_named_by_exactly_one_engine_format():
     from engine.quant.formats import REGISTRY
@@ -90,6 +93,7 @@ def test_unpack_fp4_inverts_pack_nibbles():
 # ----------------------------------------------------------------------------------------------------------------
 # Bad arguments: clear ValueErrors before any launch (no interpreter needed)
 
+
 def _x(d=256, dtype=torch.float16):
     return torch.zeros(4, d, dtype=dtype)
 
@@ -98,26 +102,29 @@ def _w(b=32, n=None, dtype=torch.float16):
     return torch.eye(b, dtype=dtype) if n is None else torch.eye(b, dtype=dtype).expand(n, b, b).contiguous()
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: rotate_quantize_mx(_x(96), _w(128), "mxfp4"), "multiple of the rotation block"),
-    (lambda: rotate_quantize_mx(_x(48), _w(16), "mxfp4"), "multiple of mxfp4's group of 32"),
-    (lambda: rotate_quantize_mx(_x(), _w(), "mxfp5"), "unknown microscaling format"),
-    (lambda: rotate_quantize_mx(_x(dtype=torch.float64), _w(dtype=torch.float64)), "float16, bfloat16 or float32"),
-    (lambda: rotate_quantize_mx(_x(dtype=torch.int8), _w()), "float16, bfloat16 or float32"),
-    (lambda: rotate_quantize_mx(_x(), _w(dtype=torch.float32)), "must match x dtype"),
-    (lambda: rotate_quantize_mx(_x(), _w(8)), "rotation block b must be one of"),
-    (lambda: rotate_quantize_mx(_x(512), _w(512)), "rotation block b must be one of"),
-    (lambda: rotate_quantize_mx(_x(), _w(32, n=3)), "1 \\(shared\\) or d / b = 8"),
-    (lambda: rotate_quantize_mx(_x(), torch.zeros(2, 32, 16, dtype=torch.float16)), "\\[b, b\\]"),
-    (lambda: rotate_quantize_mx(_x(), _w(), "nvfp4"), "nvfp4 needs global_scale"),
-    (lambda: rotate_quantize_mx(_x(), _w(), "nvfp4", -1.0), "finite positive"),
-    (lambda: rotate_quantize_mx(_x(), _w(), "nvfp4", float("nan")), "finite positive"),
-    (lambda: rotate_quantize_mx(_x(), _w(), "nvfp4", torch.ones(2)), "one floating-point number"),
-    (lambda: rotate_quantize_mx(_x(), _w(), "mxfp4", 1.0), "no global scale"),
-    (lambda: block_quantize(_x(40), "mxfp8"), "multiple of mxfp8's group of 32"),
-    (lambda: block_quantize(_x(dtype=torch.int32), "mxfp4"), "float16, bfloat16 or float32"),
-    (lambda: rotate_quantize_mx_bytes(256, 1, 32, "fp4"), "unknown microscaling format"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: rotate_quantize_mx(_x(96), _w(128), "mxfp4"), "multiple of the rotation block"),
+        (lambda: rotate_quantize_mx(_x(48), _w(16), "mxfp4"), "multiple of mxfp4's group of 32"),
+        (lambda: rotate_quantize_mx(_x(), _w(), "mxfp5"), "unknown microscaling format"),
+        (lambda: rotate_quantize_mx(_x(dtype=torch.float64), _w(dtype=torch.float64)), "float16, bfloat16 or float32"),
+        (lambda: rotate_quantize_mx(_x(dtype=torch.int8), _w()), "float16, bfloat16 or float32"),
+        (lambda: rotate_quantize_mx(_x(), _w(dtype=torch.float32)), "must match x dtype"),
+        (lambda: rotate_quantize_mx(_x(), _w(8)), "rotation block b must be one of"),
+        (lambda: rotate_quantize_mx(_x(512), _w(512)), "rotation block b must be one of"),
+        (lambda: rotate_quantize_mx(_x(), _w(32, n=3)), "1 \\(shared\\) or d / b = 8"),
+        (lambda: rotate_quantize_mx(_x(), torch.zeros(2, 32, 16, dtype=torch.float16)), "\\[b, b\\]"),
+        (lambda: rotate_quantize_mx(_x(), _w(), "nvfp4"), "nvfp4 needs global_scale"),
+        (lambda: rotate_quantize_mx(_x(), _w(), "nvfp4", -1.0), "finite positive"),
+        (lambda: rotate_quantize_mx(_x(), _w(), "nvfp4", float("nan")), "finite positive"),
+        (lambda: rotate_quantize_mx(_x(), _w(), "nvfp4", torch.ones(2)), "one floating-point number"),
+        (lambda: rotate_quantize_mx(_x(), _w(), "mxfp4", 1.0), "no global scale"),
+        (lambda: block_quantize(_x(40), "mxfp8"), "multiple of mxfp8's group of 32"),
+        (lambda: block_quantize(_x(dtype=torch.int32), "mxfp4"), "float16, bfloat16 or float32"),
+        (lambda: rotate_quantize_mx_bytes(256, 1, 32, "fp4"), "unknown microscaling format"),
+    ],
+)
 def test_bad_arguments_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
@@ -181,6 +188,7 @@ def test_outliers_saturate_like_the_engine(fmt):
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_batched_bf16_input_and_fixed_tile(fmt):
     from kernels.launch import TileConfig
+
     x, blocks = exact_rotation_inputs(2 * 9, 128, 32, torch.bfloat16, shared=False, seed=3)
     x = x.reshape(2, 9, 128)
     g = 0.01 if fmt == "nvfp4" else None
@@ -246,7 +254,7 @@ def test_e2m1_rounding_next_to_every_boundary(fmt):
     lead = 4.0 if fmt == "mxfp4" else 6.0
     n_groups = -(-len(vals) // (group - 1))
     rest = torch.zeros(n_groups * (group - 1))
-    rest[:len(vals)] = vals
+    rest[: len(vals)] = vals
     y = torch.cat([torch.full((n_groups, 1), lead), rest.reshape(n_groups, group - 1)], dim=1).reshape(1, -1)
     y = torch.cat([y, torch.zeros(1, (-y.shape[1]) % 64)], dim=1) if y.shape[1] % 64 else y
     g = 1.0 if fmt == "nvfp4" else None
@@ -254,7 +262,7 @@ def test_e2m1_rounding_next_to_every_boundary(fmt):
 
 
 @interpreted
-@pytest.mark.parametrize("g", [2.0 ** -64, 2.0 ** 64, 1e-25, 1e25, 3e-30])
+@pytest.mark.parametrize("g", [2.0**-64, 2.0**64, 1e-25, 1e25, 3e-30])
 def test_nvfp4_global_scale_at_and_beyond_the_reciprocal_range(g):
     # 2^-64 <= g <= 2^64 divides by a correctly rounded reciprocal per group (Markstein); beyond, by IEEE division
     torch.manual_seed(4)
@@ -288,9 +296,9 @@ def test_nvfp4_block_scale_ties_round_to_even():
 # ----------------------------------------------------------------------------------------------------------------
 # GPU: the same checks at a real width, and the point of the fused kernel (it beats rotate, then quantize)
 
+
 @needs_gpu
-@pytest.mark.parametrize("fmt, block", [("mxfp4", 32), ("mxfp4", 128), ("nvfp4", 16), ("nvfp4", 128),
-                                        ("mxfp8", 32)])
+@pytest.mark.parametrize("fmt, block", [("mxfp4", 32), ("mxfp4", 128), ("nvfp4", 16), ("nvfp4", 128), ("mxfp8", 32)])
 def test_gpu_kernel_matches_the_engine(fmt, block):
     x, blocks = exact_rotation_inputs(300, 11008, block, torch.float16, shared=False, seed=block)
     x, blocks = x.cuda(), blocks.cuda()
@@ -313,7 +321,7 @@ def test_gpu_nvfp4_divisions_match_the_engine_for_any_global_scale():
     torch.manual_seed(6)
     y = torch.randn(512, 11008, device="cuda") * torch.logspace(-6, 6, 512, device="cuda")[:, None]
     y[3] = -0.0
-    for g in (1e-3, 0.37, 2.0 ** -64, 2.0 ** 64, 1e-25, 1e25):
+    for g in (1e-3, 0.37, 2.0**-64, 2.0**64, 1e-25, 1e25):
         yg = y * g
         assert_same(block_quantize(yg, "nvfp4", g), engine_encode(yg, "nvfp4", g), f"g={g}")
 
@@ -322,6 +330,7 @@ def test_gpu_nvfp4_divisions_match_the_engine_for_any_global_scale():
 @pytest.mark.parametrize("fmt, block", [("mxfp4", 32), ("mxfp4", 128), ("nvfp4", 16)])
 def test_gpu_one_pass_beats_rotate_then_quantize(fmt, block):
     from kernels.timing import median_us
+
     x = torch.randn(8192, 11008, dtype=torch.float16, device="cuda")
     blocks = torch.linalg.qr(torch.randn(11008 // block, block, block, device="cuda"))[0].half().contiguous()
     g = nvfp4_global_scale(x[:256], blocks).cuda() if fmt == "nvfp4" else None

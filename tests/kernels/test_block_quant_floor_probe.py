@@ -9,8 +9,10 @@ import os
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="runs the probe kernels in Triton's CPU interpreter (TRITON_INTERPRET=1)")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="runs the probe kernels in Triton's CPU interpreter (TRITON_INTERPRET=1)",
+)
 
 
 def expected(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,6 +24,7 @@ def expected(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_stream_and_tile_probes_write_every_code_and_scale():
     from benchmarks.block_quant_floor_probe import _stream_kernel, _tiles_kernel
+
     torch.manual_seed(0)
     x = torch.randn(48, 512).half() * 30
     want = expected(x)

@@ -20,10 +20,12 @@ from kernels.blockdiag import (
 # ||out - ref|| / ||ref|| for one rounding of the output (fp16: 2^-11, bf16: 2^-8) plus accumulation order
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETED,
-                                 reason="runs the kernel in Triton's CPU interpreter (TRITON_INTERPRET=1)")
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED,
-                               reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+interpreted = pytest.mark.skipif(
+    not INTERPRETED, reason="runs the kernel in Triton's CPU interpreter (TRITON_INTERPRET=1)"
+)
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU and TRITON_INTERPRET=0"
+)
 
 
 def rel_error(out, ref):
@@ -84,13 +86,16 @@ def test_dispatch_uses_reference_without_gpu_or_interpreter(monkeypatch):
         blockdiag_matmul_triton(x, blocks)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (lambda x, b: (x[..., :-32], b), "last dim"),
-    (lambda x, b: (x.float(), b.float()), "float16 or bfloat16"),
-    (lambda x, b: (x, b.bfloat16()), "must match"),
-    (lambda x, b: (x, b[:, :, :16]), r"\[n_blocks, b, b\]"),
-    (lambda x, b: (torch.randn(2, 96).half(), torch.randn(2, 48, 48).half()), "block sizes"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda x, b: (x[..., :-32], b), "last dim"),
+        (lambda x, b: (x.float(), b.float()), "float16 or bfloat16"),
+        (lambda x, b: (x, b.bfloat16()), "must match"),
+        (lambda x, b: (x, b[:, :, :16]), r"\[n_blocks, b, b\]"),
+        (lambda x, b: (torch.randn(2, 96).half(), torch.randn(2, 48, 48).half()), "block sizes"),
+    ],
+)
 def test_launcher_rejects_bad_arguments(bad, match):
     x, blocks = bad(torch.randn(2, 64).half(), random_blocks(2, 32, torch.float16))
     with pytest.raises(ValueError, match=match):
@@ -154,6 +159,7 @@ def test_gpu_autotuned_kernel_matches_reference():
 def test_fast_launch_key_separates_what_triton_specializes_on():
     # kernels.launch.launch replays a compiled kernel only for arguments Triton would compile the same way
     from kernels.launch import specialization
+
     base = torch.zeros(64, dtype=torch.float16)
     assert specialization(base) == specialization(torch.ones(64, dtype=torch.float16))
     assert specialization(base) != specialization(base[1:])  # 2-byte offset: not 16-byte aligned

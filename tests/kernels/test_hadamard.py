@@ -21,6 +21,7 @@ def test_backend_names_what_is_installed():
 
 # ---- the fast_hadamard_transform package is checked against the engine before it is used -----------------------
 
+
 def _package_transform(x, scale=1.0, *, ignore_scale=False, sequency=False, pow2_only=False):
     """What the package's hadamard_transform computes (its own reference: pad to a power of two, x @ H * scale,
     truncate), in float32 on any device; the flags make it wrong in ways a broken build or version could be."""
@@ -42,6 +43,7 @@ def _fake_package(**flaws) -> types.ModuleType:
     def hadamard_transform(x, scale=1.0):
         fake.calls.append(tuple(x.shape))
         return _package_transform(x, scale, **flaws)
+
     fake.hadamard_transform = hadamard_transform
     return fake
 
@@ -55,6 +57,7 @@ def installed_package(monkeypatch):
     def install(fake):
         monkeypatch.setitem(sys.modules, "fast_hadamard_transform", fake)
         return fake
+
     return install
 
 
@@ -71,11 +74,14 @@ def test_package_that_agrees_with_the_engine_is_used(installed_package):
     assert len(fake.calls) == calls, "the verdict is kept: the check runs once per imported package"
 
 
-@pytest.mark.parametrize("flaw, where", [
-    ("ignore_scale", "exact transform, n = 256"),  # unnormalised: sqrt(n) too large
-    ("sequency", "exact transform, n = 256"),  # another Hadamard matrix (Walsh order)
-    ("pow2_only", "raised"),  # cannot do the padded width it claims to support
-])
+@pytest.mark.parametrize(
+    "flaw, where",
+    [
+        ("ignore_scale", "exact transform, n = 256"),  # unnormalised: sqrt(n) too large
+        ("sequency", "exact transform, n = 256"),  # another Hadamard matrix (Walsh order)
+        ("pow2_only", "raised"),  # cannot do the padded width it claims to support
+    ],
+)
 def test_package_that_disagrees_falls_back_to_torch(installed_package, flaw, where):
     installed_package(_fake_package(**{flaw: True}))
     with pytest.warns(RuntimeWarning, match="failed its check against the engine's Hadamard.*the torch backend"):
@@ -91,7 +97,8 @@ def test_package_check_compares_with_the_engine_not_itself(installed_package):
     # only the padded path wrong (scale of the unpadded width): the exact widths pass, the padded one must not
     fake = _fake_package()
     fake.hadamard_transform = lambda x, scale=1.0: _package_transform(
-        x, 1.0 / math.sqrt(x.shape[-1]) if x.shape[-1] & (x.shape[-1] - 1) else scale)
+        x, 1.0 / math.sqrt(x.shape[-1]) if x.shape[-1] & (x.shape[-1] - 1) else scale
+    )
     installed_package(fake)
     with pytest.warns(RuntimeWarning):
         assert hadamard.backend() == "torch"

@@ -6,6 +6,7 @@ run a kernel, never at module level. Each test below proves one half of it in a 
 import hook makes the other side unimportable; the last two read the source, so that an import hidden inside a
 function or behind importlib.import_module("...") cannot slip past either.
 """
+
 import ast
 import json
 import subprocess
@@ -97,15 +98,23 @@ def _engine_modules_naming_kernels() -> list[str]:
 
 
 # (target, prefix blocked, allowed): every probe the tests below make, run together by the `probes` fixture
-PROBES = ([(m, "engine", ENGINE_ALLOWED) for m in KERNEL_MODULES] + [("engine.rotation.hadamard", "kernels", ())]
-          + [(m, "kernels", KERNELS_ALLOWED) for m in _engine_modules_naming_kernels()])
+PROBES = (
+    [(m, "engine", ENGINE_ALLOWED) for m in KERNEL_MODULES]
+    + [("engine.rotation.hadamard", "kernels", ())]
+    + [(m, "kernels", KERNELS_ALLOWED) for m in _engine_modules_naming_kernels()]
+)
 
 
 @pytest.fixture(scope="module")
 def probes() -> dict:
     """{(target, prefix): probe result} of every PROBES entry, from one process that forks a child per probe."""
-    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps([[t, p, list(a)] for t, p, a in PROBES])],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps([[t, p, list(a)] for t, p, a in PROBES])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, f"the import probes failed:\n{done.stderr[-3000:]}"
     results = json.loads(done.stdout.strip().splitlines()[-1])
     return {(t, p): r for (t, p, _), r in zip(PROBES, results, strict=True)}
@@ -156,8 +165,13 @@ def _imports(path: Path):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
-              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             names = [node.args[0].value]
         found.extend((name, not in_function) for name in names)
         inner = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
@@ -173,12 +187,15 @@ def test_kernels_source_names_no_other_engine_module_even_lazily():
         for name, _at_import_time in _imports(path):
             if name == "engine" or name.startswith("engine."):
                 assert name in ENGINE_ALLOWED or name.startswith("engine.rotation.hadamard."), (
-                    f"{path.relative_to(ROOT)} imports {name}; kernels may import only engine.rotation.hadamard")
+                    f"{path.relative_to(ROOT)} imports {name}; kernels may import only engine.rotation.hadamard"
+                )
 
 
 def test_engine_imports_kernels_only_inside_functions():
     for path in sorted((ROOT / "engine").rglob("*.py")):
         for name, at_import_time in _imports(path):
             if name == "kernels" or name.startswith("kernels."):
-                assert not at_import_time, (f"{path.relative_to(ROOT)} imports {name} at module level; import it "
-                                            "inside the function that runs the kernel")
+                assert not at_import_time, (
+                    f"{path.relative_to(ROOT)} imports {name} at module level; import it "
+                    "inside the function that runs the kernel"
+                )

@@ -19,10 +19,12 @@ from kernels.rotate_quant import (
 )
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETED,
-                                 reason="runs the kernel in Triton's CPU interpreter (TRITON_INTERPRET=1)")
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED,
-                               reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+interpreted = pytest.mark.skipif(
+    not INTERPRETED, reason="runs the kernel in Triton's CPU interpreter (TRITON_INTERPRET=1)"
+)
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU and TRITON_INTERPRET=0"
+)
 
 
 def random_blocks(n, b, dtype, seed=0):
@@ -46,11 +48,14 @@ def test_int4_round_trip_every_value_and_shape():
     assert torch.equal(pack_int4(unpack_int4(all_bytes)), all_bytes)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (torch.zeros(3, dtype=torch.int8), "even"),
-    (torch.tensor([8, 0], dtype=torch.int8), r"\[-8, 7\]"),
-    (torch.zeros(2, dtype=torch.int32), "int8"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.zeros(3, dtype=torch.int8), "even"),
+        (torch.tensor([8, 0], dtype=torch.int8), r"\[-8, 7\]"),
+        (torch.zeros(2, dtype=torch.int32), "int8"),
+    ],
+)
 def test_pack_rejects_bad_input(bad, match):
     with pytest.raises(ValueError, match=match):
         pack_int4(bad)
@@ -104,7 +109,7 @@ def test_kernel_zero_token_and_fixed_tile():
     q, scales = rotate_quantize(x, blocks, 8, config=TileConfig(16, 64, 2))
     assert torch.equal(q[4], torch.zeros(256, dtype=torch.int8))
     assert torch.isfinite(scales).all() and scales[4, 0] > 0
-    y = (x.float() @ torch.block_diag(*blocks.float().unbind(0)))
+    y = x.float() @ torch.block_diag(*blocks.float().unbind(0))
     err = (dequantize(q, scales, 8) - y).abs()
     assert (err <= scales / 2 + 1e-3).all()
 
@@ -154,6 +159,7 @@ def test_row_absmax_is_step_one_alone():
 
 def test_quant_mismatch_names_what_differs():
     from kernels.bench import MAX_OFF_BY_ONE, quant_error, quant_mismatch
+
     x = torch.randn(64, 128)
     blocks = random_blocks(1, 128, torch.float32)
     want = rotate_quantize_reference(x, blocks, 8)

@@ -6,23 +6,37 @@
 TASK_SOURCES[name].split says which split a task scores (ARC and OpenBookQA test, like lm-eval), .origin where
 its documents come from, for the UI to state.
 """
+
 from engine.data.tasks.harness import (
-                                  DEFAULT_SEED,
-                                  check_request,
-                                  lm_eval_task_name,
-                                  task_config,
-                                  write_task_yamls,
-                                  zero_shot,
+    DEFAULT_SEED,
+    check_request,
+    lm_eval_task_name,
+    task_config,
+    write_task_yamls,
+    zero_shot,
 )
 from engine.data.tasks.sources import (
-                                  TASK_SOURCES,
-                                  TASKS,
-                                  TaskDataError,
-                                  TaskSource,
-                                  ensure_jsonl,
-                                  jsonl_path,
-                                  read_jsonl,
+    TASK_SOURCES,
+    TASKS,
+    TaskDataError,
+    TaskSource,
+    ensure_jsonl,
+    jsonl_path,
+    read_jsonl,
 )
 
-__all__ = ["DEFAULT_SEED", "TASKS", "TASK_SOURCES", "TaskDataError", "TaskSource", "check_request", "ensure_jsonl",
-           "jsonl_path", "lm_eval_task_name", "read_jsonl", "task_config", "write_task_yamls", "zero_shot"]
+__all__ = [
+    "DEFAULT_SEED",
+    "TASKS",
+    "TASK_SOURCES",
+    "TaskDataError",
+    "TaskSource",
+    "check_request",
+    "ensure_jsonl",
+    "jsonl_path",
+    "lm_eval_task_name",
+    "read_jsonl",
+    "task_config",
+    "write_task_yamls",
+    "zero_shot",
+]

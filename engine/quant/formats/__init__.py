@@ -82,10 +82,29 @@ def describe_formats() -> str:
     for f in REGISTRY:
         by_summary.setdefault(f.summary, []).append(f.name)
     return ", ".join(f"{', '.join(names)} ({summary})" for summary, names in by_summary.items()) + (
-        f", {IntFormat.summary}")
+        f", {IntFormat.summary}"
+    )
 
 
 # re-exported: the package is the one import path for formats, elements and codes
-__all__ = ["E2M1", "E4M3", "E8M0_BIAS", "E8M0_MAX", "E8M0_MIN", "ELEMENTS", "ColumnRounder", "Element", "Encoded",
-           "NotExportable", "Scales", "e2m1_codes", "e2m1_values", "floor_log2", "minifloat_codes", "minifloat_values",
-           "pack_nibbles", "round_minifloat", "unpack_nibbles"]
+__all__ = [
+    "E2M1",
+    "E4M3",
+    "E8M0_BIAS",
+    "E8M0_MAX",
+    "E8M0_MIN",
+    "ELEMENTS",
+    "ColumnRounder",
+    "Element",
+    "Encoded",
+    "NotExportable",
+    "Scales",
+    "e2m1_codes",
+    "e2m1_values",
+    "floor_log2",
+    "minifloat_codes",
+    "minifloat_values",
+    "pack_nibbles",
+    "round_minifloat",
+    "unpack_nibbles",
+]

@@ -96,8 +96,9 @@ class Format(ABC):
         return None
 
     # ---- built on the primitives
-    def _quantize(self, x: Tensor, clip_ratio: Tensor | float, search: bool,
-                  global_scale: Tensor | float | None) -> tuple[Tensor, Scales, Tensor | None]:
+    def _quantize(
+        self, x: Tensor, clip_ratio: Tensor | float, search: bool, global_scale: Tensor | float | None
+    ) -> tuple[Tensor, Scales, Tensor | None]:
         """(elements [..., G, g], their Scales, the tensor's context) of x [..., d]."""
         xf = x.detach().float()
         context = self.context(xf, global_scale)
@@ -106,15 +107,20 @@ class Format(ABC):
         scales = self.fit(groups, clip, context, search)
         return self.elements(groups, scales, context), scales, context
 
-    def encode(self, x: Tensor, clip_ratio: Tensor | float = 1.0, *, search: bool = False,
-               global_scale: Tensor | float | None = None) -> Encoded:
+    def encode(
+        self,
+        x: Tensor,
+        clip_ratio: Tensor | float = 1.0,
+        *,
+        search: bool = False,
+        global_scale: Tensor | float | None = None,
+    ) -> Encoded:
         """Codes and scales of x [..., d]. clip_ratio: a float in (0, 1], or a tensor [..., 1] of one ratio per row
         of x; search: QuaRot's |err|^2.4 range search per group (integer grids only; ignored by formats whose
         scale follows a fixed rule)."""
         elements, scales, context = self._quantize(x, clip_ratio, search, global_scale)
         zero = None if scales.zero is None else scales.zero.squeeze(-1)
-        return Encoded(self, self.to_codes(elements).flatten(-2), scales.stored.squeeze(-1), x.shape[-1], zero,
-                       context)
+        return Encoded(self, self.to_codes(elements).flatten(-2), scales.stored.squeeze(-1), x.shape[-1], zero, context)
 
     def decode(self, enc: Encoded) -> Tensor:
         """float32 values [..., d] of encoded codes and scales."""
@@ -123,8 +129,9 @@ class Format(ABC):
         scales = Scales(self.load_scales(enc.scales).unsqueeze(-1), enc.scales.unsqueeze(-1), zero)
         return merge_groups(self.dequantize(elements, scales, enc.global_scale), enc.d)
 
-    def fake_quantize(self, x: Tensor, clip_ratio: Tensor | float = 1.0,
-                      global_scale: Tensor | float | None = None) -> Tensor:
+    def fake_quantize(
+        self, x: Tensor, clip_ratio: Tensor | float = 1.0, global_scale: Tensor | float | None = None
+    ) -> Tensor:
         """decode(encode(x)) in x's dtype, with the identity gradient. It skips the codes themselves (elements ->
         codes -> elements is the identity, tests/engine/quant/test_formats.py checks it for every format): packing
         bit patterns on every forward pass made activation quantization about 4x slower."""

@@ -33,8 +33,11 @@ class FP8Format(Format):
         return E4M3.bits + (32 / d if self.axis_per_row else 0.0)
 
     def fit(self, groups, clip, context, search) -> Scales:
-        amax = groups.abs().amax(-1, keepdim=True) if self.axis_per_row else groups.abs().amax().expand(
-            groups.shape[:-1] + (1,))
+        amax = (
+            groups.abs().amax(-1, keepdim=True)
+            if self.axis_per_row
+            else groups.abs().amax().expand(groups.shape[:-1] + (1,))
+        )
         scale = amax * clip / E4M3.max_normal
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         return Scales(scale, scale)
@@ -53,8 +56,10 @@ class FP8Format(Format):
 
     def _per_row(self) -> None:
         if not self.axis_per_row:
-            raise NotExportable("compressed-tensors' FP8 schemes scale per row (channel, token); fp8_tensor's one "
-                                "scale per tensor is not exported")
+            raise NotExportable(
+                "compressed-tensors' FP8 schemes scale per row (channel, token); fp8_tensor's one "
+                "scale per tensor is not exported"
+            )
 
     def ct_weights(self) -> tuple[dict, str]:
         self._per_row()

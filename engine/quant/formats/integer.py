@@ -71,13 +71,21 @@ class IntFormat(Format):
 
     def ct_weights(self) -> tuple[dict, str]:
         if not self.symmetric:
-            raise NotExportable("asymmetric integer weights have a zero point per group, and SpinScope exports "
-                                "symmetric integer weights only (per row or per group)")
+            raise NotExportable(
+                "asymmetric integer weights have a zero point per group, and SpinScope exports "
+                "symmetric integer weights only (per row or per group)"
+            )
         if self.bits > 8:
-            raise NotExportable(f"{self.bits}-bit weights cannot be exported: pack-quantized holds 1- to 8-bit "
-                                "integers")
-        return dict(num_bits=self.bits, type="int", symmetric=True, group_size=self.group,
-                    strategy="group" if self.group else "channel"), "pack-quantized"
+            raise NotExportable(
+                f"{self.bits}-bit weights cannot be exported: pack-quantized holds 1- to 8-bit integers"
+            )
+        return dict(
+            num_bits=self.bits,
+            type="int",
+            symmetric=True,
+            group_size=self.group,
+            strategy="group" if self.group else "channel",
+        ), "pack-quantized"
 
     def ct_weight_tensors(self, enc: Encoded, scale_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         # the scale in the checkpoint's dtype first, then q * scale: what compressed-tensors will dequantize
@@ -88,13 +96,18 @@ class IntFormat(Format):
     def ct_input_activations(self) -> dict:
         # compressed-tensors' asymmetric quantizer does our float32 operations in our order (quantizers.py's top)
         if self.symmetric or self.group is not None:
-            raise NotExportable("only per-token (per-head) asymmetric integer grids map to compressed-tensors' "
-                                "dynamic integer quantizers with SpinScope's float32 operations")
+            raise NotExportable(
+                "only per-token (per-head) asymmetric integer grids map to compressed-tensors' "
+                "dynamic integer quantizers with SpinScope's float32 operations"
+            )
         return dict(num_bits=self.bits, type="int", symmetric=False, strategy="token", dynamic=True)
 
     def ct_kv_cache(self, head_dim: int) -> dict:
         if self.symmetric or self.group not in (None, head_dim):
-            raise NotExportable("only per-head asymmetric integer grids map to compressed-tensors' dynamic KV-cache "
-                                "quantizers with SpinScope's float32 operations")
-        return dict(num_bits=self.bits, type="int", symmetric=False, strategy="group", group_size=head_dim,
-                    dynamic=True)
+            raise NotExportable(
+                "only per-head asymmetric integer grids map to compressed-tensors' dynamic KV-cache "
+                "quantizers with SpinScope's float32 operations"
+            )
+        return dict(
+            num_bits=self.bits, type="int", symmetric=False, strategy="group", group_size=head_dim, dynamic=True
+        )

@@ -14,7 +14,8 @@ from engine.quant.formats.minifloat import ELEMENTS, minifloat_codes, minifloat_
 MX_REFUSED_DYNAMIC = (
     "compressed-tensors' dynamic MX scale rounds each block's max to the nearest power of two before taking its "
     "exponent (round_to_power_2: up once the mantissa reaches 1.75, or 1.9375 for E2M3), where the engine takes "
-    "floor(log2 max) as OCP MX v1.0 does, so such blocks get twice the engine's scale")
+    "floor(log2 max) as OCP MX v1.0 does, so such blocks get twice the engine's scale"
+)
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,11 @@ class MXFormat(Format):
         "elements rounded to nearest even and saturated to the max normal."
     )
     summary: ClassVar[str] = "32 values share a power-of-two scale"
-    CT_NAMES: ClassVar[dict] = {"e2m1": (4, "mxfp4-pack-quantized"), "e2m3": (6, "mxfp6-pack-quantized"),
-                                "e4m3": (8, "mxfp8-quantized")}
+    CT_NAMES: ClassVar[dict] = {
+        "e2m1": (4, "mxfp4-pack-quantized"),
+        "e2m3": (6, "mxfp6-pack-quantized"),
+        "e4m3": (8, "mxfp8-quantized"),
+    }
 
     def __post_init__(self) -> None:
         if self.element not in ELEMENTS:
@@ -80,8 +84,15 @@ class MXFormat(Format):
         if self.block != 32 or self.element not in self.CT_NAMES:
             raise NotExportable("compressed-tensors holds MX weights as mxfp4/mxfp6/mxfp8 in blocks of 32 only")
         bits, name = self.CT_NAMES[self.element]
-        return dict(num_bits=bits, type="float", strategy="group", group_size=32, symmetric=True,
-                    scale_dtype=torch.uint8, zp_dtype=torch.uint8), name
+        return dict(
+            num_bits=bits,
+            type="float",
+            strategy="group",
+            group_size=32,
+            symmetric=True,
+            scale_dtype=torch.uint8,
+            zp_dtype=torch.uint8,
+        ), name
 
     def ct_input_activations(self) -> dict:
         raise NotExportable(MX_REFUSED_DYNAMIC)

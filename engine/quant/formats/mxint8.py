@@ -61,8 +61,10 @@ class MXINT8Format(Format):
         return e8m0_values(stored)
 
     def ct_weights(self) -> tuple[dict, str]:
-        raise NotExportable("compressed-tensors 0.20.1 has no MXINT8 scheme (its MX formats are mxfp4, mxfp6 and "
-                            "mxfp8, with float elements)")
+        raise NotExportable(
+            "compressed-tensors 0.20.1 has no MXINT8 scheme (its MX formats are mxfp4, mxfp6 and "
+            "mxfp8, with float elements)"
+        )
 
     def ct_input_activations(self) -> dict:
         raise NotExportable("compressed-tensors 0.20.1 has no MXINT8 scheme for dynamic activations or KV cache")

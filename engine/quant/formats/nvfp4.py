@@ -88,8 +88,15 @@ class NVFP4Format(Format):
     def ct_weights(self) -> tuple[dict, str]:
         if self.block != 16:
             raise NotExportable("compressed-tensors holds NVFP4 weights in blocks of 16 only")
-        return dict(num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True,
-                    scale_dtype=torch.float8_e4m3fn, zp_dtype=torch.float8_e4m3fn), "nvfp4-pack-quantized"
+        return dict(
+            num_bits=4,
+            type="float",
+            strategy="tensor_group",
+            group_size=16,
+            symmetric=True,
+            scale_dtype=torch.float8_e4m3fn,
+            zp_dtype=torch.float8_e4m3fn,
+        ), "nvfp4-pack-quantized"
 
     def ct_weight_tensors(self, enc: Encoded, scale_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         # compressed-tensors divides by its global scale 448 * 6 / amax where the engine multiplies by g
@@ -99,4 +106,5 @@ class NVFP4Format(Format):
         raise NotExportable(
             "compressed-tensors' NVFP4 activations divide by a stored, calibrated input_global_scale (only the "
             "block scales are dynamic), where the engine recomputes the per-tensor scale amax / (6 * 448) from "
-            "every tensor it quantizes")
+            "every tensor it quantizes"
+        )

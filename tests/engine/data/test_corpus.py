@@ -1,5 +1,6 @@
 """The text data: the corpus's calibration and evaluation splits (wiki and a user's text file) and the token windows
 cut from them."""
+
 import pytest
 import torch
 
@@ -47,6 +48,7 @@ def test_an_edited_text_file_is_read_again(tmp_path):
     write_articles(path, n=40)
     again = load_corpus(str(path))
     assert again.fingerprint != first.fingerprint
+
     def size(c):
         return len(c.splits["calib"]) + len(c.splits["eval"])
 
@@ -70,7 +72,7 @@ def _starts(ids: torch.Tensor, wins: torch.Tensor) -> list[int]:
     out = []
     for w in wins:
         cands = torch.nonzero(ids[: ids.numel() - w.numel() + 1] == w[0]).flatten().tolist()
-        out.append(next(s for s in cands if torch.equal(ids[s:s + w.numel()], w)))
+        out.append(next(s for s in cands if torch.equal(ids[s : s + w.numel()], w)))
     return out
 
 
@@ -83,7 +85,7 @@ def test_seeded_random_windows_are_reproducible_and_disjoint(tokenizer, tmp_path
     assert not torch.equal(windows(c, tokenizer, 640, w, seed=4), a)
     ids = split_tokens(c, tokenizer, "calib")
     starts = sorted(_starts(ids, a))
-    assert all(b - s >= w for s, b in zip(starts, starts[1:]))  # non-overlapping
+    assert all(b - s >= w for s, b in zip(starts, starts[1:], strict=False))  # non-overlapping
     assert starts != [i * w for i in range(10)]  # not simply the first windows
 
 
@@ -100,24 +102,30 @@ def test_budget_beyond_the_corpus_names_the_largest_that_fits(tokenizer, tmp_pat
     assert windows(c, tokenizer, largest, 128).numel() == largest  # the suggestion works
 
 
-@pytest.mark.parametrize("tokens, window, split, message", [
-    (0, 128, "calib", "token budget must be positive"),
-    (-5, 128, "calib", "token budget must be positive"),
-    (128, 0, "calib", "window length must be positive"),
-    (128, 64, "train", "split must be one of"),
-])
+@pytest.mark.parametrize(
+    "tokens, window, split, message",
+    [
+        (0, 128, "calib", "token budget must be positive"),
+        (-5, 128, "calib", "token budget must be positive"),
+        (128, 0, "calib", "window length must be positive"),
+        (128, 64, "train", "split must be one of"),
+    ],
+)
 def test_bad_window_arguments(tokenizer, tmp_path, tokens, window, split, message):
     c = load_corpus(str(write_articles(tmp_path / "text.txt")))
     with pytest.raises(DataError, match=message):
         windows(c, tokenizer, tokens, window, split=split)
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "is empty"),
-    (b"  \n\n \t\n", "is empty"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)), "looks binary"),
-    ("caf\xe9 cr\xe8me".encode("latin-1"), "is not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (b"  \n\n \t\n", "is empty"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)), "looks binary"),
+        ("caf\xe9 cr\xe8me".encode("latin-1"), "is not UTF-8"),
+    ],
+)
 def test_unusable_text_files(tmp_path, content, message):
     f = tmp_path / "bad.txt"
     f.write_bytes(content)

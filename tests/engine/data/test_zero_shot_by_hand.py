@@ -35,8 +35,11 @@ def prompt_and_choices(task: str, doc: dict) -> tuple[str, list[str], int]:
         return f"Question: {doc['goal']}\nAnswer:", [doc["sol1"], doc["sol2"]], int(doc["label"])
     if task == "arc_easy":
         choices = doc["choices"]
-        return (f"Question: {doc['question']}\nAnswer:", list(choices["text"]),
-                choices["label"].index(doc["answerKey"]))
+        return (
+            f"Question: {doc['question']}\nAnswer:",
+            list(choices["text"]),
+            choices["label"].index(doc["answerKey"]),
+        )
     raise AssertionError(task)
 
 
@@ -46,7 +49,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     whole = tokenizer.encode(context + continuation)
     ctx = tokenizer.encode(context)
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
 @torch.no_grad()
@@ -72,7 +75,9 @@ def engine_run(tiny_model_dir, tmp_cache, monkeypatch):
 
     def spy(self, requests, *args, **kwargs):
         out = original(self, requests, *args, **kwargs)
-        recorded.extend((r.task_name, r.doc_id, r.idx, *r.args, float(o[0])) for r, o in zip(requests, out))
+        recorded.extend(
+            (r.task_name, r.doc_id, r.idx, *r.args, float(o[0])) for r, o in zip(requests, out, strict=False)
+        )
         return out
 
     monkeypatch.setattr(HFLM, "loglikelihood", spy)
@@ -96,7 +101,7 @@ def check_task(handle, task, reported, requests, docs):
             ctx, cont, ll = by_request[(doc_id, idx)]
             assert (ctx, cont) == (context, " " + c)
             assert ll == pytest.approx(lls[idx], abs=TOL), (task, doc_id, idx)
-        normed = [ll / len(c) for ll, c in zip(lls, choices)]
+        normed = [ll / len(c) for ll, c in zip(lls, choices, strict=False)]
         for scores in (lls, normed):  # no near tie: argmax is the same whatever the float noise
             top = sorted(scores, reverse=True)
             assert top[0] - top[1] > 5 * TOL, (task, doc_id, top[:2])

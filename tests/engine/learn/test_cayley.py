@@ -201,6 +201,6 @@ def test_cosine_schedule_lowers_the_step_cap():
         moves.append((x.detach() - before).norm().item())
     expected = [0.75 * (1 + math.cos(math.pi * t / 10)) for t in range(11)]
     assert lrs == pytest.approx(expected, abs=1e-12)
-    assert all(later < earlier for earlier, later in zip(lrs[:10], lrs[1:]))
+    assert all(later < earlier for earlier, later in zip(lrs[:10], lrs[1:], strict=False))
     assert moves[-1] < 1e-12 < moves[0]  # lr reached 0: the last step does not move X
     assert moves[8] < moves[1]

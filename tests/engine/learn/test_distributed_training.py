@@ -2,6 +2,7 @@
 
 The two ranks are spawned once per module (imports cost seconds on 2 cores) and run every scenario in turn; each
 rank rebuilds the same tiny random Llama and writes what it saw to a file that the tests read."""
+
 import faulthandler
 import os
 import socket
@@ -26,8 +27,9 @@ pytestmark = pytest.mark.slow  # every test trains in several processes
 
 
 def tiny():
-    model = tiny_llama(seed=0, layers=LAYERS, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, intermediate=INTER,
-                       vocab=VOCAB)
+    model = tiny_llama(
+        seed=0, layers=LAYERS, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, intermediate=INTER, vocab=VOCAB
+    )
     return model, resolve(model)
 
 
@@ -48,8 +50,9 @@ def key_for(method: str) -> str | None:
 _KEY = object()  # train_recording's default: key_for(method)
 
 
-def train_recording(method: str, monkeypatch_module, cfg: TrainConfig | None = None, key=_KEY,
-                    resume: bool = True) -> dict:
+def train_recording(
+    method: str, monkeypatch_module, cfg: TrainConfig | None = None, key=_KEY, resume: bool = True
+) -> dict:
     """Run train() on the tiny model; record the events and the final rotations that every rank checks (a spy on
     distributed.check_same_on_all_ranks, which train calls once with every learned parameter)."""
     cfg = cfg or config(method)
@@ -71,8 +74,13 @@ def train_recording(method: str, monkeypatch_module, cfg: TrainConfig | None = N
     metrics = lambda name: [(e.step, e.value) for e in events if isinstance(e, Metric) and e.name == name]  # noqa
     done = events[-1]
     assert isinstance(done, Done)
-    return {"losses": metrics("loss"), "ppl": metrics("ppl"), "rotations": seen["rotations"],
-            "path": done.result.path, "file_exists": Path(done.result.path).exists()}
+    return {
+        "losses": metrics("loss"),
+        "ppl": metrics("ppl"),
+        "rotations": seen["rotations"],
+        "path": done.result.path,
+        "file_exists": Path(done.result.path).exists(),
+    }
 
 
 RESUME = dict(method="spinquant", steps=3)  # the stop-and-resume scenario: stopped after step 1 of 3
@@ -94,15 +102,23 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
     faulthandler.dump_traceback_later(120, exit=True)  # a deadlock fails the test instead of hanging it
     torch.set_num_threads(1)
     cache = Path(out_dir) / f"cache{rank}"  # a private cache per rank: shows which rank writes files
-    os.environ.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), SPINSCOPE_CACHE=str(cache))
+    os.environ.update(
+        OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_RANK=str(rank),
+        SPINSCOPE_CACHE=str(cache),
+    )
     info = distributed.init_from_env()
     try:
         out = {"info": info, "current": distributed.current(), "is_main": distributed.current().is_main}
         for method in METHODS:
             out[method] = train_recording(method, distributed)
-        out["checkpoints"] = sorted(p.name for p in (cache / "optimize").glob("*")) if (cache / "optimize").exists() \
-            else []
+        out["checkpoints"] = (
+            sorted(p.name for p in (cache / "optimize").glob("*")) if (cache / "optimize").exists() else []
+        )
         stop_after_first_step("ddp-resume")  # every rank stops at the same step, as a Stop in a torchrun job would
         out["resume"] = train_recording("spinquant", distributed, cfg=config(**RESUME), key="ddp-resume")
         model, arch = tiny()
@@ -153,9 +169,8 @@ def test_two_processes_train_the_same_rotations_as_one(method, ranks, single):
     results, _ = ranks
     rank0, rank1 = results[0][method], results[1][method]
     ref = single[method]
-    assert len(rank0["rotations"]) == len(ref["rotations"]) == (1 + LAYERS if method == "spinquant"
-                                                                 else 1 + 3 * LAYERS)
-    for a, b, s in zip(rank0["rotations"], rank1["rotations"], ref["rotations"]):
+    assert len(rank0["rotations"]) == len(ref["rotations"]) == (1 + LAYERS if method == "spinquant" else 1 + 3 * LAYERS)
+    for a, b, s in zip(rank0["rotations"], rank1["rotations"], ref["rotations"], strict=False):
         assert torch.equal(a, b), "the ranks' rotations differ"
         torch.testing.assert_close(a, s, atol=1e-5, rtol=0)
     start = LearnedRotations(tiny()[1], method, 16, 0).manifold_params()  # training moved R1 well beyond the
@@ -176,7 +191,7 @@ def test_only_rank_zero_evaluates_and_writes_files(method, ranks, single):
     assert rank0["file_exists"] and not rank1["file_exists"]
     learned = load_rotations(rank0["path"])  # what rank 0 exported is what every rank trained
     exported = [learned.r1, *learned.r2] + ([*learned.r3, *learned.r4] if method == "flrot" else [])
-    for a, b in zip(exported, rank0["rotations"]):
+    for a, b in zip(exported, rank0["rotations"], strict=False):
         assert torch.equal(a, b)
     if method == "flrot":  # the run with a key checkpointed, on rank 0 only
         assert results[0]["checkpoints"] == ["ddp-test"] and results[1]["checkpoints"] == []
@@ -202,8 +217,11 @@ def test_batch_not_divisible_by_the_world_size_is_refused(ranks):
     for res in results:
         assert res["odd_batch_error"] is not None and "not divisible by the 2 processes" in res["odd_batch_error"]
     assert distributed.local_batch(6, 3, 2) == slice(4, 6)
-    with pytest.raises(ValueError, match=r"batch \(3 windows per step\) is not divisible by the 2 processes; use "
-                                         r"a multiple of 2 \(e.g. 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"batch \(3 windows per step\) is not divisible by the 2 processes; use "
+        r"a multiple of 2 \(e.g. 4\)",
+    ):
         distributed.local_batch(3, 2, 0)
     with pytest.raises(ValueError, match="rank 2 is not in a world of size 2"):
         distributed.local_batch(4, 2, 2)
@@ -212,8 +230,9 @@ def test_batch_not_divisible_by_the_world_size_is_refused(ranks):
 def test_ranks_that_disagree_are_caught(ranks):
     results, _ = ranks
     for res in results:
-        assert res["mismatch_error"] is not None and "probe tensors differ across ranks (tensor 1" \
-            in res["mismatch_error"]
+        assert (
+            res["mismatch_error"] is not None and "probe tensors differ across ranks (tensor 1" in res["mismatch_error"]
+        )
 
 
 def test_a_single_process_needs_no_group(monkeypatch):
@@ -234,8 +253,21 @@ def test_a_single_process_needs_no_group(monkeypatch):
 def test_optimize_command_prints_losses_and_the_file_in_one_process(tiny_model_dir, tmp_cache, capsys):
     from engine.__main__ import main
 
-    argv = ["optimize", "--model", str(tiny_model_dir), "--steps", "2", "--windows", "2", "--window", "16",
-            "--batch", "2", "--eval-every", "0"]
+    argv = [
+        "optimize",
+        "--model",
+        str(tiny_model_dir),
+        "--steps",
+        "2",
+        "--windows",
+        "2",
+        "--window",
+        "16",
+        "--batch",
+        "2",
+        "--eval-every",
+        "0",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[:2] for line in out if line.startswith("step ")] == [["step", "1/2"], ["step", "2/2"]]
@@ -244,9 +276,14 @@ def test_optimize_command_prints_losses_and_the_file_in_one_process(tiny_model_d
     assert not torch.distributed.is_initialized()
 
 
-@pytest.mark.parametrize("flag, value, message", [("--steps", "0", "steps must be a positive integer"),
-                                                   ("--method", "quarot", "method must be one of spinquant, flrot"),
-                                                   ("--bits", "16-16-16", "rotation invariant")])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--steps", "0", "steps must be a positive integer"),
+        ("--method", "quarot", "method must be one of spinquant, flrot"),
+        ("--bits", "16-16-16", "rotation invariant"),
+    ],
+)
 def test_optimize_command_refuses_bad_values(flag, value, message, tmp_cache, capsys):
     from engine.__main__ import main
 

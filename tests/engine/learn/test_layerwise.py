@@ -2,6 +2,7 @@
 quantized, the first loss is the MSE of the QuaRot-quantized block computed the independent way (rotate +
 quantize_model + HF hidden states), learnable clip ratios stay in (0, 1], the written file loads in the 'rotated'
 recipe without changing the floating-point logits, and each block's loss goes down."""
+
 import json
 from dataclasses import replace
 
@@ -26,8 +27,9 @@ LAYERS, HIDDEN, HEADS, KV_HEADS, INTER, VOCAB = 2, 32, 4, 2, 64, 128
 
 
 def tiny(dtype=torch.float32):
-    model = tiny_llama(seed=0, layers=LAYERS, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, intermediate=INTER,
-                       vocab=VOCAB).to(dtype)
+    model = tiny_llama(
+        seed=0, layers=LAYERS, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, intermediate=INTER, vocab=VOCAB
+    ).to(dtype)
     return model, resolve(model)
 
 
@@ -70,8 +72,9 @@ def test_first_loss_is_the_mse_of_the_quarot_block_against_floating_point():
     ids = calib()
     result = run_to_end(train_layerwise(model, arch, ids, config(clip="fixed", steps=1), device="cpu"))
     quarot = rotate(model, arch, RECIPES["quarot"].rotation)
-    for _ in quantize_model(quarot, arch, Bits(4, 4, 4), replace(RECIPES["quarot"], clip=ClipPolicy(
-                                                                   "fixed", weight_range_search=False))):
+    for _ in quantize_model(
+        quarot, arch, Bits(4, 4, 4), replace(RECIPES["quarot"], clip=ClipPolicy("fixed", weight_range_search=False))
+    ):
         pass
     r1 = random_hadamard(HIDDEN, seed=0).float().double()
     expected = ((hidden_states(quarot, ids)[1] - hidden_states(model, ids)[1] @ r1) ** 2).mean()
@@ -130,8 +133,7 @@ def test_each_blocks_loss_decreases(method):
     either way), so this case quantizes activations and the KV cache, where the learned clip ratios and the online
     rotations have something to find."""
     model, arch = tiny()
-    events = list(train_layerwise(model, arch, calib(), config(method=method, steps=12, bits="16-4-4"),
-                                  device="cpu"))
+    events = list(train_layerwise(model, arch, calib(), config(method=method, steps=12, bits="16-4-4"), device="cpu"))
     blocks = [e for e in events if isinstance(e, Metric) and e.name == "block_mse"]
     assert [e.step for e in blocks] == list(range(LAYERS))
     for e in blocks:
@@ -141,10 +143,15 @@ def test_each_blocks_loss_decreases(method):
 
 
 def test_bad_settings_give_one_clear_error():
-    for kw, match in ((dict(clip="calibrated"), "clipping must be one of"), (dict(a_clip=1.5), r"\(0, 1\]"),
-                      (dict(kv_clip=0.0), r"\(0, 1\]"), (dict(inputs="mixed"), "inputs must be"),
-                      (dict(method="quarot"), "method must be"), (dict(batch=8), "cannot exceed"),
-                      (dict(bits="mxfp4-mxfp4-16"), "integer grids")):
+    for kw, match in (
+        (dict(clip="calibrated"), "clipping must be one of"),
+        (dict(a_clip=1.5), r"\(0, 1\]"),
+        (dict(kv_clip=0.0), r"\(0, 1\]"),
+        (dict(inputs="mixed"), "inputs must be"),
+        (dict(method="quarot"), "method must be"),
+        (dict(batch=8), "cannot exceed"),
+        (dict(bits="mxfp4-mxfp4-16"), "integer grids"),
+    ):
         with pytest.raises(ValueError, match=match):
             config(**kw)
     model, arch = tiny()
@@ -155,8 +162,32 @@ def test_bad_settings_give_one_clear_error():
 @pytest.mark.slow
 def test_cli_layerwise_names_the_written_file(capsys, tmp_path, tiny_model_dir):
     out = tmp_path / "out.json"
-    assert main(["optimize", "--mode", "layerwise", "--method", "flrot", "--model", str(tiny_model_dir), "--steps",
-                 "2", "--windows", "2", "--batch", "2", "--window", "16", "--block", "16", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "optimize",
+                "--mode",
+                "layerwise",
+                "--method",
+                "flrot",
+                "--model",
+                str(tiny_model_dir),
+                "--steps",
+                "2",
+                "--windows",
+                "2",
+                "--batch",
+                "2",
+                "--window",
+                "16",
+                "--block",
+                "16",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     assert data["path"] in capsys.readouterr().out and data["mode"] == "layerwise"
     assert load_rotations(data["path"]).clips is not None
@@ -170,12 +201,34 @@ def test_scale_benchmark_on_the_cpu_adds_up(tmp_path):
     from benchmarks.layerwise_scale import main as bench
 
     out = tmp_path / "scale.json"
-    assert bench(["--shape", "tiny", "--device", "cpu", "--windows", "2", "--tokens", "16", "--batch", "1",
-                  "--steps", "3", "--steps-per-block", "5", "--json", str(out)]) == 0
+    assert (
+        bench(
+            [
+                "--shape",
+                "tiny",
+                "--device",
+                "cpu",
+                "--windows",
+                "2",
+                "--tokens",
+                "16",
+                "--batch",
+                "1",
+                "--steps",
+                "3",
+                "--steps-per-block",
+                "5",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     row = data["rows"][0]
-    assert data["seconds_per_block"] == pytest.approx(row["target_pass_s"] + row["next_inputs_pass_s"]
-                                                      + 5 * row["seconds_per_step"])
+    assert data["seconds_per_block"] == pytest.approx(
+        row["target_pass_s"] + row["next_inputs_pass_s"] + 5 * row["seconds_per_step"]
+    )
     assert data["projected_seconds"] == pytest.approx(2 * data["seconds_per_block"]) and len(row["losses"]) == 3
     assert data["cpu_inputs_bytes"] == 3 * 2 * 16 * 64 * 2  # X, Z, Y in bfloat16
     assert row["saved"]["activations"] > 0 and row["saved"]["weights"] > 0

@@ -1,5 +1,6 @@
 """Learned rotations on a tiny random Llama: the manifold, gradients through the fake quantizers, fusion equals the
 on-the-fly network, stop/resume, bad input; and the random-rotation spread on a tiny model directory."""
+
 from dataclasses import replace
 
 import pytest
@@ -30,8 +31,9 @@ pytestmark = pytest.mark.slow  # every test trains rotations
 
 
 def tiny(dtype=torch.float32):
-    model = tiny_llama(seed=0, layers=LAYERS, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, intermediate=INTER,
-                       vocab=VOCAB).to(dtype)
+    model = tiny_llama(
+        seed=0, layers=LAYERS, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, intermediate=INTER, vocab=VOCAB
+    ).to(dtype)
     return model, resolve(model)
 
 
@@ -71,9 +73,11 @@ def test_rotations_stay_orthogonal_and_move(method, tmp_cache):
     mats = [learned.r1, *learned.r2] + ([*learned.r3, *learned.r4] if method == "flrot" else [])
     assert max(float(orthogonality_error(m).max()) for m in mats) < 1e-5
     assert not torch.allclose(learned.r1, start.r1, atol=1e-4), "R1 did not move"
-    assert all(not torch.allclose(a, b, atol=1e-4) for a, b in zip(learned.r2, start.r2)), "an R2 did not move"
+    assert all(not torch.allclose(a, b, atol=1e-4) for a, b in zip(learned.r2, start.r2, strict=False)), (
+        "an R2 did not move"
+    )
     if method == "flrot":
-        assert all(not torch.allclose(a, b, atol=1e-4) for a, b in zip(learned.r4, start.r4))
+        assert all(not torch.allclose(a, b, atol=1e-4) for a, b in zip(learned.r4, start.r4, strict=False))
         for blocks in learned.r4:  # block-diagonal: [n_blocks, b, b] blocks, the dense matrix orthogonal
             assert blocks.shape == (INTER // 16, 16, 16)
             full = dense(blocks).double()
@@ -88,8 +92,9 @@ def test_gradient_reaches_r1_to_r4_through_the_fake_quantizers():
     rots = LearnedRotations(arch, "flrot", 16, 0)
     net = RotatedTrainingModel(model, arch, rots, Bits(4, 4, 4), RECIPES["rotated"])
     net.loss(data()[0]).backward()
-    grads = {"R1": [rots.r1.weight.grad]} | {f"R{k}": [getattr(rots, f"r{k}")[i].weight.grad for i in range(LAYERS)]
-                                               for k in (2, 3)}
+    grads = {"R1": [rots.r1.weight.grad]} | {
+        f"R{k}": [getattr(rots, f"r{k}")[i].weight.grad for i in range(LAYERS)] for k in (2, 3)
+    }
     grads["R4"] = [rots.r4[i].blocks.grad for i in range(LAYERS)]
     for name, gs in grads.items():
         for g in gs:
@@ -106,8 +111,9 @@ def test_gradient_reaches_r1_to_r4_through_the_fake_quantizers():
 def test_unquantized_on_the_fly_network_equals_the_original():
     model, arch = tiny()
     for method in ("spinquant", "flrot"):
-        net = RotatedTrainingModel(model, arch, LearnedRotations(arch, method, 16, 3), Bits(16, 16, 16),
-                                   RECIPES["rotated"])
+        net = RotatedTrainingModel(
+            model, arch, LearnedRotations(arch, method, 16, 3), Bits(16, 16, 16), RECIPES["rotated"]
+        )
         ids = data()[0]
         with torch.no_grad():
             torch.testing.assert_close(net.model(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
@@ -137,8 +143,13 @@ def test_trained_then_fused_equals_the_on_the_fly_network(method, permute, tmp_c
 def test_spinquant_step_zero_is_quarot_with_the_same_seed():
     """The initial rotations and SpinQuant's fixed R3/R4 are the ones rotate() draws for the 'quarot' recipe."""
     model, arch = tiny(torch.float64)
-    net = RotatedTrainingModel(model, arch, LearnedRotations(arch, "spinquant", 16, 0), Bits(4, 4, 4),
-                               replace(RECIPES["rotated"], clip=ClipPolicy("fixed")))
+    net = RotatedTrainingModel(
+        model,
+        arch,
+        LearnedRotations(arch, "spinquant", 16, 0),
+        Bits(4, 4, 4),
+        replace(RECIPES["rotated"], clip=ClipPolicy("fixed")),
+    )
     quarot = rotate(model, arch, RECIPES["quarot"].rotation)
     plain_rtn = ClipPolicy("fixed", weight_range_search=False)
     for _ in quantize_model(quarot, arch, Bits(4, 4, 4), replace(RECIPES["quarot"], clip=plain_rtn)):
@@ -190,7 +201,7 @@ def test_stop_then_resume_equals_an_uninterrupted_run(tmp_cache):
     # exactly: the checkpoint restores the rotations and the optimizer's state, and the same steps run again
     assert [h["loss"] for h in resumed.state.history] == [h["loss"] for h in whole.state.history]
     a, b = load_rotations(whole.path), load_rotations(resumed.path)
-    for x, y in zip([a.r1, *a.r2, *a.r3, *a.r4], [b.r1, *b.r2, *b.r3, *b.r4]):
+    for x, y in zip([a.r1, *a.r2, *a.r3, *a.r4], [b.r1, *b.r2, *b.r3, *b.r4], strict=False):
         assert torch.equal(x, y)
     # resume=False starts over from the random Hadamard initialisation
     fresh = list(train(model, arch, calib, ev, replace(cfg, steps=1), key="stopped", resume=False))
@@ -230,8 +241,9 @@ def test_train_job_and_random_spread_on_a_model_directory(tiny_model_dir, tmp_ca
     with pytest.raises(ValueError, match="not divisible"):
         list(train_job(handle, replace(cfg, method="flrot", block=5)))
 
-    spread_cfg = SpreadConfig(seeds=2, families=("hadamard", "orthogonal"), bits="4-4-4",
-                              eval=EvalConfig(tokens=64, window=32))
+    spread_cfg = SpreadConfig(
+        seeds=2, families=("hadamard", "orthogonal"), bits="4-4-4", eval=EvalConfig(tokens=64, window=32)
+    )
     spread = run_to_end(spread_job(handle, spread_cfg, learned={"SpinQuant": (result.path, "spinquant")}))
     rows = spread.rows
     assert list(rows.family) == ["hadamard", "hadamard", "orthogonal", "orthogonal", "learned"]

@@ -1,5 +1,6 @@
 """Models dispatched over CPU and disk (accelerate): the same logits, statistics, rotated logits, fake-quantized
 perplexity and zero-shot scores as the model on one device; placement plans and refusals."""
+
 import hashlib
 from pathlib import Path
 
@@ -15,8 +16,16 @@ from engine.observe.capture import CaptureConfig, capture
 from engine.rotation.fusion import RotationConfig, logits, rotate
 
 # Layers 1-2 and the final norm on disk, the rest on the CPU; lm_head asks for disk but is tied to the embedding.
-SPLIT = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
-         "model.layers.3": "cpu", "model.norm": "disk", "model.rotary_emb": "cpu", "lm_head": "disk"}
+SPLIT = {
+    "model.embed_tokens": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.layers.2": "disk",
+    "model.layers.3": "cpu",
+    "model.norm": "disk",
+    "model.rotary_emb": "cpu",
+    "lm_head": "disk",
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +37,16 @@ def model_dir(tmp_path_factory):
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # a few outlier channels, so statistics and quantization have something to show
         model.model.embed_tokens.weight[:, :3] *= 20
@@ -78,8 +94,13 @@ def test_capture_gives_the_same_statistics(handles):
     a, b = results
     assert list(a.columns) == list(b.columns) and len(a) == 4 * len(cfg.sites)
     numeric = a.select_dtypes("number").columns
-    assert torch.allclose(torch.tensor(a[numeric].to_numpy(float)), torch.tensor(b[numeric].to_numpy(float)),
-                          rtol=1e-9, atol=0, equal_nan=True)
+    assert torch.allclose(
+        torch.tensor(a[numeric].to_numpy(float)),
+        torch.tensor(b[numeric].to_numpy(float)),
+        rtol=1e-9,
+        atol=0,
+        equal_nan=True,
+    )
 
 
 def test_rotating_in_place_gives_the_rotated_logits_and_never_writes_the_model_files(handles, model_dir):
@@ -94,8 +115,9 @@ def test_rotating_in_place_gives_the_rotated_logits_and_never_writes_the_model_f
         q_disk = split.arch.module(model, "q", 1)
         folder = Path(q_disk._hf_hook.weights_map.dataset.save_folder)  # this load's own offload folder
         assert any(p.suffix == ".dat" for p in folder.iterdir())  # edits of disk weights were written there
-        assert not torch.allclose(dispatch.read_tensor(q_disk), single.arch.module(single.model, "q", 1).weight,
-                                  atol=1e-3)  # and the forward reads them
+        assert not torch.allclose(
+            dispatch.read_tensor(q_disk), single.arch.module(single.model, "q", 1).weight, atol=1e-3
+        )  # and the forward reads them
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
     # the job's end reloaded the original, and the model's own files were never written
     assert torch.equal(logits(split.model, ids()), logits(single.model, ids()))
@@ -134,15 +156,19 @@ def test_plan_refuses_what_cannot_fit_without_disk(model_dir, tmp_cache):
     with pytest.raises(PlacementError, match="does not fit"):
         load_model(str(model_dir), "float32", max_memory="cpu=1MiB")
     plan = plan_model(str(model_dir), "float32", "cpu=1MiB", offload_disk=True)
-    assert plan.devices == ["disk"] and plan.total_bytes > 12 * 2 ** 20
+    assert plan.devices == ["disk"] and plan.total_bytes > 12 * 2**20
     fits = plan_model(str(model_dir), "float16", "cpu=1GiB")
     assert fits.devices == ["cpu"] and fits.total_bytes == pytest.approx(plan.total_bytes / 2, rel=0.01)
     assert "float16" in fits.summary() and fits.rows()[0]["device"] == "cpu"
 
 
 def test_bad_budgets_and_maps_are_refused(model_dir, tmp_cache):
-    for text, match in [("cpu:20GiB", "device=size"), ("cpu=lots", "memory size"), ("tpu=1GiB", "unknown device"),
-                        ("cuda:7=1GiB", "not present")]:
+    for text, match in [
+        ("cpu:20GiB", "device=size"),
+        ("cpu=lots", "memory size"),
+        ("tpu=1GiB", "unknown device"),
+        ("cuda:7=1GiB", "not present"),
+    ]:
         with pytest.raises(PlacementError, match=match):
             dispatch.parse_max_memory(text)
     with pytest.raises(PlacementError, match="unplaced"):
@@ -158,7 +184,9 @@ def test_cli_plan_prints_the_placement_or_refuses(model_dir, tmp_cache, capsys):
 
     assert main(["plan", "--model", str(model_dir), "--dtype", "float32", "--max-memory", "cpu=1MiB"]) == 2
     assert "does not fit" in capsys.readouterr().err
-    assert main(["plan", "--model", str(model_dir), "--dtype", "float32", "--max-memory", "cpu=1MiB",
-                 "--offload-disk"]) == 0
+    assert (
+        main(["plan", "--model", str(model_dir), "--dtype", "float32", "--max-memory", "cpu=1MiB", "--offload-disk"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "disk" in out and "MiB of float32 weights" in out

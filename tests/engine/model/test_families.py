@@ -2,6 +2,7 @@
 that need a non-power-of-two Hadamard: hidden 48 = 12 x 4, head_dim 12, intermediate 80 = 20 x 4): each of R1..R4
 alone and all four together keep the logits; RTN 4-4-4 and GPTQ run; two Cayley steps change the rotations;
 capture sees every site of every layer. The reference is the unrotated model itself, run by transformers."""
+
 import pytest
 import torch
 import transformers
@@ -15,8 +16,18 @@ from engine.quant.recipes import Bits, get_recipe
 from engine.rotation.fusion import ROTATIONS, RotationConfig, rotate
 from engine.rotation.hadamard import random_hadamard
 
-COMMON = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 FAMILIES = {  # name: (config class, model class, family-specific settings)
     "llama3-tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, rope_theta=500000.0)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(head_dim=12)),
@@ -58,8 +69,11 @@ def test_each_rotation_and_all_four_keep_the_logits(family, which):
     rotated = rotate(model, arch, RotationConfig.from_names(names, "hadamard"))
     before, after = logits(model), logits(rotated)
     assert (before - after).abs().max() <= 1e-3
-    changed = [n for n, p in rotated.named_parameters() if n in dict(model.named_parameters())
-               and not torch.equal(p, dict(model.named_parameters())[n])]
+    changed = [
+        n
+        for n, p in rotated.named_parameters()
+        if n in dict(model.named_parameters()) and not torch.equal(p, dict(model.named_parameters())[n])
+    ]
     assert changed  # the rotation really touched the weights (R3 alone still folds the norms)
 
 
@@ -86,8 +100,7 @@ def test_two_cayley_steps_run_and_change_the_rotations(family, method):
     assert len(done.result.state.history) == 2
     start = random_hadamard(48, seed=0)  # where training starts (QuaRot's R1 for seed 0)
     assert not torch.allclose(saved["R1"].double(), start, atol=1e-4)  # the learned R1 moved away from it
-    assert torch.allclose(saved["R1"].double() @ saved["R1"].double().T, torch.eye(48, dtype=torch.float64),
-                          atol=1e-4)
+    assert torch.allclose(saved["R1"].double() @ saved["R1"].double().T, torch.eye(48, dtype=torch.float64), atol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

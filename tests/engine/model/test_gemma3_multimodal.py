@@ -2,6 +2,7 @@
 in config.text_config, a SigLIP vision tower beside it), tiny and random: it loads from a local directory, capture
 sees every site of its language model (the residual stream equals transformers' own hidden states), RTN 4-4-4
 evaluation runs, and Rotate/Optimize refuse with the same reason as Gemma3ForCausalLM."""
+
 import pytest
 import torch
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration
@@ -15,10 +16,21 @@ from engine.quant.apply import quantize_model
 from engine.quant.recipes import Bits, get_recipe
 from engine.rotation.fusion import RotationConfig, rotate
 
-TEXT = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=12, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
-              patch_size=4)  # 16 patches, pooled to mm_tokens_per_image=4
+TEXT = dict(
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=12,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+VISION = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4
+)  # 16 patches, pooled to mm_tokens_per_image=4
 
 
 def build(vocab: int = 96):
@@ -36,7 +48,14 @@ def test_the_shapes_come_from_the_text_config():
     assert not hasattr(model.config, "hidden_size")  # really only in text_config
     arch = resolve(model)
     assert (arch.name, arch.n_layers, arch.hidden, arch.head_dim, arch.n_heads, arch.n_kv_heads, arch.vocab) == (
-        "Gemma3ForConditionalGeneration", 2, 48, 12, 4, 2, 96)
+        "Gemma3ForConditionalGeneration",
+        2,
+        48,
+        12,
+        4,
+        2,
+        96,
+    )
     assert arch.layer(model, 0) is model.model.language_model.layers[0]
 
 
@@ -50,8 +69,9 @@ def test_capture_sees_every_site_and_the_residual_stream_entering_each_layer():
         hidden = model(ids(), output_hidden_states=True).hidden_states
     for i in range(2):
         assert table.loc[(i, "resid_attn"), "absmax"] == pytest.approx(float(hidden[i].abs().max()), rel=1e-6)
-        assert table.loc[(i, "resid_attn"), "var"] == pytest.approx(float(hidden[i].double().var(
-            correction=0)), rel=1e-4)
+        assert table.loc[(i, "resid_attn"), "var"] == pytest.approx(
+            float(hidden[i].double().var(correction=0)), rel=1e-4
+        )
 
 
 def test_rtn_evaluation_runs_and_rotation_refuses_with_gemma3s_reason():

@@ -2,6 +2,7 @@
 residual; GPT-2: Conv1D linears), roles found from the module tree (engine.model.generic): the block inputs captured
 equal transformers' own hidden states, every linear of every block has a site named by its module path, and
 rotation, Cayley training and quantization refuse in one sentence; a class that is no causal LM is refused."""
+
 import pytest
 import torch
 import transformers
@@ -19,9 +20,14 @@ from engine.rotation.fusion import RotationConfig, rotate
 
 REASON = "not in the architecture table: roles unknown, rotations cannot be fused"
 MODELS = {  # name: (config class, model class, settings, the blocks' path)
-    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(hidden_size=32, intermediate_size=64,
-                                                             num_hidden_layers=3, num_attention_heads=4,
-                                                             max_position_embeddings=64), "gpt_neox.layers"),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64
+        ),
+        "gpt_neox.layers",
+    ),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=2, n_positions=64), "transformer.h"),
 }
 
@@ -47,7 +53,8 @@ def test_capture_reads_each_blocks_input_and_every_linears_input(name):
     linears = {p: m for p, m in blocks[0].named_modules() if isinstance(m, (nn.Linear, Conv1D))}
     assert len(linears) >= 4
     expected = {(i, "resid_attn") for i in range(len(blocks))} | {
-        (i, f"linear_in[{p}]") for i in range(len(blocks)) for p in linears}
+        (i, f"linear_in[{p}]") for i in range(len(blocks)) for p in linears
+    }
     assert set(table.index) == expected
     for p, m in linears.items():  # each linear's input width, over every token
         width = m.in_features if isinstance(m, nn.Linear) else m.weight.shape[0]
@@ -57,8 +64,9 @@ def test_capture_reads_each_blocks_input_and_every_linears_input(name):
         hidden = model(ids(), output_hidden_states=True).hidden_states
     for i in range(len(blocks)):
         assert table.loc[(i, "resid_attn"), "absmax"] == pytest.approx(float(hidden[i].abs().max()), rel=1e-6)
-        assert table.loc[(i, "resid_attn"), "var"] == pytest.approx(float(hidden[i].double().var(correction=0)),
-                                                                    rel=1e-4)
+        assert table.loc[(i, "resid_attn"), "var"] == pytest.approx(
+            float(hidden[i].double().var(correction=0)), rel=1e-4
+        )
     assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 0  # every hook removed
 
 
@@ -89,10 +97,15 @@ def test_a_saved_one_loads_and_a_class_that_is_no_causal_lm_is_refused(tmp_path,
     tokenizer.save_pretrained(tmp_path / "neox")
     handle = load_model(str(tmp_path / "neox"))
     assert handle.arch.roles.generic and handle.arch.n_layers == 3
-    bert = transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
-                                                                num_attention_heads=2, intermediate_size=32))
-    with pytest.raises(UnsupportedArchitectureError, match="BertForMaskedLM is not supported: SpinScope reads "
-                                                           "decoder-only causal LMs.*LlamaForCausalLM"):
+    bert = transformers.BertForMaskedLM(
+        transformers.BertConfig(
+            vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+    )
+    with pytest.raises(
+        UnsupportedArchitectureError,
+        match="BertForMaskedLM is not supported: SpinScope reads decoder-only causal LMs.*LlamaForCausalLM",
+    ):
         resolve(bert)
     bert.save_pretrained(tmp_path / "bert")
     with pytest.raises(UnsupportedArchitectureError, match="BertForMaskedLM is not supported"):

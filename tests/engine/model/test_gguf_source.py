@@ -1,6 +1,7 @@
 """A .gguf file as a model source: converted once into the cache like the default model, with a note naming the
 quantization it was dequantized from; a split GGUF's part not named as one and an architecture transformers cannot
 read from GGUF are refused with the reason, before any conversion (split GGUFs: test_gguf_split.py)."""
+
 import pytest
 import torch
 from gguf import GGUFWriter
@@ -25,8 +26,10 @@ def write_gguf(path, arch: str, **extra):
 
 def test_an_architecture_transformers_cannot_read_is_refused_with_the_reason(tmp_path, tmp_cache):
     path = write_gguf(tmp_path / "tiny-rwkv.gguf", "rwkv7")
-    with pytest.raises(ModelLoadError, match="holds a 'rwkv7' model, an architecture transformers cannot read from "
-                                             "GGUF \\(it reads .*llama.*qwen3"):
+    with pytest.raises(
+        ModelLoadError,
+        match="holds a 'rwkv7' model, an architecture transformers cannot read from GGUF \\(it reads .*llama.*qwen3",
+    ):
         load_model(str(path))
     assert not list((tmp_cache / "models").glob("tiny-rwkv*"))  # nothing converted
 

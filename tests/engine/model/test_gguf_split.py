@@ -1,6 +1,7 @@
 """Split GGUF files (llama.cpp's NAME-0000k-of-0000N.gguf parts, written here by the gguf package's own splitting
 writer): the path of the first part loads, its parts merged once into one GGUF in the cache, and computes the whole
 file's model; a missing part or a later part's path is refused in one sentence."""
+
 import numpy as np
 import pytest
 import torch
@@ -18,8 +19,9 @@ def split_copy(src, dest, max_tensors: int) -> list:
     for field in reader.fields.values():
         if field.name != "general.architecture" and not field.name.startswith("GGUF."):
             vtype = field.types[0]
-            writer.add_key_value(field.name, field.contents(), vtype,
-                                 sub_type=field.types[-1] if vtype == GGUFValueType.ARRAY else None)
+            writer.add_key_value(
+                field.name, field.contents(), vtype, sub_type=field.types[-1] if vtype == GGUFValueType.ARRAY else None
+            )
     for t in reader.tensors:
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
     writer.write_header_to_file()
@@ -34,9 +36,11 @@ def split_copy(src, dest, max_tensors: int) -> list:
 def tiny_split(tmp_path) -> tuple[dict, list]:
     """A 3-tensor GGUF (two f32, one raw Q8_0) split into parts of 2 and 1 tensors; returns (tensors, parts)."""
     rng = np.random.default_rng(0)
-    tensors = {"a.weight": rng.standard_normal((4, 8), dtype=np.float32),
-               "b.weight": rng.standard_normal((2, 32), dtype=np.float32),
-               "c.weight": rng.integers(0, 255, (2, 34), dtype=np.uint8)}  # two Q8_0 blocks of 32 values per row
+    tensors = {
+        "a.weight": rng.standard_normal((4, 8), dtype=np.float32),
+        "b.weight": rng.standard_normal((2, 32), dtype=np.float32),
+        "c.weight": rng.integers(0, 255, (2, 34), dtype=np.uint8),
+    }  # two Q8_0 blocks of 32 values per row
     w = GGUFWriter(tmp_path / "whole.gguf", "llama")
     w.add_block_count(1)
     w.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
@@ -57,7 +61,8 @@ def test_merging_the_parts_gives_back_every_tensor_and_key_without_the_split_key
     merged = GGUFReader(merge_parts(parts, tmp_path / "merged.gguf"))
     assert not list(tmp_path.glob("*.tmp*"))  # the temporary file was renamed
     assert {t.name: bytes(np.asarray(t.data).tobytes()) for t in merged.tensors} == {
-        n: d.tobytes() for n, d in tensors.items()}
+        n: d.tobytes() for n, d in tensors.items()
+    }
     assert next(t for t in merged.tensors if t.name == "c.weight").tensor_type == GGMLQuantizationType.Q8_0
     assert merged.fields["tokenizer.ggml.tokens"].contents() == ["a", "b", "c"]
     assert merged.fields["llama.block_count"].contents() == 1
@@ -66,12 +71,18 @@ def test_merging_the_parts_gives_back_every_tensor_and_key_without_the_split_key
 
 def test_a_missing_part_or_a_later_parts_path_is_refused_in_one_sentence(tmp_path):
     _, parts = tiny_split(tmp_path)
-    with pytest.raises(ModelLoadError, match="^tiny-00002-of-00002.gguf is part 2 of a split GGUF of 2 parts; give "
-                                             "the path of its first part, tiny-00001-of-00002.gguf$"):
+    with pytest.raises(
+        ModelLoadError,
+        match="^tiny-00002-of-00002.gguf is part 2 of a split GGUF of 2 parts; give "
+        "the path of its first part, tiny-00001-of-00002.gguf$",
+    ):
         load_model(str(parts[1]))
     parts[1].unlink()
-    with pytest.raises(ModelLoadError, match="^tiny-00001-of-00002.gguf is the first part of a split GGUF of 2 "
-                                             "parts, but tiny-00002-of-00002.gguf is missing from .*$"):
+    with pytest.raises(
+        ModelLoadError,
+        match="^tiny-00001-of-00002.gguf is the first part of a split GGUF of 2 "
+        "parts, but tiny-00002-of-00002.gguf is missing from .*$",
+    ):
         load_model(str(parts[0]))
 
 

@@ -1,4 +1,5 @@
 """Model loading: the default model, local directories, and every bad input (the text data: tests/engine/data)."""
+
 import math
 import shutil
 
@@ -14,7 +15,12 @@ from engine.model.loading import ModelLoadError, load_model
 def test_default_model_is_smollm2_and_predicts_text(default_handle):
     h = default_handle
     assert (h.arch.name, h.arch.n_layers, h.arch.hidden, h.arch.n_heads, h.arch.n_kv_heads) == (
-        "LlamaForCausalLM", 30, 576, 9, 3)
+        "LlamaForCausalLM",
+        30,
+        576,
+        9,
+        3,
+    )
     assert h.arch.tied_embeddings and "4-bit" in h.note
     assert h.fingerprint.endswith("-float32") and not h.model.training
     assert not any(p.requires_grad for p in h.model.parameters())
@@ -74,8 +80,9 @@ def test_directory_without_tokenizer(tmp_path, tiny_model_dir):
 def bert_dir(path):
     from transformers import BertConfig, BertForMaskedLM
 
-    BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=32)).save_pretrained(path)
+    BertForMaskedLM(
+        BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(path)
     return path
 
 
@@ -85,8 +92,9 @@ def test_a_class_that_is_no_causal_lm_is_refused(tmp_path):
         load_model(str(bert_dir(tmp_path)))
 
 
-@pytest.mark.parametrize("name, dtype, message", [("", "float32", "no model given"),
-                                                  ("default", "int8", "dtype 'int8' is not supported")])
+@pytest.mark.parametrize(
+    "name, dtype, message", [("", "float32", "no model given"), ("default", "int8", "dtype 'int8' is not supported")]
+)
 def test_bad_name_or_dtype(name, dtype, message):
     with pytest.raises(ModelLoadError, match=message):
         load_model(name, dtype=dtype)

@@ -1,6 +1,7 @@
 """Families whose rotations cannot be fused exactly (Gemma 2/3 and OLMo-2 normalize a sublayer's output before the
 residual add; StableLM uses LayerNorm): capture and evaluation work on the unrotated model, while rotation and
 Cayley training refuse with the architectural reason, in the engine and in the CLI (exit 2, one `error:` line)."""
+
 import os
 import subprocess
 import sys
@@ -18,8 +19,17 @@ from engine.quant.apply import quantize_model
 from engine.quant.recipes import Bits, get_recipe
 from engine.rotation.fusion import RotationConfig, rotate
 
-COMMON = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+COMMON = dict(
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 FAMILIES = {  # name: (config class, model class, settings, the reason's words)
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=12), "normalize each sublayer's output"),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(), "normalize each sublayer's output"),
@@ -88,8 +98,13 @@ def test_cli_rotate_and_optimize_exit_2_with_one_error_line(family, tmp_path, tm
     tokenizer.save_pretrained(tmp_path)
     env = {**os.environ, "SPINSCOPE_CACHE": str(tmp_cache)}
     for verb in (["rotate", "--rotations", "R1"], ["optimize", "--steps", "1"]):
-        proc = subprocess.run([sys.executable, "-m", "engine", verb[0], "--model", str(tmp_path), *verb[1:]],
-                              capture_output=True, text=True, env=env, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "engine", verb[0], "--model", str(tmp_path), *verb[1:]],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr  # besides transformers' loading bar, only the one line

@@ -1,5 +1,6 @@
 """Capture hooks on tiny random Llama, Mistral and Qwen2 models, checked against an independent manual forward pass;
 hook removal, early stop, the cache round trip; and the real outliers of the default model."""
+
 import pandas as pd
 import pytest
 import torch
@@ -27,10 +28,10 @@ def reference_sites(model, arch, ids: torch.Tensor) -> tuple[dict, torch.Tensor,
     causal = torch.full((t, t), float("-inf")).triu(1)
     out, pre_rope = {}, {}
     for i in range(arch.n_layers):
-        m = lambda role: arch.module(model, role, i)  # noqa: E731
+        m = lambda role, i=i: arch.module(model, role, i)  # noqa: E731
         x = m("input_norm")(h)
-        q = m("q")(x).view(b, t, nh, hd).transpose(1, 2)      # [B, heads, T, hd]
-        k = m("k")(x).view(b, t, nkv, hd).transpose(1, 2)     # [B, kv_heads, T, hd]
+        q = m("q")(x).view(b, t, nh, hd).transpose(1, 2)  # [B, heads, T, hd]
+        k = m("k")(x).view(b, t, nkv, hd).transpose(1, 2)  # [B, kv_heads, T, hd]
         v = m("v")(x).view(b, t, nkv, hd).transpose(1, 2)
         pre_rope[i] = q.transpose(1, 2).reshape(b, t, nh * hd)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -41,9 +42,19 @@ def reference_sites(model, arch, ids: torch.Tensor) -> tuple[dict, torch.Tensor,
         y = m("post_attn_norm")(h_mid)
         down_in = F.silu(m("gate")(y)) * m("up")(y)
         flat = lambda z: z.transpose(1, 2).reshape(b, t, -1)  # noqa: E731
-        out.update({(i, "resid_attn"): h, (i, "attn_in"): x, (i, "q"): flat(q), (i, "k"): flat(k),
-                    (i, "v"): flat(v), (i, "o_in"): o_in, (i, "resid_mlp"): h_mid, (i, "mlp_in"): y,
-                    (i, "down_in"): down_in})
+        out.update(
+            {
+                (i, "resid_attn"): h,
+                (i, "attn_in"): x,
+                (i, "q"): flat(q),
+                (i, "k"): flat(k),
+                (i, "v"): flat(v),
+                (i, "o_in"): o_in,
+                (i, "resid_mlp"): h_mid,
+                (i, "mlp_in"): y,
+                (i, "down_in"): down_in,
+            }
+        )
         h = h_mid + m("down")(down_in)
     logits = arch.module(model, "lm_head")(arch.module(model, "final_norm")(h))
     return out, logits, pre_rope
@@ -80,8 +91,12 @@ def check_against_reference(model, wins: torch.Tensor, result) -> None:
         tol = dict(rtol=1e-4, atol=1e-5 * float(flat.abs().max()))
         torch.testing.assert_close(result.array(layer, site, "absmax"), flat.abs().amax(0), **tol)
         torch.testing.assert_close(result.array(layer, site, "mean"), flat.mean(0), **tol)
-        torch.testing.assert_close(result.array(layer, site, "var"), flat.var(0, unbiased=False),
-                                   rtol=1e-3, atol=1e-5 * float(flat.var(0).max()))
+        torch.testing.assert_close(
+            result.array(layer, site, "var"),
+            flat.var(0, unbiased=False),
+            rtol=1e-3,
+            atol=1e-5 * float(flat.var(0).max()),
+        )
         # Every sampled row is a reference row of its kind: the last column flags position 0 of a window.
         samples = result.array(layer, site, "samples")
         assert samples.shape == (min(SAMPLE_ROWS, flat.shape[0]), c + 1)
@@ -164,8 +179,9 @@ def test_failed_forward_removes_hooks_and_caches_nothing(llama, tmp_cache):
     handle = resolve(llama).layer(llama, 1).register_forward_pre_hook(boom)
     try:
         with pytest.raises(RuntimeError, match="simulated"):
-            run_to_end(capture(llama, resolve(llama), tiny_windows(256), CaptureConfig(tokens=48, window=16),
-                               key="failed"))
+            run_to_end(
+                capture(llama, resolve(llama), tiny_windows(256), CaptureConfig(tokens=48, window=16), key="failed")
+            )
     finally:
         handle.remove()
     assert hook_count(llama) == 0
@@ -214,12 +230,21 @@ def test_corrupt_cached_capture_is_recomputed_never_shown(llama, tmp_cache, dama
 def test_mistral_and_qwen2_resolve_and_capture(family):
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    config_cls, model_cls = {"mistral": (MistralConfig, MistralForCausalLM),
-                             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    config_cls, model_cls = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+        family
+    ]
     torch.manual_seed(0)
     # head_dim 12 != hidden / heads, so q and o_in widths come from the heads, not from the hidden size.
-    cfg = config_cls(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=64)
+    cfg = config_cls(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        max_position_embeddings=64,
+    )
     model = model_cls(cfg).eval().requires_grad_(False)
     arch = resolve(model)
     assert arch.name == model_cls.__name__ and arch.head_dim == 12
@@ -238,8 +263,9 @@ def test_mistral_and_qwen2_resolve_and_capture(family):
 def test_unsupported_architecture_is_refused_clearly():
     from transformers import BertConfig, BertForMaskedLM
 
-    bert = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                      intermediate_size=32))  # no causal LM (those outside the table: capture only)
+    bert = BertForMaskedLM(
+        BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )  # no causal LM (those outside the table: capture only)
     with pytest.raises(UnsupportedArchitectureError, match="BertForMaskedLM.*LlamaForCausalLM"):
         resolve(bert)
 

@@ -1,6 +1,7 @@
 """Capture memory stays bounded per site on a mixture with hundreds of expert sites (Qwen3-MoE, 2 layers x 128
 experts): what each site keeps does not grow with the number of tokens once its reservoirs are full, never exceeds
 stats.state_bytes_bound, and the whole capture holds about sites x that bound."""
+
 import pytest
 import torch
 import transformers
@@ -34,10 +35,19 @@ def tensor_bytes(obj, seen=None) -> int:
 
 @pytest.fixture(scope="module")
 def moe():
-    cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=1, head_dim=8, intermediate_size=16,
-                                      moe_intermediate_size=8, num_experts=128, num_experts_per_tok=32,
-                                      max_position_embeddings=256)
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        intermediate_size=16,
+        moe_intermediate_size=8,
+        num_experts=128,
+        num_experts_per_tok=32,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
     model = transformers.Qwen3MoeForCausalLM(cfg).eval().requires_grad_(False)
     unfuse_experts(model)
@@ -56,9 +66,12 @@ def kept(model, arch, tokens: int, monkeypatch) -> dict:
     monkeypatch.setattr(capture_mod, "_Hooks", Recording)
     # the 4N run's first N tokens are the N run's, so the first window (the surface) is the same in both
     ids = torch.randint(0, 64, (4 * N // WINDOW, WINDOW), generator=torch.Generator().manual_seed(1))
-    wins = ids[:tokens // WINDOW]
-    done = [e for e in capture(model, arch, wins, CaptureConfig(tokens=tokens, window=WINDOW, batch=WINDOW))
-            if isinstance(e, Done)][-1].result
+    wins = ids[: tokens // WINDOW]
+    done = [
+        e
+        for e in capture(model, arch, wins, CaptureConfig(tokens=tokens, window=WINDOW, batch=WINDOW))
+        if isinstance(e, Done)
+    ][-1].result
     out = {}
     for (layer, site), acc in hooks[0].acc.items():
         arrays = sum(tensor_bytes(t) for k, t in done.arrays.items() if k.startswith(f"L{layer}.{site}."))

@@ -29,6 +29,7 @@ def _weight(out=16, d=64, seed=1) -> qc.QRazorTensor:
 
 # ------------------------------------------------------------------------------------------ effective bits
 
+
 @pytest.mark.parametrize("base,flags", [(16, 4), (8, 3)])
 def test_sdr_effective_bits_is_4_plus_flag_bits_over_g(base, flags):
     for g in qc.GROUP_SIZES:
@@ -45,13 +46,15 @@ def test_compare_methods_reports_sdr_effective_bits_and_errors():
         expected = qrazor_fake_quant(t.values, 16, 4, g)
         assert torch.equal(sdr.errors, expected - t.values)
         assert sdr.mse == pytest.approx(float((expected - t.values).pow(2).mean()))
-        assert sdr.sqnr_db == pytest.approx(10 * math.log10(float(t.values.pow(2).sum())
-                                                            / float((expected - t.values).pow(2).sum())))
+        assert sdr.sqnr_db == pytest.approx(
+            10 * math.log10(float(t.values.pow(2).sum()) / float((expected - t.values).pow(2).sum()))
+        )
         assert sdr.zero_share == pytest.approx(float((expected == t.values).double().mean()))
         assert (sdr.name, rtn.name, had.name) == ("SDR", "RTN-4", "Hadamard + RTN-4")
 
 
 # ------------------------------------------------------------------------------------- matched comparison
+
 
 @pytest.mark.parametrize("make", [_activation, _weight])
 def test_rtn_is_matched_to_the_sdr_budget(make):
@@ -97,6 +100,7 @@ def test_group_size_sweep_has_every_size_and_method():
 
 # ------------------------------------------------------------------------------------------------ capture
 
+
 @pytest.fixture(scope="module")
 def tiny_handle(tiny_model_dir):
     from engine.model.loading import load_model
@@ -107,8 +111,9 @@ def tiny_handle(tiny_model_dir):
 @pytest.fixture
 def text_corpus(tmp_path):
     path = tmp_path / "text.txt"
-    path.write_text("\n\n".join(f"Article {i}. " + "The quick brown fox jumps over the lazy dog. " * 40
-                                for i in range(12)))
+    path.write_text(
+        "\n\n".join(f"Article {i}. " + "The quick brown fox jumps over the lazy dog. " * 40 for i in range(12))
+    )
     return str(path)
 
 
@@ -117,12 +122,18 @@ def test_capture_layer_reads_the_linear_inputs_and_removes_its_hooks(tiny_handle
     got = qc.capture_layer(tiny_handle, 1, tokens=32, corpus=text_corpus)
     kv = arch.n_kv_heads * arch.head_dim
     assert {s: tuple(v.shape) for s, v in got.items()} == {
-        "attn_in": (32, arch.hidden), "o_in": (32, arch.hidden), "mlp_in": (32, arch.hidden),
-        "down_in": (32, arch.intermediate), "k": (32, kv), "v": (32, kv)}
+        "attn_in": (32, arch.hidden),
+        "o_in": (32, arch.hidden),
+        "mlp_in": (32, arch.hidden),
+        "down_in": (32, arch.intermediate),
+        "k": (32, kv),
+        "v": (32, kv),
+    }
     # independent check: the post-attention norm's output is what gate_proj reads
     seen = {}
     h = arch.module(model, "post_attn_norm", 1).register_forward_hook(lambda m, a, out: seen.setdefault("x", out))
     from engine.data.corpus import load_corpus, windows
+
     ids = windows(load_corpus(text_corpus), tiny_handle.tokenizer, 32, 32, "calib")[:1]
     with torch.no_grad():
         model(ids, use_cache=False)
@@ -161,10 +172,12 @@ def test_layer_capture_uses_capture_s_hooks_and_stops_after_the_layer(tiny_handl
     def reader(role):
         def hook(module, args):  # returns None: the linear's input is left as it is
             read[role] = args[0][0].float().clone()
+
         return hook
 
-    handles = [arch.module(model, role, 0).register_forward_pre_hook(reader(role))
-               for role in ("q", "o", "gate", "down")]
+    handles = [
+        arch.module(model, role, 0).register_forward_pre_hook(reader(role)) for role in ("q", "o", "gate", "down")
+    ]
     handles.append(arch.layer(model, 1).register_forward_pre_hook(lambda m, args: later.append(1)))
     try:
         got = qc.capture_layer(tiny_handle, 0, tokens=32, corpus=text_corpus)

@@ -1,4 +1,5 @@
 """Streaming statistics: known distributions, streaming equals batch, the sink split, bounded reservoirs and memory."""
+
 import pytest
 import torch
 
@@ -59,11 +60,13 @@ def ref_token_kurtosis(x: torch.Tensor) -> torch.Tensor:
 
 
 def assert_rel(a, b, rtol: float):
-    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
-                               rtol=rtol, atol=0.0)
+    torch.testing.assert_close(
+        torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), rtol=rtol, atol=0.0
+    )
 
 
 # ---- known distributions ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
 def test_whole_tensor_and_per_token_kurtosis_match_the_distribution(dist):
@@ -99,12 +102,13 @@ def test_token_moments_match_float64_reference():
 
 # ---- streaming equals batch ------------------------------------------------------------------------------------
 
+
 def test_merge_of_uneven_chunks_equals_one_shot():
     x = skewed((1000, 12), seed=2)
     m = empty_moments(12)
     start = 0
     for size in (1, 7, 100, 3, 250, 1, 638):
-        m = m.merge(Moments.of(x[start:start + size]))
+        m = m.merge(Moments.of(x[start : start + size]))
         start += size
     assert start == 1000
     ref = ref_moments(x)
@@ -146,8 +150,11 @@ def test_site_accumulator_streamed_in_uneven_chunks_equals_one_shot():
 
     body, sink = x[:, 1:].reshape(-1, c), x[:, 0]
     every = x.reshape(-1, c)
-    for got, want in ((acc.body, ref_moments(body)), (acc.sink, ref_moments(sink)),
-                      (acc.moments(include_sink=True), ref_moments(every))):
+    for got, want in (
+        (acc.body, ref_moments(body)),
+        (acc.sink, ref_moments(sink)),
+        (acc.moments(include_sink=True), ref_moments(every)),
+    ):
         assert got.n == want["n"]
         assert_rel(got.mean, want["mean"], 1e-6)
         assert_rel(got.m2, want["m2"], 1e-5)
@@ -185,6 +192,7 @@ def test_site_accumulator_streamed_in_uneven_chunks_equals_one_shot():
 
 # ---- the attention-sink split ----------------------------------------------------------------------------------
 
+
 def test_huge_value_at_position_zero_shows_only_in_the_with_sink_views():
     b, t, c = 4, 16, 32
     x = torch.randn(b, t, c, generator=torch.Generator().manual_seed(4))
@@ -206,6 +214,7 @@ def test_huge_value_at_position_zero_shows_only_in_the_with_sink_views():
 
 
 # ---- bounded reservoirs and memory -----------------------------------------------------------------------------
+
 
 def test_reservoir_is_bounded_without_replacement_and_uniform_over_the_stream():
     cap, length, bins, trials = 32, 2000, 10, 100
@@ -277,6 +286,6 @@ def test_pool_channels_keeps_every_maximum():
     assert pooled.shape == (5, -(-c // k)) and pooled.shape[1] <= k_max
     assert float(pooled.max()) == 50.0 and float(pooled[2, 1234 // k]) == 50.0
     for j in range(pooled.shape[1]):  # each bin is the max of its own channels
-        assert torch.equal(pooled[:, j], a[:, j * k:(j + 1) * k].amax(1))
+        assert torch.equal(pooled[:, j], a[:, j * k : (j + 1) * k].amax(1))
     narrow = torch.rand(3, 100)
     assert pool_channels(narrow, k_max) is narrow

@@ -1,6 +1,7 @@
 """Clip ratios calibrated per layer: each choice is the grid's best on the error that matters downstream (checked
 against a textbook loop), never worse than no clipping on the calibration data; on a model whose keys and values
 carry planted outlier channels a fixed KV clip hurts while calibration keeps K and V unclipped."""
+
 import copy
 
 import pytest
@@ -53,11 +54,13 @@ def test_without_inputs_a_weight_is_not_clipped():
 
 def per_token_asym(x, bits, clip):
     """Per-token asymmetric RTN, written out: the range [min(x, 0), max(x, 0)] shrunk by clip."""
-    lo, hi = torch.clamp(x.min(-1, keepdim=True).values, max=0) * clip, torch.clamp(x.max(-1, keepdim=True).values,
-                                                                                  min=0) * clip
-    scale = (hi - lo) / (2 ** bits - 1)
+    lo, hi = (
+        torch.clamp(x.min(-1, keepdim=True).values, max=0) * clip,
+        torch.clamp(x.max(-1, keepdim=True).values, min=0) * clip,
+    )
+    scale = (hi - lo) / (2**bits - 1)
     zero = torch.round(-lo / scale)
-    return (torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1) - zero) * scale
+    return (torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1) - zero) * scale
 
 
 def test_activation_clip_minimizes_the_linear_output_error():
@@ -86,8 +89,12 @@ def test_kv_clip_is_chosen_on_the_causal_scores_for_k():
         from engine.quant.quantizers import quantize_kv
 
         dk = quantize_kv(k, 3, 8, clip_ratio=ratio) - k
-        return sum(float(torch.dot(q[0, h, i], dk[0, h // 2, j])) ** 2
-                   for h in range(4) for i in range(16) for j in range(i + 1))
+        return sum(
+            float(torch.dot(q[0, h, i], dk[0, h // 2, j])) ** 2
+            for h in range(4)
+            for i in range(16)
+            for j in range(i + 1)
+        )
 
     errors = [scores_error(r) for r in KV_GRID]
     assert errors[KV_GRID.index(k_ratio)] == pytest.approx(min(errors), rel=1e-4)

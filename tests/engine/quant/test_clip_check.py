@@ -2,6 +2,7 @@
 no clipping on its own local error) compound into a worse model, it reverts some of them, and the final plan's
 loss on the calibration windows is never above no clipping's; losses are checked against a cross entropy written
 out on a model built independently with `--clip none`."""
+
 import copy
 
 import pytest

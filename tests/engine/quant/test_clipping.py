@@ -1,5 +1,6 @@
 """ClipPolicy: each mode's defaults, one clear error per bad input, a round trip through a dict, and the one parse
 that recipes, the CLI and pages share."""
+
 import pytest
 
 from engine.__main__ import main
@@ -8,12 +9,24 @@ from engine.quant.recipes import get_recipe
 
 
 def test_each_mode_takes_its_defaults():
-    assert ClipPolicy.parse("fixed").to_dict() == {"mode": "fixed", "activation": 0.9, "kv": 0.95,
-                                                   "weight_range_search": True}
-    assert ClipPolicy.parse("calibrated").to_dict() == {"mode": "calibrated", "activation": 1.0, "kv": 1.0,
-                                                        "weight_range_search": True}
-    assert ClipPolicy.parse("none").to_dict() == {"mode": "none", "activation": 1.0, "kv": 1.0,
-                                                  "weight_range_search": False}
+    assert ClipPolicy.parse("fixed").to_dict() == {
+        "mode": "fixed",
+        "activation": 0.9,
+        "kv": 0.95,
+        "weight_range_search": True,
+    }
+    assert ClipPolicy.parse("calibrated").to_dict() == {
+        "mode": "calibrated",
+        "activation": 1.0,
+        "kv": 1.0,
+        "weight_range_search": True,
+    }
+    assert ClipPolicy.parse("none").to_dict() == {
+        "mode": "none",
+        "activation": 1.0,
+        "kv": 1.0,
+        "weight_range_search": False,
+    }
     assert ClipPolicy() == ClipPolicy.parse("calibrated")  # the default
 
 
@@ -24,19 +37,25 @@ def test_a_policy_round_trips_through_its_dict(mode):
     assert ClipPolicy.parse(policy.to_dict()) == policy and ClipPolicy.parse(policy) is policy
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"mode": "clever"}, r"clipping must be one of calibrated, fixed, none, got 'clever'"),
-    ({"mode": "fixed", "activation": 0.0}, r"activation clip ratio must be a number in \(0, 1\] .* got 0.0"),
-    ({"mode": "fixed", "activation": 1.5}, r"activation clip ratio must be a number in \(0, 1\] .* got 1.5"),
-    ({"mode": "fixed", "kv": -0.1}, r"kv clip ratio must be a number in \(0, 1\] .* got -0.1"),
-    ({"mode": "fixed", "kv": "0.9"}, r"kv clip ratio must be a number in \(0, 1\] .* got '0.9'"),
-    ({"mode": "fixed", "kv": True}, r"kv clip ratio must be a number in \(0, 1\]"),
-    ({"mode": "calibrated", "activation": 0.8}, r"fixed activation clip ratio \(0.8\) needs clipping mode fixed, "
-                                                r"not calibrated \(calibration chooses the ratios\)"),
-    ({"mode": "none", "kv": 0.9}, r"fixed kv clip ratio \(0.9\) needs clipping mode fixed, not none"),
-    ({"mode": "none", "weight_range_search": True}, r"none clips nothing: it cannot take the weight range search"),
-    ({"mode": "fixed", "weight_range_search": "yes"}, r"weight_range_search must be true or false, got 'yes'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"mode": "clever"}, r"clipping must be one of calibrated, fixed, none, got 'clever'"),
+        ({"mode": "fixed", "activation": 0.0}, r"activation clip ratio must be a number in \(0, 1\] .* got 0.0"),
+        ({"mode": "fixed", "activation": 1.5}, r"activation clip ratio must be a number in \(0, 1\] .* got 1.5"),
+        ({"mode": "fixed", "kv": -0.1}, r"kv clip ratio must be a number in \(0, 1\] .* got -0.1"),
+        ({"mode": "fixed", "kv": "0.9"}, r"kv clip ratio must be a number in \(0, 1\] .* got '0.9'"),
+        ({"mode": "fixed", "kv": True}, r"kv clip ratio must be a number in \(0, 1\]"),
+        (
+            {"mode": "calibrated", "activation": 0.8},
+            r"fixed activation clip ratio \(0.8\) needs clipping mode fixed, "
+            r"not calibrated \(calibration chooses the ratios\)",
+        ),
+        ({"mode": "none", "kv": 0.9}, r"fixed kv clip ratio \(0.9\) needs clipping mode fixed, not none"),
+        ({"mode": "none", "weight_range_search": True}, r"none clips nothing: it cannot take the weight range search"),
+        ({"mode": "fixed", "weight_range_search": "yes"}, r"weight_range_search must be true or false, got 'yes'"),
+    ],
+)
 def test_bad_inputs_give_one_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ClipPolicy(**kwargs)

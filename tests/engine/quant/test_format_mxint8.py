@@ -1,6 +1,7 @@
 """MXINT8 (OCP MX v1.0): 32 signed 8-bit integers k share one E8M0 scale 2^floor(log2 amax), each meaning k / 64
 times it. Checked against a textbook loop over each block in Python floats, and end to end through a bit setting,
 both weight quantizers and export's refusal."""
+
 import copy
 import math
 
@@ -21,7 +22,7 @@ def textbook(row: list[float], clip: float = 1.0) -> tuple[list[float], list[int
     block, clamped to [-127, 127]), k = round half to even of x / 2^shared_exp * 64 saturated to +-127."""
     values, codes, scales = [], [], []
     for start in range(0, len(row), 32):
-        block = row[start:start + 32]
+        block = row[start : start + 32]
         amax = float(torch.tensor(max(abs(v) for v in block)) * torch.tensor(clip))  # float32, as the format
         shared = math.frexp(amax)[1] - 1 if amax > 0 else -127
         shared = min(max(shared, -127), 127)
@@ -90,8 +91,9 @@ def test_mxint8_weights_carry_their_codes_through_rtn_and_gptq(weights):
 
 
 def test_export_refuses_mxint8_with_the_formats_reason():
-    with pytest.raises(ExportError, match="weight format mxint8 is not exported: compressed-tensors 0.20.1 has no "
-                                          "MXINT8 scheme"):
+    with pytest.raises(
+        ExportError, match="weight format mxint8 is not exported: compressed-tensors 0.20.1 has no MXINT8 scheme"
+    ):
         check_exportable(get_recipe("rtn", clip="none"), Bits.parse("mxint8-16-16"))
     with pytest.raises(ExportError, match="activation format mxint8 cannot be exported: .*no MXINT8 scheme"):
         check_exportable(get_recipe("rtn", clip="none"), Bits.parse("4-mxint8-16"))

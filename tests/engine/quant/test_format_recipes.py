@@ -1,6 +1,7 @@
 """Bit settings that name formats: weights, activations and KV in MXFP4, NVFP4 and FP8 through RTN and GPTQ, on
 a tiny model. Every quantized weight lies on its format's grid (checked with ml_dtypes, an independent rounding),
 GPTQ on a format's grid beats RTN on the layer loss it minimizes, and what cannot take a format says so."""
+
 import copy
 
 import ml_dtypes
@@ -54,8 +55,11 @@ def test_gptq_on_an_nvfp4_grid_lowers_the_layer_loss_below_rtn_and_returns_its_c
     loss = lambda q: float(((q - w) @ x.T).pow(2).sum())  # noqa: E731
     assert loss(gptq) < 0.9 * loss(rtn)
     # the codes and scales, decoded by ml_dtypes: E2M1 value * E4M3 block scale * the tensor's g, in that order
-    assert enc.codes.shape == (32, 64) and enc.scales.shape == (32, 4) and float(enc.global_scale) == float(
-        NVFP4Format.global_scale(w))
+    assert (
+        enc.codes.shape == (32, 64)
+        and enc.scales.shape == (32, 4)
+        and float(enc.global_scale) == float(NVFP4Format.global_scale(w))
+    )
     v = enc.codes.numpy().view(ml_dtypes.float4_e2m1fn).astype(np.float32).reshape(32, 4, 16)
     s = enc.scales.numpy().view(ml_dtypes.float8_e4m3fn).astype(np.float32)[..., None]
     want = (v * s * np.float32(enc.global_scale)).reshape(32, 64)

@@ -134,7 +134,7 @@ def test_hessian_accumulator_is_running_mean_of_2_xtx(dtype):
 def test_hessian_accumulator_checks():
     acc = HessianAccumulator(4)
     with pytest.raises(ValueError, match="add_batch"):
-        acc.hessian
+        _ = acc.hessian
     with pytest.raises(ValueError, match="end in 4 features"):
         acc.add_batch(torch.randn(3, 5))
     with pytest.raises(ValueError, match="float32 or torch.float64"):

@@ -14,6 +14,7 @@ The engine runs in float32, so values are compared with atol = 1e-4 * max|W|, an
 reference's scales) must agree exactly: the data are checked to hold no near-tie of the rounding (TIE_MARGIN), so
 a float32 vs float64 difference cannot flip a code, and any code that differs is a real disagreement.
 """
+
 import pytest
 import torch
 

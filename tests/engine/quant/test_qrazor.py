@@ -19,6 +19,7 @@ from engine.quant.qrazor import (
 
 # ------------------------------------------------------------------------- plain Python reference
 
+
 def reference_razor_group(values: list[int], target_bits: int) -> tuple[list[int], int]:
     """One group, bit by bit on Python ints: (codes, shift)."""
     kept = target_bits - 1
@@ -44,7 +45,7 @@ def reference_encode(q: torch.Tensor, target_bits: int, group_size: int):
     for row in rows:
         row_codes, row_flags = [], []
         for start in range(0, len(row), group_size):
-            c, s = reference_razor_group(row[start:start + group_size], target_bits)
+            c, s = reference_razor_group(row[start : start + group_size], target_bits)
             row_codes += c
             row_flags.append(s)
         codes.append(row_codes)
@@ -80,6 +81,7 @@ def random_ints(base_bits: int, shape: tuple[int, ...], seed: int) -> torch.Tens
 
 # --------------------------------------------------------------------------------------- base stage
 
+
 @pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_base_round_trip_error_within_half_step(bits, per_channel):
@@ -105,11 +107,16 @@ def test_static_absmax_clamps_outliers_and_zero_tensor_is_safe():
 
 # ---------------------------------------------------------------------------------------- SDR stage
 
+
 @pytest.mark.parametrize("base_bits", [8, 16])
 @pytest.mark.parametrize("group_size", [16, 8])
 def test_sdr_encode_matches_bitwise_reference(base_bits, group_size):
-    q = torch.cat([special_groups(base_bits, group_size).reshape(-1, 4 * group_size),
-                   random_ints(base_bits, (6, 4 * group_size), seed=base_bits + group_size)])
+    q = torch.cat(
+        [
+            special_groups(base_bits, group_size).reshape(-1, 4 * group_size),
+            random_ints(base_bits, (6, 4 * group_size), seed=base_bits + group_size),
+        ]
+    )
     razored = sdr_encode(q, base_bits, target_bits=4, group_size=group_size)
     ref_codes, ref_flags = reference_encode(q, 4, group_size)
     assert razored.codes.tolist() == ref_codes
@@ -123,7 +130,10 @@ def test_sdr_decode_matches_reference_values(base_bits, target_bits):
     razored = sdr_encode(q, base_bits, target_bits, 16)
     decoded = razored.decode()
     ref_codes, ref_flags = reference_encode(q, target_bits, 16)
-    expected = [[c * 2 ** flags[i // 16] for i, c in enumerate(codes)] for codes, flags in zip(ref_codes, ref_flags)]
+    expected = [
+        [c * 2 ** flags[i // 16] for i, c in enumerate(codes)]
+        for codes, flags in zip(ref_codes, ref_flags, strict=False)
+    ]
     assert decoded.dtype == torch.int64 and decoded.tolist() == expected
     # Spot checks of the named cases (8-bit base, 4-bit target): 127 floors to 7 << 4 = 112, zeros stay 0,
     # groups whose OR fits in 3 bits are exact.
@@ -150,6 +160,7 @@ def test_effective_bits_and_flag_width():
 
 # ------------------------------------------------------------------------ decompression-free product
 
+
 def _int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (a[:, None, :] * w[None, :, :]).sum(dim=-1)
 
@@ -173,6 +184,7 @@ def test_razored_dot_with_special_groups():
 
 
 # -------------------------------------------------------------------------------------- fake quant
+
 
 def test_fake_quant_weights_lie_on_razored_grid_per_channel():
     w = torch.randn(6, 32, generator=torch.Generator().manual_seed(3))
@@ -212,15 +224,19 @@ def test_fake_quant_activation_static_absmax_and_exact_groups():
 
 # ------------------------------------------------------------------------------------------ bad input
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(base_bits=8, target_bits=4, group_size=12), "divisible by group_size"),
-    (dict(base_bits=8, target_bits=8, group_size=16), "smaller than base_bits"),
-    (dict(base_bits=8, target_bits=9, group_size=16), "smaller than base_bits"),
-    (dict(base_bits=1, target_bits=4, group_size=16), "base_bits must be"),
-    (dict(base_bits=40, target_bits=4, group_size=16), "base_bits must be"),
-    (dict(base_bits=8, target_bits=1, group_size=16), "target_bits must be"),
-    (dict(base_bits=8, target_bits=4, group_size=0), "group_size must be"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(base_bits=8, target_bits=4, group_size=12), "divisible by group_size"),
+        (dict(base_bits=8, target_bits=8, group_size=16), "smaller than base_bits"),
+        (dict(base_bits=8, target_bits=9, group_size=16), "smaller than base_bits"),
+        (dict(base_bits=1, target_bits=4, group_size=16), "base_bits must be"),
+        (dict(base_bits=40, target_bits=4, group_size=16), "base_bits must be"),
+        (dict(base_bits=8, target_bits=1, group_size=16), "target_bits must be"),
+        (dict(base_bits=8, target_bits=4, group_size=0), "group_size must be"),
+    ],
+)
 def test_sdr_encode_rejects_bad_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sdr_encode(torch.zeros(2, 32, dtype=torch.int64), **kwargs)

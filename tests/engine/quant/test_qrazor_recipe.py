@@ -12,6 +12,7 @@ a clear ValueError, and --weights gptq does not change the recipe.
 The model of tiny_model_dir has head_dim 8, below QRazor's group of 16, so its KV cannot be razored; the KV and
 4-4-4 checks use a same-shaped tiny Llama with head_dim 16 (hidden 32, 2 heads).
 """
+
 import copy
 import math
 
@@ -40,26 +41,96 @@ def razor_by_hand(x: torch.Tensor, base: int, target: int, per_row: bool) -> tor
     out = []
     for row in q.reshape(-1, q.shape[-1]).tolist():
         for start in range(0, len(row), G):
-            group = row[start:start + G]
+            group = row[start : start + G]
             shift = max(max(abs(v) for v in group).bit_length() - (target - 1), 0)
             for v in group:
-                code = min(math.floor(abs(v) / 2 ** shift + 0.5), 2 ** (target - 1) - 1)
-                out.append((1 if v > 0 else -1) * code * 2 ** shift)
+                code = min(math.floor(abs(v) / 2**shift + 0.5), 2 ** (target - 1) - 1)
+                out.append((1 if v > 0 else -1) * code * 2**shift)
     return (torch.tensor(out, dtype=torch.float32).reshape(q.shape) * scale).to(x.dtype)
 
 
 def test_hand_worked_rows_and_random_tensors_match_qrazor_fake_quant():
     # Rows with absmax 127, so the 8-bit scale is exactly 1 and the integers are the values themselves.
-    x = torch.tensor([
-        [127, 100, -50, 3, 24, 8, -8, 0, 1, -127, 64, 72, 15, 16, 17, 119,  # leading one at bit 7: shift 4
-         5, -5, 4, 3, 2, 1, 0, -1, -2, -3, -4, 5, 0, 0, 0, 1],  # fits in 3 bits: exact
-        [127] + [0] * 15 + [9, 7, 3, 1, -1, 14, 15, -15, 2, 6, 0, 0, 0, 0, 0, 0],  # leading one at bit 4: shift 1
-    ], dtype=torch.float32)
-    expected = torch.tensor([
-        [112, 96, -48, 0, 32, 16, -16, 0, 0, -112, 64, 80, 16, 16, 16, 112,  # 127 saturates at 7 << 4
-         5, -5, 4, 3, 2, 1, 0, -1, -2, -3, -4, 5, 0, 0, 0, 1],
-        [112] + [0] * 15 + [10, 8, 4, 2, -2, 14, 14, -14, 2, 6, 0, 0, 0, 0, 0, 0],
-    ], dtype=torch.float32)
+    x = torch.tensor(
+        [
+            [
+                127,
+                100,
+                -50,
+                3,
+                24,
+                8,
+                -8,
+                0,
+                1,
+                -127,
+                64,
+                72,
+                15,
+                16,
+                17,
+                119,  # leading one at bit 7: shift 4
+                5,
+                -5,
+                4,
+                3,
+                2,
+                1,
+                0,
+                -1,
+                -2,
+                -3,
+                -4,
+                5,
+                0,
+                0,
+                0,
+                1,
+            ],  # fits in 3 bits: exact
+            [127] + [0] * 15 + [9, 7, 3, 1, -1, 14, 15, -15, 2, 6, 0, 0, 0, 0, 0, 0],  # leading one at bit 4: shift 1
+        ],
+        dtype=torch.float32,
+    )
+    expected = torch.tensor(
+        [
+            [
+                112,
+                96,
+                -48,
+                0,
+                32,
+                16,
+                -16,
+                0,
+                0,
+                -112,
+                64,
+                80,
+                16,
+                16,
+                16,
+                112,  # 127 saturates at 7 << 4
+                5,
+                -5,
+                4,
+                3,
+                2,
+                1,
+                0,
+                -1,
+                -2,
+                -3,
+                -4,
+                5,
+                0,
+                0,
+                0,
+                1,
+            ],
+            [112] + [0] * 15 + [10, 8, 4, 2, -2, 14, 14, -14, 2, 6, 0, 0, 0, 0, 0, 0],
+        ],
+        dtype=torch.float32,
+    )
     assert torch.equal(razor_by_hand(x, 8, 4, per_row=True), expected)
     assert torch.equal(qrazor_fake_quant(x, 8, target_bits=4, group_size=G, per_channel=True), expected)
     g = torch.Generator().manual_seed(0)
@@ -84,9 +155,16 @@ def kv_handle(tiny_model_dir, tmp_path_factory):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     path = tmp_path_factory.mktemp("tiny_llama_hd16")
     LlamaForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -168,7 +246,7 @@ def test_kv_hooks_razor_k_and_v_per_head_and_change_the_output(kv_handle):
         hooks.append(after)
     out = logits(model, IDS)
     for i in range(h.arch.n_layers):
-        for raw, quant in zip(caught[i, "raw"], caught[i, "quantized"]):
+        for raw, quant in zip(caught[i, "raw"], caught[i, "quantized"], strict=False):
             assert raw.shape[-1] == h.arch.head_dim and not torch.equal(raw, quant)
             assert torch.equal(quant, razor_by_hand(raw, 8, 4, per_row=False)), i
     assert not torch.allclose(out, logits(h.model, IDS))
@@ -177,8 +255,9 @@ def test_kv_hooks_razor_k_and_v_per_head_and_change_the_output(kv_handle):
 @pytest.mark.slow  # 4-6 s alone, mostly the corpus read once per process
 def test_eval_job_at_4_4_4_gives_a_finite_perplexity_unlike_fp(kv_handle, tmp_cache):
     cfg = EvalConfig(tokens=64, window=32)
-    run = {r: [e for e in eval_job(kv_handle, r, "4-4-4", cfg) if isinstance(e, Done)][-1].result
-           for r in ("fp", "qrazor")}
+    run = {
+        r: [e for e in eval_job(kv_handle, r, "4-4-4", cfg) if isinstance(e, Done)][-1].result for r in ("fp", "qrazor")
+    }
     q = run["qrazor"]
     assert (q["recipe"], q["weights"], q["bits"], q["tokens"]) == ("qrazor", "qrazor", "4-4-4", 64)
     assert math.isfinite(q["ppl"]) and q["ppl"] > 1 and math.isfinite(run["fp"]["ppl"])
@@ -186,13 +265,22 @@ def test_eval_job_at_4_4_4_gives_a_finite_perplexity_unlike_fp(kv_handle, tmp_ca
     assert len(store.entries("eval")) == 2 and store.cache_root() == tmp_cache
 
 
-@pytest.mark.parametrize("bits, message", [
-    ("12-4-4", "qrazor weight bits must be below its 8-bit base precision (razored), 8 (base integers only) or 16 "
-               "(floating point), got 12"),
-    ("4-4-12", "qrazor KV-cache bits must be below its 8-bit base precision (razored), 8 (base integers only) or "
-               "16 (floating point), got 12"),
-    ("9-16-16", "qrazor weight bits must be below its 8-bit base precision"),
-])
+@pytest.mark.parametrize(
+    "bits, message",
+    [
+        (
+            "12-4-4",
+            "qrazor weight bits must be below its 8-bit base precision (razored), 8 (base integers only) or 16 "
+            "(floating point), got 12",
+        ),
+        (
+            "4-4-12",
+            "qrazor KV-cache bits must be below its 8-bit base precision (razored), 8 (base integers only) or "
+            "16 (floating point), got 12",
+        ),
+        ("9-16-16", "qrazor weight bits must be below its 8-bit base precision"),
+    ],
+)
 def test_bits_between_base_and_16_are_refused(handle, tmp_cache, bits, message):
     with pytest.raises(ValueError) as info:
         list(eval_job(handle, "qrazor", bits, EvalConfig(tokens=64, window=32)))

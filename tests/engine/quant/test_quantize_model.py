@@ -1,6 +1,7 @@
 """Fake quantization of a whole model on tiny random Llamas: identity at 16-16-16, weight grids per row, lm_head left
 alone, per-token activation grids on every linear input, K quantized after R3, sequential GPTQ beating RTN on a
 layer's output, and a rotated, quantized copy that leaves the original untouched."""
+
 import copy
 
 import pytest
@@ -26,8 +27,9 @@ def tokens(n: int, t: int, vocab: int = 256, seed: int = 0) -> torch.Tensor:
 def quantized(model, bits: str, recipe: str = "rtn", weights: str | None = None, calib=None):
     """A quantized copy of `model` and the events quantize_model yielded."""
     q = copy.deepcopy(model)
-    events = list(quantize_model(q, resolve(q), Bits.parse(bits), get_recipe(recipe, weights=weights, clip="fixed"),
-                                 calib))
+    events = list(
+        quantize_model(q, resolve(q), Bits.parse(bits), get_recipe(recipe, weights=weights, clip="fixed"), calib)
+    )
     return q, events
 
 
@@ -60,15 +62,14 @@ def test_weights_per_row_on_at_most_2b_minus_1_levels_and_lm_head_untouched(bits
         for role in LINEARS:
             w0 = arch.module(m, role, i).weight
             w = arch.module(q, role, i).weight
-            assert levels_per_row(w0).min() > 2 ** bits  # the test could fail: the original rows are not on a grid
-            assert levels_per_row(w).max() <= 2 ** bits - 1  # symmetric grid [-maxq, maxq]
+            assert levels_per_row(w0).min() > 2**bits  # the test could fail: the original rows are not on a grid
+            assert levels_per_row(w).max() <= 2**bits - 1  # symmetric grid [-maxq, maxq]
             assert w.dtype == w0.dtype and w.shape == w0.shape
     for role in ("lm_head", "embed", "final_norm"):
         assert torch.equal(arch.module(q, role).weight, arch.module(m, role).weight)
 
 
-@pytest.mark.parametrize("rotation", [None, RotationConfig(r1="hadamard", r2="hadamard", r3="hadamard",
-                                                           r4="hadamard")])
+@pytest.mark.parametrize("rotation", [None, RotationConfig(r1="hadamard", r2="hadamard", r3="hadamard", r4="hadamard")])
 def test_activation_hooks_put_every_linear_input_on_a_per_token_grid(rotation):
     """16-4-16: each decoder linear sees x_hat = s (q - z) per token, s = clip * (max(x, 0) - min(x, 0)) / 15;
     lm_head sees its input unquantized. On a QuaRot-rotated copy the down_proj input is quantized after the online
@@ -98,12 +99,15 @@ def test_activation_hooks_put_every_linear_input_on_a_per_token_grid(rotation):
             assert torch.equal(raw, used)
             continue
         zero = torch.zeros(())
-        step = recipe.clip.activation * (torch.maximum(raw.amax(-1, keepdim=True), zero)
-                                - torch.minimum(raw.amin(-1, keepdim=True), zero)) / (2 ** bits - 1)
+        step = (
+            recipe.clip.activation
+            * (torch.maximum(raw.amax(-1, keepdim=True), zero) - torch.minimum(raw.amin(-1, keepdim=True), zero))
+            / (2**bits - 1)
+        )
         units = used / step  # integer q - z on the grid of each token
         assert (units - units.round()).abs().max() < 1e-3, name
-        assert levels_per_row(used).max() <= 2 ** bits, name
-        assert levels_per_row(raw).min() > 2 ** bits, name  # the check has teeth: raw inputs are off the grid
+        assert levels_per_row(used).max() <= 2**bits, name
+        assert levels_per_row(raw).min() > 2**bits, name  # the check has teeth: raw inputs are off the grid
 
 
 def test_k_is_quantized_after_r3():
@@ -120,23 +124,24 @@ def test_k_is_quantized_after_r3():
     def capture(model):
         got = {}
         for i in range(arch.n_layers):
-            attention.add_hook(arch.module(model, "attn", i),
-                               lambda mod, q, k, v, i=i: (got.setdefault(i, (q, k, v)), (q, k, v))[1])
+            attention.add_hook(
+                arch.module(model, "attn", i), lambda mod, q, k, v, i=i: (got.setdefault(i, (q, k, v)), (q, k, v))[1]
+            )
         logits(model, ids)
         return got
 
     plain, quant = capture(rotated), capture(rotated_q)
     for i in range(arch.n_layers):
         q, k, v = quant[i]  # [1, heads, T, 64], [1, kv_heads, T, 64]
-        assert levels_per_row(k).max() <= 2 ** kv_bits and levels_per_row(v).max() <= 2 ** kv_bits
-        assert levels_per_row(q).min() > 2 ** kv_bits  # queries are not quantized
+        assert levels_per_row(k).max() <= 2**kv_bits and levels_per_row(v).max() <= 2**kv_bits
+        assert levels_per_row(q).min() > 2**kv_bits  # queries are not quantized
     # layer 0 sees the same input in both models: its K is exactly quantize(K @ R3)
     _, k_rot, _ = plain[0]
     assert torch.equal(quant[0][1], quantize_kv(k_rot, kv_bits, arch.head_dim, clip_ratio=recipe.clip.kv))
     r3 = arch.module(rotated, "attn", 0).spinscope_r3.dense().float()
     k_before = k_rot @ r3.T
     wrong_order = quantize_kv(k_before, kv_bits, arch.head_dim, clip_ratio=recipe.clip.kv) @ r3
-    assert levels_per_row(wrong_order).min() > 2 ** kv_bits
+    assert levels_per_row(wrong_order).min() > 2**kv_bits
 
 
 def _layer0_output_error(model, reference, ids) -> float:
@@ -144,8 +149,9 @@ def _layer0_output_error(model, reference, ids) -> float:
     outs = []
     for mod in (model, reference):
         arch = resolve(mod)
-        h = arch.layer(mod, 0).register_forward_hook(lambda m, a, out: outs.append(out[0] if isinstance(out, tuple)
-                                                                                  else out))
+        h = arch.layer(mod, 0).register_forward_hook(
+            lambda m, a, out: outs.append(out[0] if isinstance(out, tuple) else out)
+        )
         logits(mod, ids)
         h.remove()
     return float((outs[0] - outs[1]).pow(2).mean())
@@ -164,7 +170,7 @@ def test_gptq_lowers_layer_output_error_versus_rtn():
     for i in range(n_layers):
         for role in LINEARS:
             w_gptq, w_rtn = arch.module(gptq, role, i).weight, arch.module(rtn, role, i).weight
-            assert levels_per_row(w_gptq).max() <= 2 ** 3 - 1
+            assert levels_per_row(w_gptq).max() <= 2**3 - 1
             assert not torch.equal(w_gptq, w_rtn)
     assert torch.equal(gptq.lm_head.weight, m.lm_head.weight)
     err_rtn, err_gptq = _layer0_output_error(rtn, m, calib), _layer0_output_error(gptq, m, calib)
@@ -182,15 +188,24 @@ def test_build_model_quantizes_a_rotated_copy_and_never_touches_the_original(tie
     if tied:  # like the default model: rotation unties the copy's lm_head, never the original's
         m.lm_head.weight = m.model.embed_tokens.weight
         m.config.tie_word_embeddings = True
-    handle = ModelHandle(name="tiny", model=m, tokenizer=None, arch=resolve(m), fingerprint="tiny", note="",
-                         dtype="float32", device="cpu")
+    handle = ModelHandle(
+        name="tiny",
+        model=m,
+        tokenizer=None,
+        arch=resolve(m),
+        fingerprint="tiny",
+        note="",
+        dtype="float32",
+        device="cpu",
+    )
     ids = tokens(2, 24)
     before_state = {k: v.clone() for k, v in m.state_dict().items()}
     before_logits = logits(m, ids)
     impl = m.config._attn_implementation
     with handle.working_model() as work:  # one device: a deep copy
-        events = list(build_model(handle, work, get_recipe("quarot", clip="fixed"), Bits.parse("4-4-4"), EvalConfig(),
-                                  seed=0))
+        events = list(
+            build_model(handle, work, get_recipe("quarot", clip="fixed"), Bits.parse("4-4-4"), EvalConfig(), seed=0)
+        )
     built, plan = events[-1].result
     assert plan.summary(handle.arch.n_layers) == {"weights": {}, "activations": {}}  # fixed: nothing calibrated
     assert isinstance(events[-1], Done) and built is not m

@@ -42,12 +42,15 @@ def test_bad_bits_rejected_with_clear_message(bits):
         quantize_activation(weight(), bits)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"group_size": 0}, "group_size must be a positive int"),
-    ({"group_size": -8}, "group_size must be a positive int"),
-    ({"clip_ratio": 0.0}, r"clip_ratio must be in \(0, 1\]"),
-    ({"clip_ratio": 1.5}, r"clip_ratio must be in \(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"group_size": 0}, "group_size must be a positive int"),
+        ({"group_size": -8}, "group_size must be a positive int"),
+        ({"clip_ratio": 0.0}, r"clip_ratio must be in \(0, 1\]"),
+        ({"clip_ratio": 1.5}, r"clip_ratio must be in \(0, 1\]"),
+    ],
+)
 def test_bad_spec_fields_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QuantSpec(bits=4, symmetric=False, **kwargs)
@@ -154,11 +157,14 @@ def test_clip_search_picks_best_shrink_of_the_grid():
     assert torch.allclose(search_clip_grid(flat, 3, symmetric=True).scale, torch.tensor([[50.0 / 3]]))
 
 
-@pytest.mark.parametrize("fn", [
-    lambda x: quantize_weight(x, 4, group_size=8, clip_search=True),
-    lambda x: quantize_activation(x, 4, clip_ratio=0.9),
-    lambda x: quantize_kv(x, 3, group_size=8),
-])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x: quantize_weight(x, 4, group_size=8, clip_search=True),
+        lambda x: quantize_activation(x, 4, clip_ratio=0.9),
+        lambda x: quantize_kv(x, 3, group_size=8),
+    ],
+)
 def test_straight_through_gradient(fn):
     x = torch.randn(6, 32, requires_grad=True)
     g = torch.randn(6, 32)

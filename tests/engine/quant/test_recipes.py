@@ -1,5 +1,6 @@
 """Recipes and bit settings: parsing, validation with clear messages, and the eval CLI refusing bad input before
 it loads a model."""
+
 import os
 import subprocess
 import sys
@@ -13,15 +14,18 @@ from engine.quant.recipes import PRESETS, RECIPES, Bits, Recipe, get_recipe
 REPO = Path(__file__).resolve().parents[3]
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("4-4-4", (4, 4, 4)),
-    ("4-8-16", (4, 8, 16)),
-    ("W4A4KV4", (4, 4, 4)),
-    ("W4A8KV16", (4, 8, 16)),
-    ("w4a4kv16", (4, 4, 16)),
-    (" 4-4-16 ", (4, 4, 16)),
-    ("2-3-16", (2, 3, 16)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("4-4-4", (4, 4, 4)),
+        ("4-8-16", (4, 8, 16)),
+        ("W4A4KV4", (4, 4, 4)),
+        ("W4A8KV16", (4, 8, 16)),
+        ("w4a4kv16", (4, 4, 16)),
+        (" 4-4-16 ", (4, 4, 16)),
+        ("2-3-16", (2, 3, 16)),
+    ],
+)
 def test_bits_parse_accepts_dashed_and_named_forms(text, expected):
     b = Bits.parse(text)
     assert (b.w, b.a, b.kv) == expected
@@ -33,15 +37,18 @@ def test_every_preset_parses(preset):
     assert str(Bits.parse(preset)) == preset
 
 
-@pytest.mark.parametrize("text, role, value", [
-    ("0-4-4", "weight", "0"),
-    ("1-4-4", "weight", "1"),
-    ("17-4-4", "weight", "17"),
-    ("4-0-4", "activation", "0"),
-    ("4-1-4", "activation", "1"),
-    ("4-4-17", "KV-cache", "17"),
-    ("W4A17KV4", "activation", "17"),
-])
+@pytest.mark.parametrize(
+    "text, role, value",
+    [
+        ("0-4-4", "weight", "0"),
+        ("1-4-4", "weight", "1"),
+        ("17-4-4", "weight", "17"),
+        ("4-0-4", "activation", "0"),
+        ("4-1-4", "activation", "1"),
+        ("4-4-17", "KV-cache", "17"),
+        ("W4A17KV4", "activation", "17"),
+    ],
+)
 def test_bits_outside_2_to_16_rejected_with_role_and_range(text, role, value):
     with pytest.raises(ValueError) as e:
         Bits.parse(text)
@@ -49,8 +56,9 @@ def test_bits_outside_2_to_16_rejected_with_role_and_range(text, role, value):
     assert role in msg and "2 to 16" in msg and value in msg
 
 
-@pytest.mark.parametrize("text", ["4-4", "4-4-4-4", "four", "", "4-x-4", "4.5-4-4", "4--4-4", "-4-4-4", "W4-4-4",
-                                  "4A4KV4"])
+@pytest.mark.parametrize(
+    "text", ["4-4", "4-4-4-4", "four", "", "4-x-4", "4.5-4-4", "4--4-4", "-4-4-4", "W4-4-4", "4A4KV4"]
+)
 def test_bits_malformed_text_names_the_expected_form(text):
     with pytest.raises(ValueError, match="W-A-KV"):
         Bits.parse(text)
@@ -92,10 +100,13 @@ def test_quarot_rotates_all_four_with_hadamard_and_rtn_rotates_nothing():
     assert not get_recipe("rtn").rotation.active and not get_recipe("fp").rotation.active
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"weights": "awq"}, "weight quantizer must be one of rtn, gptq, qrazor"),
-    ({"activations": "gptq"}, "activation quantizer must be one of rtn, qrazor"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"weights": "awq"}, "weight quantizer must be one of rtn, gptq, qrazor"),
+        ({"activations": "gptq"}, "activation quantizer must be one of rtn, qrazor"),
+    ],
+)
 def test_recipe_rejects_unknown_quantizers(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Recipe("x", "test", **kwargs)
@@ -104,6 +115,7 @@ def test_recipe_rejects_unknown_quantizers(kwargs, message):
 
 
 # ---- the eval CLI validates everything before the (slow) model load -------------------------------------------
+
 
 @pytest.fixture
 def no_model_load(monkeypatch):
@@ -116,17 +128,20 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(engine.model.loading, "load_model", refuse)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--tasks", "nosuch"], "unknown zero-shot task(s) 'nosuch'"),
-    (["--tasks", "piqa,nosuch"], "unknown zero-shot task(s) 'nosuch'"),
-    (["--recipe", "nosuch"], "unknown recipe 'nosuch'"),
-    (["--recipe", "rotated"], "needs a rotation file"),
-    (["--bits", "17-4-4"], "weight bits must be an integer from 2 to 16"),
-    (["--bits", "4-4-0"], "KV-cache bits must be an integer from 2 to 16"),
-    (["--bits", "4-4"], "W-A-KV"),
-    (["--tokens", "0"], "token budget must be positive"),
-    (["--tasks", "piqa", "--limit", "0"], "limit must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tasks", "nosuch"], "unknown zero-shot task(s) 'nosuch'"),
+        (["--tasks", "piqa,nosuch"], "unknown zero-shot task(s) 'nosuch'"),
+        (["--recipe", "nosuch"], "unknown recipe 'nosuch'"),
+        (["--recipe", "rotated"], "needs a rotation file"),
+        (["--bits", "17-4-4"], "weight bits must be an integer from 2 to 16"),
+        (["--bits", "4-4-0"], "KV-cache bits must be an integer from 2 to 16"),
+        (["--bits", "4-4"], "W-A-KV"),
+        (["--tokens", "0"], "token budget must be positive"),
+        (["--tasks", "piqa", "--limit", "0"], "limit must be a positive number"),
+    ],
+)
 def test_eval_cli_refuses_bad_input_before_loading_the_model(capsys, no_model_load, tmp_cache, argv, message):
     rc = main(["eval", *argv])
     err = capsys.readouterr().err
@@ -139,8 +154,14 @@ def test_python_m_engine_eval_unknown_task_fails_before_the_model(tmp_cache):
     """The real command line. The model named does not exist, so had it been loaded first the error would be about
     the model; the task error shows the task list is checked first."""
     env = {**os.environ, "SPINSCOPE_CACHE": str(tmp_cache), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "engine", "eval", "--tasks", "nosuch", "--model", "/no/such/model"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine", "eval", "--tasks", "nosuch", "--model", "/no/such/model"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: unknown zero-shot task(s) 'nosuch'; known tasks: piqa")

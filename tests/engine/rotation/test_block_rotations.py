@@ -1,6 +1,7 @@
 """Block rotations: block-diagonal random Hadamard R1 and R4 of 16 to 256 (a ragged last block where the width asks
 for one) are orthogonal and leave the network's function unchanged, and a permuted block R4 deals each layer's
 outlier channels out over the blocks, fused exactly into gate/up rows and down_proj columns."""
+
 import pytest
 import torch
 
@@ -16,9 +17,9 @@ def test_block_hadamard_is_orthogonal_block_diagonal_with_random_signs(n, block,
     assert torch.allclose(r @ r.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
     start = 0
     for b in sizes:  # each diagonal block is +-H_b column by column; nothing outside the blocks
-        blk = r[start:start + b, start:start + b]
+        blk = r[start : start + b, start : start + b]
         assert torch.allclose(blk.abs(), hadamard_matrix(b).abs())
-        assert torch.count_nonzero(r[start:start + b]) == b * b
+        assert torch.count_nonzero(r[start : start + b]) == b * b
         start += b
     assert not torch.equal(r, random_block_hadamard(n, block, seed=4))  # the signs follow the seed
 
@@ -35,9 +36,9 @@ def test_dealing_puts_the_largest_channels_in_different_blocks():
     magnitude[outliers] = 100 + torch.arange(8.0)
     perm = deal_channels(magnitude, 32)
     assert sorted(perm.tolist()) == list(range(128))  # a permutation
-    blocks = [set(perm[b * 32:(b + 1) * 32].tolist()) for b in range(4)]
+    blocks = [set(perm[b * 32 : (b + 1) * 32].tolist()) for b in range(4)]
     assert [len(blk & set(outliers.tolist())) for blk in blocks] == [2, 2, 2, 2]  # every block gets its share
-    means = [float(magnitude[perm[b * 32:(b + 1) * 32]].mean()) for b in range(4)]
+    means = [float(magnitude[perm[b * 32 : (b + 1) * 32]].mean()) for b in range(4)]
     assert max(means) - min(means) < 0.1 * max(means)
 
 

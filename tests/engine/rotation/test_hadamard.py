@@ -18,12 +18,26 @@ from engine.rotation.hadamard import (
 )
 
 # hidden, intermediate and head_dim widths of SmolLM2-135M, Llama-2/3, Mistral 7B, Qwen2 0.5B/1.5B/7B
-MODEL_WIDTHS = sorted({
-    576, 1536, 64,
-    4096, 5120, 8192, 11008, 13824, 28672, 128,
-    14336,
-    896, 3584, 4864, 8960, 18944,
-})
+MODEL_WIDTHS = sorted(
+    {
+        576,
+        1536,
+        64,
+        4096,
+        5120,
+        8192,
+        11008,
+        13824,
+        28672,
+        128,
+        14336,
+        896,
+        3584,
+        4864,
+        8960,
+        18944,
+    }
+)
 # widths whose full matrix is cheap to multiply out in a test (n^3 flops)
 CHEAP_MODEL_WIDTHS = [n for n in MODEL_WIDTHS if n <= 1536]
 # every supported width up to 32768 whose K factor is at most 1024 (663 widths: all supported n <= 1024,
@@ -39,9 +53,9 @@ def max_orthogonality_error(h: torch.Tensor) -> float:
 
 def test_model_widths_are_supported_with_expected_factors():
     assert all(supported(n) for n in MODEL_WIDTHS)
-    assert decompose(576) == (36, 16)      # Paley II, q = 17
-    assert decompose(1536) == (12, 128)    # Paley I, q = 11
-    assert decompose(11008) == (344, 32)   # Paley I over GF(7^3): H_172 has no Paley construction
+    assert decompose(576) == (36, 16)  # Paley II, q = 17
+    assert decompose(1536) == (12, 128)  # Paley I, q = 11
+    assert decompose(11008) == (344, 32)  # Paley I over GF(7^3): H_172 has no Paley construction
     assert decompose(14336) == (28, 512)
     assert decompose(4096) == (1, 4096)
     for n in SWEEP_WIDTHS:

@@ -1,4 +1,5 @@
 """Rotations R1-R4: the rotated network computes the same function, on tiny random models and on SmolLM2."""
+
 import itertools
 
 import pytest
@@ -79,8 +80,15 @@ def test_qwen2_biases_rotate_exactly():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = Qwen2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     m = Qwen2ForCausalLM(cfg).eval()
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -109,8 +117,9 @@ def test_rotation_from_file_spinquant_layout(tmp_path, tiny):
     assert torch.allclose(r.model.embed_tokens.weight.double(), folded, atol=1e-5)
 
 
-@pytest.mark.parametrize("bad,msg", [({"R1": torch.eye(3)}, "expected"), ({"R1": torch.ones(64, 64)}, "not orthogonal"),
-                                     ({}, "no R1")])
+@pytest.mark.parametrize(
+    "bad,msg", [({"R1": torch.eye(3)}, "expected"), ({"R1": torch.ones(64, 64)}, "not orthogonal"), ({}, "no R1")]
+)
 def test_bad_rotation_file_messages(tmp_path, tiny, bad, msg):
     path = tmp_path / "bad.bin"
     torch.save(bad, path)
@@ -157,8 +166,13 @@ def test_block_diagonal_online_rotation_from_file(tmp_path, tiny):
 @pytest.mark.slow
 def test_smollm2_all_rotations_equivalent_and_r1_flattens(default_handle, tmp_cache):
     h = default_handle
-    job = compare_job(h, "wiki", RotationConfig.from_names(ALL, "hadamard"), CaptureConfig(tokens=256, window=256,
-                      sites=("resid_attn", "down_in"), sqnr_bits=(4,)), check_tokens=128)
+    job = compare_job(
+        h,
+        "wiki",
+        RotationConfig.from_names(ALL, "hadamard"),
+        CaptureConfig(tokens=256, window=256, sites=("resid_attn", "down_in"), sqnr_bits=(4,)),
+        check_tokens=128,
+    )
     metrics, done = {}, None
     for ev in job:
         if isinstance(ev, Metric):

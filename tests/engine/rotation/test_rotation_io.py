@@ -1,5 +1,6 @@
 """SpinQuant's rotation file layout: what its code writes loads here and fuses as its ptq.py does; our files round
 trip to identical logits; low-precision files are repaired on import; malformed files give clear errors."""
+
 import pytest
 import torch
 
@@ -42,14 +43,17 @@ def logits(m):
 def spinquant_dict(seed=0) -> dict:
     """What SpinQuant's optimize_rotation.py saves: state-dict keys with '.weight' stripped, float32."""
     out = {"R1": random_orthogonal(HIDDEN, seed=seed).float()}
-    out.update({f"model.layers.{i}.self_attn.R2": random_orthogonal(HD, seed=seed + 1 + i).float()
-                for i in range(LAYERS)})
+    out.update(
+        {f"model.layers.{i}.self_attn.R2": random_orthogonal(HD, seed=seed + 1 + i).float() for i in range(LAYERS)}
+    )
     return out
 
 
 def flrot_set(seed=0) -> RotationSet:
-    r4 = [torch.stack([random_orthogonal(16, seed=seed + 50 + 4 * i + j) for j in range(INTER // 16)]).float()
-          for i in range(LAYERS)]
+    r4 = [
+        torch.stack([random_orthogonal(16, seed=seed + 50 + 4 * i + j) for j in range(INTER // 16)]).float()
+        for i in range(LAYERS)
+    ]
     r2 = [random_orthogonal(HD, seed=seed + 10 + i).float() for i in range(LAYERS)]
     r3 = [random_hadamard(HD, seed=seed + 20 + i).float() for i in range(LAYERS)]
     return RotationSet(random_hadamard(HIDDEN, seed=seed).float(), r2, r3, r4)
@@ -95,8 +99,12 @@ def test_file_layout_and_spinquant_only_export(tmp_path):
     rs = flrot_set()
     path = save_rotations(rs, tmp_path / "flrot.bin")
     data = torch.load(path, weights_only=True)
-    assert set(data) == ({"R1"} | {r2_key(i) for i in range(LAYERS)} | {r3_key(i) for i in range(LAYERS)}
-                         | {r4_key(i) for i in range(LAYERS)})
+    assert set(data) == (
+        {"R1"}
+        | {r2_key(i) for i in range(LAYERS)}
+        | {r3_key(i) for i in range(LAYERS)}
+        | {r4_key(i) for i in range(LAYERS)}
+    )
     assert all(t.dtype == torch.float32 for t in data.values())
     assert data[r4_key(0)].shape == (INTER // 16, 16, 16)
     only = torch.load(export_spinquant(path, tmp_path / "R.bin"), weights_only=True)
@@ -129,8 +137,14 @@ def test_malformed_files_give_clear_errors(model, tmp_path):
         "shape": ({**spinquant_dict(), "R1": random_orthogonal(16).float()}, r"R1 is \(16, 16\)"),
         "skewed": ({**spinquant_dict(), r2_key(1): torch.eye(HD) * 1.1}, "R2 of layer 1 is not orthogonal"),
         "partial_r3": ({**spinquant_dict(), r3_key(0): torch.eye(HD)}, "R3 for only some layers"),
-        "r4_tiles": ({**spinquant_dict(), **{r3_key(i): torch.eye(HD) for i in range(LAYERS)},
-                      **{r4_key(i): torch.eye(16).expand(3, 16, 16).clone() for i in range(LAYERS)}}, "must tile 64"),
+        "r4_tiles": (
+            {
+                **spinquant_dict(),
+                **{r3_key(i): torch.eye(HD) for i in range(LAYERS)},
+                **{r4_key(i): torch.eye(16).expand(3, 16, 16).clone() for i in range(LAYERS)},
+            },
+            "must tile 64",
+        ),
     }
     for name, (data, message) in cases.items():
         path = tmp_path / f"{name}.bin"

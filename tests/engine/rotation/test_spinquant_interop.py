@@ -9,6 +9,7 @@ HF linears are [out, in] with y = x W^T. The tiny Llama, R1 and R2 (QR of Gaussi
 engine only reads the file. The model runs in float64, so weights are compared at atol 1e-9; logits at 1e-5, since
 the float32 rotations in the file are orthogonal only to ~1e-7 (logits of magnitude ~5 move by ~1e-6).
 """
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -24,9 +25,17 @@ LOGIT_ATOL = 1e-5
 
 def tiny_llama(tied: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                      num_key_value_heads=KV_HEADS, intermediate_size=INTER, vocab_size=VOCAB,
-                      tie_word_embeddings=tied, initializer_range=0.2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        intermediate_size=INTER,
+        vocab_size=VOCAB,
+        tie_word_embeddings=tied,
+        initializer_range=0.2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(cfg).double().eval()
     with torch.no_grad():  # non-trivial norm gains, or folding them would test nothing
         for name, p in model.named_parameters():
@@ -59,14 +68,21 @@ def expected_weights(model, r1, r2s) -> dict[str, torch.Tensor]:
     if "lm_head.weight" not in sd:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
     R1 = r1.double()
-    out = {"model.embed_tokens.weight": sd["model.embed_tokens.weight"] @ R1,
-           "lm_head.weight": sd["lm_head.weight"] * sd["model.norm.weight"] @ R1,
-           "model.norm.weight": torch.ones(HIDDEN, dtype=torch.float64)}
+    out = {
+        "model.embed_tokens.weight": sd["model.embed_tokens.weight"] @ R1,
+        "lm_head.weight": sd["lm_head.weight"] * sd["model.norm.weight"] @ R1,
+        "model.norm.weight": torch.ones(HIDDEN, dtype=torch.float64),
+    }
     for i, r2 in enumerate(r2s):
         p, R2 = f"model.layers.{i}.", r2.double()
         g_in, g_post = sd[p + "input_layernorm.weight"], sd[p + "post_attention_layernorm.weight"]
-        for name, g in (("self_attn.q_proj", g_in), ("self_attn.k_proj", g_in), ("self_attn.v_proj", g_in),
-                        ("mlp.gate_proj", g_post), ("mlp.up_proj", g_post)):
+        for name, g in (
+            ("self_attn.q_proj", g_in),
+            ("self_attn.k_proj", g_in),
+            ("self_attn.v_proj", g_in),
+            ("mlp.gate_proj", g_post),
+            ("mlp.up_proj", g_post),
+        ):
             out[p + name + ".weight"] = sd[p + name + ".weight"] * g[None, :] @ R1  # W diag(g) R1
         for name in ("self_attn.o_proj", "mlp.down_proj"):
             out[p + name + ".weight"] = R1.T @ sd[p + name + ".weight"]
