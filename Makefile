@@ -37,7 +37,7 @@ run: prepare
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/basedpyright
+	$(BIN)/basedpyright --project .
 
 # Everything, as CI runs it: lint, then every test (slow and browser included).
 test: setup browser prepare lint
