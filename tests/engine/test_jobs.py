@@ -149,8 +149,8 @@ def tiny_handle(tiny_model_dir):
 @pytest.mark.parametrize(
     "recipe, weights, stages",
     [
-        ("quarot", "rtn", ["calibrate", "rotate", "weights", "clips", "perplexity"]),
-        ("rtn", "gptq", ["calibrate", "gptq", "clips", "perplexity"]),
+        ("quarot", "rtn", ["calibrate", "rotate", "weights", "clips", "clip check", "perplexity"]),
+        ("rtn", "gptq", ["calibrate", "gptq", "clips", "clip check", "perplexity"]),
     ],
 )
 def test_every_phase_of_an_evaluation_reports_progress(tiny_handle, recipe, weights, stages):
@@ -159,7 +159,9 @@ def test_every_phase_of_an_evaluation_reports_progress(tiny_handle, recipe, weig
     seen = [e.stage for e in events if isinstance(e, Progress)]
     assert [s for s in dict.fromkeys(seen)] == stages  # each phase, in order, none silent
     n_layers = tiny_handle.arch.n_layers
-    for stage in set(stages) - {"calibrate", "perplexity"}:  # the per-layer phases report once per decoder layer
+    # the per-layer phases report once per decoder layer (the clip check: once per layer that clips, after two
+    # whole-model losses)
+    for stage in set(stages) - {"calibrate", "clip check", "perplexity"}:
         assert [e.done for e in events if isinstance(e, Progress) and e.stage == stage][-n_layers:] == list(
             range(1, n_layers + 1)
         )
