@@ -49,6 +49,8 @@ from pathlib import Path
 
 import torch
 
+from engine.events import run_to_end
+
 PHASES = ("capture", "rotate", "calibrate", "gptq", "eval", "matrix", "export")
 ROW_KEYS = ("size", "phase", "seconds", "peak_bytes", "weights_bytes", "tokens_per_s")
 SHAPES_NOTE = (
@@ -306,16 +308,6 @@ def parameter_bytes(model) -> int:
 
 
 # ---- the phases: each runs the engine's job to its end and returns (tokens through the model, details) -------------
-def _last(events):
-    from engine.events import Done
-
-    done = None
-    for ev in events:
-        if isinstance(ev, Done):
-            done = ev
-    if done is None:
-        raise RuntimeError("the job ended without a result")
-    return done.result
 
 
 def phase_capture(handle, s):
@@ -323,7 +315,7 @@ def phase_capture(handle, s):
     from engine.observe.stats import state_bytes_bound
 
     cfg = CaptureConfig(tokens=s.tokens, window=s.capture_window)
-    res = _last(capture_job(handle, s.corpus, cfg, use_cache=False))
+    res = run_to_end(capture_job(handle, s.corpus, cfg, use_cache=False))
     kept = {}
     for key, t in res.arrays.items():
         layer_site = key.rsplit(".", 1)[0]
@@ -363,7 +355,7 @@ def phase_rotate(handle, s):
     rot = RotationConfig.from_names(["R1", "R2", "R3", "R4"], "hadamard")
     window = s.capture_window
     cap = CaptureConfig(tokens=window, window=window, sqnr_bits=(4, 8))
-    c = _last(compare_job(handle, s.corpus, rot, cap, check_tokens=s.check_tokens, use_cache=False))
+    c = run_to_end(compare_job(handle, s.corpus, rot, cap, check_tokens=s.check_tokens, use_cache=False))
     return s.check_tokens + 2 * window, {
         "rotation": rot.tag(),
         **{k: c.check[k] for k in ("max_abs_logit_diff", "kl", "max_abs_logit")},
@@ -375,7 +367,7 @@ def _build_only(handle, s, recipe, bits):
     from engine.evaluate import build_model
 
     with handle.working_model() as model:
-        _, plan = _last(build_model(handle, model, recipe, bits, s.eval_config(), 0))
+        _, plan = run_to_end(build_model(handle, model, recipe, bits, s.eval_config(), 0))
         del model
     return plan
 
@@ -402,7 +394,7 @@ def phase_eval(handle, s):
     from engine.evaluate import eval_table_job
 
     runs = [("fp", "16-16-16"), ("rtn", "4-4-4"), ("quarot", "4-4-4")]
-    rows = _last(eval_table_job(handle, runs, s.eval_config(), use_cache=False))
+    rows = run_to_end(eval_table_job(handle, runs, s.eval_config(), use_cache=False))
     return sum(r["tokens"] for r in rows), {
         f"{r['recipe']} {r['bits']}": {"ppl": r["ppl"], "seconds": r["seconds"]} for r in rows
     }
@@ -414,7 +406,9 @@ def phase_matrix(handle, s):
     from engine.matrix import MatrixConfig, matrix_job
 
     cfg = replace(s.eval_config(), tokens=s.matrix_tokens, window=min(1024, s.matrix_tokens))
-    cells = _last(matrix_job(handle, MatrixConfig(formats=("mxfp4",), rotations=("block32",)), cfg, use_cache=False))
+    cells = run_to_end(
+        matrix_job(handle, MatrixConfig(formats=("mxfp4",), rotations=("block32",)), cfg, use_cache=False)
+    )
     return cells[0]["tokens"], {"cell": "mxfp4 x block32", "ppl": cells[0]["ppl"]}
 
 
@@ -424,7 +418,7 @@ def phase_export(handle, s):
 
     out = Path(tempfile.mkdtemp(prefix="gpu-scale-export-")) / "model"
     try:
-        r = _last(export_job(handle, get_recipe("quarot", clip="none"), Bits.parse("4-4-4"), out, s.eval_config()))
+        r = run_to_end(export_job(handle, get_recipe("quarot", clip="none"), Bits.parse("4-4-4"), out, s.eval_config()))
         return 0, {"bytes_written": r["bytes"], "files": len(r["files"])}
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)

@@ -1,9 +1,6 @@
 """The Kernels page on this CPU machine, as a user meets it: the no-GPU warning, the latest recorded GPU run (the one
 docs/BENCHMARKS.md calls latest, with its numbers), and the run form, which says why nothing can be timed here."""
 
-import re
-from pathlib import Path
-
 import pandas as pd
 import pytest
 import torch
@@ -11,20 +8,9 @@ from streamlit.testing.v1 import AppTest
 
 from kernels.bench import KERNEL_LABELS
 from tests.app.apptest import decode, figures, open_page, table, title
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import latest_recorded_csv
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what the page shows without a CUDA GPU")
-
-
-def latest_recorded_csv() -> Path:
-    """The CSV that docs/BENCHMARKS.md's '## Latest run' section names."""
-    text = (ROOT / "docs" / "BENCHMARKS.md").read_text()
-    section = re.search(r"^## Latest run.*?(?=^## )", text, flags=re.S | re.M)
-    assert section, "docs/BENCHMARKS.md has no '## Latest run' section"
-    names = re.findall(r"`docs/(bench_[^`]+\.csv)`", section.group(0))
-    assert len(names) == 1, f"the latest run should name one CSV, found {names}"
-    return ROOT / "docs" / names[0]
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from engine.quant.calibrate import ACTIVATION_GRID, KV_GRID, WEIGHT_GRID, search
 from engine.quant.formats import IntFormat
 from engine.quant.methods import RTNActivations
 from engine.quant.recipes import Bits, get_recipe
+from tests.helpers import drain
 
 
 def row_output_error(w_hat_row, w_row, x):
@@ -118,15 +119,6 @@ def planted_model(factor=100.0):
                 for h in range(w.shape[0] // hd):
                     w[h * hd + channel] *= factor
     return model, arch
-
-
-def drain(gen):
-    """Run a generator to its end; its return value."""
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
 
 
 def test_on_planted_kv_outliers_a_fixed_kv_clip_hurts_and_calibration_does_not():

@@ -13,15 +13,7 @@ from engine.model.loading import tiny_llama
 from engine.quant.apply import quantize_model
 from engine.quant.clip_check import CHECK_WINDOWS, _Replay
 from engine.quant.recipes import Bits, get_recipe
-
-
-def drain(gen):
-    """Run a generator to its end; its return value."""
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+from tests.helpers import drain
 
 
 def scaled_model(seed: int, scale: float = 20.0, layers: int = 4):
